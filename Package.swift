@@ -1,0 +1,131 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+/// One strict setting list for every target (Hummingbird's convention): imports are internal unless a
+/// file's public API shows the imported types, and existentials are spelled `any`.
+let swiftSettings: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("MemberImportVisibility"),
+    .enableUpcomingFeature("InternalImportsByDefault"),
+]
+
+let package = Package(
+    name: "flotilla",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "flotilla", targets: ["flotilla"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
+        .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
+        .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
+        .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
+    ],
+    targets: [
+        // Domain value types, their validation and errors. Foundation only.
+        .target(name: "FlotillaCore", swiftSettings: swiftSettings),
+
+        // The indexed, watchable state store: SQLite (embedded) and in-memory backends.
+        .target(
+            name: "FlotillaStore",
+            dependencies: [
+                "FlotillaCore",
+                .product(name: "GRDB", package: "GRDB.swift"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+
+        // Pure placement, reconciliation and backoff over a snapshot. No I/O.
+        .target(
+            name: "FlotillaScheduler",
+            dependencies: ["FlotillaCore"],
+            swiftSettings: swiftSettings
+        ),
+
+        // fork/exec with a race-free cgroup join; Flotilla's own, so it lives in C beside the driver.
+        .target(name: "CFlotillaSpawn"),
+
+        // Node side: the exec driver, cgroups, log files, the process reaper.
+        .target(
+            name: "FlotillaAgent",
+            dependencies: [
+                "FlotillaCore", "FlotillaStore", "CFlotillaSpawn",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+
+        // The control loop: desired state, deployments, reconcile through the scheduler.
+        .target(
+            name: "FlotillaControl",
+            dependencies: [
+                "FlotillaCore", "FlotillaStore", "FlotillaScheduler",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+
+        // HTTP surfaces: Marathon v2 (and later Consul, Vault, Prometheus).
+        .target(
+            name: "FlotillaAPI",
+            dependencies: [
+                "FlotillaCore", "FlotillaStore", "FlotillaScheduler", "FlotillaControl",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+
+        // The composition root: one ServiceGroup.
+        .target(
+            name: "FlotillaServer",
+            dependencies: [
+                "FlotillaCore", "FlotillaStore", "FlotillaScheduler", "FlotillaAgent", "FlotillaControl", "FlotillaAPI",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+
+        // Subcommands: the agent and the API client commands.
+        .target(
+            name: "FlotillaCLI",
+            dependencies: [
+                "FlotillaCore", "FlotillaServer",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Yams", package: "Yams"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+
+        .executableTarget(name: "flotilla", dependencies: ["FlotillaCLI"], swiftSettings: swiftSettings),
+
+        .testTarget(name: "FlotillaCoreTests", dependencies: ["FlotillaCore"], swiftSettings: swiftSettings),
+        .testTarget(name: "FlotillaStoreTests", dependencies: ["FlotillaCore", "FlotillaStore"], swiftSettings: swiftSettings),
+        .testTarget(name: "FlotillaSchedulerTests", dependencies: ["FlotillaCore", "FlotillaScheduler"], swiftSettings: swiftSettings),
+        .testTarget(name: "FlotillaAgentTests", dependencies: ["FlotillaCore", "FlotillaAgent"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "FlotillaAPITests",
+            dependencies: [
+                "FlotillaCore", "FlotillaStore", "FlotillaControl", "FlotillaAPI",
+                .product(name: "HummingbirdTesting", package: "hummingbird"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "IntegrationTests",
+            dependencies: ["FlotillaCore"],
+            swiftSettings: swiftSettings
+        ),
+    ]
+)

@@ -1,0 +1,133 @@
+#define _GNU_SOURCE
+#include "CFlotillaSpawn.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+#ifndef P_PIDFD
+#define P_PIDFD 3
+#endif
+
+static void report_and_exit(int pipe_fd, int stage) {
+    int message[2] = {stage, errno};
+    ssize_t ignored = write(pipe_fd, message, sizeof(message));
+    (void)ignored;
+    _exit(127);
+}
+
+static void close_all_except(int keep) {
+    if (keep > 3) syscall(SYS_close_range, 3U, (unsigned)(keep - 1), 0U);
+    if (syscall(SYS_close_range, (unsigned)(keep + 1), ~0U, 0U) != 0) {
+        for (int fd = keep + 1; fd < 4096; fd++) close(fd);
+    }
+}
+
+pid_t flotilla_spawn(const flotilla_spawn_request *request, int *error_stage, int *error_number) {
+    int status_pipe[2];
+    if (pipe2(status_pipe, O_CLOEXEC) != 0) {
+        *error_stage = 1;
+        *error_number = errno;
+        return -1;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        *error_stage = 1;
+        *error_number = errno;
+        close(status_pipe[0]);
+        close(status_pipe[1]);
+        return -1;
+    }
+    if (pid == 0) {
+        int pipe_fd = status_pipe[1];
+        close(status_pipe[0]);
+        sigset_t all;
+        sigemptyset(&all);
+        sigprocmask(SIG_SETMASK, &all, NULL);
+        struct sigaction default_action;
+        memset(&default_action, 0, sizeof(default_action));
+        default_action.sa_handler = SIG_DFL;
+        for (int signal_number = 1; signal_number < NSIG; signal_number++) {
+            if (signal_number == SIGKILL || signal_number == SIGSTOP) continue;
+            sigaction(signal_number, &default_action, NULL);
+        }
+        if (setsid() < 0) report_and_exit(pipe_fd, 2);
+        for (int index = 0; index < request->cgroup_count; index++) {
+            int fd = open(request->cgroup_procs_files[index], O_WRONLY | O_CLOEXEC);
+            if (fd < 0) report_and_exit(pipe_fd, 3);
+            if (write(fd, "0", 1) != 1) report_and_exit(pipe_fd, 3);
+            close(fd);
+        }
+        int null_fd = open("/dev/null", O_RDONLY);
+        if (null_fd < 0) report_and_exit(pipe_fd, 4);
+        if (dup2(null_fd, 0) < 0) report_and_exit(pipe_fd, 4);
+        if (dup2(request->stdout_fd, 1) < 0) report_and_exit(pipe_fd, 4);
+        if (dup2(request->stderr_fd, 2) < 0) report_and_exit(pipe_fd, 4);
+        /* Keep the status pipe above the standard descriptors while closing the rest. */
+        if (pipe_fd <= 2) {
+            int moved = fcntl(pipe_fd, F_DUPFD_CLOEXEC, 3);
+            if (moved < 0) _exit(127);
+            pipe_fd = moved;
+        }
+        close_all_except(pipe_fd);
+        if (request->working_directory && chdir(request->working_directory) != 0) report_and_exit(pipe_fd, 5);
+        execve(request->path, request->argv, request->envp);
+        report_and_exit(pipe_fd, 6);
+    }
+    close(status_pipe[1]);
+    int message[2];
+    ssize_t count;
+    do {
+        count = read(status_pipe[0], message, sizeof(message));
+    } while (count < 0 && errno == EINTR);
+    close(status_pipe[0]);
+    if (count == (ssize_t)sizeof(message)) {
+        int ignored_status;
+        while (waitpid(pid, &ignored_status, 0) < 0 && errno == EINTR) {}
+        *error_stage = message[0];
+        *error_number = message[1];
+        return -1;
+    }
+    return pid;
+}
+
+int flotilla_pidfd_open(pid_t pid) {
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+int flotilla_pidfd_reap(int pidfd, int *exit_code, int *signal) {
+    siginfo_t info;
+    memset(&info, 0, sizeof(info));
+    if (waitid(P_PIDFD, (id_t)pidfd, &info, WEXITED | WNOHANG) != 0) return -1;
+    if (info.si_pid == 0) return 0;
+    if (info.si_code == CLD_EXITED) {
+        *exit_code = info.si_status;
+        *signal = 0;
+    } else {
+        *exit_code = -1;
+        *signal = info.si_status;
+    }
+    return 1;
+}
+
+int flotilla_pidfd_signal(int pidfd, int signal) {
+    return (int)syscall(SYS_pidfd_send_signal, pidfd, signal, NULL, 0);
+}
+
+int flotilla_eventfd(void) {
+    return eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+}

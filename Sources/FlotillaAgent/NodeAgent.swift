@@ -1,0 +1,367 @@
+public import FlotillaCore
+public import FlotillaStore
+import Foundation
+import Glibc
+public import Logging
+public import ServiceLifecycle
+
+/// The node side: runs the instances the scheduler assigned to this node, reports what happens to
+/// them, and after a restart adopts the processes that outlived it and kills any it cannot account for.
+public actor NodeAgent: Service {
+    public struct Configuration: Sendable {
+        public var node: NodeInfo
+        public var dataDirectory: String
+        public var logMaxBytes: Int64
+        public var logKeep: Int
+        /// Whether instances stop with the agent. By default they keep running, and the next agent adopts
+        /// them, so upgrading or restarting the agent drops no request.
+        public var stopInstancesOnExit: Bool
+
+        public init(
+            node: NodeInfo, dataDirectory: String, logMaxBytes: Int64 = 10 << 20, logKeep: Int = 3, stopInstancesOnExit: Bool = false
+        ) {
+            self.node = node
+            self.dataDirectory = dataDirectory
+            self.logMaxBytes = logMaxBytes
+            self.logKeep = logKeep
+            self.stopInstancesOnExit = stopInstancesOnExit
+        }
+    }
+
+    private let configuration: Configuration
+    private let store: any StateStore
+    private let logger: Logger
+    private let driver: ExecDriver
+    private let watcher = ProcessWatcher()
+    private let agentEnvironment = ProcessInfo.processInfo.environment
+
+    private var processes: [String: RunningProcess] = [:]
+    /// Instances being stopped, with the grace period they get before SIGKILL.
+    private var stopping: Set<String> = []
+    /// The last status this agent wrote per instance, to avoid rewriting what is already there.
+    private var written: [String: InstanceStatus] = [:]
+    private var lastCollection = Date.distantPast
+
+    public init(configuration: Configuration, store: any StateStore, cgroups: Cgroups, logger: Logger) {
+        self.configuration = configuration
+        self.store = store
+        self.logger = logger
+        self.driver = ExecDriver(
+            cgroups: cgroups, sandboxRoot: configuration.dataDirectory + "/sandboxes", logMaxBytes: configuration.logMaxBytes,
+            logKeep: configuration.logKeep)
+    }
+
+    public nonisolated var sandboxRoot: String { driver.sandboxRoot }
+
+    public func run() async throws {
+        try FileManager.default.createDirectory(atPath: driver.sandboxRoot, withIntermediateDirectories: true)
+        try await store.put(StateKeys.node(configuration.node.name), StateCodec.encode(configuration.node))
+        try await recover()
+        await withDiscardingTaskGroup { group in
+            group.addTask { await self.consumeExits() }
+            group.addTask {
+                await self.reconcileLoop()
+                if self.configuration.stopInstancesOnExit { await self.stopAll() }
+                self.watcher.stop()
+            }
+        }
+    }
+
+    /// Stops every instance (SIGTERM, then SIGKILL after its grace period) and records them killed.
+    private func stopAll() async {
+        let ids = Array(processes.keys)
+        guard !ids.isEmpty else { return }
+        logger.info("stopping \(ids.count) instance(s) before exit")
+        var graces: [String: Double] = [:]
+        for entry in (try? await store.list(prefix: StateKeys.instances).entries) ?? [] {
+            if let spec = try? StateCodec.decode(InstanceSpec.self, from: entry.value) { graces[spec.id] = spec.definition.killGracePeriod }
+        }
+        for id in ids {
+            stopping.insert(id)
+            if let process = processes[id] { driver.signal(process, instanceID: id, SIGTERM) }
+        }
+        let deadline = Date().addingTimeInterval(graces.values.max() ?? AppDefinition.Defaults.taskKillGracePeriodSeconds)
+        while !processes.isEmpty && Date() < deadline {
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        for (id, process) in processes { driver.signal(process, instanceID: id, SIGKILL) }
+        let killDeadline = Date().addingTimeInterval(2)
+        while !processes.isEmpty && Date() < killDeadline {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    // MARK: - Reconciling with the scheduler's wishes
+
+    private func reconcileLoop() async {
+        var index: UInt64 = 0
+        while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            do {
+                index = try await sync()
+                rotateLogs()
+                let seen = index
+                index = try await cancelWhenShuttingDown {
+                    try await self.store.waitForChange(prefix: StateKeys.instances, after: seen, timeout: .seconds(2))
+                }
+            } catch is CancellationError {
+                return
+            } catch {
+                logger.error("agent sync failed, retrying: \(error)")
+                try? await Task.sleep(for: .milliseconds(500))
+            }
+        }
+    }
+
+    /// One pass: launch what should run, stop what should stop. Returns the index it read at.
+    @discardableResult
+    func sync() async throws -> UInt64 {
+        let listing = try await store.list(prefix: StateKeys.instances)
+        let specs = StateCodec.decodeAll(InstanceSpec.self, from: listing.entries) { key, error in
+            logger.error("skipping unreadable instance record \(key): \(error)")
+        }.filter { $0.node == configuration.node.name }
+        var updates: [InstanceStatus] = []
+        let now = Timestamp.format(Date())
+        for spec in specs {
+            let status = written[spec.id]
+            if processes[spec.id] != nil {
+                if spec.goal == .stop && !stopping.contains(spec.id) {
+                    beginStop(spec)
+                    if var killing = status {
+                        killing.state = .killing
+                        killing.updatedAt = now
+                        updates.append(killing)
+                    }
+                }
+                continue
+            }
+            if let status, status.state.isTerminal { continue }
+            switch spec.goal {
+            case .run:
+                if status == nil || status?.state == .staging {
+                    updates.append(launch(spec))
+                }
+            case .stop:
+                updates.append(InstanceStatus(id: spec.id, state: .killed, message: spec.stopReason, updatedAt: now))
+            }
+        }
+        if !updates.isEmpty { try await write(updates) }
+        collectGarbage(keeping: Set(specs.map(\.id)))
+        return listing.index
+    }
+
+    private func launch(_ spec: InstanceSpec) -> InstanceStatus {
+        let now = Timestamp.format(Date())
+        do {
+            let process = try driver.launch(spec, agentEnvironment: agentEnvironment)
+            processes[spec.id] = process
+            if let pidfd = Optional(CFlotillaSpawnBridge.pidfd(for: process.pid)), pidfd >= 0 {
+                watcher.watch(pidfd: pidfd, key: spec.id)
+            }
+            logger.info("started \(spec.id) (pid \(process.pid))")
+            return InstanceStatus(
+                id: spec.id, state: .running, pid: process.pid, processStartTicks: process.startTicks, startedAt: now, updatedAt: now)
+        } catch {
+            logger.warning("could not start \(spec.id): \(error)")
+            return InstanceStatus(id: spec.id, state: .failed, message: "\(error)", updatedAt: now)
+        }
+    }
+
+    private func beginStop(_ spec: InstanceSpec) {
+        guard let process = processes[spec.id] else { return }
+        stopping.insert(spec.id)
+        driver.signal(process, instanceID: spec.id, SIGTERM)
+        let grace = spec.definition.killGracePeriod
+        let id = spec.id
+        Task {
+            try? await Task.sleep(for: .milliseconds(Int(grace * 1000)))
+            await self.escalate(id)
+        }
+    }
+
+    private func escalate(_ id: String) {
+        guard let process = processes[id] else { return }
+        logger.info("\(id) outlived its grace period; sending SIGKILL")
+        driver.signal(process, instanceID: id, SIGKILL)
+    }
+
+    // MARK: - Exits
+
+    private func consumeExits() async {
+        for await (id, exit) in watcher.exits {
+            do {
+                try await handleExit(of: id, exit)
+            } catch {
+                logger.error("could not record the exit of \(id): \(error)")
+            }
+        }
+    }
+
+    private func handleExit(of id: String, _ exit: ProcessExit) async throws {
+        guard let process = processes.removeValue(forKey: id) else { return }
+        let wasStopping = stopping.remove(id) != nil
+        let oomKilled = driver.cgroups.wasOOMKilled(instanceID: id)
+        driver.cleanUp(instanceID: id, processGroup: process.pid)
+        if process.signalFD >= 0 { close(process.signalFD) }
+        var status = written[id] ?? InstanceStatus(id: id, state: .running, pid: process.pid, updatedAt: "")
+        status.updatedAt = Timestamp.format(Date())
+        status.exitCode = exit.code
+        status.signal = exit.signal
+        status.oomKilled = oomKilled
+        let memory = (try? await store.get(StateKeys.instance(id))).flatMap { try? StateCodec.decode(InstanceSpec.self, from: $0.value) }
+        if wasStopping {
+            status.state = .killed
+            status.message = memory?.stopReason ?? "killed"
+        } else if oomKilled {
+            status.state = .failed
+            let limit = memory.map { " of \(Int($0.definition.mem)) MiB" } ?? ""
+            status.message = "OOM killed: the instance exceeded its memory limit\(limit)"
+        } else if exit.isUnknown {
+            status.state = .failed
+            status.message = "exited; its status is unknown because the agent restarted while it ran"
+        } else if exit.code == 0 {
+            status.state = .finished
+            status.message = "Command exited with status 0"
+        } else {
+            status.state = .failed
+            if let code = exit.code {
+                status.message = "Command exited with status \(code)"
+            } else {
+                status.message = "Command terminated by signal \(Self.signalName(exit.signal ?? 0))"
+            }
+            let tail = InstanceLogs.tail(of: driver.logs(of: id).stderrPath, lines: 3)
+            if !tail.isEmpty { status.message! += "; stderr: " + String(tail.suffix(400)) }
+        }
+        logger.info("\(id) ended: \(status.state.rawValue) \(status.message ?? "")")
+        try await write([status])
+    }
+
+    static func signalName(_ signal: Int32) -> String {
+        let names: [Int32: String] = [
+            SIGKILL: "SIGKILL", SIGTERM: "SIGTERM", SIGSEGV: "SIGSEGV", SIGABRT: "SIGABRT", SIGINT: "SIGINT",
+            SIGHUP: "SIGHUP", SIGBUS: "SIGBUS", SIGFPE: "SIGFPE", SIGILL: "SIGILL", SIGPIPE: "SIGPIPE",
+        ]
+        return names[signal] ?? "\(signal)"
+    }
+
+    private func write(_ statuses: [InstanceStatus]) async throws {
+        let mutations = try statuses.map { StoreMutation.put(StateKeys.status($0.id), try StateCodec.encode($0)) }
+        try await store.commit(StoreTransaction(mutations: mutations))
+        for status in statuses { written[status.id] = status }
+    }
+
+    // MARK: - Recovery after a restart
+
+    /// Adopts the processes that survived the agent, marks the rest lost, and kills any process that
+    /// carries this agent's sandbox but belongs to no instance it should run.
+    func recover() async throws {
+        let specs = StateCodec.decodeAll(InstanceSpec.self, from: try await store.list(prefix: StateKeys.instances).entries)
+            .filter { $0.node == configuration.node.name }
+        let specsByID = Dictionary(specs.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
+        let statuses = StateCodec.decodeAll(InstanceStatus.self, from: try await store.list(prefix: StateKeys.statuses).entries)
+            .filter { specsByID[$0.id] != nil }
+        for status in statuses { written[status.id] = status }
+
+        // Session leaders started by this agent's data directory, whatever the store says.
+        var leaders: [String: Int32] = [:]
+        let sandboxPrefix = driver.sandboxRoot + "/"
+        for pid in ProcFS.allPIDs() where ProcFS.sessionID(of: pid) == pid {
+            guard let sandbox = ProcFS.environment(of: pid, variable: "FLOTILLA_SANDBOX"), sandbox.hasPrefix(sandboxPrefix) else { continue }
+            leaders[String(sandbox.dropFirst(sandboxPrefix.count))] = pid
+        }
+
+        var updates: [InstanceStatus] = []
+        let now = Timestamp.format(Date())
+        for spec in specs {
+            let status = written[spec.id]
+            if status?.state.isTerminal == true { continue }
+            let leader = leaders.removeValue(forKey: spec.id)
+            if let leader, let ticks = ProcFS.startTicks(of: leader), spec.goal == .run,
+                status?.pid == nil || status?.pid == leader
+            {
+                adopt(id: spec.id, pid: leader, ticks: ticks)
+                if status?.state != .running || status?.pid != leader {
+                    updates.append(
+                        InstanceStatus(id: spec.id, state: .running, pid: leader, processStartTicks: ticks, startedAt: status?.startedAt ?? now, updatedAt: now))
+                }
+                logger.info("adopted \(spec.id) (pid \(leader)) after restart")
+            } else if let leader {
+                // Meant to stop, or not the process we recorded: end it as a stop would.
+                killGroup(leader, instanceID: spec.id)
+                updates.append(InstanceStatus(id: spec.id, state: .killed, message: spec.stopReason ?? "stopped during agent restart", updatedAt: now))
+            } else if let status, status.pid != nil || status.state != .staging {
+                var lost = status
+                lost.state = .lost
+                lost.message = "the process was gone when the agent restarted"
+                lost.updatedAt = now
+                updates.append(lost)
+            }
+        }
+        // Processes whose instance is unknown here: never leave an orphan.
+        for (id, pid) in leaders {
+            logger.warning("killing orphaned process \(pid) of unknown instance \(id)")
+            killGroup(pid, instanceID: id)
+        }
+        for id in driver.cgroups.instanceIDs() where processes[id] == nil {
+            driver.cleanUp(instanceID: id, processGroup: nil)
+        }
+        if !updates.isEmpty { try await write(updates) }
+    }
+
+    private func adopt(id: String, pid: Int32, ticks: UInt64) {
+        let watchFD = CFlotillaSpawnBridge.pidfd(for: pid)
+        let signalFD = CFlotillaSpawnBridge.pidfd(for: pid)
+        // The pid could have been reused between reading its start time and opening the pidfd.
+        guard watchFD >= 0, ProcFS.startTicks(of: pid) == ticks else {
+            if watchFD >= 0 { close(watchFD) }
+            if signalFD >= 0 { close(signalFD) }
+            return
+        }
+        processes[id] = RunningProcess(pid: pid, startTicks: ticks, signalFD: signalFD)
+        watcher.watch(pidfd: watchFD, key: id)
+    }
+
+    private func killGroup(_ pid: Int32, instanceID: String) {
+        kill(-pid, SIGKILL)
+        driver.cleanUp(instanceID: instanceID, processGroup: pid)
+    }
+
+    // MARK: - Housekeeping
+
+    private func rotateLogs() {
+        for id in processes.keys { driver.logs(of: id).rotateIfNeeded() }
+    }
+
+    /// Removes sandboxes of instances the store no longer knows, an hour after their last write, so
+    /// `flotilla logs` still works for a recently failed instance.
+    private func collectGarbage(keeping live: Set<String>) {
+        let now = Date()
+        guard now.timeIntervalSince(lastCollection) > 60 else { return }
+        lastCollection = now
+        written = written.filter { live.contains($0.key) }
+        let manager = FileManager.default
+        for entry in (try? manager.contentsOfDirectory(atPath: driver.sandboxRoot)) ?? [] where !live.contains(entry) && processes[entry] == nil {
+            let path = driver.sandboxRoot + "/" + entry
+            if let modified = (try? manager.attributesOfItem(atPath: path))?[.modificationDate] as? Date,
+                now.timeIntervalSince(modified) > 3600
+            {
+                try? manager.removeItem(atPath: path)
+            }
+        }
+    }
+
+    /// For tests and the CLI: the pids this agent is watching.
+    public func runningProcessIDs() -> [String: Int32] { processes.mapValues(\.pid) }
+}
+
+/// Runs `body`, cancelling it when graceful shutdown begins.
+func cancelWhenShuttingDown<Value: Sendable>(_ body: @escaping @Sendable () async throws -> Value) async throws -> Value {
+    try await withThrowingTaskGroup(of: Value.self) { group in
+        group.addTask { try await body() }
+        group.addTask {
+            try await gracefulShutdown()
+            throw CancellationError()
+        }
+        defer { group.cancelAll() }
+        return try await group.next()!
+    }
+}

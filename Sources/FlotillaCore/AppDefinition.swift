@@ -1,0 +1,334 @@
+public import Foundation
+
+/// A Marathon-style app definition: what to run, how many, with what resources and rules.
+/// Field names, defaults and JSON shape are Marathon's, so definitions move between the two unchanged.
+public struct AppDefinition: Sendable, Hashable, Codable {
+    public var id: AppID
+    public var cmd: String?
+    public var args: [String]?
+    public var env: [String: EnvValue]
+    public var instances: Int
+    public var cpus: Double
+    public var mem: Double
+    public var disk: Double
+    public var gpus: Int
+    public var portDefinitions: [PortDefinition]
+    public var requirePorts: Bool
+    public var labels: [String: String]
+    public var constraints: [Constraint]
+    public var healthChecks: [HealthCheck]
+    public var backoffSeconds: Double
+    public var backoffFactor: Double
+    public var maxLaunchDelaySeconds: Double
+    public var taskKillGracePeriodSeconds: Double?
+    public var upgradeStrategy: UpgradeStrategy
+    public var killSelection: KillSelection
+    public var user: String?
+    public var dependencies: [String]
+    /// Marathon fields Flotilla keeps and returns but does not act on.
+    public var uris: [String]
+    public var acceptedResourceRoles: [String]?
+
+    public init(id: AppID, cmd: String? = nil, args: [String]? = nil, instances: Int = 1) {
+        self.id = id
+        self.cmd = cmd
+        self.args = args
+        self.env = [:]
+        self.instances = instances
+        self.cpus = Defaults.cpus
+        self.mem = Defaults.mem
+        self.disk = 0
+        self.gpus = 0
+        self.portDefinitions = []
+        self.requirePorts = false
+        self.labels = [:]
+        self.constraints = []
+        self.healthChecks = []
+        self.backoffSeconds = Defaults.backoffSeconds
+        self.backoffFactor = Defaults.backoffFactor
+        self.maxLaunchDelaySeconds = Defaults.maxLaunchDelaySeconds
+        self.taskKillGracePeriodSeconds = nil
+        self.upgradeStrategy = UpgradeStrategy()
+        self.killSelection = .youngestFirst
+        self.user = nil
+        self.dependencies = []
+        self.uris = []
+        self.acceptedResourceRoles = nil
+    }
+
+    public enum Defaults {
+        public static let cpus = 1.0
+        public static let mem = 128.0
+        public static let backoffSeconds = 1.0
+        public static let backoffFactor = 1.15
+        public static let maxLaunchDelaySeconds = 300.0
+        /// Marathon leaves the grace period to Mesos, whose default is 3 seconds.
+        public static let taskKillGracePeriodSeconds = 3.0
+    }
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case id, cmd, args, env, instances, cpus, mem, disk, gpus, portDefinitions, ports, requirePorts, labels
+        case constraints, healthChecks, backoffSeconds, backoffFactor, maxLaunchDelaySeconds
+        case taskKillGracePeriodSeconds, upgradeStrategy, killSelection, user, dependencies, uris
+        case acceptedResourceRoles, container
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        id = try container.decode(AppID.self, forKey: .id)
+        cmd = try container.decodeIfPresent(String.self, forKey: .cmd)
+        args = try container.decodeIfPresent([String].self, forKey: .args)
+        env = try container.decodeIfPresent([String: EnvValue].self, forKey: .env) ?? [:]
+        instances = try container.decodeIfPresent(Int.self, forKey: .instances) ?? 1
+        cpus = try container.decodeIfPresent(Double.self, forKey: .cpus) ?? Defaults.cpus
+        mem = try container.decodeIfPresent(Double.self, forKey: .mem) ?? Defaults.mem
+        disk = try container.decodeIfPresent(Double.self, forKey: .disk) ?? 0
+        gpus = try container.decodeIfPresent(Int.self, forKey: .gpus) ?? 0
+        if let definitions = try container.decodeIfPresent([PortDefinition].self, forKey: .portDefinitions) {
+            portDefinitions = definitions
+        } else if let ports = try container.decodeIfPresent([Int].self, forKey: .ports) {
+            // The legacy `ports` array: each number becomes a port definition.
+            portDefinitions = ports.map { PortDefinition(port: $0) }
+        } else {
+            portDefinitions = []
+        }
+        requirePorts = try container.decodeIfPresent(Bool.self, forKey: .requirePorts) ?? false
+        labels = try container.decodeIfPresent([String: String].self, forKey: .labels) ?? [:]
+        constraints = try container.decodeIfPresent([Constraint].self, forKey: .constraints) ?? []
+        healthChecks = try container.decodeIfPresent([HealthCheck].self, forKey: .healthChecks) ?? []
+        backoffSeconds = try container.decodeIfPresent(Double.self, forKey: .backoffSeconds) ?? Defaults.backoffSeconds
+        backoffFactor = try container.decodeIfPresent(Double.self, forKey: .backoffFactor) ?? Defaults.backoffFactor
+        maxLaunchDelaySeconds =
+            try container.decodeIfPresent(Double.self, forKey: .maxLaunchDelaySeconds) ?? Defaults.maxLaunchDelaySeconds
+        taskKillGracePeriodSeconds = try container.decodeIfPresent(Double.self, forKey: .taskKillGracePeriodSeconds)
+        upgradeStrategy = try container.decodeIfPresent(UpgradeStrategy.self, forKey: .upgradeStrategy) ?? UpgradeStrategy()
+        killSelection = try container.decodeIfPresent(KillSelection.self, forKey: .killSelection) ?? .youngestFirst
+        user = try container.decodeIfPresent(String.self, forKey: .user)
+        dependencies = try container.decodeIfPresent([String].self, forKey: .dependencies) ?? []
+        uris = try container.decodeIfPresent([String].self, forKey: .uris) ?? []
+        acceptedResourceRoles = try container.decodeIfPresent([String].self, forKey: .acceptedResourceRoles)
+        if let containerSpec = try container.decodeIfPresent(JSONValue.self, forKey: .container), containerSpec != .null {
+            throw FlotillaError.invalid([
+                FieldError("/container", "containers need the oci or docker driver, which this agent does not have yet; run the process with 'cmd' or 'args'")
+            ])
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(id, forKey: .id)
+        try container.encode(cmd, forKey: .cmd)
+        try container.encode(args, forKey: .args)
+        try container.encode(env, forKey: .env)
+        try container.encode(instances, forKey: .instances)
+        try container.encode(cpus, forKey: .cpus)
+        try container.encode(mem, forKey: .mem)
+        try container.encode(disk, forKey: .disk)
+        try container.encode(gpus, forKey: .gpus)
+        try container.encode(portDefinitions, forKey: .portDefinitions)
+        try container.encode(requirePorts, forKey: .requirePorts)
+        try container.encode(labels, forKey: .labels)
+        try container.encode(constraints, forKey: .constraints)
+        try container.encode(healthChecks, forKey: .healthChecks)
+        try container.encode(backoffSeconds, forKey: .backoffSeconds)
+        try container.encode(backoffFactor, forKey: .backoffFactor)
+        try container.encode(maxLaunchDelaySeconds, forKey: .maxLaunchDelaySeconds)
+        try container.encodeIfPresent(taskKillGracePeriodSeconds, forKey: .taskKillGracePeriodSeconds)
+        try container.encode(upgradeStrategy, forKey: .upgradeStrategy)
+        try container.encode(killSelection, forKey: .killSelection)
+        try container.encode(user, forKey: .user)
+        try container.encode(dependencies, forKey: .dependencies)
+        try container.encode(uris, forKey: .uris)
+        try container.encode(acceptedResourceRoles, forKey: .acceptedResourceRoles)
+    }
+
+    /// The grace period between SIGTERM and SIGKILL when an instance is stopped.
+    public var killGracePeriod: Double { taskKillGracePeriodSeconds ?? Defaults.taskKillGracePeriodSeconds }
+
+    /// Whether two definitions differ in anything that requires restarting instances (anything but
+    /// `instances`): Marathon's distinction between a scaling change and a config change.
+    public func requiresRestart(comparedTo other: AppDefinition) -> Bool {
+        var scaled = other
+        scaled.instances = instances
+        return scaled != self
+    }
+}
+
+extension AppDefinition {
+    /// The fields a client may send; anything else is an unknown field (Marathon rejects those too).
+    public static let knownFields: Set<String> = Set(CodingKeys.allCases.map(\.rawValue)).union([
+        // Read-only fields clients echo back from a GET; accepted and ignored.
+        "version", "versionInfo", "tasksStaged", "tasksRunning", "tasksHealthy", "tasksUnhealthy", "deployments",
+        "tasks", "lastTaskFailure", "taskStats", "readinessChecks", "readinessCheckResults", "fetch", "storeUrls",
+        "executor", "secrets", "unreachableStrategy", "networks", "residency", "role", "ipAddress", "counts",
+    ])
+
+    /// Decodes a definition from a JSON object, turning decoder failures into Marathon-style field errors
+    /// and checking every rule in `validate()`.
+    public static func decode(_ object: [String: JSONValue]) throws(FlotillaError) -> AppDefinition {
+        let unknown = object.keys.filter { !knownFields.contains($0) }.sorted()
+        if !unknown.isEmpty {
+            throw .invalid(unknown.map { FieldError("/\($0)", "unknown field; check its spelling against the app definition reference") })
+        }
+        let definition: AppDefinition
+        do {
+            let data = try JSONEncoder().encode(JSONValue.object(object))
+            definition = try JSONDecoder().decode(AppDefinition.self, from: data)
+        } catch let error as FlotillaError {
+            throw error
+        } catch let error as DecodingError {
+            throw .invalid([FieldError(error.marathonPath, error.plainDescription)])
+        } catch {
+            throw .invalid([FieldError("/", "\(error)")])
+        }
+        let problems = definition.validate()
+        if !problems.isEmpty { throw .invalid(problems) }
+        return definition
+    }
+
+    /// Every semantic rule a definition must satisfy; empty when it is valid.
+    public func validate() -> [FieldError] {
+        var problems: [FieldError] = []
+        func check(_ condition: Bool, _ path: String, _ message: String) {
+            if !condition { problems.append(FieldError(path, message)) }
+        }
+        let hasCommand = !(cmd ?? "").trimmingCharacters(in: .whitespaces).isEmpty
+        let hasArgs = !(args ?? []).isEmpty
+        check(hasCommand || hasArgs, "/", "an app must have 'cmd' or 'args'")
+        check(!(hasCommand && hasArgs), "/", "an app may have 'cmd' or 'args', not both")
+        check(instances >= 0, "/instances", "must be zero or more, got \(instances)")
+        check(cpus >= 0 && cpus.isFinite, "/cpus", "must be zero or more")
+        check(mem >= 0 && mem.isFinite, "/mem", "must be zero or more (MiB)")
+        check(disk >= 0 && disk.isFinite, "/disk", "must be zero or more (MiB)")
+        check(gpus == 0, "/gpus", "this agent has no GPUs to give")
+        check(backoffSeconds >= 0, "/backoffSeconds", "must be zero or more")
+        check(backoffFactor >= 1.0, "/backoffFactor", "must be 1.0 or more")
+        check(maxLaunchDelaySeconds >= 0, "/maxLaunchDelaySeconds", "must be zero or more")
+        if let grace = taskKillGracePeriodSeconds {
+            check(grace >= 0 && grace <= 3600, "/taskKillGracePeriodSeconds", "must be between 0 and 3600")
+        }
+        check(
+            (0...1).contains(upgradeStrategy.minimumHealthCapacity), "/upgradeStrategy/minimumHealthCapacity",
+            "must be between 0.0 and 1.0")
+        check(
+            (0...1).contains(upgradeStrategy.maximumOverCapacity), "/upgradeStrategy/maximumOverCapacity",
+            "must be between 0.0 and 1.0")
+        check(
+            !(upgradeStrategy.minimumHealthCapacity == 1 && upgradeStrategy.maximumOverCapacity == 0 && instances > 0),
+            "/upgradeStrategy", "minimumHealthCapacity 1 with maximumOverCapacity 0 leaves no room to replace an instance")
+        check(user == nil || user == "", "/user", "running as another user is not supported yet; leave 'user' out")
+        for (name, _) in env {
+            check(!name.isEmpty && !name.contains("=") && !name.contains("\0"), "/env/\(name)", "not a valid variable name")
+        }
+        var seenPorts: Set<Int> = []
+        var seenNames: Set<String> = []
+        for (index, definition) in portDefinitions.enumerated() {
+            let path = "/portDefinitions(\(index))"
+            check((0...65535).contains(definition.port), path + "/port", "must be between 0 and 65535")
+            if definition.port != 0 {
+                check(seenPorts.insert(definition.port).inserted, path + "/port", "port \(definition.port) is listed twice")
+            }
+            check(["tcp", "udp", "udp,tcp", "tcp,udp"].contains(definition.protocol), path + "/protocol", "must be tcp, udp or udp,tcp")
+            if let name = definition.name {
+                check(seenNames.insert(name).inserted, path + "/name", "port name '\(name)' is used twice")
+            }
+        }
+        if requirePorts {
+            check(!portDefinitions.contains { $0.port == 0 }, "/requirePorts", "requirePorts needs every port to be given (not 0)")
+        }
+        for (index, constraint) in constraints.enumerated() {
+            if let problem = constraint.problem {
+                problems.append(FieldError("/constraints(\(index))", problem))
+            }
+        }
+        for (index, check) in healthChecks.enumerated() {
+            for problem in check.problems(portCount: portDefinitions.count) {
+                problems.append(FieldError("/healthChecks(\(index))" + problem.path, problem.errors.joined(separator: "; ")))
+            }
+        }
+        return problems
+    }
+}
+
+/// An environment variable's value: a literal, or a reference to a named secret.
+public enum EnvValue: Sendable, Hashable, Codable {
+    case value(String)
+    case secret(String)
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.singleValueContainer()
+        if let text = try? container.decode(String.self) {
+            self = .value(text)
+        } else if let reference = try? container.decode([String: String].self), let name = reference["secret"] {
+            self = .secret(name)
+        } else {
+            throw DecodingError.typeMismatch(
+                String.self,
+                .init(codingPath: decoder.codingPath, debugDescription: "an env value is a string or {\"secret\": \"name\"}"))
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        switch self {
+        case .value(let text): try container.encode(text)
+        case .secret(let name): try container.encode(["secret": name])
+        }
+    }
+}
+
+public struct PortDefinition: Sendable, Hashable, Codable {
+    /// The host port; 0 asks for any free port from the node's range.
+    public var port: Int
+    public var `protocol`: String
+    public var name: String?
+    public var labels: [String: String]
+
+    public init(port: Int, protocol: String = "tcp", name: String? = nil, labels: [String: String] = [:]) {
+        self.port = port
+        self.protocol = `protocol`
+        self.name = name
+        self.labels = labels
+    }
+
+    enum CodingKeys: String, CodingKey { case port, `protocol`, name, labels }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        port = try container.decodeIfPresent(Int.self, forKey: .port) ?? 0
+        `protocol` = try container.decodeIfPresent(String.self, forKey: .protocol) ?? "tcp"
+        name = try container.decodeIfPresent(String.self, forKey: .name)
+        labels = try container.decodeIfPresent([String: String].self, forKey: .labels) ?? [:]
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(port, forKey: .port)
+        try container.encode(`protocol`, forKey: .protocol)
+        try container.encodeIfPresent(name, forKey: .name)
+        try container.encode(labels, forKey: .labels)
+    }
+}
+
+public struct UpgradeStrategy: Sendable, Hashable, Codable {
+    public var minimumHealthCapacity: Double
+    public var maximumOverCapacity: Double
+
+    public init(minimumHealthCapacity: Double = 1, maximumOverCapacity: Double = 1) {
+        self.minimumHealthCapacity = minimumHealthCapacity
+        self.maximumOverCapacity = maximumOverCapacity
+    }
+
+    enum CodingKeys: String, CodingKey { case minimumHealthCapacity, maximumOverCapacity }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        minimumHealthCapacity = try container.decodeIfPresent(Double.self, forKey: .minimumHealthCapacity) ?? 1
+        maximumOverCapacity = try container.decodeIfPresent(Double.self, forKey: .maximumOverCapacity) ?? 1
+    }
+}
+
+public enum KillSelection: String, Sendable, Hashable, Codable {
+    case youngestFirst = "YOUNGEST_FIRST"
+    case oldestFirst = "OLDEST_FIRST"
+}

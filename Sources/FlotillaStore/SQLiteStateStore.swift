@@ -1,0 +1,114 @@
+public import Foundation
+import GRDB
+
+/// The embedded backend: one SQLite database in WAL mode with `synchronous=FULL`, so a commit is on
+/// disk before it is acknowledged and survives `kill -9` of the agent or a power cut.
+public final class SQLiteStateStore: StateStore {
+    private let database: DatabaseQueue
+    private let notifier = ChangeNotifier()
+
+    /// Opens (creating if needed) the database at `path`.
+    public init(path: String) throws {
+        var configuration = Configuration()
+        configuration.busyMode = .timeout(5)
+        configuration.prepareDatabase { db in
+            try db.execute(sql: "PRAGMA journal_mode = WAL")
+            try db.execute(sql: "PRAGMA synchronous = FULL")
+        }
+        database = try DatabaseQueue(path: path, configuration: configuration)
+        try database.write { db in
+            try db.execute(
+                sql: """
+                    CREATE TABLE IF NOT EXISTS entries (
+                        key TEXT PRIMARY KEY NOT NULL,
+                        value BLOB NOT NULL,
+                        create_index INTEGER NOT NULL,
+                        modify_index INTEGER NOT NULL,
+                        flags INTEGER NOT NULL DEFAULT 0
+                    ) WITHOUT ROWID;
+                    CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
+                    INSERT OR IGNORE INTO meta (name, value) VALUES ('index', 0);
+                    """)
+        }
+        notifier.start(at: try database.read { db in try Self.readIndex(db) })
+    }
+
+    public func get(_ key: String) async throws -> StoreEntry? {
+        try await database.read { db in
+            try Row.fetchOne(db, sql: "SELECT * FROM entries WHERE key = ?", arguments: [key]).map(Self.entry)
+        }
+    }
+
+    public func list(prefix: String) async throws -> StoreListing {
+        try await database.read { db in
+            let rows = try Row.fetchAll(
+                db, sql: "SELECT * FROM entries WHERE key >= ? AND key < ? ORDER BY key",
+                arguments: [prefix, prefix + "\u{10FFFF}"])
+            return StoreListing(entries: rows.map(Self.entry), index: try Self.readIndex(db))
+        }
+    }
+
+    public func currentIndex() async throws -> UInt64 {
+        try await database.read { db in try Self.readIndex(db) }
+    }
+
+    public func commit(_ transaction: StoreTransaction) async throws -> UInt64 {
+        let (index, keys) = try await database.write { db -> (UInt64, [String]) in
+            for condition in transaction.preconditions {
+                let modifyIndex: UInt64?
+                switch condition {
+                case .absent(let key), .present(let key), .modifyIndex(let key, _):
+                    modifyIndex = try UInt64.fetchOne(db, sql: "SELECT modify_index FROM entries WHERE key = ?", arguments: [key])
+                }
+                let holds: Bool
+                switch condition {
+                case .absent: holds = modifyIndex == nil
+                case .present: holds = modifyIndex != nil
+                case .modifyIndex(_, let expected): holds = modifyIndex == expected
+                }
+                if !holds { throw StoreError.preconditionFailed(condition) }
+            }
+            let index = try Self.readIndex(db) + 1
+            var keys: [String] = []
+            for mutation in transaction.mutations {
+                switch mutation {
+                case .put(let key, let value, let flags):
+                    try db.execute(
+                        sql: """
+                            INSERT INTO entries (key, value, create_index, modify_index, flags) VALUES (?, ?, ?, ?, ?)
+                            ON CONFLICT(key) DO UPDATE SET value = excluded.value, modify_index = excluded.modify_index,
+                            flags = excluded.flags
+                            """,
+                        arguments: [key, value, index, index, flags])
+                    keys.append(key)
+                case .delete(let key):
+                    try db.execute(sql: "DELETE FROM entries WHERE key = ?", arguments: [key])
+                    if db.changesCount > 0 { keys.append(key) }
+                case .deletePrefix(let prefix):
+                    let range: StatementArguments = [prefix, prefix + "\u{10FFFF}"]
+                    keys += try String.fetchAll(db, sql: "SELECT key FROM entries WHERE key >= ? AND key < ?", arguments: range)
+                    try db.execute(sql: "DELETE FROM entries WHERE key >= ? AND key < ?", arguments: range)
+                }
+            }
+            try db.execute(sql: "UPDATE meta SET value = ? WHERE name = 'index'", arguments: [index])
+            return (index, keys)
+        }
+        notifier.committed(index: index, keys: keys)
+        return index
+    }
+
+    public func waitForChange(prefix: String, after index: UInt64, timeout: Duration) async throws -> UInt64 {
+        await notifier.wait(prefix: prefix, after: index, timeout: timeout)
+        return try await currentIndex()
+    }
+
+    private static func readIndex(_ db: Database) throws -> UInt64 {
+        try UInt64.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'index'") ?? 0
+    }
+
+    private static func entry(_ row: Row) -> StoreEntry {
+        StoreEntry(
+            key: row["key"], value: row["value"], createIndex: row["create_index"], modifyIndex: row["modify_index"],
+            flags: row["flags"])
+    }
+}

@@ -1,0 +1,50 @@
+public import FlotillaCore
+public import Foundation
+
+/// Where each kind of state lives in the key space. One place, so every backend and reader agrees.
+public enum StateKeys {
+    public static let apps = "apps/"
+    public static let versions = "versions/"
+    public static let instances = "instances/"
+    public static let statuses = "status/"
+    public static let deployments = "deployments/"
+    public static let failures = "failures/"
+    public static let nodes = "nodes/"
+
+    public static func app(_ id: AppID) -> String { apps + id.flatName }
+    public static func versions(of id: AppID) -> String { versions + id.flatName + "/" }
+    public static func version(_ version: String, of id: AppID) -> String { versions(of: id) + version }
+    public static func instance(_ id: String) -> String { instances + id }
+    public static func status(_ id: String) -> String { statuses + id }
+    public static func deployment(_ id: String) -> String { deployments + id }
+    public static func failure(_ id: AppID) -> String { failures + id.flatName }
+    public static func node(_ name: String) -> String { nodes + name }
+}
+
+/// JSON in and out of the store, with one encoder configuration for every record.
+public enum StateCodec {
+    public static func encode(_ value: some Encodable) throws -> Data {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        return try encoder.encode(value)
+    }
+
+    public static func decode<Value: Decodable>(_ type: Value.Type, from data: Data) throws -> Value {
+        try JSONDecoder().decode(type, from: data)
+    }
+
+    /// Decodes every entry of a listing, skipping (and reporting) any that no longer decode, so one
+    /// bad record never stops the agent from starting.
+    public static func decodeAll<Value: Decodable>(
+        _ type: Value.Type, from entries: [StoreEntry], onError: (String, any Error) -> Void = { _, _ in }
+    ) -> [Value] {
+        entries.compactMap { entry in
+            do {
+                return try decode(type, from: entry.value)
+            } catch {
+                onError(entry.key, error)
+                return nil
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Runs Flotilla's whole test suite: `swift build`, `swift test`, then the Marathon client
+# compatibility tests (tests/compat) against the freshly built binary.
+#
+# Works on a fresh Debian 12 machine that has the Swift toolchain and python3: it installs the
+# few apt packages the tests need and a Python virtualenv (.venv/) with the pinned client
+# libraries, and reuses both on later runs.
+#
+# Usage: scripts/test.sh [--swift-only | --compat-only]
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+readonly VENV=.venv
+readonly REQUIREMENTS=tests/compat/requirements.txt
+readonly VENV_MARKER=$VENV/.requirements.sha256
+
+usage() {
+    cat <<'EOF'
+Usage: scripts/test.sh [--swift-only | --compat-only]
+
+  (no option)     swift build, swift test, then the Marathon compatibility tests
+  --swift-only    swift build and swift test only
+  --compat-only   swift build and the Marathon compatibility tests only
+EOF
+}
+
+run_swift_tests=1
+run_compat_tests=1
+for arg in "$@"; do
+    case $arg in
+        --swift-only) run_compat_tests=0 ;;
+        --compat-only) run_swift_tests=0 ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "unknown argument: $arg" >&2; usage >&2; exit 2 ;;
+    esac
+done
+if [[ $run_swift_tests -eq 0 && $run_compat_tests -eq 0 ]]; then
+    echo "--swift-only and --compat-only exclude each other" >&2
+    exit 2
+fi
+
+section() {
+    printf '\n==> %s\n' "$*"
+}
+
+die() {
+    printf '\n==> FAILED: %s\n' "$*" >&2
+    exit 1
+}
+
+# --- system packages ------------------------------------------------------------------------
+
+as_root() {
+    if [[ $(id -u) -eq 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        echo "not root and no sudo: cannot run '$*'" >&2
+        return 1
+    fi
+}
+
+apt_updated=0
+apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "apt-get not available: install these packages by hand: $*" >&2
+        return 1
+    fi
+    if [[ $apt_updated -eq 0 ]]; then
+        as_root apt-get update -qq
+        apt_updated=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "$@"
+}
+
+ensure_system_packages() {
+    # package:command that proves it is installed
+    local wanted=(curl:curl procps:ps dnsutils:dig)
+    local missing=() entry
+    for entry in "${wanted[@]}"; do
+        command -v "${entry#*:}" >/dev/null 2>&1 || missing+=("${entry%%:*}")
+    done
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        echo "all present: ${wanted[*]%%:*}"
+    else
+        echo "installing: ${missing[*]}"
+        apt_install "${missing[@]}"
+    fi
+}
+
+# --- Python virtualenv ----------------------------------------------------------------------
+
+ensure_venv() {
+    local wanted
+    wanted=$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)
+
+    if "$VENV/bin/python" -c '' 2>/dev/null \
+        && [[ -f $VENV_MARKER && $(<"$VENV_MARKER") == "$wanted" ]]; then
+        echo "reusing $VENV ($REQUIREMENTS unchanged)"
+        return
+    fi
+
+    if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+        rm -rf "$VENV"
+        if ! python3 -m venv "$VENV"; then
+            echo "python3 -m venv failed; installing python3-venv"
+            rm -rf "$VENV"
+            apt_install python3-venv
+            python3 -m venv "$VENV"
+        fi
+    fi
+
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$REQUIREMENTS"
+    echo "$wanted" >"$VENV_MARKER"
+    echo "installed $REQUIREMENTS into $VENV"
+}
+
+# --- steps ----------------------------------------------------------------------------------
+
+command -v swift >/dev/null 2>&1 || die "swift is not on PATH"
+command -v python3 >/dev/null 2>&1 || die "python3 is not on PATH"
+
+section "system packages"
+ensure_system_packages || die "installing system packages"
+
+if [[ $run_compat_tests -eq 1 ]]; then
+    section "python virtualenv ($VENV)"
+    ensure_venv || die "setting up $VENV"
+fi
+
+section "swift build"
+SECONDS=0
+swift build || die "swift build"
+bin_path=$(swift build --show-bin-path | tail -n 1)
+flotilla_bin=$bin_path/flotilla
+[[ -x $flotilla_bin ]] || die "swift build produced no executable at $flotilla_bin"
+echo "built $flotilla_bin in ${SECONDS}s"
+
+results=()
+failures=0
+
+# Runs one test step; a failure is recorded and the remaining steps still run.
+run_tests() {
+    local name=$1
+    shift
+    section "$name"
+    SECONDS=0
+    local status=0
+    "$@" || status=$?
+    if [[ $status -eq 0 ]]; then
+        results+=("$name: passed (${SECONDS}s)")
+    else
+        results+=("$name: FAILED with exit code $status (${SECONDS}s)")
+        failures=$((failures + 1))
+    fi
+}
+
+if [[ $run_swift_tests -eq 1 ]]; then
+    run_tests "swift test" swift test
+fi
+
+if [[ $run_compat_tests -eq 1 ]]; then
+    run_tests "marathon client compatibility tests" \
+        env FLOTILLA_BIN="$flotilla_bin" \
+        "$VENV/bin/python" -m pytest -v -p no:cacheprovider tests/compat
+fi
+
+section "summary"
+printf '  %s\n' "${results[@]}"
+if [[ $failures -gt 0 ]]; then
+    exit 1
+fi
