@@ -1,0 +1,88 @@
+public import FlotillaControl
+import FlotillaCore
+import Foundation
+public import Hummingbird
+import NIOCore
+
+/// `GET /flotilla/v1/logs/{instanceId}?stream=stdout|stderr&lines=N&follow=true`: an instance's
+/// output from its sandbox, optionally followed as it grows (and across rotation).
+public struct LogRoutes: Sendable {
+    let control: ControlPlane
+    let sandboxRoot: String
+
+    public init(control: ControlPlane, sandboxRoot: String) {
+        self.control = control
+        self.sandboxRoot = sandboxRoot
+    }
+
+    public func add<Context: RequestContext>(to router: Router<Context>) {
+        router.get("/flotilla/v1/logs/:instance") { request, context in
+            do {
+                return try await self.logs(request, instanceID: context.parameters.get("instance") ?? "")
+            } catch {
+                return APIResponse.marathonError(error)
+            }
+        }
+    }
+
+    private func logs(_ request: Request, instanceID: String) async throws -> Response {
+        guard !instanceID.isEmpty, !instanceID.contains("/"), !instanceID.hasPrefix(".") else {
+            throw FlotillaError.badRequest("'\(instanceID)' is not an instance id")
+        }
+        let stream = String(request.uri.queryParameters["stream"] ?? "stdout")
+        guard stream == "stdout" || stream == "stderr" else { throw FlotillaError.badRequest("stream must be stdout or stderr") }
+        let lines = Int(request.uri.queryParameters["lines"] ?? "100") ?? 100
+        let follow = try request.flag("follow")
+        let path = sandboxRoot + "/" + instanceID + "/" + stream
+        guard FileManager.default.fileExists(atPath: path) else {
+            throw FlotillaError.notFound("no \(stream) log for instance '\(instanceID)' on this node")
+        }
+        let initial = Self.tail(path: path, lines: lines)
+        if !follow {
+            return Response(status: .ok, headers: [.contentType: "text/plain; charset=utf-8"], body: ResponseBody(byteBuffer: ByteBuffer(bytes: initial.bytes)))
+        }
+        let (body, continuation) = AsyncStream.makeStream(of: ByteBuffer.self)
+        let control = self.control
+        let task = Task {
+            continuation.yield(ByteBuffer(bytes: initial.bytes))
+            var offset = initial.endOffset
+            var idleChecks = 0
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .milliseconds(250))
+                guard let handle = FileHandle(forReadingAtPath: path) else { break }
+                let size = (try? handle.seekToEnd()) ?? 0
+                if size < offset { offset = 0 }  // rotated: the file was truncated
+                if size > offset {
+                    try? handle.seek(toOffset: offset)
+                    if let data = try? handle.read(upToCount: Int(size - offset)) {
+                        continuation.yield(ByteBuffer(bytes: data))
+                        offset += UInt64(data.count)
+                    }
+                }
+                try? handle.close()
+                // Stop following once the instance is gone.
+                idleChecks += 1
+                if idleChecks % 8 == 0, await control.snapshot().instances[instanceID] == nil { break }
+            }
+            continuation.finish()
+        }
+        continuation.onTermination = { _ in task.cancel() }
+        return Response(status: .ok, headers: [.contentType: "text/plain; charset=utf-8"], body: ResponseBody(asyncSequence: body))
+    }
+
+    static func tail(path: String, lines: Int) -> (bytes: [UInt8], endOffset: UInt64) {
+        guard let handle = FileHandle(forReadingAtPath: path) else { return ([], 0) }
+        defer { try? handle.close() }
+        let size = (try? handle.seekToEnd()) ?? 0
+        let window: UInt64 = min(size, UInt64(max(lines, 1)) * 512 + 4096)
+        try? handle.seek(toOffset: size - window)
+        let data = (try? handle.read(upToCount: Int(window))) ?? Data()
+        var bytes = Array(data)
+        let newlines = bytes.indices.filter { bytes[$0] == UInt8(ascii: "\n") }
+        if newlines.count > lines, lines >= 0 {
+            let cut = newlines[newlines.count - lines - 1] + 1
+            bytes.removeFirst(cut)
+        }
+        return (bytes, size)
+    }
+}

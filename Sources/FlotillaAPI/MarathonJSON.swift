@@ -1,0 +1,206 @@
+public import FlotillaControl
+public import FlotillaCore
+import FlotillaScheduler
+
+/// Renders Flotilla's state in Marathon's JSON shapes. Only keys Marathon itself sends: clients such
+/// as the `marathon` Python library build objects from every key and reject unknown ones.
+public enum MarathonJSON {
+    public struct Embed: Sendable, OptionSet {
+        public let rawValue: Int
+        public init(rawValue: Int) { self.rawValue = rawValue }
+        public static let tasks = Embed(rawValue: 1)
+        public static let counts = Embed(rawValue: 2)
+        public static let deployments = Embed(rawValue: 4)
+        public static let lastTaskFailure = Embed(rawValue: 8)
+        public static let taskStats = Embed(rawValue: 16)
+
+        /// Parses `embed=apps.tasks` / `app.tasks` style values.
+        public static func parse(_ values: [String]) -> Embed {
+            var embed: Embed = []
+            for value in values {
+                switch value.split(separator: ".").last.map(String.init) ?? "" {
+                case "tasks": embed.insert(.tasks)
+                case "counts": embed.insert(.counts)
+                case "deployments": embed.insert(.deployments)
+                case "lastTaskFailure": embed.insert(.lastTaskFailure)
+                case "taskStats": embed.insert(.taskStats)
+                default: break
+                }
+            }
+            return embed
+        }
+    }
+
+    public static func definition(_ record: AppRecord) -> [String: JSONValue] {
+        let app = record.definition
+        var object: [String: JSONValue] = [
+            "id": .string(app.id.path),
+            "cmd": app.cmd.map(JSONValue.string) ?? .null,
+            "args": app.args.map { .array($0.map(JSONValue.string)) } ?? .null,
+            "user": app.user.map(JSONValue.string) ?? .null,
+            "env": .object(app.env.mapValues(envJSON)),
+            "instances": .number(Double(app.instances)),
+            "cpus": .number(app.cpus),
+            "mem": .number(app.mem),
+            "disk": .number(app.disk),
+            "gpus": .number(Double(app.gpus)),
+            "executor": .string(""),
+            "constraints": .array(app.constraints.map { constraint in
+                .array([.string(constraint.field), .string(constraint.op.rawValue)] + (constraint.value.map { [.string($0)] } ?? []))
+            }),
+            "uris": .array(app.uris.map(JSONValue.string)),
+            "fetch": .array(app.uris.map { .object(["uri": .string($0), "extract": .bool(true), "executable": .bool(false), "cache": .bool(false)]) }),
+            "storeUrls": .array([]),
+            "backoffSeconds": .number(app.backoffSeconds),
+            "backoffFactor": .number(app.backoffFactor),
+            "maxLaunchDelaySeconds": .number(app.maxLaunchDelaySeconds),
+            "container": .null,
+            "healthChecks": .array(app.healthChecks.compactMap { try? JSONValue(encoding: $0) }),
+            "readinessChecks": .array([]),
+            "dependencies": .array(app.dependencies.map(JSONValue.string)),
+            "upgradeStrategy": .object([
+                "minimumHealthCapacity": .number(app.upgradeStrategy.minimumHealthCapacity),
+                "maximumOverCapacity": .number(app.upgradeStrategy.maximumOverCapacity),
+            ]),
+            "labels": .object(app.labels.mapValues(JSONValue.string)),
+            "acceptedResourceRoles": app.acceptedResourceRoles.map { .array($0.map(JSONValue.string)) } ?? .null,
+            "version": .string(record.version),
+            "versionInfo": .object([
+                "lastScalingAt": .string(record.versionInfo.lastScalingAt),
+                "lastConfigChangeAt": .string(record.versionInfo.lastConfigChangeAt),
+            ]),
+            "killSelection": .string(app.killSelection.rawValue),
+            "requirePorts": .bool(app.requirePorts),
+            "portDefinitions": .array(app.portDefinitions.map { definition in
+                var port: [String: JSONValue] = [
+                    "port": .number(Double(definition.port)), "protocol": .string(definition.protocol),
+                    "labels": .object(definition.labels.mapValues(JSONValue.string)),
+                ]
+                if let name = definition.name { port["name"] = .string(name) }
+                return .object(port)
+            }),
+            "secrets": .object([:]),
+            "unreachableStrategy": .object(["inactiveAfterSeconds": .number(0), "expungeAfterSeconds": .number(0)]),
+            "networks": .array([.object(["mode": .string("host")])]),
+        ]
+        if let grace = app.taskKillGracePeriodSeconds { object["taskKillGracePeriodSeconds"] = .number(grace) }
+        return object
+    }
+
+    static func envJSON(_ value: EnvValue) -> JSONValue {
+        switch value {
+        case .value(let text): return .string(text)
+        case .secret(let name): return .object(["secret": .string(name)])
+        }
+    }
+
+    public static func app(_ record: AppRecord, in snapshot: ControlSnapshot, embed: Embed) -> JSONValue {
+        var object = definition(record)
+        let instances = snapshot.instances(of: record.id)
+        let live = instances.filter { !$0.state.isTerminal }
+        if embed.contains(.counts) {
+            object["tasksStaged"] = .number(Double(live.filter { $0.state == .staging || $0.state == .starting }.count))
+            object["tasksRunning"] = .number(Double(live.filter { $0.state == .running }.count))
+            object["tasksHealthy"] = .number(Double(record.definition.healthChecks.isEmpty ? 0 : 0))
+            object["tasksUnhealthy"] = .number(0)
+        }
+        if embed.contains(.deployments) {
+            object["deployments"] = .array(snapshot.deployments(of: record.id).map { .object(["id": .string($0.id)]) })
+        }
+        if embed.contains(.tasks) {
+            object["tasks"] = .array(live.map { task($0) })
+        }
+        if embed.contains(.lastTaskFailure), let failure = snapshot.failures[record.id] {
+            object["lastTaskFailure"] = taskFailure(failure)
+        }
+        return .object(object)
+    }
+
+    public static func task(_ instance: Instance) -> JSONValue {
+        let spec = instance.spec
+        var object: [String: JSONValue] = [
+            "id": .string(spec.id),
+            "appId": .string(spec.appID.path),
+            "host": .string(spec.host),
+            "ports": .array(spec.ports.map { .number(Double($0)) }),
+            "servicePorts": .array(spec.ports.enumerated().map { index, port in
+                let requested = spec.definition.portDefinitions.indices.contains(index) ? spec.definition.portDefinitions[index].port : 0
+                return .number(Double(requested != 0 ? requested : port))
+            }),
+            "slaveId": .string(spec.node),
+            "stagedAt": .string(spec.stagedAt),
+            "startedAt": instance.status?.startedAt.map(JSONValue.string) ?? .null,
+            "version": .string(spec.version),
+            "state": .string(state(of: instance).rawValue),
+            "ipAddresses": .array([.object(["ipAddress": .string(spec.host), "protocol": .string("IPv4")])]),
+            "localVolumes": .array([]),
+        ]
+        if !spec.definition.healthChecks.isEmpty {
+            object["healthCheckResults"] = .array([])
+        }
+        return .object(object)
+    }
+
+    /// An instance asked to stop shows as `TASK_KILLING` until it is gone, as in Marathon.
+    static func state(of instance: Instance) -> TaskState {
+        if instance.spec.goal == .stop && !instance.state.isTerminal { return .killing }
+        return instance.state
+    }
+
+    public static func taskFailure(_ failure: TaskFailure) -> JSONValue {
+        .object([
+            "appId": .string(failure.appID.path), "taskId": .string(failure.taskID), "instanceId": .string(failure.taskID),
+            "host": .string(failure.host), "slaveId": .string(failure.host), "state": .string(failure.state.rawValue),
+            "message": .string(failure.message), "timestamp": .string(failure.timestamp), "version": .string(failure.version),
+        ])
+    }
+
+    public static func deployment(_ deployment: Deployment) -> JSONValue {
+        func action(_ action: Deployment.Action, readiness: Bool) -> JSONValue {
+            var object: [String: JSONValue] = ["action": .string(action.action.rawValue), "app": .string(action.app.path)]
+            if readiness { object["readinessCheckResults"] = .array([]) }
+            return .object(object)
+        }
+        return .object([
+            "id": .string(deployment.id),
+            "version": .string(deployment.version),
+            "affectedApps": .array(deployment.affectedApps.map { .string($0.path) }),
+            "affectedPods": .array([]),
+            "steps": .array(deployment.steps.map { .object(["actions": .array($0.map { action($0, readiness: false) })]) }),
+            "currentActions": .array(deployment.currentActions.map { action($0, readiness: true) }),
+            "currentStep": .number(Double(deployment.currentStep)),
+            "totalSteps": .number(Double(deployment.totalSteps)),
+        ])
+    }
+
+    public static func queueItem(_ entry: QueueEntry, app record: AppRecord, in snapshot: ControlSnapshot, withOffers: Bool) -> JSONValue {
+        var rejections: [JSONValue] = []
+        if let placement = entry.placement {
+            for reason in PlacementRejection.allCases {
+                let count = placement.rejections[reason] ?? 0
+                rejections.append(.object(["reason": .string(reason.rawValue), "declined": .number(Double(count)), "processed": .number(Double(max(count, snapshot.nodes.count)))]))
+            }
+        }
+        var summary: [String: JSONValue] = [
+            "processedOffersCount": .number(Double(snapshot.nodes.count)),
+            "unusedOffersCount": .number(Double(entry.placement == nil ? 0 : snapshot.nodes.count)),
+            "rejectSummaryLastOffers": .array(rejections),
+            "rejectSummaryLaunchAttempt": .array(rejections),
+        ]
+        // Flotilla's own, for people: why it waits, in one sentence.
+        if let explanation = entry.placement?.explanation {
+            summary["reason"] = .string(explanation)
+        } else if entry.delaySeconds > 0 {
+            summary["reason"] = .string("crash backoff: next launch in \(Int(entry.delaySeconds.rounded(.up))) s")
+        }
+        var object: [String: JSONValue] = [
+            "app": app(record, in: snapshot, embed: [.counts, .deployments]),
+            "count": .number(Double(entry.count)),
+            "delay": .object(["timeLeftSeconds": .number(entry.delaySeconds.rounded(.up)), "overdue": .bool(entry.delaySeconds <= 0)]),
+            "since": .string(entry.since),
+            "processedOffersSummary": .object(summary),
+        ]
+        if withOffers { object["lastUnusedOffers"] = .array([]) }
+        return .object(object)
+    }
+}

@@ -1,0 +1,332 @@
+public import FlotillaControl
+public import FlotillaCore
+import Foundation
+public import Hummingbird
+import NIOCore
+
+/// Marathon's REST API v2 over the control plane.
+public struct MarathonRoutes: Sendable {
+    public static let maximumBodyBytes = 1 << 20
+
+    let control: ControlPlane
+    let events: EventBus
+    let info: ServerInfo
+
+    public struct ServerInfo: Sendable {
+        public var version: String
+        public var leader: String
+        public var nodeName: String
+        public var httpPort: Int
+        public init(version: String, leader: String, nodeName: String, httpPort: Int) {
+            self.version = version
+            self.leader = leader
+            self.nodeName = nodeName
+            self.httpPort = httpPort
+        }
+    }
+
+    public init(control: ControlPlane, events: EventBus, info: ServerInfo) {
+        self.control = control
+        self.events = events
+        self.info = info
+    }
+
+    public func add<Context: RequestContext>(to router: Router<Context>) {
+        router.get("/ping") { _, _ in
+            Response(status: .ok, headers: [.contentType: "text/plain; charset=utf-8"], body: ResponseBody(byteBuffer: ByteBuffer(string: "pong\n")))
+        }
+        router.get("/v2/info") { _, _ in self.infoResponse() }
+        router.get("/v2/leader") { _, _ in APIResponse.json(.object(["leader": .string(self.info.leader)])) }
+        router.get("/v2/apps") { request, _ in await self.handle { try await self.listApps(request) } }
+        router.post("/v2/apps") { request, _ in await self.handle { try await self.createApp(request) } }
+        for method in [HTTPRequest.Method.get, .put, .patch, .delete, .post] {
+            router.on("/v2/apps/**", method: method) { request, _ in await self.handle { try await self.appResource(request) } }
+        }
+        router.get("/v2/tasks") { request, _ in await self.handle { try await self.listTasks(request) } }
+        router.post("/v2/tasks/delete") { request, _ in await self.handle { try await self.deleteTasks(request) } }
+        router.get("/v2/queue") { request, _ in await self.handle { try await self.queue(request) } }
+        router.delete("/v2/queue/**") { request, _ in await self.handle { try await self.resetDelay(request) } }
+        router.get("/v2/deployments") { _, _ in await self.handle { try await self.listDeployments() } }
+        router.delete("/v2/deployments/:id") { request, context in
+            await self.handle { try await self.deleteDeployment(request, id: context.parameters.get("id") ?? "") }
+        }
+        router.get("/v2/events") { request, _ in self.eventStream(request) }
+    }
+
+    private func handle(_ body: () async throws -> Response) async -> Response {
+        do {
+            return try await body()
+        } catch {
+            return APIResponse.marathonError(error)
+        }
+    }
+
+    // MARK: - Apps
+
+    private func listApps(_ request: Request) async throws -> Response {
+        let snapshot = await control.snapshot()
+        let embed = MarathonJSON.Embed.parse(request.queryValues("embed")).union([.counts, .deployments])
+        let idFilter = request.uri.queryParameters["id"].map { String($0).lowercased() }
+        let cmdFilter = request.uri.queryParameters["cmd"].map(String.init)
+        let labelSelector = try request.uri.queryParameters["label"].map { try LabelSelector(String($0)) }
+        var apps: [JSONValue] = []
+        for record in snapshot.apps.values.sorted(by: { $0.id < $1.id }) {
+            if let idFilter, !record.id.path.contains(idFilter) { continue }
+            if let cmdFilter, !(record.definition.cmd ?? "").contains(cmdFilter) { continue }
+            if let labelSelector, !labelSelector.matches(record.definition.labels) { continue }
+            apps.append(MarathonJSON.app(record, in: snapshot, embed: embed))
+        }
+        return APIResponse.json(.object(["apps": .array(apps)]))
+    }
+
+    private func createApp(_ request: Request) async throws -> Response {
+        let object = try await jsonObject(request)
+        let definition = try AppDefinition.decode(object)
+        let result = try await control.create(definition)
+        let snapshot = await control.snapshot()
+        guard let record = snapshot.apps[definition.id] ?? result.app else { throw FlotillaError.notFound("App '\(definition.id)' does not exist") }
+        return APIResponse.json(
+            MarathonJSON.app(record, in: snapshot, embed: [.counts, .deployments, .tasks]), status: .created,
+            headers: [.location: "/v2/apps\(definition.id.path)", .marathonDeploymentID: result.deploymentID])
+    }
+
+    /// Everything under `/v2/apps/`: the app itself, its tasks, versions and restart. Parsed by hand
+    /// because an app id has any number of segments and clients send `/v2/apps//shop/cart`.
+    private func appResource(_ request: Request) async throws -> Response {
+        var segments = request.uri.path.split(separator: "/").map(String.init)
+        guard segments.count >= 3 else { throw FlotillaError.notFound("no such resource") }
+        segments.removeFirst(2)  // "v2", "apps"
+        enum Target { case app, tasks, task(String), versions, version(String), restart }
+        var target = Target.app
+        if segments.count >= 2, segments[segments.count - 2] == "tasks" {
+            target = .task(segments.removeLast())
+            segments.removeLast()
+        } else if segments.count >= 2, segments[segments.count - 2] == "versions" {
+            target = .version(segments.removeLast())
+            segments.removeLast()
+        } else if segments.last == "tasks" {
+            target = .tasks
+            segments.removeLast()
+        } else if segments.last == "versions" {
+            target = .versions
+            segments.removeLast()
+        } else if segments.last == "restart" {
+            target = .restart
+            segments.removeLast()
+        }
+        let id: AppID
+        do {
+            id = try AppID(segments.joined(separator: "/"))
+        } catch {
+            throw FlotillaError.notFound("App '/\(segments.joined(separator: "/"))' does not exist")
+        }
+        let method = request.method
+        switch (target, method) {
+        case (.app, .get):
+            let snapshot = await control.snapshot()
+            guard let record = snapshot.apps[id] else { throw FlotillaError.notFound("App '\(id)' does not exist") }
+            let embed = MarathonJSON.Embed.parse(request.queryValues("embed")).union([.counts, .deployments, .tasks, .lastTaskFailure])
+            return APIResponse.json(.object(["app": MarathonJSON.app(record, in: snapshot, embed: embed)]))
+        case (.app, .put), (.app, .patch):
+            let object = try await jsonObject(request)
+            // PUT is a partial update unless `partialUpdate=false`; PATCH always is.
+            let partial = method == .patch || request.uri.queryParameters["partialUpdate"].map { $0.lowercased() != "false" } ?? true
+            let result = try await control.update(id, fields: object, partial: partial, force: try request.flag("force"))
+            return changeResponse(result)
+        case (.app, .delete):
+            return changeResponse(try await control.delete(id, force: try request.flag("force")))
+        case (.restart, .post):
+            return changeResponse(try await control.restart(id, force: try request.flag("force")))
+        case (.tasks, .get):
+            let snapshot = await control.snapshot()
+            guard snapshot.apps[id] != nil else { throw FlotillaError.notFound("App '\(id)' does not exist") }
+            let tasks = snapshot.instances(of: id).filter { !$0.state.isTerminal }.map(MarathonJSON.task)
+            return APIResponse.json(.object(["tasks": .array(tasks)]))
+        case (.tasks, .delete):
+            let snapshot = await control.snapshot()
+            guard snapshot.apps[id] != nil else { throw FlotillaError.notFound("App '\(id)' does not exist") }
+            var ids = snapshot.instances(of: id).filter { $0.spec.goal == .run }.map(\.id)
+            if let host = request.uri.queryParameters["host"] { ids = ids.filter { snapshot.instances[$0]?.spec.host == String(host) } }
+            let (killed, change) = try await control.kill(instanceIDs: ids, scale: try request.flag("scale"), force: try request.flag("force"))
+            if let change { return changeResponse(change) }
+            return APIResponse.json(.object(["tasks": .array(killed.map(MarathonJSON.task))]))
+        case (.task(let taskID), .delete):
+            let snapshot = await control.snapshot()
+            guard snapshot.apps[id] != nil else { throw FlotillaError.notFound("App '\(id)' does not exist") }
+            guard let instance = snapshot.instances[taskID], instance.spec.appID == id else {
+                throw FlotillaError.notFound("Task '\(taskID)' does not exist")
+            }
+            let (killed, change) = try await control.kill(instanceIDs: [taskID], scale: try request.flag("scale"), force: try request.flag("force"))
+            if let change { return changeResponse(change) }
+            return APIResponse.json(.object(["task": killed.first.map(MarathonJSON.task) ?? MarathonJSON.task(instance)]))
+        case (.versions, .get):
+            let versions = try await control.versions(of: id)
+            return APIResponse.json(.object(["versions": .array(versions.map(JSONValue.string))]))
+        case (.version(let version), .get):
+            let record = try await control.version(version, of: id)
+            return APIResponse.json(.object(MarathonJSON.definition(record)))
+        default:
+            return APIResponse.json(.object(["message": .string("\(method) is not allowed on \(request.uri.path)")]), status: .methodNotAllowed)
+        }
+    }
+
+    private func changeResponse(_ result: ChangeResult) -> Response {
+        APIResponse.json(
+            .object(["version": .string(result.version), "deploymentId": .string(result.deploymentID)]),
+            headers: [.marathonDeploymentID: result.deploymentID])
+    }
+
+    // MARK: - Tasks, queue, deployments
+
+    private func listTasks(_ request: Request) async throws -> Response {
+        let snapshot = await control.snapshot()
+        let states = Set(request.queryValues("status").map { $0.lowercased() })
+        let tasks = snapshot.instances.values
+            .filter { !$0.state.isTerminal }
+            .filter { states.isEmpty || states.contains(MarathonJSON.state(of: $0).rawValue.dropFirst(5).lowercased()) }
+            .sorted { ($0.spec.appID, $0.spec.stagedAt) < ($1.spec.appID, $1.spec.stagedAt) }
+            .map(MarathonJSON.task)
+        return APIResponse.json(.object(["tasks": .array(tasks)]))
+    }
+
+    private func deleteTasks(_ request: Request) async throws -> Response {
+        let object = try await jsonObject(request)
+        guard case .array(let values)? = object["ids"] else {
+            throw FlotillaError.invalid([FieldError("/ids", "a list of task ids is required")])
+        }
+        let ids = values.compactMap(\.stringValue)
+        guard ids.count == values.count else { throw FlotillaError.invalid([FieldError("/ids", "every id must be a string")]) }
+        let snapshot = await control.snapshot()
+        let unknown = ids.filter { snapshot.instances[$0] == nil }
+        if !unknown.isEmpty { throw FlotillaError.notFound("Task(s) \(unknown.joined(separator: ", ")) do not exist") }
+        let (_, change) = try await control.kill(instanceIDs: ids, scale: try request.flag("scale"), force: try request.flag("force"))
+        if let change { return changeResponse(change) }
+        return APIResponse.json(.object([:]))
+    }
+
+    private func queue(_ request: Request) async throws -> Response {
+        let snapshot = await control.snapshot()
+        let withOffers = request.queryValues("embed").contains("lastUnusedOffers")
+        let items = snapshot.queue.values.sorted { $0.app < $1.app }.compactMap { entry -> JSONValue? in
+            guard let record = snapshot.apps[entry.app] else { return nil }
+            return MarathonJSON.queueItem(entry, app: record, in: snapshot, withOffers: withOffers)
+        }
+        return APIResponse.json(.object(["queue": .array(items)]))
+    }
+
+    private func resetDelay(_ request: Request) async throws -> Response {
+        var segments = request.uri.path.split(separator: "/").map(String.init).dropFirst(2)
+        guard segments.last == "delay" else { throw FlotillaError.notFound("no such resource") }
+        segments.removeLast()
+        guard let id = try? AppID(segments.joined(separator: "/")) else { throw FlotillaError.notFound("no such app") }
+        try await control.resetDelay(id)
+        return Response(status: .noContent)
+    }
+
+    private func listDeployments() async throws -> Response {
+        let snapshot = await control.snapshot()
+        let deployments = snapshot.deployments.values.sorted { $0.version < $1.version }.map(MarathonJSON.deployment)
+        return APIResponse.json(.array(deployments))
+    }
+
+    private func deleteDeployment(_ request: Request, id: String) async throws -> Response {
+        let force = try request.flag("force")
+        if let result = try await control.cancelDeployment(id, force: force) {
+            return changeResponse(result)
+        }
+        return Response(status: .accepted)
+    }
+
+    // MARK: - Info and events
+
+    private func infoResponse() -> Response {
+        APIResponse.json(
+            .object([
+                "name": .string("flotilla"),
+                "version": .string(info.version),
+                "buildref": .string(info.version),
+                "elected": .bool(true),
+                "leader": .string(info.leader),
+                "frameworkId": .string(info.nodeName),
+                "marathon_config": .object([
+                    "hostname": .string(info.nodeName), "ha": .bool(false), "framework_name": .string("flotilla"),
+                    "checkpoint": .bool(true), "local_port_min": .number(0), "local_port_max": .number(0),
+                ]),
+                "http_config": .object(["http_port": .number(Double(info.httpPort))]),
+                "zookeeper_config": .object([:]),
+                "event_subscriber": .null,
+            ]))
+    }
+
+    /// `/v2/events`: server-sent events, one `data:` line per event, flushed as it happens.
+    private func eventStream(_ request: Request) -> Response {
+        let wanted = Set(request.queryValues("event_type"))
+        let subscription = events.subscribe()
+        let (stream, continuation) = AsyncStream.makeStream(of: ByteBuffer.self)
+        let attached = FlotillaEvent(type: "event_stream_attached", fields: ["remoteAddress": .string("")])
+        let task = Task {
+            func send(_ event: FlotillaEvent) {
+                guard wanted.isEmpty || wanted.contains(event.type) else { return }
+                var bytes = Array("event: \(event.type)\ndata: ".utf8)
+                JSONValue.object(event.fields).write(into: &bytes)
+                bytes.append(contentsOf: "\n\n".utf8)
+                continuation.yield(ByteBuffer(bytes: bytes))
+            }
+            send(attached)
+            for await event in subscription { send(event) }
+            continuation.finish()
+        }
+        continuation.onTermination = { _ in task.cancel() }
+        return Response(
+            status: .ok,
+            headers: [.contentType: "text/event-stream", .cacheControl: "no-cache"],
+            body: ResponseBody(asyncSequence: stream))
+    }
+
+    // MARK: - Bodies
+
+    private func jsonObject(_ request: Request) async throws -> [String: JSONValue] {
+        var request = request
+        let buffer = try await request.collectBody(upTo: Self.maximumBodyBytes)
+        guard buffer.readableBytes > 0 else { throw FlotillaError.malformed("the request needs a JSON body") }
+        let value = try JSONValue.parse(Data(buffer.readableBytesView))
+        guard case .object(let object) = value else { throw FlotillaError.malformed("the body must be a JSON object") }
+        return object
+    }
+}
+
+/// Marathon's `label=` selector: `key`, `key==value`, `key!=value`, comma-separated, all must hold.
+struct LabelSelector {
+    enum Term {
+        case exists(String)
+        case equals(String, String)
+        case notEquals(String, String)
+    }
+
+    var terms: [Term]
+
+    init(_ text: String) throws(FlotillaError) {
+        terms = []
+        for part in text.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !part.isEmpty {
+            if let range = part.range(of: "!=") {
+                terms.append(.notEquals(String(part[..<range.lowerBound]), String(part[range.upperBound...])))
+            } else if let range = part.range(of: "==") {
+                terms.append(.equals(String(part[..<range.lowerBound]), String(part[range.upperBound...])))
+            } else if part.contains("=") {
+                throw .badRequest("label selector '\(part)': use key==value, key!=value or key")
+            } else {
+                terms.append(.exists(part))
+            }
+        }
+    }
+
+    func matches(_ labels: [String: String]) -> Bool {
+        terms.allSatisfy { term in
+            switch term {
+            case .exists(let key): return labels[key] != nil
+            case .equals(let key, let value): return labels[key] == value
+            case .notEquals(let key, let value): return labels[key] != value
+            }
+        }
+    }
+}

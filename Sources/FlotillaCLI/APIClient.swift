@@ -1,0 +1,131 @@
+import ArgumentParser
+import AsyncHTTPClient
+import FlotillaCore
+import Foundation
+import NIOCore
+import NIOHTTP1
+
+/// Options every client command shares.
+struct ClientOptions: ParsableArguments {
+    @Option(help: "The agent's API (env FLOTILLA_API).")
+    var api: String = ProcessInfo.processInfo.environment["FLOTILLA_API"] ?? "http://127.0.0.1:7600"
+
+    @Flag(help: "Print JSON for scripts instead of tables.")
+    var json = false
+
+    func client() -> APIClient { APIClient(base: api.hasSuffix("/") ? String(api.dropLast()) : api) }
+}
+
+/// A failure the CLI reports in one line and exits non-zero for.
+struct CLIError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// A thin client of the agent's HTTP API.
+struct APIClient {
+    let base: String
+
+    struct Reply {
+        var status: Int
+        var body: Data
+        var json: JSONValue? { try? JSONValue.parse(body) }
+    }
+
+    func request(_ method: HTTPMethod, _ path: String, body: JSONValue? = nil, timeout: TimeAmount = .seconds(30)) async throws -> Reply {
+        var request = HTTPClientRequest(url: base + path)
+        request.method = method
+        request.headers.add(name: "Accept", value: "application/json")
+        if let body {
+            request.headers.add(name: "Content-Type", value: "application/json")
+            request.body = .bytes(ByteBuffer(bytes: body.serialized()))
+        }
+        let response: HTTPClientResponse
+        do {
+            response = try await HTTPClient.shared.execute(request, timeout: timeout)
+        } catch {
+            throw CLIError("cannot reach the agent at \(base): \(error). Is `flotilla agent` running? Set --api or FLOTILLA_API.")
+        }
+        let bytes = try await response.body.collect(upTo: 64 << 20)
+        return Reply(status: Int(response.status.code), body: Data(bytes.readableBytesView))
+    }
+
+    /// Sends a request and returns its JSON, turning an error status into a one-line `CLIError`.
+    func call(_ method: HTTPMethod, _ path: String, body: JSONValue? = nil) async throws -> JSONValue {
+        let reply = try await request(method, path, body: body)
+        guard (200..<300).contains(reply.status) else { throw CLIError(Self.describeError(reply)) }
+        return reply.json ?? .null
+    }
+
+    static func describeError(_ reply: Reply) -> String {
+        guard let json = reply.json, let message = json["message"]?.stringValue else {
+            return "HTTP \(reply.status): \(String(decoding: reply.body.prefix(300), as: UTF8.self))"
+        }
+        var text = message
+        if case .array(let details)? = json["details"] {
+            let parts = details.compactMap { detail -> String? in
+                guard let path = detail["path"]?.stringValue, case .array(let errors)? = detail["errors"] else { return nil }
+                return "\(path): " + errors.compactMap(\.stringValue).joined(separator: "; ")
+            }
+            if !parts.isEmpty { text += " — " + parts.joined(separator: ", ") }
+        }
+        return text
+    }
+
+    /// Streams a response body chunk by chunk (logs -f).
+    func stream(_ path: String, _ body: (ByteBuffer) -> Void) async throws {
+        var request = HTTPClientRequest(url: base + path)
+        request.method = .GET
+        let response: HTTPClientResponse
+        do {
+            response = try await HTTPClient.shared.execute(request, timeout: .hours(24))
+        } catch {
+            throw CLIError("cannot reach the agent at \(base): \(error)")
+        }
+        guard response.status == .ok else {
+            let bytes = try await response.body.collect(upTo: 1 << 20)
+            throw CLIError(Self.describeError(Reply(status: Int(response.status.code), body: Data(bytes.readableBytesView))))
+        }
+        for try await chunk in response.body { body(chunk) }
+    }
+
+    /// `/v2/apps/shop/cart` for `/shop/cart` or `shop/cart`.
+    static func appPath(_ id: String) -> String {
+        "/v2/apps/" + id.split(separator: "/").joined(separator: "/")
+    }
+}
+
+func printJSON(_ value: JSONValue) {
+    print(String(decoding: value.serialized(), as: UTF8.self))
+}
+
+/// A plain text table with aligned columns.
+func printTable(_ header: [String], _ rows: [[String]]) {
+    var widths = header.map(\.count)
+    for row in rows {
+        for (index, cell) in row.enumerated() where index < widths.count { widths[index] = max(widths[index], cell.count) }
+    }
+    func line(_ cells: [String]) -> String {
+        cells.enumerated().map { index, cell in
+            index == cells.count - 1 ? cell : cell.padding(toLength: widths[index], withPad: " ", startingAt: 0)
+        }.joined(separator: "  ")
+    }
+    print(line(header))
+    for row in rows { print(line(row)) }
+}
+
+extension JSONValue {
+    var intValue: Int? {
+        if case .number(let value) = self { return Int(value) }
+        return nil
+    }
+    var doubleValue: Double? {
+        if case .number(let value) = self { return value }
+        return nil
+    }
+    var arrayValue: [JSONValue] {
+        if case .array(let values) = self { return values }
+        return []
+    }
+    func text(_ key: String) -> String { self[key]?.stringValue ?? "" }
+}

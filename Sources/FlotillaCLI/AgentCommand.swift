@@ -1,0 +1,117 @@
+import ArgumentParser
+import FlotillaCore
+import FlotillaServer
+import Foundation
+import Logging
+
+struct AgentCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "agent", abstract: "Start an agent: the API, the scheduler and this node's instances.")
+
+    @Option(help: "Where state, logs and sandboxes live.")
+    var dataDir: String = AgentCommand.defaultDataDirectory()
+
+    @Option(help: "The address the API listens on.")
+    var bind: String = "127.0.0.1"
+
+    @Option(help: "The API and UI port.")
+    var apiPort: Int = 7600
+
+    @Option(help: "This node's name (default: the host name).")
+    var nodeName: String?
+
+    @Option(help: "The address instances are reachable at (HOST); default: the bind address, or the host name when binding all interfaces.")
+    var advertise: String?
+
+    @Option(help: "CPUs to offer instances (default: all).")
+    var cpus: Double?
+
+    @Option(help: "Memory to offer instances, in MiB (default: 80% of physical memory).")
+    var mem: Double?
+
+    @Option(help: "Disk to offer instances, in MiB.")
+    var disk: Double = 10_240
+
+    @Option(help: "Host ports given to instances, FROM-TO.")
+    var ports: String = "31000-32000"
+
+    @Option(name: .customLong("attribute"), help: "A node attribute for constraints, key=value (repeatable).")
+    var attributes: [String] = []
+
+    @Option(help: "Rotate an instance's stdout/stderr when it passes this many MiB.")
+    var logMaxMib: Int = 10
+
+    @Option(help: "What happens to instances when the agent exits: keep (the next agent adopts them) or stop.")
+    var onExit: ExitPolicy = .keep
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error.")
+    var logLevel: String = "info"
+
+    enum ExitPolicy: String, ExpressibleByArgument { case keep, stop }
+
+    func validate() throws {
+        guard parsedPorts != nil else { throw ValidationError("--ports must be FROM-TO with 1 <= FROM <= TO <= 65535, got '\(ports)'") }
+        guard (0...65535).contains(apiPort) else { throw ValidationError("--api-port must be between 0 and 65535") }
+        for attribute in attributes where !attribute.contains("=") {
+            throw ValidationError("--attribute takes key=value, got '\(attribute)'")
+        }
+        if let cpus, cpus <= 0 { throw ValidationError("--cpus must be more than zero") }
+        if let mem, mem <= 0 { throw ValidationError("--mem must be more than zero") }
+        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
+    }
+
+    var parsedPorts: ClosedRange<Int>? {
+        let parts = ports.split(separator: "-").compactMap { Int($0) }
+        guard parts.count == 2, parts[0] >= 1, parts[0] <= parts[1], parts[1] <= 65535 else { return nil }
+        return parts[0]...parts[1]
+    }
+
+    func run() async throws {
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        var logger = Logger(label: "flotilla")
+        logger.logLevel = level
+        let hostName = ProcessInfo.processInfo.hostName
+        let name = nodeName ?? hostName
+        var nodeAttributes = ["hostname": name]
+        for attribute in attributes {
+            let parts = attribute.split(separator: "=", maxSplits: 1).map(String.init)
+            nodeAttributes[parts[0]] = parts.count > 1 ? parts[1] : ""
+        }
+        let host = advertise ?? (bind == "0.0.0.0" || bind == "::" ? hostName : bind)
+        let memory = mem ?? (Double(ProcessInfo.processInfo.physicalMemory) / 1_048_576 * 0.8).rounded(.down)
+        let range = parsedPorts!
+        let node = NodeInfo(
+            name: name, host: host, cpus: cpus ?? Double(ProcessInfo.processInfo.activeProcessorCount), mem: memory, disk: disk,
+            portRangeStart: range.lowerBound, portRangeEnd: range.upperBound, attributes: nodeAttributes)
+        let directory = URL(fileURLWithPath: dataDir).standardizedFileURL.path
+        logger.info(
+            "starting flotilla \(Flotilla.version)",
+            metadata: [
+                "data-dir": "\(directory)", "api": "\(bind):\(apiPort)", "node": "\(name)", "cpus": "\(node.cpus)",
+                "mem": "\(Int(node.mem))", "ports": "\(ports)",
+            ])
+        do {
+            try await FlotillaServer.run(
+                .init(
+                    dataDirectory: directory, bindAddress: bind, apiPort: apiPort, node: node, stopInstancesOnExit: onExit == .stop,
+                    logMaxBytes: Int64(logMaxMib) << 20, version: Flotilla.version),
+                logger: logger)
+        } catch {
+            logger.critical("agent stopped: \(error)")
+            throw ExitCode.failure
+        }
+    }
+
+    static func defaultDataDirectory() -> String {
+        let environment = ProcessInfo.processInfo.environment
+        if let explicit = environment["FLOTILLA_DATA_DIR"] { return explicit }
+        if getuid() == 0 { return "/var/lib/flotilla" }
+        let base = environment["XDG_DATA_HOME"] ?? ((environment["HOME"] ?? ".") + "/.local/share")
+        return base + "/flotilla"
+    }
+}

@@ -1,0 +1,581 @@
+public import FlotillaCore
+import FlotillaScheduler
+public import FlotillaStore
+import Foundation
+public import Logging
+public import ServiceLifecycle
+
+/// The scheduler's side of Flotilla: holds desired state (apps, versions, deployments), turns every
+/// change into a durable transaction and a deployment, and drives instances towards it through the
+/// pure `Reconciler` and `Placer`. Reads are served from memory; every write goes to the store first.
+public actor ControlPlane: Service {
+    private let store: any StateStore
+    private let events: EventBus
+    private let logger: Logger
+    private let lock = AsyncLock()
+
+    private var apps: [AppID: AppRecord] = [:]
+    private var specs: [String: InstanceSpec] = [:]
+    private var statuses: [String: InstanceStatus] = [:]
+    private var deployments: [String: Deployment] = [:]
+    private var failures: [AppID: TaskFailure] = [:]
+    private var nodes: [String: NodeInfo] = [:]
+    private var backoffs: [AppID: Backoff] = [:]
+    private var queue: [AppID: QueueEntry] = [:]
+    private var index: UInt64 = 0
+    private var lastVersion = ""
+    private var loaded = false
+    private var generator = SystemRandomNumberGenerator()
+
+    private let (wakeups, wakeupContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+
+    public init(store: any StateStore, events: EventBus, logger: Logger) {
+        self.store = store
+        self.events = events
+        self.logger = logger
+    }
+
+    // MARK: - Service
+
+    public func run() async throws {
+        try await load()
+        await withDiscardingTaskGroup { group in
+            group.addTask { await self.watchStatuses() }
+            group.addTask { await self.reconcileLoop() }
+            group.addTask { await self.tick() }
+        }
+    }
+
+    /// Reads everything the control plane owns from the store. Called once at start.
+    public func load() async throws {
+        guard !loaded else { return }
+        func all<Value: Decodable>(_ type: Value.Type, _ prefix: String) async throws -> [Value] {
+            StateCodec.decodeAll(type, from: try await store.list(prefix: prefix).entries) { key, error in
+                self.logger.error("skipping unreadable record \(key): \(error)")
+            }
+        }
+        apps = Dictionary(try await all(AppRecord.self, StateKeys.apps).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
+        specs = Dictionary(try await all(InstanceSpec.self, StateKeys.instances).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
+        statuses = Dictionary(try await all(InstanceStatus.self, StateKeys.statuses).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
+        deployments = Dictionary(try await all(Deployment.self, StateKeys.deployments).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
+        failures = Dictionary(try await all(TaskFailure.self, StateKeys.failures).map { ($0.appID, $0) }, uniquingKeysWith: { $1 })
+        nodes = Dictionary(try await all(NodeInfo.self, StateKeys.nodes).map { ($0.name, $0) }, uniquingKeysWith: { $1 })
+        index = try await store.currentIndex()
+        lastVersion = apps.values.map(\.version).max() ?? ""
+        loaded = true
+        logger.info("loaded \(apps.count) app(s), \(specs.count) instance(s), \(deployments.count) deployment(s) at index \(index)")
+    }
+
+    // MARK: - Reads
+
+    public func snapshot() -> ControlSnapshot {
+        var instances: [String: Instance] = [:]
+        for (id, spec) in specs { instances[id] = Instance(spec: spec, status: statuses[id]) }
+        return ControlSnapshot(
+            apps: apps, instances: instances, deployments: deployments, failures: failures, queue: queue, nodes: nodes, index: index)
+    }
+
+    public func versions(of id: AppID) async throws -> [String] {
+        guard apps[id] != nil else { throw FlotillaError.notFound("App '\(id)' does not exist") }
+        let listing = try await store.list(prefix: StateKeys.versions(of: id))
+        return listing.entries.map { String($0.key.dropFirst(StateKeys.versions(of: id).count)) }.sorted(by: >)
+    }
+
+    public func version(_ version: String, of id: AppID) async throws -> AppRecord {
+        guard apps[id] != nil else { throw FlotillaError.notFound("App '\(id)' does not exist") }
+        guard let entry = try await store.get(StateKeys.version(version, of: id)) else {
+            throw FlotillaError.notFound("App '\(id)' has no version \(version)")
+        }
+        return try StateCodec.decode(AppRecord.self, from: entry.value)
+    }
+
+    // MARK: - Changes
+
+    /// `POST /v2/apps`: a new app and the deployment that starts it.
+    public func create(_ definition: AppDefinition, clientIP: String? = nil) async throws -> ChangeResult {
+        await lock.acquire()
+        defer { lock.release() }
+        return try await self.createLocked(definition, clientIP: clientIP)
+    }
+
+    private func createLocked(_ definition: AppDefinition, clientIP: String?) async throws -> ChangeResult {
+        try requireLoaded()
+        if apps[definition.id] != nil {
+            throw FlotillaError.conflict(message: "An app with id [\(definition.id)] already exists.", deploymentIDs: [])
+        }
+        if let parent = apps.keys.first(where: { $0.contains(definition.id) || definition.id.contains($0) }) {
+            throw FlotillaError.invalid([FieldError("/id", "'\(definition.id)' would nest with the existing app '\(parent)'; an app id cannot be a group of another app")])
+        }
+        let version = nextVersion()
+        let record = AppRecord(definition: definition, version: version, versionInfo: VersionInfo(lastScalingAt: version, lastConfigChangeAt: version))
+        let steps: [[Deployment.Action]] =
+            definition.instances > 0
+            ? [[.init(action: .startApplication, app: definition.id)], [.init(action: .scaleApplication, app: definition.id)]]
+            : [[.init(action: .startApplication, app: definition.id)]]
+        let deployment = newDeployment(version: version, targets: [.init(app: definition.id, targetVersion: version, previousVersion: nil)], steps: steps)
+        try await commit(
+            preconditions: [.absent(StateKeys.app(definition.id))],
+            puts: [(StateKeys.app(definition.id), record), (StateKeys.version(version, of: definition.id), record), (StateKeys.deployment(deployment.id), deployment)])
+        apps[definition.id] = record
+        deployments[deployment.id] = deployment
+        backoffs[definition.id] = nil
+        publishChange(record: record, deployment: deployment, original: nil, clientIP: clientIP, uri: "/v2/apps")
+        wake()
+        return ChangeResult(version: version, deploymentID: deployment.id, app: record)
+    }
+
+    /// `PUT`/`PATCH /v2/apps/{id}`: merge `fields` over the current definition (or replace it when
+    /// `partial` is false), roll back when the body names only a `version`, create when absent.
+    public func update(_ id: AppID, fields: [String: JSONValue], partial: Bool, force: Bool, clientIP: String? = nil) async throws -> ChangeResult {
+        await lock.acquire()
+        defer { lock.release() }
+        return try await self.updateLocked(id, fields: fields, partial: partial, force: force, clientIP: clientIP)
+    }
+
+    private func updateLocked(_ id: AppID, fields: [String: JSONValue], partial: Bool, force: Bool, clientIP: String?) async throws -> ChangeResult {
+        try requireLoaded()
+        if let idField = fields["id"]?.stringValue, let bodyID = try? AppID(idField), bodyID != id {
+            throw FlotillaError.invalid([FieldError("/id", "the body's id '\(bodyID)' differs from the path's '\(id)'")])
+        }
+        guard let current = apps[id] else {
+            // Marathon creates the app when a PUT names one that does not exist.
+            var object = fields
+            object["id"] = .string(id.path)
+            return try await createLocked(try AppDefinition.decode(object), clientIP: clientIP)
+        }
+        let definition: AppDefinition
+        if case .string(let wanted)? = fields["version"], fields.keys.allSatisfy({ $0 == "version" || $0 == "id" }) {
+            // Rollback: the definition as it was at that version, under a new version.
+            guard let entry = try await store.get(StateKeys.version(wanted, of: id)) else {
+                throw FlotillaError.notFound("App '\(id)' has no version \(wanted)")
+            }
+            definition = try StateCodec.decode(AppRecord.self, from: entry.value).definition
+        } else {
+            var object = partial ? (try JSONValue(encoding: current.definition).objectValue ?? [:]) : [:]
+            for (key, value) in fields where key != "version" { object[key] = value }
+            object["id"] = .string(id.path)
+            definition = try AppDefinition.decode(object)
+        }
+        return try await changeLocked(current, to: definition, restart: false, force: force, clientIP: clientIP, uri: "/v2/apps\(id)")
+    }
+
+    /// `POST /v2/apps/{id}/restart`: replace every instance, honouring the upgrade strategy.
+    public func restart(_ id: AppID, force: Bool) async throws -> ChangeResult {
+        await lock.acquire()
+        defer { lock.release() }
+        guard let current = self.apps[id] else { throw FlotillaError.notFound("App '\(id)' does not exist") }
+        return try await self.changeLocked(current, to: current.definition, restart: true, force: force, clientIP: nil, uri: "/v2/apps\(id)/restart")
+    }
+
+    private func changeLocked(
+        _ current: AppRecord, to definition: AppDefinition, restart: Bool, force: Bool, clientIP: String?, uri: String
+    ) async throws -> ChangeResult {
+        let id = current.id
+        let cancelled = try conflictingDeployments(for: id, force: force)
+        let version = nextVersion()
+        let configChanged = restart || definition.requiresRestart(comparedTo: current.definition)
+        let record = AppRecord(
+            definition: definition, version: version,
+            versionInfo: VersionInfo(
+                lastScalingAt: version, lastConfigChangeAt: configChanged ? version : current.versionInfo.lastConfigChangeAt))
+        let action: Deployment.ActionKind = configChanged ? .restartApplication : .scaleApplication
+        let deployment = newDeployment(
+            version: version, targets: [.init(app: id, targetVersion: version, previousVersion: current.version)],
+            steps: [[.init(action: action, app: id)]])
+        try await commit(
+            puts: [(StateKeys.app(id), record), (StateKeys.version(version, of: id), record), (StateKeys.deployment(deployment.id), deployment)],
+            deletes: cancelled.map { StateKeys.deployment($0) })
+        for cancelledID in cancelled { deployments[cancelledID] = nil }
+        apps[id] = record
+        deployments[deployment.id] = deployment
+        if configChanged { backoffs[id] = nil }
+        publishChange(record: record, deployment: deployment, original: current, clientIP: clientIP, uri: uri)
+        wake()
+        return ChangeResult(version: version, deploymentID: deployment.id, app: record)
+    }
+
+    /// `DELETE /v2/apps/{id}`: the app goes at once; a deployment stops its instances.
+    public func delete(_ id: AppID, force: Bool) async throws -> ChangeResult {
+        await lock.acquire()
+        defer { lock.release() }
+        try self.requireLoaded()
+        guard let current = self.apps[id] else { throw FlotillaError.notFound("App '\(id)' does not exist") }
+        let cancelled = try self.conflictingDeployments(for: id, force: force)
+        let version = self.nextVersion()
+        let deployment = self.newDeployment(
+            version: version, targets: [.init(app: id, targetVersion: nil, previousVersion: current.version)],
+            steps: [[.init(action: .stopApplication, app: id)]])
+        try await self.commit(
+            puts: [(StateKeys.deployment(deployment.id), deployment)],
+            deletes: cancelled.map { StateKeys.deployment($0) } + [StateKeys.app(id), StateKeys.failure(id)],
+            deletePrefixes: [StateKeys.versions(of: id)])
+        for cancelledID in cancelled { self.deployments[cancelledID] = nil }
+        self.apps[id] = nil
+        self.failures[id] = nil
+        self.backoffs[id] = nil
+        self.queue[id] = nil
+        self.deployments[deployment.id] = deployment
+        self.events.publish(self.deploymentInfoEvent(deployment, original: [current], target: []))
+        self.wake()
+        return ChangeResult(version: version, deploymentID: deployment.id, app: nil)
+    }
+
+    /// Kills instances; with `scale`, lowers the app's `instances` by as many so they are not replaced.
+    /// - Returns: the killed instances, and the scaling change when there was one.
+    public func kill(instanceIDs: [String], scale: Bool, force: Bool) async throws -> (killed: [Instance], change: ChangeResult?) {
+        await lock.acquire()
+        defer { lock.release() }
+        try self.requireLoaded()
+        let known = instanceIDs.compactMap { self.specs[$0] }
+        var change: ChangeResult?
+        if scale {
+            var perApp: [AppID: Int] = [:]
+            for spec in known where spec.goal == .run { perApp[spec.appID, default: 0] += 1 }
+            for (appID, count) in perApp.sorted(by: { $0.key < $1.key }) {
+                guard let current = self.apps[appID] else { continue }
+                var definition = current.definition
+                definition.instances = max(0, definition.instances - count)
+                change = try await self.changeLocked(current, to: definition, restart: false, force: force, clientIP: nil, uri: "/v2/tasks/delete")
+            }
+        }
+        var mutations: [(String, InstanceSpec)] = []
+        for var spec in known where spec.goal == .run {
+            spec.goal = .stop
+            spec.stopReason = scale ? "killed and scaled down through the API" : "killed through the API"
+            mutations.append((StateKeys.instance(spec.id), spec))
+        }
+        if !mutations.isEmpty {
+            try await self.commit(puts: mutations)
+            for (_, spec) in mutations { self.specs[spec.id] = spec }
+        }
+        self.wake()
+        return (known.map { Instance(spec: $0, status: self.statuses[$0.id]) }, change)
+    }
+
+    /// `DELETE /v2/deployments/{id}`: without force, a new deployment back to where the apps were;
+    /// with force, the deployment is dropped and the apps stay as they are.
+    public func cancelDeployment(_ id: String, force: Bool) async throws -> ChangeResult? {
+        await lock.acquire()
+        defer { lock.release() }
+        guard let deployment = self.deployments[id] else { throw FlotillaError.notFound("DeploymentPlan \(id) does not exist") }
+        if force {
+            try await self.commit(deletes: [StateKeys.deployment(id)])
+            self.deployments[id] = nil
+            return nil
+        }
+        try await self.commit(deletes: [StateKeys.deployment(id)])
+        self.deployments[id] = nil
+        var result: ChangeResult?
+        for target in deployment.targets {
+            if let previous = target.previousVersion {
+                let entry = try await self.store.get(StateKeys.version(previous, of: target.app))
+                let restored = try entry.map { try StateCodec.decode(AppRecord.self, from: $0.value) }
+                if let restored, let current = self.apps[target.app] {
+                    result = try await self.changeLocked(current, to: restored.definition, restart: false, force: true, clientIP: nil, uri: "/v2/deployments/\(id)")
+                } else if let restored {
+                    result = try await self.createLocked(restored.definition, clientIP: nil)
+                }
+            } else if self.apps[target.app] != nil {
+                // The deployment created the app: reverting it removes the app.
+                let version = self.nextVersion()
+                let stop = self.newDeployment(
+                    version: version, targets: [.init(app: target.app, targetVersion: nil, previousVersion: nil)],
+                    steps: [[.init(action: .stopApplication, app: target.app)]])
+                try await self.commit(
+                    puts: [(StateKeys.deployment(stop.id), stop)],
+                    deletes: [StateKeys.app(target.app), StateKeys.failure(target.app)],
+                    deletePrefixes: [StateKeys.versions(of: target.app)])
+                self.apps[target.app] = nil
+                self.deployments[stop.id] = stop
+                result = ChangeResult(version: version, deploymentID: stop.id, app: nil)
+            }
+        }
+        self.wake()
+        return result
+    }
+
+    /// `DELETE /v2/queue/{id}/delay`: forget the crash backoff so the app launches now.
+    public func resetDelay(_ id: AppID) throws {
+        guard apps[id] != nil else { throw FlotillaError.notFound("App '\(id)' does not exist") }
+        backoffs[id] = nil
+        wake()
+    }
+
+    // MARK: - Reconciliation
+
+    private func wake() { wakeupContinuation.yield() }
+
+    /// Reconciles on every wake-up; wake-ups coalesce, so a burst of changes costs one pass.
+    private func reconcileLoop() async {
+        wake()
+        for await _ in wakeups {
+            if Task.isCancelled || Task.isShuttingDownGracefully { return }
+            await lock.acquire()
+            do {
+                try await reconcile()
+            } catch {
+                logger.error("reconcile failed, will retry: \(error)")
+            }
+            lock.release()
+        }
+    }
+
+    /// A pass every second even without changes: backoff delays end, queued apps get another try.
+    private func tick() async {
+        while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            try? await Task.sleep(for: .seconds(1))
+            wake()
+        }
+        wakeupContinuation.finish()
+    }
+
+    /// Waits for the agents' status writes and folds them in.
+    private func watchStatuses() async {
+        var seen: UInt64 = 0
+        while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            do {
+                let listing = try await store.list(prefix: StateKeys.statuses)
+                await lock.acquire()
+                await absorb(listing)
+                lock.release()
+                let after = listing.index
+                seen = try await store.waitForChange(prefix: StateKeys.statuses, after: after, timeout: .seconds(5))
+                _ = seen
+            } catch {
+                logger.error("status watch failed, retrying: \(error)")
+                try? await Task.sleep(for: .milliseconds(500))
+            }
+        }
+    }
+
+    private func absorb(_ listing: StoreListing) async {
+        var changed = false
+        var fresh: [String: InstanceStatus] = [:]
+        for status in StateCodec.decodeAll(InstanceStatus.self, from: listing.entries) {
+            fresh[status.id] = status
+            if statuses[status.id] != status {
+                changed = true
+                if statuses[status.id]?.state != status.state, let spec = specs[status.id] {
+                    events.publish(statusUpdateEvent(spec: spec, status: status))
+                }
+            }
+        }
+        if fresh.count != statuses.count { changed = true }
+        statuses = fresh
+        index = max(index, listing.index)
+        if changed { wake() }
+    }
+
+    /// One pass over every app: retire ended instances, then start and stop what the plan says.
+    func reconcile() async throws {
+        try requireLoaded()
+        let now = Date()
+        let nowText = Timestamp.format(now)
+        var puts: [(String, any Encodable & Sendable)] = []
+        var deletes: [String] = []
+
+        // Refresh nodes (agents register themselves).
+        let nodeList = StateCodec.decodeAll(NodeInfo.self, from: try await store.list(prefix: StateKeys.nodes).entries)
+        nodes = Dictionary(nodeList.map { ($0.name, $0) }, uniquingKeysWith: { $1 })
+
+        // Ended instances: remember failures, start backoff, forget them.
+        var retired: [String] = []
+        for (id, spec) in specs {
+            guard let status = statuses[id], status.state.isTerminal else { continue }
+            if spec.goal == .run, status.state.countsAsFailure, let app = apps[spec.appID] {
+                if status.state != .finished || status.exitCode != 0 || true {
+                    var backoff = backoffs[spec.appID] ?? Backoff()
+                    backoff.recordFailure(of: app.definition, at: now)
+                    backoffs[spec.appID] = backoff
+                }
+                let failure = TaskFailure(
+                    appID: spec.appID, taskID: id, host: spec.host, state: status.state,
+                    message: status.message ?? "", timestamp: status.updatedAt, version: spec.version)
+                failures[spec.appID] = failure
+                puts.append((StateKeys.failure(spec.appID), failure))
+            }
+            retired.append(id)
+            deletes += [StateKeys.instance(id), StateKeys.status(id)]
+        }
+        for id in retired {
+            specs[id] = nil
+            statuses[id] = nil
+        }
+
+        // Plan every app, and every app that is gone but still has instances.
+        let snapshotInstances = specs.values.map { Instance(spec: $0, status: statuses[$0.id]) }
+        var byApp: [AppID: [Instance]] = [:]
+        for instance in snapshotInstances { byApp[instance.spec.appID, default: []].append(instance) }
+        var cluster = ClusterSnapshot(nodes: Array(nodes.values), instances: snapshotInstances)
+        let appIDs = Set(apps.keys).union(byApp.keys).sorted()
+        var newQueue: [AppID: QueueEntry] = [:]
+        for appID in appIDs {
+            let app = apps[appID]
+            let plan = Reconciler.plan(app: app, instances: byApp[appID] ?? [], isReady: Self.isReady)
+            for stop in plan.stop {
+                guard var spec = specs[stop.instanceID] else { continue }
+                spec.goal = .stop
+                spec.stopReason = stop.reason
+                specs[spec.id] = spec
+                puts.append((StateKeys.instance(spec.id), spec))
+                if let index = cluster.instances.firstIndex(where: { $0.id == spec.id }) { cluster.instances[index].spec = spec }
+            }
+            guard let app, plan.launch > 0 else { continue }
+            let backoff = backoffs[appID] ?? Backoff()
+            let delay = backoff.secondsLeft(at: now)
+            if delay > 0 {
+                newQueue[appID] = QueueEntry(app: appID, count: plan.launch, since: queue[appID]?.since ?? nowText, delaySeconds: delay, placement: nil)
+                continue
+            }
+            let result = Placer.place(app.definition, count: plan.launch, in: cluster, using: &generator)
+            for placement in result.placements {
+                let spec = InstanceSpec(
+                    id: InstanceSpec.newID(for: appID), appID: appID, version: app.version, configVersion: app.configVersion,
+                    definition: app.definition, node: placement.node.name, host: placement.node.host, ports: placement.ports,
+                    stagedAt: nowText)
+                specs[spec.id] = spec
+                puts.append((StateKeys.instance(spec.id), spec))
+                cluster.instances.append(Instance(spec: spec, status: nil))
+            }
+            if result.unplaced > 0 {
+                newQueue[appID] = QueueEntry(app: appID, count: result.unplaced, since: queue[appID]?.since ?? nowText, delaySeconds: 0, placement: result)
+                if queue[appID] == nil, let explanation = result.explanation {
+                    logger.warning("\(appID): \(result.unplaced) instance(s) wait for resources: \(explanation)")
+                }
+            }
+        }
+        queue = newQueue
+
+        // Deployments that have arrived.
+        var finished: [Deployment] = []
+        for deployment in deployments.values {
+            let done = deployment.targets.allSatisfy { target in
+                let app = target.targetVersion == nil ? nil : apps[target.app]
+                if target.targetVersion != nil && app == nil { return true }
+                let live = specs.values.filter { $0.appID == target.app }.map { Instance(spec: $0, status: statuses[$0.id]) }
+                return Reconciler.isComplete(app: app, instances: live, isReady: Self.isReady)
+            }
+            if done {
+                finished.append(deployment)
+                deletes.append(StateKeys.deployment(deployment.id))
+            } else if deployment.totalSteps > 1 && deployment.currentStep == 1 {
+                var advanced = deployment
+                advanced.currentStep = 2
+                deployments[deployment.id] = advanced
+                puts.append((StateKeys.deployment(deployment.id), advanced))
+            }
+        }
+        guard !puts.isEmpty || !deletes.isEmpty else { return }
+        try await commitMixed(puts: puts, deletes: deletes)
+        for deployment in finished {
+            deployments[deployment.id] = nil
+            events.publish(
+                FlotillaEvent(type: "deployment_success", fields: ["id": .string(deployment.id), "plan": planJSON(deployment, original: [], target: [])]))
+        }
+    }
+
+    /// Serving: running (health checks, when they arrive, narrow this).
+    static func isReady(_ instance: Instance) -> Bool {
+        instance.state == .running && instance.spec.goal == .run
+    }
+
+    // MARK: - Helpers
+
+    private func requireLoaded() throws {
+        if !loaded { throw FlotillaError.unavailable("the agent is still starting; try again in a moment") }
+    }
+
+    /// Deployments that hold `app`; with `force` they are cancelled, without it they conflict.
+    private func conflictingDeployments(for app: AppID, force: Bool) throws -> [String] {
+        let holding = deployments.values.filter { $0.affectedApps.contains(app) }.map(\.id).sorted()
+        if !holding.isEmpty && !force {
+            throw FlotillaError.conflict(
+                message: "App is locked by one or more deployments. Override with the option '?force=true'. View details at '/v2/deployments/<DEPLOYMENT_ID>'.",
+                deploymentIDs: holding)
+        }
+        return holding
+    }
+
+    /// App versions are timestamps; two changes in one millisecond still get distinct, ordered versions.
+    private func nextVersion() -> String {
+        var date = Date()
+        var version = Timestamp.format(date)
+        while version <= lastVersion {
+            date = date.addingTimeInterval(0.001)
+            version = Timestamp.format(date)
+        }
+        lastVersion = version
+        return version
+    }
+
+    private func newDeployment(version: String, targets: [Deployment.Target], steps: [[Deployment.Action]]) -> Deployment {
+        Deployment(id: UUID().uuidString.lowercased(), version: version, targets: targets, steps: steps, startedAt: Timestamp.format(Date()))
+    }
+
+    private func commit(
+        preconditions: [StorePrecondition] = [], puts: [(String, any Encodable & Sendable)] = [], deletes: [String] = [],
+        deletePrefixes: [String] = []
+    ) async throws {
+        var mutations: [StoreMutation] = []
+        for (key, value) in puts { mutations.append(.put(key, try StateCodec.encode(value))) }
+        mutations += deletes.map { .delete($0) }
+        mutations += deletePrefixes.map { .deletePrefix($0) }
+        do {
+            index = try await store.commit(StoreTransaction(preconditions: preconditions, mutations: mutations))
+        } catch StoreError.preconditionFailed {
+            throw FlotillaError.conflict(message: "the app changed while this request was applied; retry", deploymentIDs: [])
+        } catch let error as StoreError {
+            throw FlotillaError.unavailable("the change was not saved: \(error)")
+        }
+    }
+
+    private func commitMixed(puts: [(String, any Encodable & Sendable)], deletes: [String]) async throws {
+        try await commit(puts: puts, deletes: deletes)
+    }
+
+    // MARK: - Events
+
+    private func publishChange(record: AppRecord, deployment: Deployment, original: AppRecord?, clientIP: String?, uri: String) {
+        if let definition = try? JSONValue(encoding: record.definition) {
+            events.publish(
+                FlotillaEvent(
+                    type: "api_post_event",
+                    fields: ["clientIp": clientIP.map(JSONValue.string) ?? .null, "uri": .string(uri), "appDefinition": definition]))
+        }
+        events.publish(deploymentInfoEvent(deployment, original: original.map { [$0] } ?? [], target: [record]))
+    }
+
+    private func deploymentInfoEvent(_ deployment: Deployment, original: [AppRecord], target: [AppRecord]) -> FlotillaEvent {
+        let step: JSONValue = .object(["actions": .array(deployment.currentActions.map(Self.actionJSON))])
+        return FlotillaEvent(type: "deployment_info", fields: ["plan": planJSON(deployment, original: original, target: target), "currentStep": step])
+    }
+
+    private func planJSON(_ deployment: Deployment, original: [AppRecord], target: [AppRecord]) -> JSONValue {
+        func group(_ records: [AppRecord]) -> JSONValue {
+            .object([
+                "id": .string("/"), "apps": .array(records.compactMap { try? JSONValue(encoding: $0.definition) }),
+                "groups": .array([]), "dependencies": .array([]), "version": .string(deployment.version),
+            ])
+        }
+        return .object([
+            "id": .string(deployment.id), "version": .string(deployment.version),
+            "original": group(original), "target": group(target),
+            "steps": .array(deployment.steps.map { .object(["actions": .array($0.map(Self.actionJSON))]) }),
+        ])
+    }
+
+    static func actionJSON(_ action: Deployment.Action) -> JSONValue {
+        .object(["action": .string(action.action.rawValue), "app": .string(action.app.path)])
+    }
+
+    private func statusUpdateEvent(spec: InstanceSpec, status: InstanceStatus) -> FlotillaEvent {
+        FlotillaEvent(
+            type: "status_update_event",
+            fields: [
+                "slaveId": .string(spec.node), "taskId": .string(spec.id), "taskStatus": .string(status.state.rawValue),
+                "message": .string(status.message ?? ""), "appId": .string(spec.appID.path), "host": .string(spec.host),
+                "ipAddresses": .array([.object(["ipAddress": .string(spec.host), "protocol": .string("IPv4")])]),
+                "ports": .array(spec.ports.map { .number(Double($0)) }), "version": .string(spec.version),
+            ])
+    }
+}

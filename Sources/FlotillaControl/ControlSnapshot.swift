@@ -1,0 +1,38 @@
+public import FlotillaCore
+public import Foundation
+public import FlotillaScheduler
+
+/// A consistent read of the control plane's state for the API: taken at once, read at leisure.
+public struct ControlSnapshot: Sendable {
+    public var apps: [AppID: AppRecord]
+    public var instances: [String: Instance]
+    public var deployments: [String: Deployment]
+    public var failures: [AppID: TaskFailure]
+    public var queue: [AppID: QueueEntry]
+    public var nodes: [String: NodeInfo]
+    public var index: UInt64
+
+    public func instances(of app: AppID) -> [Instance] {
+        instances.values.filter { $0.spec.appID == app }.sorted { $0.spec.stagedAt < $1.spec.stagedAt }
+    }
+
+    public func deployments(of app: AppID) -> [Deployment] {
+        deployments.values.filter { $0.affectedApps.contains(app) }.sorted { $0.version < $1.version }
+    }
+}
+
+/// An app with instances waiting to launch: not placeable yet, or held back by crash backoff.
+public struct QueueEntry: Sendable {
+    public var app: AppID
+    public var count: Int
+    public var since: String
+    public var delaySeconds: Double
+    public var placement: PlacementResult?
+}
+
+/// The answer to a change: Marathon's `{"version", "deploymentId"}`.
+public struct ChangeResult: Sendable {
+    public var version: String
+    public var deploymentID: String
+    public var app: AppRecord?
+}

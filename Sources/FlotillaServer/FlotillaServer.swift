@@ -1,0 +1,111 @@
+public import FlotillaAgent
+import FlotillaAPI
+import FlotillaControl
+public import FlotillaCore
+import FlotillaStore
+import Foundation
+import Hummingbird
+public import Logging
+import ServiceLifecycle
+import UnixSignals
+
+/// The composition root: one process, one `ServiceGroup` (store → control plane → agent → API),
+/// shut down in reverse order on SIGTERM or SIGINT.
+public struct FlotillaServer {
+    public struct Configuration: Sendable {
+        public var dataDirectory: String
+        public var bindAddress: String
+        public var apiPort: Int
+        public var node: NodeInfo
+        public var stopInstancesOnExit: Bool
+        public var logMaxBytes: Int64
+        public var version: String
+
+        public init(
+            dataDirectory: String, bindAddress: String, apiPort: Int, node: NodeInfo, stopInstancesOnExit: Bool,
+            logMaxBytes: Int64, version: String
+        ) {
+            self.dataDirectory = dataDirectory
+            self.bindAddress = bindAddress
+            self.apiPort = apiPort
+            self.node = node
+            self.stopInstancesOnExit = stopInstancesOnExit
+            self.logMaxBytes = logMaxBytes
+            self.version = version
+        }
+    }
+
+    public static func run(_ configuration: Configuration, logger: Logger) async throws {
+        try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
+        let databasePath = configuration.dataDirectory + "/state.db"
+        let store: SQLiteStateStore
+        do {
+            store = try SQLiteStateStore(path: databasePath)
+        } catch {
+            throw ServerError("cannot open the state database \(databasePath): \(error)")
+        }
+        let events = EventBus()
+        let control = ControlPlane(store: store, events: events, logger: logger)
+        // Instance cgroups live under a name derived from the data directory, so two agents on one
+        // host (tests, or a second node for experiments) never touch each other's instances.
+        let digest = String(fnv1a(configuration.dataDirectory), radix: 16)
+        let cgroups = Cgroups.detect(namespace: "flotilla-\(digest)", logger: logger)
+        let agent = NodeAgent(
+            configuration: .init(
+                node: configuration.node, dataDirectory: configuration.dataDirectory, logMaxBytes: configuration.logMaxBytes,
+                stopInstancesOnExit: configuration.stopInstancesOnExit),
+            store: store, cgroups: cgroups, logger: logger)
+
+        let router = Router()
+        let leader = "\(configuration.bindAddress == "0.0.0.0" ? configuration.node.host : configuration.bindAddress):\(configuration.apiPort)"
+        MarathonRoutes(
+            control: control, events: events,
+            info: .init(version: configuration.version, leader: leader, nodeName: configuration.node.name, httpPort: configuration.apiPort)
+        ).add(to: router)
+        LogRoutes(control: control, sandboxRoot: agent.sandboxRoot).add(to: router)
+        let application = Application(
+            router: router,
+            configuration: .init(address: .hostname(configuration.bindAddress, port: configuration.apiPort), serverName: "flotilla"),
+            onServerRunning: { channel in
+                logger.info("API listening on \(channel.localAddress?.description ?? "?")")
+            },
+            logger: logger)
+
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [
+                    .init(service: control),
+                    .init(service: agent),
+                    .init(service: EventStreamCloser(events: events)),
+                    .init(service: application),
+                ],
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger))
+        try await group.run()
+    }
+}
+
+/// Ends open `/v2/events` streams when shutdown begins, so the HTTP server can finish.
+struct EventStreamCloser: Service {
+    let events: EventBus
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        events.finishAll()
+    }
+}
+
+public struct ServerError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// FNV-1a, 64 bits: a stable short name for a path (not for security).
+func fnv1a(_ text: String) -> UInt64 {
+    var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+    for byte in text.utf8 {
+        hash ^= UInt64(byte)
+        hash = hash &* 0x100_0000_01b3
+    }
+    return hash
+}
