@@ -100,7 +100,7 @@ public actor NodeAgent: Service {
                 index = try await sync()
                 rotateLogs()
                 let seen = index
-                index = try await cancelWhenShuttingDown {
+                index = try await cancelWhenGracefulShutdown {
                     try await self.store.waitForChange(prefix: StateKeys.instances, after: seen, timeout: .seconds(2))
                 }
             } catch is CancellationError {
@@ -351,17 +351,4 @@ public actor NodeAgent: Service {
 
     /// For tests and the CLI: the pids this agent is watching.
     public func runningProcessIDs() -> [String: Int32] { processes.mapValues(\.pid) }
-}
-
-/// Runs `body`, cancelling it when graceful shutdown begins.
-func cancelWhenShuttingDown<Value: Sendable>(_ body: @escaping @Sendable () async throws -> Value) async throws -> Value {
-    try await withThrowingTaskGroup(of: Value.self) { group in
-        group.addTask { try await body() }
-        group.addTask {
-            try await gracefulShutdown()
-            throw CancellationError()
-        }
-        defer { group.cancelAll() }
-        return try await group.next()!
-    }
 }

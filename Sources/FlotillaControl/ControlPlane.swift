@@ -331,7 +331,6 @@ public actor ControlPlane: Service {
 
     /// Waits for the agents' status writes and folds them in.
     private func watchStatuses() async {
-        var seen: UInt64 = 0
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
             do {
                 let listing = try await store.list(prefix: StateKeys.statuses)
@@ -339,8 +338,11 @@ public actor ControlPlane: Service {
                 await absorb(listing)
                 lock.release()
                 let after = listing.index
-                seen = try await store.waitForChange(prefix: StateKeys.statuses, after: after, timeout: .seconds(5))
-                _ = seen
+                _ = try await cancelWhenGracefulShutdown {
+                    try await self.store.waitForChange(prefix: StateKeys.statuses, after: after, timeout: .seconds(5))
+                }
+            } catch is CancellationError {
+                return
             } catch {
                 logger.error("status watch failed, retrying: \(error)")
                 try? await Task.sleep(for: .milliseconds(500))

@@ -76,8 +76,10 @@ public struct FlotillaServer {
                 services: [
                     .init(service: control),
                     .init(service: agent),
-                    .init(service: EventStreamCloser(events: events)),
                     .init(service: application),
+                    // Shut down first (the group stops services in reverse): open event streams
+                    // must end before the HTTP server can drain its connections.
+                    .init(service: EventStreamCloser(events: events)),
                 ],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))

@@ -74,6 +74,8 @@ class Agent:
             "--node-name", "test-node",
             "--cpus", "4",
             "--mem", "4096",
+            # Tests leave nothing behind: instances stop with the agent.
+            "--on-exit", "stop",
         ]
 
     def start(self) -> None:
