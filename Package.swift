@@ -128,10 +128,5 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
-        .testTarget(
-            name: "IntegrationTests",
-            dependencies: ["FlotillaCore"],
-            swiftSettings: swiftSettings
-        ),
     ]
 )

@@ -150,7 +150,7 @@ public enum MarathonJSON {
     public static func taskFailure(_ failure: TaskFailure) -> JSONValue {
         .object([
             "appId": .string(failure.appID.path), "taskId": .string(failure.taskID), "instanceId": .string(failure.taskID),
-            "host": .string(failure.host), "slaveId": .string(failure.host), "state": .string(failure.state.rawValue),
+            "host": .string(failure.host), "slaveId": .string(failure.node ?? failure.host), "state": .string(failure.state.rawValue),
             "message": .string(failure.message), "timestamp": .string(failure.timestamp), "version": .string(failure.version),
         ])
     }

@@ -385,13 +385,12 @@ public actor ControlPlane: Service {
         for (id, spec) in specs {
             guard let status = statuses[id], status.state.isTerminal else { continue }
             if spec.goal == .run, status.state.countsAsFailure, let app = apps[spec.appID] {
-                if status.state != .finished || status.exitCode != 0 || true {
-                    var backoff = backoffs[spec.appID] ?? Backoff()
-                    backoff.recordFailure(of: app.definition, at: now)
-                    backoffs[spec.appID] = backoff
-                }
+                // Marathon backs off after any end the app did not ask for, exit 0 included.
+                var backoff = backoffs[spec.appID] ?? Backoff()
+                backoff.recordFailure(of: app.definition, at: now)
+                backoffs[spec.appID] = backoff
                 let failure = TaskFailure(
-                    appID: spec.appID, taskID: id, host: spec.host, state: status.state,
+                    appID: spec.appID, taskID: id, host: spec.host, node: spec.node, state: status.state,
                     message: status.message ?? "", timestamp: status.updatedAt, version: spec.version)
                 failures[spec.appID] = failure
                 puts.append((StateKeys.failure(spec.appID), failure))

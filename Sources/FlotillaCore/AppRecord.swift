@@ -36,15 +36,20 @@ public struct TaskFailure: Sendable, Hashable, Codable {
     public var appID: AppID
     public var taskID: String
     public var host: String
+    /// The node that ran it (Marathon's `slaveId`).
+    public var node: String?
     public var state: TaskState
     public var message: String
     public var timestamp: String
     public var version: String
 
-    public init(appID: AppID, taskID: String, host: String, state: TaskState, message: String, timestamp: String, version: String) {
+    public init(
+        appID: AppID, taskID: String, host: String, node: String?, state: TaskState, message: String, timestamp: String, version: String
+    ) {
         self.appID = appID
         self.taskID = taskID
         self.host = host
+        self.node = node
         self.state = state
         self.message = message
         self.timestamp = timestamp

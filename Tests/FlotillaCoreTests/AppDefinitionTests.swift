@@ -1,0 +1,101 @@
+import FlotillaCore
+import Foundation
+import Testing
+
+@Suite struct AppDefinitionTests {
+    func decode(_ json: String) throws -> AppDefinition {
+        let value = try JSONValue.parse(Data(json.utf8))
+        guard case .object(let object) = value else { throw FlotillaError.malformed("not an object") }
+        return try AppDefinition.decode(object)
+    }
+
+    func details(of json: String) -> [FieldError] {
+        do {
+            _ = try decode(json)
+            return []
+        } catch let error as FlotillaError {
+            if case .invalid(_, let details) = error { return details }
+            return [FieldError("?", error.message)]
+        } catch {
+            return [FieldError("?", "\(error)")]
+        }
+    }
+
+    @Test func appliesMarathonDefaults() throws {
+        let app = try decode(#"{"id": "/web", "cmd": "serve"}"#)
+        #expect(app.instances == 1)
+        #expect(app.cpus == 1)
+        #expect(app.mem == 128)
+        #expect(app.backoffSeconds == 1)
+        #expect(app.backoffFactor == 1.15)
+        #expect(app.maxLaunchDelaySeconds == 300)
+        #expect(app.upgradeStrategy == UpgradeStrategy(minimumHealthCapacity: 1, maximumOverCapacity: 1))
+        #expect(app.killSelection == .youngestFirst)
+        #expect(app.killGracePeriod == 3)
+    }
+
+    @Test func legacyPortsBecomePortDefinitions() throws {
+        let app = try decode(#"{"id": "/web", "cmd": "serve", "ports": [0, 8080]}"#)
+        #expect(app.portDefinitions.map(\.port) == [0, 8080])
+    }
+
+    @Test func readsConstraintsHealthChecksAndSecrets() throws {
+        let app = try decode(
+            #"""
+            {"id": "/web", "cmd": "serve", "constraints": [["hostname", "UNIQUE"], ["rack", "LIKE", "r[12]"]],
+             "portDefinitions": [{"port": 0}],
+             "healthChecks": [{"protocol": "HTTP", "path": "/health", "intervalSeconds": 5, "timeoutSeconds": 2}],
+             "env": {"A": "1", "DB": {"secret": "db"}}}
+            """#)
+        #expect(app.constraints == [Constraint(field: "hostname", op: .unique), Constraint(field: "rack", op: .like, value: "r[12]")])
+        #expect(app.healthChecks.first?.path == "/health")
+        #expect(app.healthChecks.first?.gracePeriodSeconds == 300)
+        #expect(app.env["DB"] == .secret("db"))
+    }
+
+    @Test func namesEveryInvalidField() {
+        let problems = details(of: #"{"id": "/web", "cmd": "x", "instances": -1, "cpus": -2, "backoffFactor": 0.5}"#)
+        #expect(Set(problems.map(\.path)) == ["/instances", "/cpus", "/backoffFactor"])
+    }
+
+    @Test func typeErrorsCarryTheirPath() {
+        #expect(details(of: #"{"id": "/web", "cmd": "x", "instances": "three"}"#).map(\.path) == ["/instances"])
+        #expect(details(of: #"{"id": "/web", "cmd": "x", "portDefinitions": [{"port": "x"}]}"#).first?.path == "/portDefinitions(0)/port")
+    }
+
+    @Test func rejectsUnknownFieldsAndBadConstraints() {
+        #expect(details(of: #"{"id": "/web", "cmd": "x", "instanz": 2}"#).map(\.path) == ["/instanz"])
+        #expect(!details(of: #"{"id": "/web", "cmd": "x", "constraints": [["hostname", "SOMETIMES"]]}"#).isEmpty)
+        #expect(!details(of: #"{"id": "/web", "cmd": "x", "constraints": [["rack", "LIKE", "("]]}"#).isEmpty)
+        #expect(!details(of: #"{"id": "/web", "cmd": "x", "constraints": [["rack", "MAX_PER", "zero"]]}"#).isEmpty)
+    }
+
+    @Test func needsACommandAndAValidStrategy() {
+        #expect(details(of: #"{"id": "/web"}"#).map(\.path) == ["/"])
+        #expect(
+            details(of: #"{"id": "/web", "cmd": "x", "upgradeStrategy": {"minimumHealthCapacity": 1, "maximumOverCapacity": 0}}"#)
+                .map(\.path) == ["/upgradeStrategy"])
+        #expect(!details(of: #"{"id": "/web", "cmd": "x", "container": {"type": "DOCKER"}}"#).isEmpty)
+    }
+
+    @Test func healthChecksNeedAPortToCheck() {
+        #expect(details(of: #"{"id": "/web", "cmd": "x", "healthChecks": [{"protocol": "HTTP"}]}"#).first?.path == "/healthChecks(0)/portIndex")
+        #expect(details(of: #"{"id": "/web", "cmd": "x", "healthChecks": [{"protocol": "COMMAND", "command": {"value": "true"}}]}"#).isEmpty)
+    }
+
+    @Test func scalingIsNotAConfigChange() throws {
+        let app = try decode(#"{"id": "/web", "cmd": "serve"}"#)
+        var scaled = app
+        scaled.instances = 5
+        #expect(!scaled.requiresRestart(comparedTo: app))
+        var changed = app
+        changed.cmd = "serve --fast"
+        #expect(changed.requiresRestart(comparedTo: app))
+    }
+
+    @Test func roundTripsThroughJSON() throws {
+        let app = try decode(#"{"id": "/web", "args": ["serve", "-p", "1"], "labels": {"a": "b"}, "taskKillGracePeriodSeconds": 7}"#)
+        let again = try JSONDecoder().decode(AppDefinition.self, from: JSONEncoder().encode(app))
+        #expect(again == app)
+    }
+}

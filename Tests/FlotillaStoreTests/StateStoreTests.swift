@@ -1,0 +1,139 @@
+import FlotillaStore
+import Foundation
+import Testing
+
+/// The contract every backend keeps, run against each of them.
+@Suite struct StateStoreTests {
+    enum Backend: String, CaseIterable, CustomTestStringConvertible {
+        case sqlite, memory
+        var testDescription: String { rawValue }
+    }
+
+    final class Fixture {
+        let store: any StateStore
+        let directory: URL?
+
+        init(_ backend: Backend) throws {
+            switch backend {
+            case .memory:
+                store = InMemoryStateStore()
+                directory = nil
+            case .sqlite:
+                let directory = FileManager.default.temporaryDirectory.appendingPathComponent("flotilla-store-\(UUID().uuidString)")
+                try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+                store = try SQLiteStateStore(path: directory.appendingPathComponent("state.db").path)
+                self.directory = directory
+            }
+        }
+
+        deinit {
+            if let directory { try? FileManager.default.removeItem(at: directory) }
+        }
+    }
+
+    func data(_ text: String) -> Data { Data(text.utf8) }
+
+    @Test(arguments: Backend.allCases)
+    func commitsAdvanceOneIndex(_ backend: Backend) async throws {
+        let store = try Fixture(backend).store
+        #expect(try await store.currentIndex() == 0)
+        let first = try await store.put("apps/a", data("1"))
+        let second = try await store.commit(StoreTransaction(mutations: [.put("apps/b", data("2")), .put("apps/c", data("3"))]))
+        #expect(first == 1)
+        #expect(second == 2)
+        let b = try #require(try await store.get("apps/b"))
+        #expect(b.createIndex == 2 && b.modifyIndex == 2)
+        try await store.put("apps/b", data("22"))
+        let updated = try #require(try await store.get("apps/b"))
+        #expect(updated.createIndex == 2 && updated.modifyIndex == 3 && updated.value == data("22"))
+    }
+
+    @Test(arguments: Backend.allCases)
+    func listsByPrefixInKeyOrder(_ backend: Backend) async throws {
+        let store = try Fixture(backend).store
+        try await store.commit(
+            StoreTransaction(mutations: [.put("versions/shop_cart/2", data("")), .put("versions/shop/1", data("")), .put("versions/shop/0", data(""))]))
+        let listing = try await store.list(prefix: "versions/shop/")
+        #expect(listing.entries.map(\.key) == ["versions/shop/0", "versions/shop/1"])
+        #expect(listing.index == 1)
+    }
+
+    @Test(arguments: Backend.allCases)
+    func failedPreconditionsWriteNothing(_ backend: Backend) async throws {
+        let store = try Fixture(backend).store
+        try await store.put("kv/a", data("1"))
+        let index = try await store.currentIndex()
+        await #expect(throws: StoreError.preconditionFailed(.absent("kv/a"))) {
+            try await store.commit(StoreTransaction(preconditions: [.absent("kv/a")], mutations: [.put("kv/b", self.data("2"))]))
+        }
+        await #expect(throws: StoreError.self) {
+            try await store.commit(StoreTransaction(preconditions: [.modifyIndex("kv/a", equals: 99)], mutations: [.delete("kv/a")]))
+        }
+        #expect(try await store.get("kv/b") == nil)
+        #expect(try await store.get("kv/a") != nil)
+        #expect(try await store.currentIndex() == index)
+        try await store.commit(StoreTransaction(preconditions: [.modifyIndex("kv/a", equals: 1), .present("kv/a")], mutations: [.delete("kv/a")]))
+        #expect(try await store.get("kv/a") == nil)
+    }
+
+    @Test(arguments: Backend.allCases)
+    func deletesAPrefix(_ backend: Backend) async throws {
+        let store = try Fixture(backend).store
+        try await store.commit(StoreTransaction(mutations: [.put("v/a/1", data("")), .put("v/a/2", data("")), .put("v/ab/1", data(""))]))
+        try await store.commit(StoreTransaction(mutations: [.deletePrefix("v/a/")]))
+        #expect(try await store.list(prefix: "v/").entries.map(\.key) == ["v/ab/1"])
+    }
+
+    @Test(arguments: Backend.allCases)
+    func waitingReturnsOnARelevantChange(_ backend: Backend) async throws {
+        let store = try Fixture(backend).store
+        let start = try await store.put("other/x", data(""))
+        let clock = ContinuousClock()
+        let began = clock.now
+        let waiter = Task { try await store.waitForChange(prefix: "watched/", after: start, timeout: .seconds(30)) }
+        try await Task.sleep(for: .milliseconds(50))
+        try await store.put("other/y", data(""))  // not under the prefix: no wake-up
+        let relevant = try await store.put("watched/z", data(""))
+        let woke = try await waiter.value
+        #expect(woke >= relevant)
+        #expect(clock.now - began < .seconds(5))
+    }
+
+    @Test(arguments: Backend.allCases)
+    func waitingSeesACommitThatCameFirst(_ backend: Backend) async throws {
+        let store = try Fixture(backend).store
+        let before = try await store.currentIndex()
+        try await store.put("watched/a", data(""))
+        // The change happened before the wait began: it must return at once, not at the timeout.
+        let clock = ContinuousClock()
+        let elapsed = try await clock.measure { _ = try await store.waitForChange(prefix: "watched/", after: before, timeout: .seconds(30)) }
+        #expect(elapsed < .seconds(5))
+    }
+
+    @Test(arguments: Backend.allCases)
+    func waitingTimesOut(_ backend: Backend) async throws {
+        let store = try Fixture(backend).store
+        let index = try await store.currentIndex()
+        let clock = ContinuousClock()
+        let elapsed = try await clock.measure { _ = try await store.waitForChange(prefix: "x/", after: index, timeout: .milliseconds(100)) }
+        #expect(elapsed >= .milliseconds(100))
+        #expect(elapsed < .seconds(5))
+    }
+
+    @Test func sqliteKeepsEverythingAcrossReopening() async throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("flotilla-store-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("state.db").path
+        do {
+            let store = try SQLiteStateStore(path: path)
+            try await store.put("apps/a", data("one"))
+            try await store.put("apps/b", data("two"))
+        }
+        let reopened = try SQLiteStateStore(path: path)
+        #expect(try await reopened.currentIndex() == 2)
+        #expect(try await reopened.get("apps/a")?.value == data("one"))
+        // The index continues; it never goes back.
+        #expect(try await reopened.put("apps/c", data("three")) == 3)
+    }
+}
