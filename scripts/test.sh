@@ -1,42 +1,45 @@
 #!/usr/bin/env bash
-# Runs Flotilla's whole test suite: `swift build`, `swift test`, then the Marathon client
-# compatibility tests (tests/compat) against the freshly built binary.
+# Runs Flotilla's whole test suite: `swift build`, `swift test`, then the Python tests against the
+# freshly built binary: the Marathon client compatibility tests (tests/compat) and the integration
+# tests of the agent and CLI (tests/integration).
 #
 # Works on a fresh Debian 12 machine that has the Swift toolchain and python3: it installs the
 # few apt packages the tests need and a Python virtualenv (.venv/) with the pinned client
 # libraries, and reuses both on later runs.
 #
-# Usage: scripts/test.sh [--swift-only | --compat-only]
+# Usage: scripts/test.sh [--swift-only | --python-only]
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
 readonly VENV=.venv
-readonly REQUIREMENTS=tests/compat/requirements.txt
+readonly REQUIREMENTS=tests/compat/requirements.txt  # for every Python suite
+readonly PYTHON_SUITES=(tests/compat tests/integration)
 readonly VENV_MARKER=$VENV/.requirements.sha256
 
 usage() {
     cat <<'EOF'
-Usage: scripts/test.sh [--swift-only | --compat-only]
+Usage: scripts/test.sh [--swift-only | --python-only]
 
-  (no option)     swift build, swift test, then the Marathon compatibility tests
+  (no option)     swift build, swift test, then the Python tests
+                  (tests/compat: Marathon client compatibility, tests/integration: agent and CLI)
   --swift-only    swift build and swift test only
-  --compat-only   swift build and the Marathon compatibility tests only
+  --python-only   swift build and the Python tests only (--compat-only is an old name for it)
 EOF
 }
 
 run_swift_tests=1
-run_compat_tests=1
+run_python_tests=1
 for arg in "$@"; do
     case $arg in
-        --swift-only) run_compat_tests=0 ;;
-        --compat-only) run_swift_tests=0 ;;
+        --swift-only) run_python_tests=0 ;;
+        --python-only | --compat-only) run_swift_tests=0 ;;
         -h | --help) usage; exit 0 ;;
         *) echo "unknown argument: $arg" >&2; usage >&2; exit 2 ;;
     esac
 done
-if [[ $run_swift_tests -eq 0 && $run_compat_tests -eq 0 ]]; then
-    echo "--swift-only and --compat-only exclude each other" >&2
+if [[ $run_swift_tests -eq 0 && $run_python_tests -eq 0 ]]; then
+    echo "--swift-only and --python-only exclude each other" >&2
     exit 2
 fi
 
@@ -126,7 +129,7 @@ command -v python3 >/dev/null 2>&1 || die "python3 is not on PATH"
 section "system packages"
 ensure_system_packages || die "installing system packages"
 
-if [[ $run_compat_tests -eq 1 ]]; then
+if [[ $run_python_tests -eq 1 ]]; then
     section "python virtualenv ($VENV)"
     ensure_venv || die "setting up $VENV"
 fi
@@ -162,10 +165,10 @@ if [[ $run_swift_tests -eq 1 ]]; then
     run_tests "swift test" swift test
 fi
 
-if [[ $run_compat_tests -eq 1 ]]; then
-    run_tests "marathon client compatibility tests" \
+if [[ $run_python_tests -eq 1 ]]; then
+    run_tests "python tests (${PYTHON_SUITES[*]})" \
         env FLOTILLA_BIN="$flotilla_bin" \
-        "$VENV/bin/python" -m pytest -v -p no:cacheprovider tests/compat
+        "$VENV/bin/python" -m pytest -v -p no:cacheprovider "${PYTHON_SUITES[@]}"
 fi
 
 section "summary"

@@ -1,16 +1,9 @@
-"""Shared by every Python test suite under tests/: makes `support` importable and attaches the
-log of every agent a failing test used to its report."""
-
-import sys
-from pathlib import Path
+"""Shared by every Python test suite under tests/ (pytest.ini puts tests/ on the import path, so
+`support` imports everywhere): attaches the log of every agent a failing test used to its report."""
 
 import pytest
 
-TESTS_DIR = Path(__file__).resolve().parent
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
-
-from support.flotilla import AGENTS_KEY, Agent  # noqa: E402
+from support.flotilla import AGENTS_KEY, Agent
 
 
 def agents_of(item) -> list:

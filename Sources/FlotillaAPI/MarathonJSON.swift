@@ -58,10 +58,7 @@ public enum MarathonJSON {
             "healthChecks": .array(app.healthChecks.compactMap { try? JSONValue(encoding: $0) }),
             "readinessChecks": .array([]),
             "dependencies": .array(app.dependencies.map(JSONValue.string)),
-            "upgradeStrategy": .object([
-                "minimumHealthCapacity": .number(app.upgradeStrategy.minimumHealthCapacity),
-                "maximumOverCapacity": .number(app.upgradeStrategy.maximumOverCapacity),
-            ]),
+            "upgradeStrategy": upgradeStrategy(app.upgradeStrategy),
             "labels": .object(app.labels.mapValues(JSONValue.string)),
             "acceptedResourceRoles": app.acceptedResourceRoles.map { .array($0.map(JSONValue.string)) } ?? .null,
             "version": .string(record.version),
@@ -84,7 +81,28 @@ public enum MarathonJSON {
             "networks": .array([.object(["mode": .string("host")])]),
         ]
         if let grace = app.taskKillGracePeriodSeconds { object["taskKillGracePeriodSeconds"] = .number(grace) }
+        // Flotilla's own fields appear only when set away from their defaults, so Marathon clients
+        // that reject unknown keys keep working with apps that do not use them.
+        if app.drainSeconds != AppDefinition.Defaults.drainSeconds { object["drainSeconds"] = .number(app.drainSeconds) }
         return object
+    }
+
+    static func upgradeStrategy(_ strategy: UpgradeStrategy) -> JSONValue {
+        var object: [String: JSONValue] = [
+            "minimumHealthCapacity": .number(strategy.minimumHealthCapacity),
+            "maximumOverCapacity": .number(strategy.maximumOverCapacity),
+        ]
+        let defaults = UpgradeStrategy()
+        if strategy.type != defaults.type { object["type"] = .string(strategy.type.rawValue) }
+        if strategy.progressDeadlineSeconds != defaults.progressDeadlineSeconds {
+            object["progressDeadlineSeconds"] = .number(strategy.progressDeadlineSeconds)
+        }
+        if strategy.autoRollback != defaults.autoRollback { object["autoRollback"] = .bool(strategy.autoRollback) }
+        if strategy.maxConsecutiveCrashes != defaults.maxConsecutiveCrashes {
+            object["maxConsecutiveCrashes"] = .number(Double(strategy.maxConsecutiveCrashes))
+        }
+        if strategy.keepOldSeconds != defaults.keepOldSeconds { object["keepOldSeconds"] = .number(strategy.keepOldSeconds) }
+        return .object(object)
     }
 
     static func envJSON(_ value: EnvValue) -> JSONValue {
@@ -101,8 +119,9 @@ public enum MarathonJSON {
         if embed.contains(.counts) {
             object["tasksStaged"] = .number(Double(live.filter { $0.state == .staging || $0.state == .starting }.count))
             object["tasksRunning"] = .number(Double(live.filter { $0.state == .running }.count))
-            object["tasksHealthy"] = .number(Double(record.definition.healthChecks.isEmpty ? 0 : 0))
-            object["tasksUnhealthy"] = .number(0)
+            let checked = !record.definition.healthChecks.isEmpty
+            object["tasksHealthy"] = .number(Double(checked ? live.filter { $0.status?.isHealthy == true }.count : 0))
+            object["tasksUnhealthy"] = .number(Double(checked ? live.filter { $0.status?.isHealthy == false }.count : 0))
         }
         if embed.contains(.deployments) {
             object["deployments"] = .array(snapshot.deployments(of: record.id).map { .object(["id": .string($0.id)]) })
@@ -136,7 +155,18 @@ public enum MarathonJSON {
             "localVolumes": .array([]),
         ]
         if !spec.definition.healthChecks.isEmpty {
-            object["healthCheckResults"] = .array([])
+            object["healthCheckResults"] = .array((instance.status?.health ?? []).compactMap { result -> JSONValue? in
+                // Marathon lists a check once it has a verdict.
+                guard let alive = result.alive else { return nil }
+                return .object([
+                    "alive": .bool(alive), "consecutiveFailures": .number(Double(result.consecutiveFailures)),
+                    "firstSuccess": result.firstSuccess.map(JSONValue.string) ?? .null,
+                    "lastSuccess": result.lastSuccess.map(JSONValue.string) ?? .null,
+                    "lastFailure": result.lastFailure.map(JSONValue.string) ?? .null,
+                    "lastFailureCause": result.lastFailureCause.map(JSONValue.string) ?? .null,
+                    "taskId": .string(spec.id), "instanceId": .string(spec.id),
+                ])
+            })
         }
         return .object(object)
     }

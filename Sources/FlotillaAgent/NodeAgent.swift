@@ -1,3 +1,5 @@
+public import AsyncHTTPClient
+import AsyncHTTPClient
 public import FlotillaCore
 public import FlotillaStore
 import Foundation
@@ -36,8 +38,12 @@ public actor NodeAgent: Service {
     private let agentEnvironment = ProcessInfo.processInfo.environment
 
     private var processes: [String: RunningProcess] = [:]
-    /// Instances being stopped, with the grace period they get before SIGKILL.
-    private var stopping: Set<String> = []
+    /// Instances being stopped, with the reason the exit will be reported with.
+    private var stopping: [String: String] = [:]
+    /// One task per running instance that runs its health checks.
+    private var healthTasks: [String: Task<Void, Never>] = [:]
+    private let httpClient: HTTPClient
+    private let commands = CommandRunner()
     /// The last status this agent wrote per instance, to avoid rewriting what is already there.
     private var written: [String: InstanceStatus] = [:]
     private var lastCollection = Date.distantPast
@@ -49,6 +55,7 @@ public actor NodeAgent: Service {
         self.driver = ExecDriver(
             cgroups: cgroups, sandboxRoot: configuration.dataDirectory + "/sandboxes", logMaxBytes: configuration.logMaxBytes,
             logKeep: configuration.logKeep)
+        self.httpClient = HealthProbe.makeHTTPClient()
     }
 
     public nonisolated var sandboxRoot: String { driver.sandboxRoot }
@@ -62,7 +69,10 @@ public actor NodeAgent: Service {
             group.addTask {
                 await self.reconcileLoop()
                 if self.configuration.stopInstancesOnExit { await self.stopAll() }
+                await self.stopAllHealthChecks()
                 self.watcher.stop()
+                self.commands.stop()
+                try? await self.httpClient.shutdown()
             }
         }
     }
@@ -77,7 +87,8 @@ public actor NodeAgent: Service {
             if let spec = try? StateCodec.decode(InstanceSpec.self, from: entry.value) { graces[spec.id] = spec.definition.killGracePeriod }
         }
         for id in ids {
-            stopping.insert(id)
+            stopping[id] = "stopped with the agent"
+            stopHealthChecks(id)
             if let process = processes[id] { driver.signal(process, instanceID: id, SIGTERM) }
         }
         let deadline = Date().addingTimeInterval(graces.values.max() ?? AppDefinition.Defaults.taskKillGracePeriodSeconds)
@@ -124,10 +135,12 @@ public actor NodeAgent: Service {
         for spec in specs {
             let status = written[spec.id]
             if processes[spec.id] != nil {
-                if spec.goal == .stop && !stopping.contains(spec.id) {
-                    beginStop(spec)
+                if spec.goal == .stop && stopping[spec.id] == nil {
+                    let draining = spec.definition.drainSeconds > 0
+                    beginStop(spec, reason: spec.stopReason ?? "killed", drainSeconds: spec.definition.drainSeconds)
                     if var killing = status {
                         killing.state = .killing
+                        killing.draining = draining
                         killing.updatedAt = now
                         updates.append(killing)
                     }
@@ -158,30 +171,132 @@ public actor NodeAgent: Service {
                 watcher.watch(pidfd: pidfd, key: spec.id)
             }
             logger.info("started \(spec.id) (pid \(process.pid))")
+            startHealthChecks(spec, startedAt: Date())
             return InstanceStatus(
-                id: spec.id, state: .running, pid: process.pid, processStartTicks: process.startTicks, startedAt: now, updatedAt: now)
+                id: spec.id, state: .running, pid: process.pid, processStartTicks: process.startTicks, startedAt: now, updatedAt: now,
+                health: spec.definition.healthChecks.map { _ in HealthResult() })
         } catch {
             logger.warning("could not start \(spec.id): \(error)")
             return InstanceStatus(id: spec.id, state: .failed, message: "\(error)", updatedAt: now)
         }
     }
 
-    private func beginStop(_ spec: InstanceSpec) {
-        guard let process = processes[spec.id] else { return }
-        stopping.insert(spec.id)
-        driver.signal(process, instanceID: spec.id, SIGTERM)
+    /// Stops an instance the Flotilla way: out of discovery first (draining) for `drainSeconds`,
+    /// then SIGTERM to its group, then SIGKILL after its grace period.
+    private func beginStop(_ spec: InstanceSpec, reason: String, drainSeconds: Double) {
+        guard processes[spec.id] != nil else { return }
+        stopping[spec.id] = reason
+        stopHealthChecks(spec.id)
         let grace = spec.definition.killGracePeriod
         let id = spec.id
         Task {
-            try? await Task.sleep(for: .milliseconds(Int(grace * 1000)))
-            await self.escalate(id)
+            if drainSeconds > 0 {
+                try? await Task.sleep(for: .milliseconds(Int64(drainSeconds * 1000)))
+            }
+            await self.terminate(id, grace: grace)
         }
+    }
+
+    private func terminate(_ id: String, grace: Double) async {
+        guard let process = processes[id] else { return }
+        driver.signal(process, instanceID: id, SIGTERM)
+        try? await Task.sleep(for: .milliseconds(Int64(grace * 1000)))
+        escalate(id)
     }
 
     private func escalate(_ id: String) {
         guard let process = processes[id] else { return }
         logger.info("\(id) outlived its grace period; sending SIGKILL")
         driver.signal(process, instanceID: id, SIGKILL)
+    }
+
+    // MARK: - Health
+
+    private func startHealthChecks(_ spec: InstanceSpec, startedAt: Date) {
+        guard !spec.definition.healthChecks.isEmpty, healthTasks[spec.id] == nil else { return }
+        let probe = HealthProbe(httpClient: httpClient, commands: commands)
+        let environment = driver.environment(for: spec, agentEnvironment: agentEnvironment)
+        let sandbox = driver.sandbox(of: spec.id)
+        healthTasks[spec.id] = Task {
+            await withDiscardingTaskGroup { group in
+                for (index, check) in spec.definition.healthChecks.enumerated() {
+                    group.addTask {
+                        // Spread the first checks of many instances so they do not land together.
+                        let jitter = Double.random(in: 0...min(1.0, check.intervalSeconds * 0.1))
+                        try? await Task.sleep(for: .milliseconds(Int64(jitter * 1000)))
+                        while !Task.isCancelled {
+                            let began = ContinuousClock.now
+                            let outcome = await probe.run(check, for: spec, environment: environment, sandbox: sandbox)
+                            if Task.isCancelled { return }
+                            await self.record(outcome, check: check, index: index, spec: spec, startedAt: startedAt)
+                            try? await Task.sleep(until: began + .milliseconds(Int64(check.intervalSeconds * 1000)))
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    private func stopHealthChecks(_ id: String) {
+        healthTasks.removeValue(forKey: id)?.cancel()
+    }
+
+    private func stopAllHealthChecks() {
+        for task in healthTasks.values { task.cancel() }
+        healthTasks.removeAll()
+    }
+
+    /// Folds one check result into the instance's status; writes it when health changed or a
+    /// check failed, and kills the instance after `maxConsecutiveFailures` failures past its grace.
+    private func record(_ outcome: ProbeOutcome, check: HealthCheck, index: Int, spec: InstanceSpec, startedAt: Date) async {
+        guard processes[spec.id] != nil, stopping[spec.id] == nil, var status = written[spec.id] else { return }
+        while status.health.count < spec.definition.healthChecks.count { status.health.append(HealthResult()) }
+        var result = status.health[index]
+        let before = result
+        let now = Date()
+        let nowText = Timestamp.format(now)
+        if outcome.passed {
+            result.alive = true
+            result.consecutiveFailures = 0
+            result.firstSuccess = result.firstSuccess ?? nowText
+            result.lastSuccess = nowText
+        } else {
+            result.lastFailure = nowText
+            result.lastFailureCause = outcome.cause
+            let forgiven = result.firstSuccess == nil && now.timeIntervalSince(startedAt) < check.gracePeriodSeconds
+            if !forgiven {
+                result.alive = false
+                result.consecutiveFailures += 1
+            }
+        }
+        status.health[index] = result
+        // Successes after a success change nothing others need to know: they are not written.
+        let significant = before.alive != result.alive || result.consecutiveFailures != before.consecutiveFailures
+            || (!outcome.passed && before.lastFailureCause != result.lastFailureCause)
+        written[spec.id] = status
+        let shouldKill = !outcome.passed && check.maxConsecutiveFailures > 0 && result.consecutiveFailures >= check.maxConsecutiveFailures
+        if shouldKill {
+            let cause = "unhealthy: \(result.consecutiveFailures) consecutive failed \(check.protocol.rawValue) checks; last: \(outcome.cause ?? "failed")"
+            logger.warning("killing \(spec.id): \(cause)")
+            status.killedUnhealthy = true
+            status.message = cause
+            status.state = .killing
+            written[spec.id] = status
+            beginStop(spec, reason: cause, drainSeconds: 0)
+        }
+        if !outcome.passed && significant {
+            // What an operator needs at 3 a.m.: the check's verdict and what the instance said last.
+            let tail = InstanceLogs.tail(of: driver.logs(of: spec.id).stderrPath, lines: 3)
+            let message = "health check failed: \(outcome.cause ?? "failed")" + (tail.isEmpty ? "" : "; stderr: \(tail.suffix(400))")
+            if !shouldKill { status.message = message } else { status.message = (status.message ?? "") + (tail.isEmpty ? "" : "; stderr: \(tail.suffix(400))") }
+        } else if outcome.passed && before.alive != true {
+            status.message = nil
+        }
+        written[spec.id] = status
+        if significant || shouldKill {
+            status.updatedAt = nowText
+            do { try await write([status]) } catch { logger.error("could not record the health of \(spec.id): \(error)") }
+        }
     }
 
     // MARK: - Exits
@@ -198,7 +313,8 @@ public actor NodeAgent: Service {
 
     private func handleExit(of id: String, _ exit: ProcessExit) async throws {
         guard let process = processes.removeValue(forKey: id) else { return }
-        let wasStopping = stopping.remove(id) != nil
+        let stopReason = stopping.removeValue(forKey: id)
+        stopHealthChecks(id)
         let oomKilled = driver.cgroups.wasOOMKilled(instanceID: id)
         driver.cleanUp(instanceID: id, processGroup: process.pid)
         if process.signalFD >= 0 { close(process.signalFD) }
@@ -207,10 +323,11 @@ public actor NodeAgent: Service {
         status.exitCode = exit.code
         status.signal = exit.signal
         status.oomKilled = oomKilled
+        status.draining = false
         let memory = (try? await store.get(StateKeys.instance(id))).flatMap { try? StateCodec.decode(InstanceSpec.self, from: $0.value) }
-        if wasStopping {
+        if let stopReason {
             status.state = .killed
-            status.message = memory?.stopReason ?? "killed"
+            status.message = stopReason
         } else if oomKilled {
             status.state = .failed
             let limit = memory.map { " of \(Int($0.definition.mem)) MiB" } ?? ""
@@ -279,6 +396,8 @@ public actor NodeAgent: Service {
                 status?.pid == nil || status?.pid == leader
             {
                 adopt(id: spec.id, pid: leader, ticks: ticks)
+                let started = status?.startedAt.flatMap(Timestamp.parse) ?? Date()
+                startHealthChecks(spec, startedAt: started)
                 if status?.state != .running || status?.pid != leader {
                     updates.append(
                         InstanceStatus(id: spec.id, state: .running, pid: leader, processStartTicks: ticks, startedAt: status?.startedAt ?? now, updatedAt: now))

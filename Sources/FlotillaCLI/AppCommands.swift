@@ -62,42 +62,48 @@ struct DeployCommand: AsyncParsableCommand {
         }
     }
 
-    /// Polls until the deployment is gone and the app runs what it should, printing each change.
+    /// Follows the deployment until it ends, printing each change of progress; fails with the
+    /// deployment's own reason (a crash, a check that never passed, the deadline) when it fails.
     func follow(client: APIClient, id: String, deploymentID: String, version: String) async throws {
         let deadline = Date().addingTimeInterval(timeout)
         var lastLine = ""
-        var failureSeen: String?
         while Date() < deadline {
-            let deployments = try await client.call(.GET, "/v2/deployments").arrayValue
-            let active = deployments.contains { $0.text("id") == deploymentID }
-            let app = try await client.call(.GET, APIClient.appPath(id))["app"] ?? .null
-            let wanted = app["instances"]?.intValue ?? 0
-            let tasks = app["tasks"]?.arrayValue ?? []
-            let current = tasks.filter { $0.text("state") == "TASK_RUNNING" && $0.text("version") >= (app["versionInfo"]?.text("lastConfigChangeAt") ?? "") }
-            let line = "  \(current.count)/\(wanted) running at the new version, \(tasks.count) task(s) in all"
-            if line != lastLine && !options.json {
-                print(line)
-                lastLine = line
-            }
-            if let failure = app["lastTaskFailure"], failure.text("timestamp") >= version, failure.text("version") >= version {
-                let message = "\(failure.text("state")) \(failure.text("taskId")): \(failure.text("message"))"
-                if message != failureSeen && !options.json {
-                    print("  instance failed: \(message)")
-                    failureSeen = message
-                }
-            }
-            if !active {
+            let reply = try await client.request(.GET, "/flotilla/v1/deployments/\(deploymentID)")
+            guard reply.status == 200, let deployment = reply.json else { throw CLIError(APIClient.describeError(reply)) }
+            switch deployment.text("status") {
+            case "succeeded":
                 if options.json {
-                    printJSON(.object(["id": .string(id), "version": .string(version), "deploymentId": .string(deploymentID), "status": .string("success")]))
+                    printJSON(.object(["id": .string(id), "version": .string(version), "deploymentId": .string(deploymentID), "status": .string("succeeded")]))
                 } else {
-                    print("deployment \(deploymentID) succeeded: \(id) runs \(wanted) instance(s)")
+                    print("deployment \(deploymentID) succeeded")
                 }
                 return
+            case "failed", "cancelled":
+                var message = "deployment \(deploymentID) \(deployment.text("status")): \(deployment.text("reason"))"
+                if let rolledBack = deployment["rolledBackTo"]?.stringValue {
+                    message += "\nrolled back to the configuration of version \(rolledBack) (deployment \(deployment.text("rollbackDeploymentId")))"
+                }
+                if options.json { printJSON(deployment) }
+                throw CLIError(message)
+            default:
+                let instances = try await client.call(.GET, "/flotilla/v1/instances?app=\(id)")["instances"]?.arrayValue ?? []
+                let app = try await client.call(.GET, APIClient.appPath(id))["app"] ?? .null
+                let wanted = app["instances"]?.intValue ?? 0
+                let configVersion = app["versionInfo"]?.text("lastConfigChangeAt") ?? version
+                let fresh = instances.filter { $0.text("version") >= configVersion && $0.text("goal") == "run" }
+                let ready = fresh.filter { $0["ready"] == .bool(true) }.count
+                let old = instances.count - fresh.count
+                var line = "  \(ready)/\(wanted) new instance(s) ready, \(fresh.count - ready) starting"
+                if old > 0 { line += ", \(old) old still running" }
+                if let problem = deployment["lastProblem"]?.stringValue { line += "\n  last problem: \(problem)" }
+                if line != lastLine && !options.json {
+                    print(line)
+                    lastLine = line
+                }
             }
-            try await Task.sleep(for: .milliseconds(500))
+            try await Task.sleep(for: .milliseconds(300))
         }
-        let reason = failureSeen.map { "; last failure: \($0)" } ?? ""
-        throw CLIError("deployment \(deploymentID) did not finish within \(Int(timeout)) s\(reason). See `flotilla app \(id)` and `flotilla logs \(id) --stderr`.")
+        throw CLIError("deployment \(deploymentID) still running after \(Int(timeout)) s (it goes on; see `flotilla deployments`, `flotilla app \(id)`, `flotilla logs \(id) --stderr`)")
     }
 }
 

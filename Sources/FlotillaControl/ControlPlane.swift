@@ -18,6 +18,7 @@ public actor ControlPlane: Service {
     private var specs: [String: InstanceSpec] = [:]
     private var statuses: [String: InstanceStatus] = [:]
     private var deployments: [String: Deployment] = [:]
+    private var deploymentResults: [String: DeploymentResult] = [:]
     private var failures: [AppID: TaskFailure] = [:]
     private var nodes: [String: NodeInfo] = [:]
     private var backoffs: [AppID: Backoff] = [:]
@@ -58,6 +59,8 @@ public actor ControlPlane: Service {
         specs = Dictionary(try await all(InstanceSpec.self, StateKeys.instances).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
         statuses = Dictionary(try await all(InstanceStatus.self, StateKeys.statuses).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
         deployments = Dictionary(try await all(Deployment.self, StateKeys.deployments).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
+        deploymentResults = Dictionary(
+            try await all(DeploymentResult.self, StateKeys.deploymentResults).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
         failures = Dictionary(try await all(TaskFailure.self, StateKeys.failures).map { ($0.appID, $0) }, uniquingKeysWith: { $1 })
         nodes = Dictionary(try await all(NodeInfo.self, StateKeys.nodes).map { ($0.name, $0) }, uniquingKeysWith: { $1 })
         index = try await store.currentIndex()
@@ -73,6 +76,13 @@ public actor ControlPlane: Service {
         for (id, spec) in specs { instances[id] = Instance(spec: spec, status: statuses[id]) }
         return ControlSnapshot(
             apps: apps, instances: instances, deployments: deployments, failures: failures, queue: queue, nodes: nodes, index: index)
+    }
+
+    /// An active deployment, or how a finished one ended.
+    public func deploymentStatus(_ id: String) throws -> (active: Deployment?, result: DeploymentResult?) {
+        if let active = deployments[id] { return (active, nil) }
+        if let result = deploymentResults[id] { return (nil, result) }
+        throw FlotillaError.notFound("Deployment \(id) is neither running nor among the recently finished")
     }
 
     public func versions(of id: AppID) async throws -> [String] {
@@ -112,7 +122,9 @@ public actor ControlPlane: Service {
             definition.instances > 0
             ? [[.init(action: .startApplication, app: definition.id)], [.init(action: .scaleApplication, app: definition.id)]]
             : [[.init(action: .startApplication, app: definition.id)]]
-        let deployment = newDeployment(version: version, targets: [.init(app: definition.id, targetVersion: version, previousVersion: nil)], steps: steps)
+        let deployment = newDeployment(
+            version: version, targets: [.init(app: definition.id, targetVersion: version, previousVersion: nil)], steps: steps,
+            configVersions: [definition.id: version])
         try await commit(
             preconditions: [.absent(StateKeys.app(definition.id))],
             puts: [(StateKeys.app(definition.id), record), (StateKeys.version(version, of: definition.id), record), (StateKeys.deployment(deployment.id), deployment)])
@@ -137,26 +149,32 @@ public actor ControlPlane: Service {
         if let idField = fields["id"]?.stringValue, let bodyID = try? AppID(idField), bodyID != id {
             throw FlotillaError.invalid([FieldError("/id", "the body's id '\(bodyID)' differs from the path's '\(id)'")])
         }
+        let isRollback = fields["version"]?.stringValue != nil && fields.keys.allSatisfy({ $0 == "version" || $0 == "id" })
         guard let current = apps[id] else {
+            if isRollback { throw FlotillaError.notFound("App '\(id)' does not exist, so it has no version to roll back to") }
             // Marathon creates the app when a PUT names one that does not exist.
             var object = fields
             object["id"] = .string(id.path)
             return try await createLocked(try AppDefinition.decode(object), clientIP: clientIP)
         }
         let definition: AppDefinition
-        if case .string(let wanted)? = fields["version"], fields.keys.allSatisfy({ $0 == "version" || $0 == "id" }) {
+        var restoredConfig: String?
+        if isRollback, let wanted = fields["version"]?.stringValue {
             // Rollback: the definition as it was at that version, under a new version.
             guard let entry = try await store.get(StateKeys.version(wanted, of: id)) else {
                 throw FlotillaError.notFound("App '\(id)' has no version \(wanted)")
             }
-            definition = try StateCodec.decode(AppRecord.self, from: entry.value).definition
+            let record = try StateCodec.decode(AppRecord.self, from: entry.value)
+            definition = record.definition
+            restoredConfig = record.configVersion
         } else {
             var object = partial ? (try JSONValue(encoding: current.definition).objectValue ?? [:]) : [:]
             for (key, value) in fields where key != "version" { object[key] = value }
             object["id"] = .string(id.path)
             definition = try AppDefinition.decode(object)
         }
-        return try await changeLocked(current, to: definition, restart: false, force: force, clientIP: clientIP, uri: "/v2/apps\(id)")
+        return try await changeLocked(
+            current, to: definition, restart: false, force: force, clientIP: clientIP, uri: "/v2/apps\(id)", configVersion: restoredConfig)
     }
 
     /// `POST /v2/apps/{id}/restart`: replace every instance, honouring the upgrade strategy.
@@ -167,21 +185,25 @@ public actor ControlPlane: Service {
         return try await self.changeLocked(current, to: current.definition, restart: true, force: force, clientIP: nil, uri: "/v2/apps\(id)/restart")
     }
 
+    /// - Parameter configVersion: for a rollback, the config version being restored, so instances
+    ///   still running that configuration (a warm blue-green set, the untouched part of a rolling
+    ///   update) count as current and are kept.
     private func changeLocked(
-        _ current: AppRecord, to definition: AppDefinition, restart: Bool, force: Bool, clientIP: String?, uri: String
+        _ current: AppRecord, to definition: AppDefinition, restart: Bool, force: Bool, clientIP: String?, uri: String,
+        configVersion restoredConfig: String? = nil
     ) async throws -> ChangeResult {
         let id = current.id
         let cancelled = try conflictingDeployments(for: id, force: force)
         let version = nextVersion()
         let configChanged = restart || definition.requiresRestart(comparedTo: current.definition)
+        let configVersion = configChanged ? (restart ? version : restoredConfig ?? version) : current.versionInfo.lastConfigChangeAt
         let record = AppRecord(
             definition: definition, version: version,
-            versionInfo: VersionInfo(
-                lastScalingAt: version, lastConfigChangeAt: configChanged ? version : current.versionInfo.lastConfigChangeAt))
+            versionInfo: VersionInfo(lastScalingAt: version, lastConfigChangeAt: configVersion))
         let action: Deployment.ActionKind = configChanged ? .restartApplication : .scaleApplication
         let deployment = newDeployment(
             version: version, targets: [.init(app: id, targetVersion: version, previousVersion: current.version)],
-            steps: [[.init(action: action, app: id)]])
+            steps: [[.init(action: action, app: id)]], configVersions: [id: configVersion])
         try await commit(
             puts: [(StateKeys.app(id), record), (StateKeys.version(version, of: id), record), (StateKeys.deployment(deployment.id), deployment)],
             deletes: cancelled.map { StateKeys.deployment($0) })
@@ -271,7 +293,9 @@ public actor ControlPlane: Service {
                 let entry = try await self.store.get(StateKeys.version(previous, of: target.app))
                 let restored = try entry.map { try StateCodec.decode(AppRecord.self, from: $0.value) }
                 if let restored, let current = self.apps[target.app] {
-                    result = try await self.changeLocked(current, to: restored.definition, restart: false, force: true, clientIP: nil, uri: "/v2/deployments/\(id)")
+                    result = try await self.changeLocked(
+                        current, to: restored.definition, restart: false, force: true, clientIP: nil, uri: "/v2/deployments/\(id)",
+                        configVersion: restored.configVersion)
                 } else if let restored {
                     result = try await self.createLocked(restored.definition, clientIP: nil)
                 }
@@ -355,12 +379,17 @@ public actor ControlPlane: Service {
         var fresh: [String: InstanceStatus] = [:]
         for status in StateCodec.decodeAll(InstanceStatus.self, from: listing.entries) {
             fresh[status.id] = status
-            if statuses[status.id] != status {
-                changed = true
-                if statuses[status.id]?.state != status.state, let spec = specs[status.id] {
-                    events.publish(statusUpdateEvent(spec: spec, status: status))
-                }
+            if let previous = statuses[status.id], previous == status { continue }
+            changed = true
+            guard let spec = specs[status.id] else { continue }
+            let previous = statuses[status.id]
+            if previous?.state != status.state {
+                events.publish(statusUpdateEvent(spec: spec, status: status))
             }
+            if status.draining && previous?.draining != true {
+                events.publish(instanceChangedEvent(spec, condition: "Killing", draining: true))
+            }
+            publishHealthEvents(spec: spec, previous: previous?.health ?? [], current: status.health)
         }
         if fresh.count != statuses.count { changed = true }
         statuses = fresh
@@ -368,7 +397,8 @@ public actor ControlPlane: Service {
         if changed { wake() }
     }
 
-    /// One pass over every app: retire ended instances, then start and stop what the plan says.
+    /// One pass over every app: retire ended instances, start, stop and switch what the plans say,
+    /// and settle deployments that arrived or failed.
     func reconcile() async throws {
         try requireLoaded()
         let now = Date()
@@ -380,20 +410,36 @@ public actor ControlPlane: Service {
         let nodeList = StateCodec.decodeAll(NodeInfo.self, from: try await store.list(prefix: StateKeys.nodes).entries)
         nodes = Dictionary(nodeList.map { ($0.name, $0) }, uniquingKeysWith: { $1 })
 
-        // Ended instances: remember failures, start backoff, forget them.
+        // Ended instances: remember failures, start backoff, count crashes against deployments, forget them.
         var retired: [String] = []
         for (id, spec) in specs {
             guard let status = statuses[id], status.state.isTerminal else { continue }
-            if spec.goal == .run, status.state.countsAsFailure, let app = apps[spec.appID] {
+            let unexpected = spec.goal == .run && (status.state.countsAsFailure || status.killedUnhealthy)
+            if unexpected, let app = apps[spec.appID] {
                 // Marathon backs off after any end the app did not ask for, exit 0 included.
                 var backoff = backoffs[spec.appID] ?? Backoff()
                 backoff.recordFailure(of: app.definition, at: now)
                 backoffs[spec.appID] = backoff
                 let failure = TaskFailure(
-                    appID: spec.appID, taskID: id, host: spec.host, node: spec.node, state: status.state,
+                    appID: spec.appID, taskID: id, host: spec.host, node: spec.node, state: status.killedUnhealthy ? .killed : status.state,
                     message: status.message ?? "", timestamp: status.updatedAt, version: spec.version)
                 failures[spec.appID] = failure
                 puts.append((StateKeys.failure(spec.appID), failure))
+                for var deployment in deployments.values where deployment.tracks(spec) {
+                    deployment.consecutiveCrashes += 1
+                    deployment.lastProblem = "\(id) \(status.killedUnhealthy ? "was killed as unhealthy" : "ended with \(status.state.rawValue)"): \(status.message ?? "")"
+                    deployments[deployment.id] = deployment
+                    puts.append((StateKeys.deployment(deployment.id), deployment))
+                }
+            }
+            if status.killedUnhealthy {
+                events.publish(
+                    FlotillaEvent(
+                        type: "unhealthy_task_kill_event",
+                        fields: [
+                            "appId": .string(spec.appID.path), "taskId": .string(id), "instanceId": .string(id), "version": .string(spec.version),
+                            "reason": .string(status.message ?? "unhealthy"), "host": .string(spec.host), "slaveId": .string(spec.node),
+                        ]))
             }
             retired.append(id)
             deletes += [StateKeys.instance(id), StateKeys.status(id)]
@@ -410,16 +456,39 @@ public actor ControlPlane: Service {
         var cluster = ClusterSnapshot(nodes: Array(nodes.values), instances: snapshotInstances)
         let appIDs = Set(apps.keys).union(byApp.keys).sorted()
         var newQueue: [AppID: QueueEntry] = [:]
+        func update(_ id: String, _ change: (inout InstanceSpec) -> Void) {
+            guard var spec = specs[id] else { return }
+            change(&spec)
+            specs[id] = spec
+            puts.append((StateKeys.instance(id), spec))
+            if let index = cluster.instances.firstIndex(where: { $0.id == id }) { cluster.instances[index].spec = spec }
+        }
         for appID in appIDs {
             let app = apps[appID]
-            let plan = Reconciler.plan(app: app, instances: byApp[appID] ?? [], isReady: Self.isReady)
+            let plan = Reconciler.plan(app: app, instances: byApp[appID] ?? [], now: now)
             for stop in plan.stop {
-                guard var spec = specs[stop.instanceID] else { continue }
-                spec.goal = .stop
-                spec.stopReason = stop.reason
-                specs[spec.id] = spec
-                puts.append((StateKeys.instance(spec.id), spec))
-                if let index = cluster.instances.firstIndex(where: { $0.id == spec.id }) { cluster.instances[index].spec = spec }
+                update(stop.instanceID) {
+                    $0.goal = .stop
+                    $0.stopReason = stop.reason
+                }
+            }
+            for id in plan.activate {
+                update(id) {
+                    $0.standby = false
+                    $0.standbyUntil = nil
+                }
+            }
+            for standby in plan.standby {
+                update(standby.instanceID) {
+                    $0.standby = true
+                    $0.standbyUntil = Timestamp.format(standby.until)
+                }
+            }
+            if !plan.activate.isEmpty || !plan.standby.isEmpty {
+                logger.info("\(appID): switched \(plan.activate.count) instance(s) in, \(plan.standby.count) out of service")
+                for id in plan.activate + plan.standby.map(\.instanceID) {
+                    if let spec = specs[id] { events.publish(instanceChangedEvent(spec, condition: spec.standby ? "Standby" : "Running")) }
+                }
             }
             guard let app, plan.launch > 0 else { continue }
             let backoff = backoffs[appID] ?? Backoff()
@@ -433,7 +502,7 @@ public actor ControlPlane: Service {
                 let spec = InstanceSpec(
                     id: InstanceSpec.newID(for: appID), appID: appID, version: app.version, configVersion: app.configVersion,
                     definition: app.definition, node: placement.node.name, host: placement.node.host, ports: placement.ports,
-                    stagedAt: nowText)
+                    stagedAt: nowText, standby: plan.launchStandby)
                 specs[spec.id] = spec
                 puts.append((StateKeys.instance(spec.id), spec))
                 cluster.instances.append(Instance(spec: spec, status: nil))
@@ -447,37 +516,114 @@ public actor ControlPlane: Service {
         }
         queue = newQueue
 
-        // Deployments that have arrived.
-        var finished: [Deployment] = []
-        for deployment in deployments.values {
+        // Deployments that arrived, and deployments that failed.
+        var succeeded: [Deployment] = []
+        var failed: [(Deployment, String)] = []
+        for deployment in deployments.values.sorted(by: { $0.version < $1.version }) {
+            let live = { (app: AppID) in self.specs.values.filter { $0.appID == app }.map { Instance(spec: $0, status: self.statuses[$0.id]) } }
             let done = deployment.targets.allSatisfy { target in
                 let app = target.targetVersion == nil ? nil : apps[target.app]
                 if target.targetVersion != nil && app == nil { return true }
-                let live = specs.values.filter { $0.appID == target.app }.map { Instance(spec: $0, status: statuses[$0.id]) }
-                return Reconciler.isComplete(app: app, instances: live, isReady: Self.isReady)
+                return Reconciler.isComplete(app: app, instances: live(target.app))
             }
             if done {
-                finished.append(deployment)
+                succeeded.append(deployment)
                 deletes.append(StateKeys.deployment(deployment.id))
-            } else if deployment.totalSteps > 1 && deployment.currentStep == 1 {
+                continue
+            }
+            if let reason = failureReason(of: deployment, now: now, instances: live) {
+                failed.append((deployment, reason))
+                deletes.append(StateKeys.deployment(deployment.id))
+                continue
+            }
+            if deployment.totalSteps > 1 && deployment.currentStep == 1 {
                 var advanced = deployment
                 advanced.currentStep = 2
                 deployments[deployment.id] = advanced
                 puts.append((StateKeys.deployment(deployment.id), advanced))
             }
         }
-        guard !puts.isEmpty || !deletes.isEmpty else { return }
-        try await commitMixed(puts: puts, deletes: deletes)
-        for deployment in finished {
+        var results: [DeploymentResult] = []
+        for deployment in succeeded {
+            results.append(DeploymentResult(deployment: deployment, status: .succeeded, reason: nil, finishedAt: nowText))
+        }
+        for (deployment, reason) in failed {
+            results.append(DeploymentResult(deployment: deployment, status: .failed, reason: reason, finishedAt: nowText))
+        }
+        for result in results { puts.append((StateKeys.deploymentResult(result.id), result)) }
+        if !puts.isEmpty || !deletes.isEmpty {
+            try await commit(puts: puts, deletes: deletes)
+        }
+        // Results become visible in the same step as the deployments leave, before any await.
+        for result in results { deploymentResults[result.id] = result }
+        for deployment in succeeded {
             deployments[deployment.id] = nil
             events.publish(
                 FlotillaEvent(type: "deployment_success", fields: ["id": .string(deployment.id), "plan": planJSON(deployment, original: [], target: [])]))
         }
+        for (deployment, reason) in failed {
+            deployments[deployment.id] = nil
+            var result = results.first { $0.id == deployment.id }!
+            logger.warning("deployment \(deployment.id) failed: \(reason)")
+            events.publish(
+                FlotillaEvent(
+                    type: "deployment_failed",
+                    fields: ["id": .string(deployment.id), "plan": planJSON(deployment, original: [], target: []), "reason": .string(reason)]))
+            if let rollback = try await autoRollback(deployment) {
+                result.rollbackDeploymentID = rollback.deploymentID
+                result.rolledBackTo = deployment.targets.first?.previousVersion ?? rollback.version
+                deploymentResults[deployment.id] = result
+                try await commit(puts: [(StateKeys.deploymentResult(result.id), result)])
+            }
+        }
+        pruneDeploymentResults()
     }
 
-    /// Serving: running (health checks, when they arrive, narrow this).
-    static func isReady(_ instance: Instance) -> Bool {
-        instance.state == .running && instance.spec.goal == .run
+    /// Why a deployment has failed, or nil while it may still succeed: its new instances crashed
+    /// `maxConsecutiveCrashes` times in a row, or they were not all ready by the progress deadline.
+    private func failureReason(of deployment: Deployment, now: Date, instances: (AppID) -> [Instance]) -> String? {
+        for target in deployment.targets {
+            guard target.targetVersion != nil, let app = apps[target.app] else { continue }
+            let strategy = app.definition.upgradeStrategy
+            if deployment.consecutiveCrashes >= strategy.maxConsecutiveCrashes {
+                return "new instances of \(target.app) failed \(deployment.consecutiveCrashes) times in a row; last: \(deployment.lastProblem ?? "unknown")"
+            }
+            guard let started = Timestamp.parse(deployment.startedAt), now.timeIntervalSince(started) > strategy.progressDeadlineSeconds else { continue }
+            let waiting = instances(target.app).filter { $0.spec.configVersion == app.configVersion && !$0.isReady }
+            let detail = waiting.first.map { instance -> String in
+                // The agent's message carries the failing check's cause and the last lines of stderr.
+                let why = instance.status?.message ?? instance.status?.health.compactMap(\.lastFailureCause).first.map { "health check: \($0)" }
+                return "\(instance.id) is \(instance.state.rawValue)" + (why.map { "; \($0)" } ?? "")
+            }
+            return "\(target.app) was not ready within the progress deadline of \(Int(strategy.progressDeadlineSeconds)) s"
+                + (detail.map { ": \($0)" } ?? (deployment.lastProblem.map { "; last failure: \($0)" } ?? ""))
+        }
+        return nil
+    }
+
+    /// After a failed deployment: the previous version of each app, as a new deployment, when its
+    /// strategy says so.
+    private func autoRollback(_ deployment: Deployment) async throws -> ChangeResult? {
+        var result: ChangeResult?
+        for target in deployment.targets {
+            guard let previous = target.previousVersion, let current = apps[target.app], current.definition.upgradeStrategy.autoRollback,
+                let entry = try await store.get(StateKeys.version(previous, of: target.app))
+            else { continue }
+            let restored = try StateCodec.decode(AppRecord.self, from: entry.value)
+            logger.warning("rolling \(target.app) back to \(previous) after deployment \(deployment.id) failed")
+            result = try await changeLocked(
+                current, to: restored.definition, restart: false, force: true, clientIP: nil, uri: "/v2/deployments/\(deployment.id)",
+                configVersion: restored.configVersion)
+        }
+        return result
+    }
+
+    private func pruneDeploymentResults() {
+        guard deploymentResults.count > 200 else { return }
+        let doomed = deploymentResults.values.sorted { $0.finishedAt < $1.finishedAt }.prefix(deploymentResults.count - 200)
+        for result in doomed { deploymentResults[result.id] = nil }
+        let keys = doomed.map { StateKeys.deploymentResult($0.id) }
+        Task { try? await self.store.commit(StoreTransaction(mutations: keys.map { .delete($0) })) }
     }
 
     // MARK: - Helpers
@@ -509,8 +655,12 @@ public actor ControlPlane: Service {
         return version
     }
 
-    private func newDeployment(version: String, targets: [Deployment.Target], steps: [[Deployment.Action]]) -> Deployment {
-        Deployment(id: UUID().uuidString.lowercased(), version: version, targets: targets, steps: steps, startedAt: Timestamp.format(Date()))
+    private func newDeployment(
+        version: String, targets: [Deployment.Target], steps: [[Deployment.Action]], configVersions: [AppID: String] = [:]
+    ) -> Deployment {
+        Deployment(
+            id: UUID().uuidString.lowercased(), version: version, targets: targets, steps: steps, startedAt: Timestamp.format(Date()),
+            targetConfigVersions: Dictionary(uniqueKeysWithValues: configVersions.map { ($0.key.path, $0.value) }))
     }
 
     private func commit(
@@ -567,6 +717,44 @@ public actor ControlPlane: Service {
 
     static func actionJSON(_ action: Deployment.Action) -> JSONValue {
         .object(["action": .string(action.action.rawValue), "app": .string(action.app.path)])
+    }
+
+    /// Marathon's health events: `health_status_changed_event` when a check's verdict flips,
+    /// `failed_health_check_event` for each counted failure.
+    private func publishHealthEvents(spec: InstanceSpec, previous: [HealthResult], current: [HealthResult]) {
+        for (index, result) in current.enumerated() {
+            let before = index < previous.count ? previous[index] : HealthResult()
+            let checkJSON = spec.definition.healthChecks.indices.contains(index)
+                ? (try? JSONValue(encoding: spec.definition.healthChecks[index])) ?? .null : .null
+            if let alive = result.alive, alive != before.alive {
+                events.publish(
+                    FlotillaEvent(
+                        type: "health_status_changed_event",
+                        fields: [
+                            "appId": .string(spec.appID.path), "taskId": .string(spec.id), "instanceId": .string(spec.id),
+                            "version": .string(spec.version), "alive": .bool(alive),
+                        ]))
+            }
+            if result.consecutiveFailures > before.consecutiveFailures {
+                events.publish(
+                    FlotillaEvent(
+                        type: "failed_health_check_event",
+                        fields: [
+                            "appId": .string(spec.appID.path), "taskId": .string(spec.id), "instanceId": .string(spec.id),
+                            "healthCheck": checkJSON,
+                        ]))
+            }
+        }
+    }
+
+    private func instanceChangedEvent(_ spec: InstanceSpec, condition: String, draining: Bool = false) -> FlotillaEvent {
+        FlotillaEvent(
+            type: "instance_changed_event",
+            fields: [
+                "instanceId": .string(spec.id), "condition": .string(condition), "runSpecId": .string(spec.appID.path),
+                "agentId": .string(spec.node), "host": .string(spec.host), "runSpecVersion": .string(spec.version),
+                "inService": .bool(!spec.standby && !draining), "draining": .bool(draining),
+            ])
     }
 
     private func statusUpdateEvent(spec: InstanceSpec, status: InstanceStatus) -> FlotillaEvent {

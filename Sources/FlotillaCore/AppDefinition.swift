@@ -21,6 +21,8 @@ public struct AppDefinition: Sendable, Hashable, Codable {
     public var backoffFactor: Double
     public var maxLaunchDelaySeconds: Double
     public var taskKillGracePeriodSeconds: Double?
+    /// Flotilla's: how long an instance chosen to stop is out of discovery and routing before SIGTERM.
+    public var drainSeconds: Double
     public var upgradeStrategy: UpgradeStrategy
     public var killSelection: KillSelection
     public var user: String?
@@ -48,6 +50,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         self.backoffFactor = Defaults.backoffFactor
         self.maxLaunchDelaySeconds = Defaults.maxLaunchDelaySeconds
         self.taskKillGracePeriodSeconds = nil
+        self.drainSeconds = Defaults.drainSeconds
         self.upgradeStrategy = UpgradeStrategy()
         self.killSelection = .youngestFirst
         self.user = nil
@@ -64,12 +67,13 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         public static let maxLaunchDelaySeconds = 300.0
         /// Marathon leaves the grace period to Mesos, whose default is 3 seconds.
         public static let taskKillGracePeriodSeconds = 3.0
+        public static let drainSeconds = 2.0
     }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case id, cmd, args, env, instances, cpus, mem, disk, gpus, portDefinitions, ports, requirePorts, labels
         case constraints, healthChecks, backoffSeconds, backoffFactor, maxLaunchDelaySeconds
-        case taskKillGracePeriodSeconds, upgradeStrategy, killSelection, user, dependencies, uris
+        case taskKillGracePeriodSeconds, drainSeconds, upgradeStrategy, killSelection, user, dependencies, uris
         case acceptedResourceRoles, container
     }
 
@@ -101,6 +105,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         maxLaunchDelaySeconds =
             try container.decodeIfPresent(Double.self, forKey: .maxLaunchDelaySeconds) ?? Defaults.maxLaunchDelaySeconds
         taskKillGracePeriodSeconds = try container.decodeIfPresent(Double.self, forKey: .taskKillGracePeriodSeconds)
+        drainSeconds = try container.decodeIfPresent(Double.self, forKey: .drainSeconds) ?? Defaults.drainSeconds
         upgradeStrategy = try container.decodeIfPresent(UpgradeStrategy.self, forKey: .upgradeStrategy) ?? UpgradeStrategy()
         killSelection = try container.decodeIfPresent(KillSelection.self, forKey: .killSelection) ?? .youngestFirst
         user = try container.decodeIfPresent(String.self, forKey: .user)
@@ -134,6 +139,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         try container.encode(backoffFactor, forKey: .backoffFactor)
         try container.encode(maxLaunchDelaySeconds, forKey: .maxLaunchDelaySeconds)
         try container.encodeIfPresent(taskKillGracePeriodSeconds, forKey: .taskKillGracePeriodSeconds)
+        try container.encode(drainSeconds, forKey: .drainSeconds)
         try container.encode(upgradeStrategy, forKey: .upgradeStrategy)
         try container.encode(killSelection, forKey: .killSelection)
         try container.encode(user, forKey: .user)
@@ -216,6 +222,11 @@ extension AppDefinition {
         check(
             !(upgradeStrategy.minimumHealthCapacity == 1 && upgradeStrategy.maximumOverCapacity == 0 && instances > 0),
             "/upgradeStrategy", "minimumHealthCapacity 1 with maximumOverCapacity 0 leaves no room to replace an instance")
+        check(drainSeconds >= 0 && drainSeconds <= 3600, "/drainSeconds", "must be between 0 and 3600")
+        check(
+            upgradeStrategy.progressDeadlineSeconds > 0, "/upgradeStrategy/progressDeadlineSeconds", "must be more than zero")
+        check(upgradeStrategy.maxConsecutiveCrashes >= 1, "/upgradeStrategy/maxConsecutiveCrashes", "must be 1 or more")
+        check(upgradeStrategy.keepOldSeconds >= 0, "/upgradeStrategy/keepOldSeconds", "must be zero or more")
         check(user == nil || user == "", "/user", "running as another user is not supported yet; leave 'user' out")
         for (name, _) in env {
             check(!name.isEmpty && !name.contains("=") && !name.contains("\0"), "/env/\(name)", "not a valid variable name")
@@ -311,20 +322,56 @@ public struct PortDefinition: Sendable, Hashable, Codable {
 }
 
 public struct UpgradeStrategy: Sendable, Hashable, Codable {
-    public var minimumHealthCapacity: Double
-    public var maximumOverCapacity: Double
-
-    public init(minimumHealthCapacity: Double = 1, maximumOverCapacity: Double = 1) {
-        self.minimumHealthCapacity = minimumHealthCapacity
-        self.maximumOverCapacity = maximumOverCapacity
+    public enum Kind: String, Sendable, Hashable, Codable {
+        case rolling
+        case blueGreen = "blue-green"
     }
 
-    enum CodingKeys: String, CodingKey { case minimumHealthCapacity, maximumOverCapacity }
+    public var minimumHealthCapacity: Double
+    public var maximumOverCapacity: Double
+    /// Flotilla's: `rolling` (Marathon's behaviour) or `blue-green`.
+    public var type: Kind
+    /// Flotilla's: a deployment whose new instances are not all ready by then fails.
+    public var progressDeadlineSeconds: Double
+    /// Flotilla's: a failed deployment restores the previous version by itself.
+    public var autoRollback: Bool
+    /// Flotilla's: this many crashes in a row of new instances fail the deployment.
+    public var maxConsecutiveCrashes: Int
+    /// Flotilla's, for blue-green: how long the old set stays warm after the switch.
+    public var keepOldSeconds: Double
+
+    public static let defaultProgressDeadlineSeconds = 300.0
+    public static let defaultMaxConsecutiveCrashes = 3
+    public static let defaultKeepOldSeconds = 60.0
+
+    public init(
+        minimumHealthCapacity: Double = 1, maximumOverCapacity: Double = 1, type: Kind = .rolling,
+        progressDeadlineSeconds: Double = UpgradeStrategy.defaultProgressDeadlineSeconds, autoRollback: Bool = true,
+        maxConsecutiveCrashes: Int = UpgradeStrategy.defaultMaxConsecutiveCrashes, keepOldSeconds: Double = UpgradeStrategy.defaultKeepOldSeconds
+    ) {
+        self.minimumHealthCapacity = minimumHealthCapacity
+        self.maximumOverCapacity = maximumOverCapacity
+        self.type = type
+        self.progressDeadlineSeconds = progressDeadlineSeconds
+        self.autoRollback = autoRollback
+        self.maxConsecutiveCrashes = maxConsecutiveCrashes
+        self.keepOldSeconds = keepOldSeconds
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case minimumHealthCapacity, maximumOverCapacity, type, progressDeadlineSeconds, autoRollback, maxConsecutiveCrashes, keepOldSeconds
+    }
 
     public init(from decoder: any Decoder) throws {
         let container = try decoder.container(keyedBy: CodingKeys.self)
         minimumHealthCapacity = try container.decodeIfPresent(Double.self, forKey: .minimumHealthCapacity) ?? 1
         maximumOverCapacity = try container.decodeIfPresent(Double.self, forKey: .maximumOverCapacity) ?? 1
+        type = try container.decodeIfPresent(Kind.self, forKey: .type) ?? .rolling
+        progressDeadlineSeconds =
+            try container.decodeIfPresent(Double.self, forKey: .progressDeadlineSeconds) ?? Self.defaultProgressDeadlineSeconds
+        autoRollback = try container.decodeIfPresent(Bool.self, forKey: .autoRollback) ?? true
+        maxConsecutiveCrashes = try container.decodeIfPresent(Int.self, forKey: .maxConsecutiveCrashes) ?? Self.defaultMaxConsecutiveCrashes
+        keepOldSeconds = try container.decodeIfPresent(Double.self, forKey: .keepOldSeconds) ?? Self.defaultKeepOldSeconds
     }
 }
 

@@ -51,10 +51,16 @@ public struct InstanceSpec: Sendable, Hashable, Codable {
     /// Why the instance was asked to stop ("scaled down", "replaced by a new version", "killed through the API").
     public var stopReason: String?
     public var stagedAt: String
+    /// Running but out of service: a blue-green set that is not (or no longer) live. It gets no
+    /// traffic and is not in discovery; switching it in is instant.
+    public var standby: Bool
+    /// For an old blue-green set kept warm after a switch: when it is stopped.
+    public var standbyUntil: String?
 
     public init(
         id: String, appID: AppID, version: String, configVersion: String, definition: AppDefinition, node: String,
-        host: String, ports: [Int], goal: Goal = .run, stopReason: String? = nil, stagedAt: String
+        host: String, ports: [Int], goal: Goal = .run, stopReason: String? = nil, stagedAt: String, standby: Bool = false,
+        standbyUntil: String? = nil
     ) {
         self.id = id
         self.appID = appID
@@ -67,6 +73,29 @@ public struct InstanceSpec: Sendable, Hashable, Codable {
         self.goal = goal
         self.stopReason = stopReason
         self.stagedAt = stagedAt
+        self.standby = standby
+        self.standbyUntil = standbyUntil
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case id, appID, version, configVersion, definition, node, host, ports, goal, stopReason, stagedAt, standby, standbyUntil
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        id = try container.decode(String.self, forKey: .id)
+        appID = try container.decode(AppID.self, forKey: .appID)
+        version = try container.decode(String.self, forKey: .version)
+        configVersion = try container.decode(String.self, forKey: .configVersion)
+        definition = try container.decode(AppDefinition.self, forKey: .definition)
+        node = try container.decode(String.self, forKey: .node)
+        host = try container.decode(String.self, forKey: .host)
+        ports = try container.decode([Int].self, forKey: .ports)
+        goal = try container.decode(Goal.self, forKey: .goal)
+        stopReason = try container.decodeIfPresent(String.self, forKey: .stopReason)
+        stagedAt = try container.decode(String.self, forKey: .stagedAt)
+        standby = try container.decodeIfPresent(Bool.self, forKey: .standby) ?? false
+        standbyUntil = try container.decodeIfPresent(String.self, forKey: .standbyUntil)
     }
 
     /// A fresh instance id for an app: the app path with `/` as `_`, a dot, a UUID.
@@ -95,10 +124,17 @@ public struct InstanceStatus: Sendable, Hashable, Codable {
     public var oomKilled: Bool
     public var message: String?
     public var updatedAt: String
+    /// The latest health of each of the app's checks, in the order of `healthChecks`.
+    public var health: [HealthResult]
+    /// Out of discovery and routing, waiting out `drainSeconds` before SIGTERM.
+    public var draining: Bool
+    /// Set when the agent killed the instance for failing its health checks.
+    public var killedUnhealthy: Bool
 
     public init(
         id: String, state: TaskState, pid: Int32? = nil, processStartTicks: UInt64? = nil, startedAt: String? = nil,
-        exitCode: Int32? = nil, signal: Int32? = nil, oomKilled: Bool = false, message: String? = nil, updatedAt: String
+        exitCode: Int32? = nil, signal: Int32? = nil, oomKilled: Bool = false, message: String? = nil, updatedAt: String,
+        health: [HealthResult] = [], draining: Bool = false, killedUnhealthy: Bool = false
     ) {
         self.id = id
         self.state = state
@@ -110,6 +146,61 @@ public struct InstanceStatus: Sendable, Hashable, Codable {
         self.oomKilled = oomKilled
         self.message = message
         self.updatedAt = updatedAt
+        self.health = health
+        self.draining = draining
+        self.killedUnhealthy = killedUnhealthy
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case id, state, pid, processStartTicks, startedAt, exitCode, signal, oomKilled, message, updatedAt, health, draining, killedUnhealthy
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        id = try container.decode(String.self, forKey: .id)
+        state = try container.decode(TaskState.self, forKey: .state)
+        pid = try container.decodeIfPresent(Int32.self, forKey: .pid)
+        processStartTicks = try container.decodeIfPresent(UInt64.self, forKey: .processStartTicks)
+        startedAt = try container.decodeIfPresent(String.self, forKey: .startedAt)
+        exitCode = try container.decodeIfPresent(Int32.self, forKey: .exitCode)
+        signal = try container.decodeIfPresent(Int32.self, forKey: .signal)
+        oomKilled = try container.decodeIfPresent(Bool.self, forKey: .oomKilled) ?? false
+        message = try container.decodeIfPresent(String.self, forKey: .message)
+        updatedAt = try container.decode(String.self, forKey: .updatedAt)
+        health = try container.decodeIfPresent([HealthResult].self, forKey: .health) ?? []
+        draining = try container.decodeIfPresent(Bool.self, forKey: .draining) ?? false
+        killedUnhealthy = try container.decodeIfPresent(Bool.self, forKey: .killedUnhealthy) ?? false
+    }
+
+    /// Healthy when every check has passed since its last failure; nil while a check has no result yet.
+    public var isHealthy: Bool? {
+        if health.isEmpty { return nil }
+        if health.contains(where: { $0.alive == false }) { return false }
+        if health.contains(where: { $0.alive == nil }) { return nil }
+        return true
+    }
+}
+
+/// Marathon's `healthCheckResults` entry: how one check of one instance is doing.
+public struct HealthResult: Sendable, Hashable, Codable {
+    /// nil until the first result (or while failures are forgiven in the grace period).
+    public var alive: Bool?
+    public var consecutiveFailures: Int
+    public var firstSuccess: String?
+    public var lastSuccess: String?
+    public var lastFailure: String?
+    public var lastFailureCause: String?
+
+    public init(
+        alive: Bool? = nil, consecutiveFailures: Int = 0, firstSuccess: String? = nil, lastSuccess: String? = nil,
+        lastFailure: String? = nil, lastFailureCause: String? = nil
+    ) {
+        self.alive = alive
+        self.consecutiveFailures = consecutiveFailures
+        self.firstSuccess = firstSuccess
+        self.lastSuccess = lastSuccess
+        self.lastFailure = lastFailure
+        self.lastFailureCause = lastFailureCause
     }
 }
 
@@ -125,4 +216,15 @@ public struct Instance: Sendable, Hashable {
 
     public var id: String { spec.id }
     public var state: TaskState { status?.state ?? .staging }
+
+    /// Running, healthy where the app has checks, and not on its way out: it can take traffic if
+    /// it is in service (see `isInService`).
+    public var isReady: Bool {
+        guard state == .running, spec.goal == .run, status?.draining != true else { return false }
+        if spec.definition.healthChecks.isEmpty { return true }
+        return status?.isHealthy == true
+    }
+
+    /// Ready and live: what discovery and the load balancer may send traffic to.
+    public var isInService: Bool { isReady && !spec.standby }
 }

@@ -1,42 +1,66 @@
 public import FlotillaCore
+public import Foundation
 
 /// What to do about one app right now.
 public struct AppPlan: Sendable, Equatable {
     /// New instances to start from the app's current version.
     public var launch: Int
+    /// Whether the new instances start out of service (a blue-green set waiting for its switch).
+    public var launchStandby: Bool
     /// Instances to stop, each with the reason people will read.
     public var stop: [Stop]
+    /// Instances to put in service now (a blue-green switch).
+    public var activate: [String]
+    /// Instances to take out of service but keep warm until the given time.
+    public var standby: [Standby]
 
     public struct Stop: Sendable, Equatable {
         public var instanceID: String
         public var reason: String
     }
 
-    public init(launch: Int = 0, stop: [Stop] = []) {
-        self.launch = launch
-        self.stop = stop
+    public struct Standby: Sendable, Equatable {
+        public var instanceID: String
+        public var until: Date
     }
 
-    public var isEmpty: Bool { launch == 0 && stop.isEmpty }
+    public init(launch: Int = 0, launchStandby: Bool = false, stop: [Stop] = [], activate: [String] = [], standby: [Standby] = []) {
+        self.launch = launch
+        self.launchStandby = launchStandby
+        self.stop = stop
+        self.activate = activate
+        self.standby = standby
+    }
+
+    public var isEmpty: Bool { launch == 0 && stop.isEmpty && activate.isEmpty && standby.isEmpty }
 }
 
-/// Compares what an app should be with what runs, and says what to start and stop next. Called
-/// again on every change, so each answer is only the next safe move: a rolling replacement is a
-/// series of small plans, each honouring `upgradeStrategy`.
+/// Compares what an app should be with what runs, and says what to start, stop or switch next.
+/// Called again on every change, so each answer is only the next safe move: a rolling replacement
+/// is a series of small plans, each honouring `upgradeStrategy`.
 public enum Reconciler {
     /// - Parameters:
     ///   - app: the app as it should be, or nil when it is being removed.
     ///   - instances: the app's instances that have not ended.
-    ///   - isReady: whether an instance serves (running, and healthy where it has checks).
-    public static func plan(app: AppRecord?, instances: [Instance], isReady: (Instance) -> Bool) -> AppPlan {
+    ///   - now: the time, for warm sets whose keep-alive ran out.
+    public static func plan(app: AppRecord?, instances: [Instance], now: Date = Date()) -> AppPlan {
         let active = instances.filter { $0.spec.goal == .run && !$0.state.isTerminal }
         guard let app else {
             return AppPlan(stop: active.map { .init(instanceID: $0.id, reason: "app deleted") })
         }
+        switch app.definition.upgradeStrategy.type {
+        case .rolling: return rolling(app, active)
+        case .blueGreen: return blueGreen(app, active, now: now)
+        }
+    }
+
+    static func rolling(_ app: AppRecord, _ active: [Instance]) -> AppPlan {
         let target = app.definition.instances
         let current = active.filter { $0.spec.configVersion == app.configVersion }
         let old = active.filter { $0.spec.configVersion != app.configVersion }
         var plan = AppPlan()
+        // A current instance left out of service (a rollback onto a warm blue-green set) goes back in.
+        plan.activate = current.filter(\.spec.standby).map(\.id)
 
         // Too many of the current version: scale down, choosing as `killSelection` says.
         if current.count > target {
@@ -48,11 +72,11 @@ public enum Reconciler {
         // Old versions go as fast as the minimum health capacity allows; those not serving go at once.
         if !old.isEmpty {
             let minimumHealthy = Int((Double(target) * app.definition.upgradeStrategy.minimumHealthCapacity).rounded(.up))
-            let readyCurrent = keptCurrent.filter(isReady).count
-            let readyOld = old.filter(isReady)
-            var stoppable = max(0, readyCurrent + readyOld.count - minimumHealthy)
+            let readyCurrent = keptCurrent.filter(\.isReady).count
+            let readyOld = old.filter(\.isInService).count
+            var stoppable = max(0, readyCurrent + readyOld - minimumHealthy)
             for instance in ordered(old, by: .oldestFirst) {
-                if !isReady(instance) {
+                if !instance.isInService {
                     plan.stop.append(.init(instanceID: instance.id, reason: "replaced by version \(app.version)"))
                 } else if stoppable > 0 {
                     stoppable -= 1
@@ -71,13 +95,58 @@ public enum Reconciler {
         return plan
     }
 
-    /// Whether the app has arrived: exactly `instances` of the current version, all ready, nothing
-    /// older still running or stopping.
-    public static func isComplete(app: AppRecord?, instances: [Instance], isReady: (Instance) -> Bool) -> Bool {
+    /// Blue-green: the whole new set starts beside the old, out of service; once all of it is
+    /// ready, it goes in service and the old set out, at once; the old set stays warm for
+    /// `keepOldSeconds` (a rollback switches straight back to it), then stops.
+    static func blueGreen(_ app: AppRecord, _ active: [Instance], now: Date) -> AppPlan {
+        let target = app.definition.instances
+        let current = active.filter { $0.spec.configVersion == app.configVersion }
+        let others = active.filter { $0.spec.configVersion != app.configVersion }
+        var plan = AppPlan()
+        if current.count > target {
+            let excess = ordered(current, by: app.definition.killSelection).prefix(current.count - target)
+            plan.stop += excess.map { .init(instanceID: $0.id, reason: "scaled down") }
+        }
+        let kept = current.filter { instance in !plan.stop.contains { $0.instanceID == instance.id } }
+        let liveOthers = others.filter { !$0.spec.standby }
+        if kept.count < target {
+            plan.launch = target - kept.count
+            // Without a live set to protect (first deploy, or everything crashed) new instances go live at once.
+            plan.launchStandby = !liveOthers.isEmpty
+        }
+        let switched = kept.count == target && kept.allSatisfy(\.isReady)
+        if switched || liveOthers.isEmpty {
+            plan.activate = kept.filter { $0.spec.standby && $0.isReady }.map(\.id)
+        }
+        if switched {
+            let until = now.addingTimeInterval(app.definition.upgradeStrategy.keepOldSeconds)
+            plan.standby = liveOthers.map { .init(instanceID: $0.id, until: until) }
+        }
+        // Warm sets whose time ran out, and old instances that do not even serve, stop.
+        for instance in others where instance.spec.standby || !instance.isReady {
+            let expired = instance.spec.standbyUntil.flatMap(Timestamp.parse).map { $0 <= now } ?? false
+            let unready = !instance.isReady && (switched || instance.spec.standby)
+            if expired || unready {
+                plan.stop.append(.init(instanceID: instance.id, reason: expired ? "blue-green: old set retired" : "replaced by version \(app.version)"))
+            }
+        }
+        return plan
+    }
+
+    /// Whether the app has arrived: exactly `instances` of the current version in service and
+    /// ready, nothing older still serving. Warm blue-green sets do not hold a deployment open.
+    public static func isComplete(app: AppRecord?, instances: [Instance]) -> Bool {
         let live = instances.filter { !$0.state.isTerminal }
         guard let app else { return live.isEmpty }
-        guard live.allSatisfy({ $0.spec.goal == .run && $0.spec.configVersion == app.configVersion }) else { return false }
-        return live.count == app.definition.instances && live.allSatisfy(isReady)
+        let current = live.filter { $0.spec.goal == .run && $0.spec.configVersion == app.configVersion }
+        let others = live.filter { !($0.spec.goal == .run && $0.spec.configVersion == app.configVersion) }
+        switch app.definition.upgradeStrategy.type {
+        case .rolling:
+            guard others.isEmpty else { return false }
+        case .blueGreen:
+            guard others.allSatisfy({ $0.spec.standby || $0.spec.goal == .stop }) else { return false }
+        }
+        return current.count == app.definition.instances && current.allSatisfy(\.isInService)
     }
 
     /// Instances in the order they should be stopped: those not yet running first, then by age.

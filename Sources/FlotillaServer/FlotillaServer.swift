@@ -63,6 +63,7 @@ public struct FlotillaServer {
             info: .init(version: configuration.version, leader: leader, nodeName: configuration.node.name, httpPort: configuration.apiPort)
         ).add(to: router)
         LogRoutes(control: control, sandboxRoot: agent.sandboxRoot).add(to: router)
+        FlotillaRoutes(control: control).add(to: router)
         let application = Application(
             router: router,
             configuration: .init(address: .hostname(configuration.bindAddress, port: configuration.apiPort), serverName: "flotilla"),

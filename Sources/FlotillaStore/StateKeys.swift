@@ -8,6 +8,7 @@ public enum StateKeys {
     public static let instances = "instances/"
     public static let statuses = "status/"
     public static let deployments = "deployments/"
+    public static let deploymentResults = "deployment-results/"
     public static let failures = "failures/"
     public static let nodes = "nodes/"
 
@@ -17,6 +18,7 @@ public enum StateKeys {
     public static func instance(_ id: String) -> String { instances + id }
     public static func status(_ id: String) -> String { statuses + id }
     public static func deployment(_ id: String) -> String { deployments + id }
+    public static func deploymentResult(_ id: String) -> String { deploymentResults + id }
     public static func failure(_ id: AppID) -> String { failures + id.flatName }
     public static func node(_ name: String) -> String { nodes + name }
 }

@@ -19,10 +19,8 @@ import Testing
         return Instance(spec: spec, status: InstanceStatus(id: name, state: state, updatedAt: stagedAt))
     }
 
-    let ready: (Instance) -> Bool = { $0.state == .running && $0.spec.goal == .run }
-
     @Test func launchesWhatIsMissing() throws {
-        let plan = Reconciler.plan(app: try record(instances: 3), instances: [try instance("a", config: "v2")], isReady: ready)
+        let plan = Reconciler.plan(app: try record(instances: 3), instances: [try instance("a", config: "v2")])
         #expect(plan == AppPlan(launch: 2))
     }
 
@@ -32,10 +30,10 @@ import Testing
             instance("new", config: "v2", stagedAt: "2026-01-02T00:00:00.000Z"),
             instance("staging", config: "v2", state: .staging, stagedAt: "2026-01-01T00:00:00.000Z"),
         ]
-        let plan = Reconciler.plan(app: try record(instances: 1), instances: instances, isReady: ready)
+        let plan = Reconciler.plan(app: try record(instances: 1), instances: instances)
         // Not yet running goes first, then the youngest.
         #expect(plan.stop.map(\.instanceID) == ["staging", "new"])
-        let oldest = Reconciler.plan(app: try record(instances: 2, kill: .oldestFirst), instances: instances, isReady: ready)
+        let oldest = Reconciler.plan(app: try record(instances: 2, kill: .oldestFirst), instances: instances)
         #expect(oldest.stop.map(\.instanceID) == ["staging"])
     }
 
@@ -43,13 +41,13 @@ import Testing
         // minimumHealthCapacity 1, maximumOverCapacity 1: start all new, stop old as new ones serve.
         let app = try record(instances: 2)
         var instances = try [instance("o1", config: "v1"), instance("o2", config: "v1")]
-        var plan = Reconciler.plan(app: app, instances: instances, isReady: ready)
+        var plan = Reconciler.plan(app: app, instances: instances)
         #expect(plan == AppPlan(launch: 2))
         instances += try [instance("n1", config: "v2", state: .staging), instance("n2", config: "v2", state: .staging)]
-        plan = Reconciler.plan(app: app, instances: instances, isReady: ready)
+        plan = Reconciler.plan(app: app, instances: instances)
         #expect(plan.isEmpty)
         instances[2].status?.state = .running
-        plan = Reconciler.plan(app: app, instances: instances, isReady: ready)
+        plan = Reconciler.plan(app: app, instances: instances)
         #expect(plan.stop.count == 1)
         #expect(plan.launch == 0)
     }
@@ -58,7 +56,7 @@ import Testing
         // minimumHealthCapacity 0.5, maximumOverCapacity 0: replace half at a time, never above 4.
         let app = try record(instances: 4, minimumHealth: 0.5, maximumOver: 0)
         let instances = try (1...4).map { try instance("o\($0)", config: "v1") }
-        let plan = Reconciler.plan(app: app, instances: instances, isReady: ready)
+        let plan = Reconciler.plan(app: app, instances: instances)
         #expect(plan.stop.count == 2)
         #expect(plan.launch == 2)
     }
@@ -66,21 +64,21 @@ import Testing
     @Test func oldInstancesThatDoNotServeGoAtOnce() throws {
         let app = try record(instances: 2)
         let instances = try [instance("o1", config: "v1", state: .staging), instance("o2", config: "v1")]
-        let plan = Reconciler.plan(app: app, instances: instances, isReady: ready)
+        let plan = Reconciler.plan(app: app, instances: instances)
         #expect(plan.stop.map(\.instanceID) == ["o1"])
     }
 
     @Test func deletedAppStopsEverything() throws {
-        let plan = Reconciler.plan(app: nil, instances: try [instance("a", config: "v1"), instance("b", config: "v1")], isReady: ready)
+        let plan = Reconciler.plan(app: nil, instances: try [instance("a", config: "v1"), instance("b", config: "v1")])
         #expect(plan.stop.count == 2 && plan.launch == 0)
     }
 
     @Test func completeOnlyWhenExactlyTheTargetServes() throws {
         let app = try record(instances: 2)
-        #expect(Reconciler.isComplete(app: app, instances: try [instance("a", config: "v2"), instance("b", config: "v2")], isReady: ready))
-        #expect(!Reconciler.isComplete(app: app, instances: try [instance("a", config: "v2")], isReady: ready))
-        #expect(!Reconciler.isComplete(app: app, instances: try [instance("a", config: "v2"), instance("b", config: "v1")], isReady: ready))
-        #expect(Reconciler.isComplete(app: nil, instances: [], isReady: ready))
+        #expect(Reconciler.isComplete(app: app, instances: try [instance("a", config: "v2"), instance("b", config: "v2")]))
+        #expect(!Reconciler.isComplete(app: app, instances: try [instance("a", config: "v2")]))
+        #expect(!Reconciler.isComplete(app: app, instances: try [instance("a", config: "v2"), instance("b", config: "v1")]))
+        #expect(Reconciler.isComplete(app: nil, instances: []))
     }
 
     @Test func backoffGrowsByTheFactorUpToTheMaximum() throws {

@@ -1,0 +1,73 @@
+public import FlotillaControl
+import FlotillaCore
+import Foundation
+public import Hummingbird
+
+/// Flotilla's own read API, for what Marathon's shapes cannot carry (strict Marathon clients reject
+/// unknown keys): how a deployment ended, and each instance's service state.
+public struct FlotillaRoutes: Sendable {
+    let control: ControlPlane
+
+    public init(control: ControlPlane) {
+        self.control = control
+    }
+
+    public func add<Context: RequestContext>(to router: Router<Context>) {
+        router.get("/flotilla/v1/deployments/:id") { _, context in
+            await Self.handle { try await self.deployment(context.parameters.get("id") ?? "") }
+        }
+        router.get("/flotilla/v1/instances") { request, _ in
+            await Self.handle { await self.instances(app: request.uri.queryParameters["app"].map(String.init)) }
+        }
+    }
+
+    static func handle(_ body: () async throws -> Response) async -> Response {
+        do { return try await body() } catch { return APIResponse.marathonError(error) }
+    }
+
+    /// `{"id", "status": "running" | "succeeded" | "failed" | "cancelled", "reason", …}`.
+    private func deployment(_ id: String) async throws -> Response {
+        let (active, result) = try await control.deploymentStatus(id)
+        if let active {
+            var object = MarathonJSON.deployment(active).objectValue ?? [:]
+            object["status"] = .string("running")
+            object["startedAt"] = .string(active.startedAt)
+            object["consecutiveCrashes"] = .number(Double(active.consecutiveCrashes))
+            if let problem = active.lastProblem { object["lastProblem"] = .string(problem) }
+            return APIResponse.json(.object(object))
+        }
+        guard let result else { throw FlotillaError.notFound("no deployment \(id)") }
+        var object: [String: JSONValue] = [
+            "id": .string(result.id), "version": .string(result.version), "status": .string(result.status.rawValue),
+            "affectedApps": .array(result.affectedApps.map { .string($0.path) }), "finishedAt": .string(result.finishedAt),
+        ]
+        if let reason = result.reason { object["reason"] = .string(reason) }
+        if let rollback = result.rollbackDeploymentID { object["rollbackDeploymentId"] = .string(rollback) }
+        if let version = result.rolledBackTo { object["rolledBackTo"] = .string(version) }
+        return APIResponse.json(.object(object))
+    }
+
+    /// Every live instance with what Flotilla knows beyond Marathon's task: in service or not,
+    /// draining, standby (a warm blue-green set), health.
+    private func instances(app: String?) async -> Response {
+        let snapshot = await control.snapshot()
+        let filter = app.flatMap { try? AppID($0) }
+        let items = snapshot.instances.values
+            .filter { !$0.state.isTerminal && (filter == nil || $0.spec.appID == filter) }
+            .sorted { ($0.spec.appID, $0.spec.stagedAt) < ($1.spec.appID, $1.spec.stagedAt) }
+            .map { instance -> JSONValue in
+                var object = MarathonJSON.task(instance).objectValue ?? [:]
+                object["inService"] = .bool(instance.isInService)
+                object["ready"] = .bool(instance.isReady)
+                object["draining"] = .bool(instance.status?.draining == true)
+                object["standby"] = .bool(instance.spec.standby)
+                if let until = instance.spec.standbyUntil { object["standbyUntil"] = .string(until) }
+                object["goal"] = .string(instance.spec.goal.rawValue)
+                if let reason = instance.spec.stopReason { object["stopReason"] = .string(reason) }
+                if let healthy = instance.status?.isHealthy { object["healthy"] = .bool(healthy) }
+                if let message = instance.status?.message { object["message"] = .string(message) }
+                return .object(object)
+            }
+        return APIResponse.json(.object(["instances": .array(items)]))
+    }
+}

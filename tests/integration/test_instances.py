@@ -1,0 +1,61 @@
+"""What an instance sees (environment, ports) and what happens to its output (rotation)."""
+
+from support.flotilla import app_definition, wait_until
+
+MIB = 1024 * 1024
+
+
+def test_environment_and_ports(agent, app_ids):
+    app_id = app_ids.new()
+    agent.create_app(
+        app_definition(
+            app_id,
+            "env; sleep 60",
+            portDefinitions=[{"port": 0, "name": "http"}, {"port": 0}],
+            env={"GREETING": "hi"},
+        )
+    )
+    task = agent.wait_for_running(app_id, 1)[0]
+
+    def printed_environment():
+        response = agent.get(f"/flotilla/v1/logs/{task['id']}", params={"stream": "stdout", "lines": 1000})
+        if response.status_code != 200:
+            return None
+        environment = dict(line.split("=", 1) for line in response.text.splitlines() if "=" in line)
+        return environment if "MESOS_TASK_ID" in environment else None
+
+    environment = wait_until(printed_environment, timeout=10, what=f"the environment {task['id']} printed")
+
+    ports = task["ports"]
+    assert len(ports) == 2 and ports[0] != ports[1], ports
+    assert all(port in agent.task_ports for port in ports), f"{ports} not in the agent's range"
+    assert environment.get("PORT0") == str(ports[0])
+    assert environment.get("PORT1") == str(ports[1])
+    assert environment.get("PORT") == str(ports[0])
+    assert environment.get("PORTS") == f"{ports[0]},{ports[1]}"
+    assert environment.get("PORT_HTTP") == str(ports[0])
+    assert environment.get("HOST") == task["host"] == "127.0.0.1"
+    assert environment.get("MARATHON_APP_ID") == app_id
+    assert environment.get("MESOS_TASK_ID") == task["id"]
+    assert environment.get("GREETING") == "hi"
+    # The agent's own environment (pytest's included) does not leak into instances.
+    assert "PYTEST_CURRENT_TEST" not in environment
+
+
+def test_output_is_rotated_past_the_size_limit(make_agent, app_ids):
+    agent = make_agent(extra_args=["--log-max-mib", "1"])
+    app_id = app_ids.new()
+    # About 3 MiB of output at once, then quiet.
+    cmd = r'''python3 -c "import sys,time; [sys.stdout.write('x'*1023+'\n') for _ in range(3000)]; sys.stdout.flush(); time.sleep(60)"'''
+    agent.create_app(app_definition(app_id, cmd))
+    task = agent.wait_for_running(app_id, 1)[0]
+    sandbox = agent.sandbox(task["id"])
+
+    def rotated():
+        current, first = sandbox / "stdout", sandbox / "stdout.1"
+        if first.exists() and current.exists() and current.stat().st_size < 1.5 * MIB:
+            return {"stdout": current.stat().st_size, "stdout.1": first.stat().st_size}
+        return None
+
+    sizes = wait_until(rotated, timeout=10, what=f"{sandbox}/stdout to be rotated to stdout.1")
+    assert sizes["stdout.1"] > MIB, f"stdout.1 holds {sizes['stdout.1']} bytes; a rotated file passed 1 MiB"
