@@ -1,82 +1,18 @@
 """Drives bench/deploy.sh: starts a release agent on loopback and measures it.
 
-Prints a Markdown table ready for BENCHMARKS.md. Only standard-library Python, so it runs
-before any virtualenv exists.
+Prints a Markdown table ready for BENCHMARKS.md.
 """
 
 import argparse
-import json
-import os
-import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+from benchlib import Agent, call, rss_kib, serves
+
 INSTANCES = 100
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def call(base, method, path, body=None):
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(base + path, data=data, method=method, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read() or b"null")
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def serves(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            return sock.recv(64).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
-
-
-class Agent:
-    def __init__(self, binary, work):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        first = random.randint(40000, 60000)
-        self.log = open(os.path.join(work, f"agent-{self.port}.log"), "w")
-        self.process = subprocess.Popen(
-            [binary, "agent", "--data-dir", os.path.join(work, f"data-{self.port}"), "--api-port", str(self.port),
-             "--ports", f"{first}-{first + 999}", "--cpus", "64", "--mem", "65536", "--on-exit", "stop",
-             "--log-level", "warning"],
-            stdout=self.log, stderr=self.log)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(self.base + "/ping", timeout=1).read()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit("agent did not start; see " + self.log.name)
-
-    def stop(self):
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 def deploy_once(agent, server, run):

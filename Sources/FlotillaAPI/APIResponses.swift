@@ -9,9 +9,12 @@ enum APIResponse {
     static let jsonHeaders: HTTPFields = [.contentType: "application/json; charset=utf-8"]
 
     static func json(_ value: JSONValue, status: HTTPResponse.Status = .ok, headers extra: HTTPFields = [:]) -> Response {
+        json(bytes: value.serialized(), status: status, headers: extra)
+    }
+
+    static func json(bytes: [UInt8], status: HTTPResponse.Status = .ok, headers extra: HTTPFields = [:]) -> Response {
         var headers = jsonHeaders
         headers.append(contentsOf: extra)
-        let bytes = value.serialized()
         return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
     }
 

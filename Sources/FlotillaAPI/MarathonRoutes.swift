@@ -11,6 +11,7 @@ public struct MarathonRoutes: Sendable {
     let control: ControlPlane
     let events: EventBus
     let info: ServerInfo
+    let cache = ResponseCache()
 
     public struct ServerInfo: Sendable {
         public var version: String
@@ -64,6 +65,11 @@ public struct MarathonRoutes: Sendable {
     // MARK: - Apps
 
     private func listApps(_ request: Request) async throws -> Response {
+        let key = request.uri.description
+        let generation = await control.currentGeneration()
+        if let body = cache.body(for: key, generation: generation) {
+            return APIResponse.json(bytes: body)
+        }
         let snapshot = await control.snapshot()
         let embed = MarathonJSON.Embed.parse(request.queryValues("embed")).union([.counts, .deployments])
         let idFilter = request.uri.queryParameters["id"].map { String($0).lowercased() }
@@ -76,7 +82,9 @@ public struct MarathonRoutes: Sendable {
             if let labelSelector, !labelSelector.matches(record.definition.labels) { continue }
             apps.append(MarathonJSON.app(record, in: snapshot, embed: embed))
         }
-        return APIResponse.json(.object(["apps": .array(apps)]))
+        let body = JSONValue.object(["apps": .array(apps)]).serialized()
+        cache.store(body, for: key, generation: snapshot.generation)
+        return APIResponse.json(bytes: body)
     }
 
     private func createApp(_ request: Request) async throws -> Response {

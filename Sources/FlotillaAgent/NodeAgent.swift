@@ -381,7 +381,7 @@ public actor NodeAgent: Service {
         // Session leaders started by this agent's data directory, whatever the store says.
         var leaders: [String: Int32] = [:]
         let sandboxPrefix = driver.sandboxRoot + "/"
-        for pid in ProcFS.allPIDs() where ProcFS.sessionID(of: pid) == pid {
+        for pid in ProcFS.allPIDs() where ProcFS.sessionID(of: pid) == pid && ProcFS.isAlive(pid) {
             guard let sandbox = ProcFS.environment(of: pid, variable: "FLOTILLA_SANDBOX"), sandbox.hasPrefix(sandboxPrefix) else { continue }
             leaders[String(sandbox.dropFirst(sandboxPrefix.count))] = pid
         }

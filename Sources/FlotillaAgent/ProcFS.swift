@@ -8,6 +8,13 @@ enum ProcFS {
         statFields(of: pid).flatMap { $0.count > 19 ? UInt64($0[19]) : nil }
     }
 
+    /// Whether the pid names a process that still runs: not gone, and not a zombie waiting for its
+    /// parent to collect it.
+    static func isAlive(_ pid: Int32) -> Bool {
+        guard let fields = statFields(of: pid), let state = fields.first else { return false }
+        return state != "Z" && state != "X"
+    }
+
     /// Session id (field 6), to find the leader of an instance's session.
     static func sessionID(of pid: Int32) -> Int32? {
         statFields(of: pid).flatMap { $0.count > 3 ? Int32($0[3]) : nil }

@@ -14,15 +14,18 @@ public actor ControlPlane: Service {
     private let logger: Logger
     private let lock = AsyncLock()
 
-    private var apps: [AppID: AppRecord] = [:]
-    private var specs: [String: InstanceSpec] = [:]
-    private var statuses: [String: InstanceStatus] = [:]
-    private var deployments: [String: Deployment] = [:]
+    // Everything a read shows; each change bumps `generation`, so readers can cache what they
+    // render from a snapshot until the state moves.
+    private var apps: [AppID: AppRecord] = [:] { didSet { generation &+= 1 } }
+    private var specs: [String: InstanceSpec] = [:] { didSet { generation &+= 1 } }
+    private var statuses: [String: InstanceStatus] = [:] { didSet { generation &+= 1 } }
+    private var deployments: [String: Deployment] = [:] { didSet { generation &+= 1 } }
     private var deploymentResults: [String: DeploymentResult] = [:]
-    private var failures: [AppID: TaskFailure] = [:]
-    private var nodes: [String: NodeInfo] = [:]
+    private var failures: [AppID: TaskFailure] = [:] { didSet { generation &+= 1 } }
+    private var nodes: [String: NodeInfo] = [:] { didSet { generation &+= 1 } }
     private var backoffs: [AppID: Backoff] = [:]
-    private var queue: [AppID: QueueEntry] = [:]
+    private var queue: [AppID: QueueEntry] = [:] { didSet { generation &+= 1 } }
+    private var generation: UInt64 = 0
     private var index: UInt64 = 0
     private var lastVersion = ""
     private var loaded = false
@@ -71,11 +74,15 @@ public actor ControlPlane: Service {
 
     // MARK: - Reads
 
+    /// Changes whenever anything a read shows changes.
+    public func currentGeneration() -> UInt64 { generation }
+
     public func snapshot() -> ControlSnapshot {
         var instances: [String: Instance] = [:]
         for (id, spec) in specs { instances[id] = Instance(spec: spec, status: statuses[id]) }
         return ControlSnapshot(
-            apps: apps, instances: instances, deployments: deployments, failures: failures, queue: queue, nodes: nodes, index: index)
+            apps: apps, instances: instances, deployments: deployments, failures: failures, queue: queue, nodes: nodes, index: index,
+            generation: generation)
     }
 
     /// An active deployment, or how a finished one ended.
@@ -392,7 +399,7 @@ public actor ControlPlane: Service {
             publishHealthEvents(spec: spec, previous: previous?.health ?? [], current: status.health)
         }
         if fresh.count != statuses.count { changed = true }
-        statuses = fresh
+        if changed { statuses = fresh }
         index = max(index, listing.index)
         if changed { wake() }
     }
@@ -408,7 +415,8 @@ public actor ControlPlane: Service {
 
         // Refresh nodes (agents register themselves).
         let nodeList = StateCodec.decodeAll(NodeInfo.self, from: try await store.list(prefix: StateKeys.nodes).entries)
-        nodes = Dictionary(nodeList.map { ($0.name, $0) }, uniquingKeysWith: { $1 })
+        let freshNodes = Dictionary(nodeList.map { ($0.name, $0) }, uniquingKeysWith: { $1 })
+        if freshNodes != nodes { nodes = freshNodes }
 
         // Ended instances: remember failures, start backoff, count crashes against deployments, forget them.
         var retired: [String] = []
@@ -514,7 +522,7 @@ public actor ControlPlane: Service {
                 }
             }
         }
-        queue = newQueue
+        if !(queue.isEmpty && newQueue.isEmpty) { queue = newQueue }
 
         // Deployments that arrived, and deployments that failed.
         var succeeded: [Deployment] = []

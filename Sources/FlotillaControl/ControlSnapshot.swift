@@ -11,6 +11,8 @@ public struct ControlSnapshot: Sendable {
     public var queue: [AppID: QueueEntry]
     public var nodes: [String: NodeInfo]
     public var index: UInt64
+    /// Bumped by every change to what the snapshot shows.
+    public var generation: UInt64
 
     public func instances(of app: AppID) -> [Instance] {
         instances.values.filter { $0.spec.appID == app }.sorted { $0.spec.stagedAt < $1.spec.stagedAt }

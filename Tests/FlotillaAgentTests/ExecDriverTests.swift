@@ -79,7 +79,7 @@ import Testing
         _ = await waitForExit(watcher)
         var gone = false
         for _ in 0..<100 where !gone {
-            gone = kill(childPID, 0) != 0 || ProcFS.startTicks(of: childPID) == nil
+            gone = !ProcFS.isAlive(childPID)
             if !gone { try await Task.sleep(for: .milliseconds(20)) }
         }
         #expect(gone)

@@ -1,0 +1,35 @@
+import Synchronization
+
+/// Rendered bodies of read requests, valid while the control plane's generation stays the same:
+/// a steady cluster answers `GET /v2/apps` without rendering it again. Bounded; any entry older
+/// than the current generation is useless and goes first.
+final class ResponseCache: Sendable {
+    private struct Entry {
+        var generation: UInt64
+        var body: [UInt8]
+    }
+
+    private let entries = Mutex<[String: Entry]>([:])
+    private let limit: Int
+
+    init(limit: Int = 256) {
+        self.limit = limit
+    }
+
+    func body(for key: String, generation: UInt64) -> [UInt8]? {
+        entries.withLock { entries in
+            guard let entry = entries[key], entry.generation == generation else { return nil }
+            return entry.body
+        }
+    }
+
+    func store(_ body: [UInt8], for key: String, generation: UInt64) {
+        entries.withLock { entries in
+            if entries.count >= limit {
+                entries = entries.filter { $0.value.generation == generation }
+                if entries.count >= limit { entries.removeAll() }
+            }
+            entries[key] = Entry(generation: generation, body: body)
+        }
+    }
+}

@@ -1,0 +1,91 @@
+"""Helpers shared by the benchmark drivers: a release agent on loopback and small HTTP calls.
+
+Only the standard library, so the benchmarks run before any virtualenv exists.
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def call(base, method, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read() or b"null")
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time the process has used."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def serves(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            return sock.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+class Agent:
+    """A release `flotilla agent` with its own data directory, API port and host-port range."""
+
+    def __init__(self, binary, work, log_level="warning"):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        first = random.randint(40000, 60000)
+        self.log = open(os.path.join(work, f"agent-{self.port}.log"), "w")
+        self.process = subprocess.Popen(
+            [binary, "agent", "--data-dir", os.path.join(work, f"data-{self.port}"), "--api-port", str(self.port),
+             "--ports", f"{first}-{first + 999}", "--cpus", "64", "--mem", "65536", "--on-exit", "stop",
+             "--log-level", log_level],
+            stdout=self.log, stderr=self.log)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(self.base + "/ping", timeout=1).read()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit("agent did not start; see " + self.log.name)
+
+    def stop(self):
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def wait_for_deployment(self, deployment_id, timeout=120):
+        """Polls Flotilla's deployment status until it ends; returns (status, reason)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = call(self.base, "GET", f"/flotilla/v1/deployments/{deployment_id}")
+            if state["status"] != "running":
+                return state["status"], state.get("reason")
+            time.sleep(0.02)
+        raise SystemExit(f"deployment {deployment_id} still running after {timeout} s")
