@@ -523,6 +523,13 @@ public actor ControlPlane: Service {
             }
         }
         if !(queue.isEmpty && newQueue.isEmpty) { queue = newQueue }
+        // Wake exactly when the first crash backoff ends, not at the next tick.
+        if let soonest = newQueue.values.map(\.delaySeconds).filter({ $0 > 0 }).min() {
+            Task { [weak self] in
+                try? await Task.sleep(for: .milliseconds(Int64(soonest * 1000) + 5))
+                await self?.wake()
+            }
+        }
 
         // Deployments that arrived, and deployments that failed.
         var succeeded: [Deployment] = []
