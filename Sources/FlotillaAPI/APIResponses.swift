@@ -1,7 +1,7 @@
-public import FlotillaCore
+import FlotillaCore
 import Foundation
-public import Hummingbird
-public import HTTPTypes
+import HTTPTypes
+import Hummingbird
 import NIOCore
 
 /// Building responses in the shapes every Flotilla surface shares.

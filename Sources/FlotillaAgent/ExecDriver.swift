@@ -1,5 +1,5 @@
 import CFlotillaSpawn
-public import FlotillaCore
+import FlotillaCore
 import Foundation
 import Glibc
 

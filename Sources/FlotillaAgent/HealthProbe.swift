@@ -118,10 +118,12 @@ final class CommandRunner: Sendable {
         let pid = withCStringArray(arguments) { argv in
             withCStringArray(environmentList) { envp in
                 directory.withCString { directoryPointer in
-                    var request = flotilla_spawn_request(
-                        path: "/bin/sh", argv: argv.baseAddress, envp: envp.baseAddress, working_directory: directoryPointer,
-                        cgroup_procs_files: nil, cgroup_count: 0, stdout_fd: output, stderr_fd: output)
-                    return flotilla_spawn(&request, &stage, &number)
+                    "/bin/sh".withCString { shell in
+                        var request = flotilla_spawn_request(
+                            path: shell, argv: argv.baseAddress, envp: envp.baseAddress, working_directory: directoryPointer,
+                            cgroup_procs_files: nil, cgroup_count: 0, stdout_fd: output, stderr_fd: output)
+                        return flotilla_spawn(&request, &stage, &number)
+                    }
                 }
             }
         }

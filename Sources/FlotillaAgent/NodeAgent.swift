@@ -1,4 +1,3 @@
-public import AsyncHTTPClient
 import AsyncHTTPClient
 public import FlotillaCore
 public import FlotillaStore
@@ -362,7 +361,7 @@ public actor NodeAgent: Service {
 
     private func write(_ statuses: [InstanceStatus]) async throws {
         let mutations = try statuses.map { StoreMutation.put(StateKeys.status($0.id), try StateCodec.encode($0)) }
-        try await store.commit(StoreTransaction(mutations: mutations))
+        _ = try await store.commit(StoreTransaction(mutations: mutations))
         for status in statuses { written[status.id] = status }
     }
 

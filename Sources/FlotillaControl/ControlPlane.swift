@@ -638,7 +638,7 @@ public actor ControlPlane: Service {
         let doomed = deploymentResults.values.sorted { $0.finishedAt < $1.finishedAt }.prefix(deploymentResults.count - 200)
         for result in doomed { deploymentResults[result.id] = nil }
         let keys = doomed.map { StateKeys.deploymentResult($0.id) }
-        Task { try? await self.store.commit(StoreTransaction(mutations: keys.map { .delete($0) })) }
+        Task { _ = try? await self.store.commit(StoreTransaction(mutations: keys.map { .delete($0) })) }
     }
 
     // MARK: - Helpers

@@ -1,5 +1,5 @@
 public import FlotillaCore
-public import Foundation
+import Foundation
 public import FlotillaScheduler
 
 /// A consistent read of the control plane's state for the API: taken at once, read at leisure.

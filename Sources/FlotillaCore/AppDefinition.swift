@@ -1,4 +1,4 @@
-public import Foundation
+import Foundation
 
 /// A Marathon-style app definition: what to run, how many, with what resources and rules.
 /// Field names, defaults and JSON shape are Marathon's, so definitions move between the two unchanged.

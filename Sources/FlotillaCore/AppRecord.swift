@@ -1,4 +1,4 @@
-public import Foundation
+import Foundation
 
 /// One immutable version of an app: the definition as it was, and when it was made.
 public struct AppRecord: Sendable, Hashable, Codable {

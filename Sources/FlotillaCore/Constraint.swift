@@ -1,4 +1,4 @@
-public import Foundation
+import Foundation
 
 /// A placement rule, Marathon's `[field, OPERATOR, value?]`.
 public struct Constraint: Sendable, Hashable, Codable, CustomStringConvertible {

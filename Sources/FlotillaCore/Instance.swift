@@ -1,4 +1,4 @@
-public import Foundation
+import Foundation
 
 /// Marathon's task states, as the API spells them.
 public enum TaskState: String, Sendable, Hashable, Codable {

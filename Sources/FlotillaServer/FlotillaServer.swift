@@ -1,4 +1,4 @@
-public import FlotillaAgent
+import FlotillaAgent
 import FlotillaAPI
 import FlotillaControl
 public import FlotillaCore

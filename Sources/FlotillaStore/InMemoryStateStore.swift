@@ -1,4 +1,4 @@
-public import Foundation
+import Foundation
 import Synchronization
 
 /// A store in memory with the same semantics as the durable backends, for unit tests and for

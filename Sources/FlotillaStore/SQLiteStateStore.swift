@@ -1,4 +1,4 @@
-public import Foundation
+import Foundation
 import GRDB
 
 /// The embedded backend: one SQLite database in WAL mode with `synchronous=FULL`, so a commit is on

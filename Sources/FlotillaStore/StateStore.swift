@@ -92,6 +92,7 @@ public protocol StateStore: Sendable {
     /// Applies the transaction atomically and durably: when this returns, the write survives a crash.
     /// - Returns: the index the transaction was committed at.
     /// - Throws: `StoreError.preconditionFailed` when a precondition did not hold (nothing written).
+    @discardableResult
     func commit(_ transaction: StoreTransaction) async throws -> UInt64
 
     /// The index of the latest committed write.
