@@ -66,6 +66,19 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
 
+        // The service registry: Consul-shaped catalog, health, KV and DNS over the store.
+        .target(
+            name: "FlotillaRegistry",
+            dependencies: [
+                "FlotillaCore", "FlotillaStore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+
         // The control loop: desired state, deployments, reconcile through the scheduler.
         .target(
             name: "FlotillaControl",
@@ -81,7 +94,7 @@ let package = Package(
         .target(
             name: "FlotillaAPI",
             dependencies: [
-                "FlotillaCore", "FlotillaStore", "FlotillaScheduler", "FlotillaControl",
+                "FlotillaCore", "FlotillaStore", "FlotillaScheduler", "FlotillaControl", "FlotillaRegistry",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -93,6 +106,7 @@ let package = Package(
             name: "FlotillaServer",
             dependencies: [
                 "FlotillaCore", "FlotillaStore", "FlotillaScheduler", "FlotillaAgent", "FlotillaControl", "FlotillaAPI",
+                "FlotillaRegistry",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -125,6 +139,7 @@ let package = Package(
         .testTarget(name: "FlotillaCoreTests", dependencies: ["FlotillaCore"], swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaStoreTests", dependencies: ["FlotillaCore", "FlotillaStore"], swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaSchedulerTests", dependencies: ["FlotillaCore", "FlotillaScheduler"], swiftSettings: swiftSettings),
+        .testTarget(name: "FlotillaRegistryTests", dependencies: ["FlotillaCore", "FlotillaStore", "FlotillaRegistry"], swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaAgentTests", dependencies: ["FlotillaCore", "FlotillaAgent"], swiftSettings: swiftSettings),
         .testTarget(
             name: "FlotillaAPITests",

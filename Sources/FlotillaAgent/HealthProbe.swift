@@ -187,3 +187,23 @@ actor WaiterTable {
         waiting.removeValue(forKey: key)?.resume(returning: nil)
     }
 }
+
+/// HTTP and TCP probes for checks that are not an app's (services registered through the
+/// Consul agent API): the same rules as app health checks.
+public struct NetworkProbe: Sendable {
+    private let probe: HealthProbe
+
+    public init() {
+        probe = HealthProbe(httpClient: HealthProbe.makeHTTPClient(), commands: CommandRunner())
+    }
+
+    public func http(url: String, timeoutSeconds: Double) async -> (passed: Bool, output: String) {
+        let outcome = await probe.http(url, timeout: timeoutSeconds, ignore1xx: false)
+        return (outcome.passed, outcome.passed ? "HTTP GET \(url): OK" : outcome.cause ?? "failed")
+    }
+
+    public func tcp(host: String, port: Int, timeoutSeconds: Double) async -> (passed: Bool, output: String) {
+        let outcome = await probe.tcp(host: host, port: port, timeout: timeoutSeconds)
+        return (outcome.passed, outcome.passed ? "TCP connect \(host):\(port): Success" : outcome.cause ?? "failed")
+    }
+}

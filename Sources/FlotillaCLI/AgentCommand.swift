@@ -23,6 +23,18 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "The address instances are reachable at (HOST); default: the bind address, or the host name when binding all interfaces.")
     var advertise: String?
 
+    @Option(help: "The DNS port (UDP and TCP) for <service>.service.<domain> lookups.")
+    var dnsPort: Int = 7653
+
+    @Option(help: "The DNS domain the registry answers for.")
+    var dnsDomain: String = "flotilla"
+
+    @Option(help: "The TTL of DNS answers, in seconds.")
+    var dnsTtl: UInt32 = 0
+
+    @Option(help: "The datacenter name the Consul API and DNS report.")
+    var datacenter: String = "dc1"
+
     @Option(help: "CPUs to offer instances (default: all).")
     var cpus: Double?
 
@@ -52,6 +64,10 @@ struct AgentCommand: AsyncParsableCommand {
     func validate() throws {
         guard parsedPorts != nil else { throw ValidationError("--ports must be FROM-TO with 1 <= FROM <= TO <= 65535, got '\(ports)'") }
         guard (0...65535).contains(apiPort) else { throw ValidationError("--api-port must be between 0 and 65535") }
+        guard (1...65535).contains(dnsPort) else { throw ValidationError("--dns-port must be between 1 and 65535") }
+        guard dnsDomain.split(separator: ".").allSatisfy({ !$0.isEmpty && $0.count <= 63 }), !dnsDomain.isEmpty else {
+            throw ValidationError("--dns-domain must be a domain name such as flotilla or consul.example")
+        }
         for attribute in attributes where !attribute.contains("=") {
             throw ValidationError("--attribute takes key=value, got '\(attribute)'")
         }
@@ -93,13 +109,14 @@ struct AgentCommand: AsyncParsableCommand {
             "starting flotilla \(Flotilla.version)",
             metadata: [
                 "data-dir": "\(directory)", "api": "\(bind):\(apiPort)", "node": "\(name)", "cpus": "\(node.cpus)",
-                "mem": "\(Int(node.mem))", "ports": "\(ports)",
+                "mem": "\(Int(node.mem))", "ports": "\(ports)", "dns": "\(bind):\(dnsPort)",
             ])
         do {
             try await FlotillaServer.run(
                 .init(
                     dataDirectory: directory, bindAddress: bind, apiPort: apiPort, node: node, stopInstancesOnExit: onExit == .stop,
-                    logMaxBytes: Int64(logMaxMib) << 20, version: Flotilla.version),
+                    logMaxBytes: Int64(logMaxMib) << 20, version: Flotilla.version, dnsPort: dnsPort, dnsDomain: dnsDomain,
+                    dnsTTL: dnsTtl, datacenter: datacenter),
                 logger: logger)
         } catch {
             logger.critical("agent stopped: \(error)")

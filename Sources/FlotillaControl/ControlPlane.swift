@@ -25,7 +25,14 @@ public actor ControlPlane: Service {
     private var nodes: [String: NodeInfo] = [:] { didSet { generation &+= 1 } }
     private var backoffs: [AppID: Backoff] = [:]
     private var queue: [AppID: QueueEntry] = [:] { didSet { generation &+= 1 } }
-    private var generation: UInt64 = 0
+    private var generation: UInt64 = 0 {
+        didSet {
+            for waiter in generationWaiters.values { waiter.resume(returning: generation) }
+            generationWaiters.removeAll()
+        }
+    }
+    private var generationWaiters: [UInt64: CheckedContinuation<UInt64, Never>] = [:]
+    private var nextGenerationWaiter: UInt64 = 0
     private var index: UInt64 = 0
     private var lastVersion = ""
     private var loaded = false
@@ -76,6 +83,28 @@ public actor ControlPlane: Service {
 
     /// Changes whenever anything a read shows changes.
     public func currentGeneration() -> UInt64 { generation }
+
+    /// Returns once the generation is above `seen` (at once if it already is, or on cancellation).
+    public func waitForChange(after seen: UInt64) async -> UInt64 {
+        if generation > seen || Task.isCancelled { return generation }
+        nextGenerationWaiter += 1
+        let id = nextGenerationWaiter
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                if generation > seen || Task.isCancelled {
+                    continuation.resume(returning: generation)
+                } else {
+                    generationWaiters[id] = continuation
+                }
+            }
+        } onCancel: {
+            Task { await self.cancelGenerationWaiter(id) }
+        }
+    }
+
+    private func cancelGenerationWaiter(_ id: UInt64) {
+        generationWaiters.removeValue(forKey: id)?.resume(returning: generation)
+    }
 
     public func snapshot() -> ControlSnapshot {
         var instances: [String: Instance] = [:]

@@ -1,6 +1,7 @@
 import FlotillaAgent
 import FlotillaAPI
 import FlotillaControl
+import FlotillaRegistry
 public import FlotillaCore
 import FlotillaStore
 import Foundation
@@ -20,11 +21,20 @@ public struct FlotillaServer {
         public var stopInstancesOnExit: Bool
         public var logMaxBytes: Int64
         public var version: String
+        public var dnsPort: Int
+        public var dnsDomain: String
+        public var dnsTTL: UInt32
+        public var datacenter: String
 
         public init(
             dataDirectory: String, bindAddress: String, apiPort: Int, node: NodeInfo, stopInstancesOnExit: Bool,
-            logMaxBytes: Int64, version: String
+            logMaxBytes: Int64, version: String, dnsPort: Int = 7653, dnsDomain: String = "flotilla", dnsTTL: UInt32 = 0,
+            datacenter: String = "dc1"
         ) {
+            self.dnsPort = dnsPort
+            self.dnsDomain = dnsDomain
+            self.dnsTTL = dnsTTL
+            self.datacenter = datacenter
             self.dataDirectory = dataDirectory
             self.bindAddress = bindAddress
             self.apiPort = apiPort
@@ -56,6 +66,15 @@ public struct FlotillaServer {
                 stopInstancesOnExit: configuration.stopInstancesOnExit),
             store: store, cgroups: cgroups, logger: logger)
 
+        let registry = Registry(
+            store: store, source: ControlPlaneSource(control: control), prober: RegistryProber(probe: NetworkProbe()),
+            datacenter: configuration.datacenter, localNode: configuration.node.name, localAddress: configuration.node.host, logger: logger)
+        let keyValues = KeyValueStore(store: store)
+        try await keyValues.start()
+        let dns = DNSServer(
+            host: configuration.bindAddress, port: configuration.dnsPort,
+            resolver: DNSResolver(domain: configuration.dnsDomain, ttl: configuration.dnsTTL, view: registry.viewBox), logger: logger)
+
         let router = Router()
         let leader = "\(configuration.bindAddress == "0.0.0.0" ? configuration.node.host : configuration.bindAddress):\(configuration.apiPort)"
         MarathonRoutes(
@@ -64,6 +83,8 @@ public struct FlotillaServer {
         ).add(to: router)
         LogRoutes(control: control, sandboxRoot: agent.sandboxRoot).add(to: router)
         FlotillaRoutes(control: control).add(to: router)
+        ConsulRoutes(registry: registry, kv: keyValues, serverAddress: "\(configuration.node.host):8300", version: configuration.version)
+            .add(to: router)
         let application = Application(
             router: router,
             configuration: .init(address: .hostname(configuration.bindAddress, port: configuration.apiPort), serverName: "flotilla"),
@@ -76,6 +97,8 @@ public struct FlotillaServer {
             configuration: .init(
                 services: [
                     .init(service: control),
+                    .init(service: registry),
+                    .init(service: dns),
                     .init(service: agent),
                     .init(service: application),
                     // Shut down first (the group stops services in reverse): open event streams
@@ -85,6 +108,35 @@ public struct FlotillaServer {
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         try await group.run()
+    }
+}
+
+/// The control plane as the registry's source of nodes and instances.
+struct ControlPlaneSource: RegistrySource {
+    let control: ControlPlane
+
+    func registryInput() async -> RegistryInput {
+        let snapshot = await control.snapshot()
+        return RegistryInput(
+            nodes: Array(snapshot.nodes.values), instances: Array(snapshot.instances.values), index: snapshot.index,
+            generation: snapshot.generation)
+    }
+
+    func waitForChange(after generation: UInt64) async -> UInt64 {
+        await control.waitForChange(after: generation)
+    }
+}
+
+/// The agent's network probes, for the checks of services registered through the agent API.
+struct RegistryProber: CheckProber {
+    let probe: NetworkProbe
+
+    func probeHTTP(url: String, timeoutSeconds: Double) async -> (passed: Bool, output: String) {
+        await probe.http(url: url, timeoutSeconds: timeoutSeconds)
+    }
+
+    func probeTCP(host: String, port: Int, timeoutSeconds: Double) async -> (passed: Bool, output: String) {
+        await probe.tcp(host: host, port: port, timeoutSeconds: timeoutSeconds)
     }
 }
 

@@ -1,0 +1,444 @@
+import FlotillaCore
+public import FlotillaRegistry
+import Foundation
+public import Hummingbird
+import HTTPTypes
+import NIOCore
+
+/// Consul's HTTP API v1 over the registry and the KV store: catalog, health, agent, status and KV,
+/// with Consul's field names, blocking queries (`index`, `wait`) and headers
+/// (`X-Consul-Index`, `X-Consul-KnownLeader`, `X-Consul-LastContact`).
+public struct ConsulRoutes: Sendable {
+    let registry: Registry
+    let kv: KeyValueStore
+    let serverAddress: String
+    let version: String
+
+    public init(registry: Registry, kv: KeyValueStore, serverAddress: String, version: String) {
+        self.registry = registry
+        self.kv = kv
+        self.serverAddress = serverAddress
+        self.version = version
+    }
+
+    static let defaultWait: Double = 300
+    static let maximumWait: Double = 600
+
+    public func add<Context: RequestContext>(to router: Router<Context>) {
+        router.get("/v1/catalog/services") { request, _ in await handle { try await catalogServices(request) } }
+        router.get("/v1/catalog/service/**") { request, _ in await handle { try await catalogService(request) } }
+        router.get("/v1/catalog/nodes") { request, _ in await handle { try await catalogNodes(request) } }
+        router.get("/v1/catalog/node/**") { request, _ in await handle { try await catalogNode(request) } }
+        router.get("/v1/catalog/datacenters") { _, _ in APIResponse.json(.array([.string(registry.datacenter)])) }
+        router.get("/v1/health/service/**") { request, _ in await handle { try await healthService(request) } }
+        router.get("/v1/health/checks/**") { request, _ in await handle { try await healthChecks(request) } }
+        router.get("/v1/health/state/**") { request, _ in await handle { try await healthState(request) } }
+        router.get("/v1/health/node/**") { request, _ in await handle { try await healthNode(request) } }
+        router.get("/v1/agent/self") { _, _ in agentSelf() }
+        router.get("/v1/agent/members") { _, _ in APIResponse.json(.array([member()])) }
+        router.get("/v1/agent/services") { request, _ in await handle { try await agentServices(request) } }
+        router.get("/v1/agent/checks") { request, _ in await handle { try await agentChecks(request) } }
+        router.put("/v1/agent/service/register") { request, _ in await handle { try await register(request) } }
+        router.put("/v1/agent/service/deregister/**") { request, _ in await handle { try await deregister(request) } }
+        for action in ["pass", "warn", "fail", "update"] {
+            router.put("/v1/agent/check/\(action)/**") { request, _ in await handle { try await updateCheck(request, action: action) } }
+        }
+        router.get("/v1/status/leader") { _, _ in APIResponse.json(.string("\(serverAddress)")) }
+        router.get("/v1/status/peers") { _, _ in APIResponse.json(.array([.string("\(serverAddress)")])) }
+        for method in [HTTPRequest.Method.get, .put, .delete] {
+            // `/v1/kv/` itself (the whole store, with ?recurse or ?keys) and every key below it.
+            router.on("/v1/kv", method: method) { request, _ in await handle { try await keyValue(request) } }
+            router.on("/v1/kv/**", method: method) { request, _ in await handle { try await keyValue(request) } }
+        }
+    }
+
+    /// Consul answers errors as plain text.
+    private func handle(_ body: () async throws -> Response) async -> Response {
+        do {
+            return try await body()
+        } catch let error as FlotillaError {
+            let status: HTTPResponse.Status
+            switch error {
+            case .malformed, .badRequest: status = .badRequest
+            case .invalid(let message, _): return text(message.contains("byte limit") ? .contentTooLarge : .badRequest, error.description)
+            case .notFound: status = .notFound
+            case .conflict: status = .conflict
+            case .unavailable: status = .serviceUnavailable
+            }
+            return text(status, error.message)
+        } catch let error as any HTTPResponseError where error.status == .contentTooLarge {
+            return text(.contentTooLarge, "Request body too large")
+        } catch {
+            return text(.internalServerError, "\(error)")
+        }
+    }
+
+    private func text(_ status: HTTPResponse.Status, _ message: String) -> Response {
+        Response(status: status, headers: [.contentType: "text/plain; charset=utf-8"], body: ResponseBody(byteBuffer: ByteBuffer(string: message + "\n")))
+    }
+
+    // MARK: - Blocking queries
+
+    struct QueryOptions {
+        var index: UInt64?
+        var wait: Duration
+        var datacenter: String?
+    }
+
+    private func options(_ request: Request) throws(FlotillaError) -> QueryOptions {
+        let query = request.uri.queryParameters
+        var index: UInt64?
+        if let text = query["index"] {
+            guard let value = UInt64(text) else { throw .badRequest("Invalid index: '\(text)' is not a number") }
+            index = value
+        }
+        var waitSeconds = Self.defaultWait
+        if let text = query["wait"] {
+            guard let value = GoDuration.seconds(String(text)) else { throw .badRequest("Invalid wait time: '\(text)'; use a duration such as 30s or 5m") }
+            waitSeconds = min(value, Self.maximumWait)
+        }
+        // Consul adds up to wait/16 of jitter so many watchers do not return together.
+        waitSeconds += Double.random(in: 0...(waitSeconds / 16))
+        let datacenter = query["dc"].map(String.init)
+        if let datacenter, !datacenter.isEmpty, datacenter != registry.datacenter {
+            throw .notFound("No path to datacenter '\(datacenter)'")
+        }
+        return QueryOptions(index: index, wait: .milliseconds(Int64(waitSeconds * 1000)), datacenter: datacenter)
+    }
+
+    private func blocking(_ request: Request, topic: RegistryTopic) async throws -> RegistryView {
+        let options = try options(request)
+        return await registry.view(waitingFor: topic, after: options.index, wait: options.wait)
+    }
+
+    private func json(_ value: JSONValue, index: UInt64) -> Response {
+        APIResponse.json(value, headers: consulHeaders(index: index))
+    }
+
+    private func consulHeaders(index: UInt64) -> HTTPFields {
+        [HTTPField.Name("X-Consul-Index")!: "\(index)", HTTPField.Name("X-Consul-KnownLeader")!: "true", HTTPField.Name("X-Consul-LastContact")!: "0"]
+    }
+
+    /// The path after `prefix`, percent-decoded.
+    private func tail(_ request: Request, after prefix: String) throws(FlotillaError) -> String {
+        let path = request.uri.path
+        guard path.hasPrefix(prefix) else { throw .notFound("no such resource") }
+        let raw = String(path.dropFirst(prefix.count))
+        guard let decoded = raw.removingPercentEncoding else { throw .badRequest("the path is not valid percent-encoding") }
+        return decoded
+    }
+
+    private func requireName(_ request: Request, after prefix: String, what: String) throws(FlotillaError) -> String {
+        let name = try tail(request, after: prefix).trimmingCharacters(in: CharacterSet(charactersIn: "/"))
+        guard !name.isEmpty else { throw .badRequest("Missing \(what) name") }
+        return name
+    }
+
+    // MARK: - Catalog
+
+    private func catalogServices(_ request: Request) async throws -> Response {
+        let view = try await blocking(request, topic: .services)
+        var services: [String: Set<String>] = [:]
+        for entry in view.services { services[entry.name, default: []].formUnion(entry.tags) }
+        let body = JSONValue.object(services.mapValues { .array($0.sorted().map(JSONValue.string)) })
+        return json(body, index: view.index(of: .services))
+    }
+
+    private func catalogService(_ request: Request) async throws -> Response {
+        let name = try requireName(request, after: "/v1/catalog/service/", what: "service")
+        let view = try await blocking(request, topic: .service(name))
+        let tags = request.queryValues("tag")
+        let entries = view.services(named: name).filter { entry in tags.allSatisfy(entry.tags.contains) }
+        let nodes = Dictionary(view.nodes.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+        let body = JSONValue.array(entries.map { entry in
+            let node = nodes[entry.node] ?? CatalogNode(name: entry.node, address: entry.address, meta: [:])
+            var object = nodeFields(node, datacenter: view.datacenter)
+            object["NodeMeta"] = object.removeValue(forKey: "Meta")
+            object["ServiceID"] = .string(entry.id)
+            object["ServiceName"] = .string(entry.name)
+            object["ServiceTags"] = .array(entry.tags.map(JSONValue.string))
+            object["ServiceAddress"] = .string(entry.address)
+            object["ServicePort"] = .number(Double(entry.port))
+            object["ServiceMeta"] = .object(entry.meta.mapValues(JSONValue.string))
+            object["ServiceKind"] = .string("")
+            object["ServiceWeights"] = .object(["Passing": .number(1), "Warning": .number(1)])
+            object["ServiceEnableTagOverride"] = .bool(false)
+            object["ServiceTaggedAddresses"] = .object([:])
+            object["CreateIndex"] = .number(Double(entry.createIndex))
+            object["ModifyIndex"] = .number(Double(entry.modifyIndex))
+            return .object(object)
+        })
+        return json(body, index: view.index(of: .service(name)))
+    }
+
+    private func catalogNodes(_ request: Request) async throws -> Response {
+        let view = try await blocking(request, topic: .nodes)
+        let body = JSONValue.array(view.nodes.map { node in
+            var object = nodeFields(node, datacenter: view.datacenter)
+            object["CreateIndex"] = .number(1)
+            object["ModifyIndex"] = .number(Double(view.index(of: .node(node.name))))
+            return .object(object)
+        })
+        return json(body, index: view.index(of: .nodes))
+    }
+
+    private func catalogNode(_ request: Request) async throws -> Response {
+        let name = try requireName(request, after: "/v1/catalog/node/", what: "node")
+        let view = try await blocking(request, topic: .node(name))
+        guard let node = view.node(named: name) else { return json(.null, index: view.index(of: .node(name))) }
+        var services: [String: JSONValue] = [:]
+        for entry in view.services where entry.node == node.name { services[entry.id] = serviceFields(entry) }
+        return json(.object(["Node": .object(nodeFields(node, datacenter: view.datacenter)), "Services": .object(services)]), index: view.index(of: .node(name)))
+    }
+
+    // MARK: - Health
+
+    private func healthService(_ request: Request) async throws -> Response {
+        let name = try requireName(request, after: "/v1/health/service/", what: "service")
+        let view = try await blocking(request, topic: .service(name))
+        let tags = request.queryValues("tag")
+        let passingOnly = try request.flag("passing")
+        let nodes = Dictionary(view.nodes.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+        let entries = view.services(named: name).filter { entry in
+            tags.allSatisfy(entry.tags.contains) && (!passingOnly || entry.status == .passing)
+        }
+        let body = JSONValue.array(entries.map { entry in
+            let node = nodes[entry.node] ?? CatalogNode(name: entry.node, address: entry.address, meta: [:])
+            let checks = [view.nodeCheck(node)] + entry.checks
+            return .object([
+                "Node": .object(nodeFields(node, datacenter: view.datacenter)),
+                "Service": serviceFields(entry),
+                "Checks": .array(checks.map(checkFields)),
+            ])
+        })
+        return json(body, index: view.index(of: .service(name)))
+    }
+
+    private func healthChecks(_ request: Request) async throws -> Response {
+        let name = try requireName(request, after: "/v1/health/checks/", what: "service")
+        let view = try await blocking(request, topic: .service(name))
+        let checks = view.services(named: name).flatMap(\.checks)
+        return json(.array(checks.map(checkFields)), index: view.index(of: .service(name)))
+    }
+
+    private func healthState(_ request: Request) async throws -> Response {
+        let state = try requireName(request, after: "/v1/health/state/", what: "state")
+        guard ["any", "passing", "warning", "critical"].contains(state) else {
+            throw FlotillaError.badRequest("Invalid state '\(state)': use any, passing, warning or critical")
+        }
+        let view = try await blocking(request, topic: .checks)
+        let checks = view.nodes.map(view.nodeCheck) + view.services.flatMap(\.checks)
+        let selected = checks.filter { state == "any" || $0.status.rawValue == state }
+        return json(.array(selected.map(checkFields)), index: view.index(of: .checks))
+    }
+
+    private func healthNode(_ request: Request) async throws -> Response {
+        let name = try requireName(request, after: "/v1/health/node/", what: "node")
+        let view = try await blocking(request, topic: .node(name))
+        guard let node = view.node(named: name) else { return json(.array([]), index: view.index(of: .node(name))) }
+        let checks = [view.nodeCheck(node)] + view.services.filter { $0.node == node.name }.flatMap(\.checks)
+        return json(.array(checks.map(checkFields)), index: view.index(of: .node(name)))
+    }
+
+    // MARK: - Agent
+
+    private func agentSelf() -> Response {
+        APIResponse.json(
+            .object([
+                "Config": .object([
+                    "Datacenter": .string(registry.datacenter), "NodeName": .string(registry.localNode),
+                    "NodeID": .string(nodeID(registry.localNode)), "Server": .bool(true), "Version": .string(version),
+                    "Revision": .string("flotilla"), "PrimaryDatacenter": .string(registry.datacenter),
+                ]),
+                "Member": member(),
+                "Meta": .object([:]),
+                "Stats": .object([:]),
+            ]))
+    }
+
+    private func member() -> JSONValue {
+        .object([
+            "Name": .string(registry.localNode), "Addr": .string(registry.localAddress), "Port": .number(8301),
+            "Tags": .object(["dc": .string(registry.datacenter), "role": .string("consul"), "build": .string(version)]),
+            "Status": .number(1), "ProtocolMin": .number(1), "ProtocolMax": .number(5), "ProtocolCur": .number(2),
+            "DelegateMin": .number(2), "DelegateMax": .number(5), "DelegateCur": .number(4),
+        ])
+    }
+
+    private func agentServices(_ request: Request) async throws -> Response {
+        _ = try options(request)
+        let view = await registry.currentView()
+        var services: [String: JSONValue] = [:]
+        for entry in view.services where entry.node == registry.localNode {
+            var object = serviceFields(entry).objectValue ?? [:]
+            object["Datacenter"] = .string(view.datacenter)
+            services[entry.id] = .object(object)
+        }
+        return json(.object(services), index: view.index(of: .services))
+    }
+
+    private func agentChecks(_ request: Request) async throws -> Response {
+        _ = try options(request)
+        let view = await registry.currentView()
+        var checks: [String: JSONValue] = [:]
+        for check in view.services.filter({ $0.node == registry.localNode }).flatMap(\.checks) {
+            checks[check.checkID] = checkFields(check)
+        }
+        return json(.object(checks), index: view.index(of: .checks))
+    }
+
+    private func register(_ request: Request) async throws -> Response {
+        var request = request
+        let buffer = try await request.collectBody(upTo: 1 << 20)
+        let value = try JSONValue.parse(Data(buffer.readableBytesView))
+        guard case .object(let raw) = value else { throw FlotillaError.badRequest("the body must be a JSON object") }
+        let service = try ServiceRegistration.parse(raw, node: registry.localNode, address: registry.localAddress)
+        if try !request.flag("replace-existing-checks"), let existing = await registry.externalServices().first(where: { $0.id == service.id }) {
+            // Keep the state of checks that survive the re-registration.
+            var merged = service
+            merged.checks = service.checks.map { check in
+                guard let old = existing.checks.first(where: { $0.id == check.id }) else { return check }
+                var kept = check
+                kept.status = old.status
+                kept.output = old.output
+                kept.updatedAt = old.updatedAt
+                kept.criticalSince = old.criticalSince
+                return kept
+            }
+            try await registry.register(merged)
+        } else {
+            try await registry.register(service)
+        }
+        return Response(status: .ok)
+    }
+
+    private func deregister(_ request: Request) async throws -> Response {
+        let id = try requireName(request, after: "/v1/agent/service/deregister/", what: "service ID")
+        try await registry.deregister(id)
+        return Response(status: .ok)
+    }
+
+    private func updateCheck(_ request: Request, action: String) async throws -> Response {
+        let id = try requireName(request, after: "/v1/agent/check/\(action)/", what: "check ID")
+        let note = request.uri.queryParameters["note"].map(String.init) ?? ""
+        switch action {
+        case "pass": try await registry.updateCheck(id, status: .passing, output: note)
+        case "warn": try await registry.updateCheck(id, status: .warning, output: note)
+        case "fail": try await registry.updateCheck(id, status: .critical, output: note)
+        default:
+            var request = request
+            let buffer = try await request.collectBody(upTo: 1 << 20)
+            let value = try JSONValue.parse(Data(buffer.readableBytesView))
+            guard case .object(let object) = value else { throw FlotillaError.badRequest("the body must be a JSON object") }
+            let fields = Dictionary(object.map { ($0.key.lowercased(), $0.value) }, uniquingKeysWith: { first, _ in first })
+            guard let statusText = fields["status"]?.stringValue, let status = CheckStatus(rawValue: statusText) else {
+                throw FlotillaError.badRequest("Status must be passing, warning or critical")
+            }
+            try await registry.updateCheck(id, status: status, output: fields["output"]?.stringValue ?? "")
+        }
+        return Response(status: .ok)
+    }
+
+    // MARK: - KV
+
+    private func keyValue(_ request: Request) async throws -> Response {
+        let key = request.uri.path == "/v1/kv" ? "" : try tail(request, after: "/v1/kv/")
+        try KeyValueStore.validate(key)
+        let query = request.uri.queryParameters
+        func number(_ name: String) throws(FlotillaError) -> UInt64? {
+            guard let text = query[Substring(name)] else { return nil }
+            guard let value = UInt64(text) else { throw .badRequest("Invalid \(name): '\(text)' is not a number") }
+            return value
+        }
+        switch request.method {
+        case .get:
+            let options = try options(request)
+            let recurse = try request.flag("recurse")
+            let keysOnly = query["keys"] != nil
+            if key.isEmpty && !recurse && !keysOnly { throw FlotillaError.badRequest("Missing key name") }
+            let read = try await kv.get(key, recurse: recurse || keysOnly, after: options.index, wait: options.wait)
+            let headers = consulHeaders(index: read.index)
+            if keysOnly {
+                let separator = query["separator"].map(String.init) ?? ""
+                var keys: [String] = []
+                for entry in read.entries {
+                    var listed = entry.key
+                    if !separator.isEmpty, let range = entry.key.dropFirst(key.count).range(of: separator) {
+                        listed = String(entry.key[..<range.upperBound])
+                    }
+                    if keys.last != listed { keys.append(listed) }
+                }
+                if read.entries.isEmpty { return Response(status: .notFound, headers: headers) }
+                return APIResponse.json(.array(Array(NSOrderedSet(array: keys)).compactMap { ($0 as? String).map(JSONValue.string) }), headers: headers)
+            }
+            guard !read.entries.isEmpty else { return Response(status: .notFound, headers: headers) }
+            if query["raw"] != nil, let first = read.entries.first {
+                var rawHeaders = headers
+                rawHeaders[.contentType] = "application/octet-stream"
+                return Response(status: .ok, headers: rawHeaders, body: ResponseBody(byteBuffer: ByteBuffer(bytes: first.value)))
+            }
+            let body = JSONValue.array(read.entries.map { entry in
+                .object([
+                    "LockIndex": .number(0), "Key": .string(entry.key), "Flags": .number(Double(entry.flags)),
+                    "Value": entry.value.isEmpty ? .null : .string(entry.value.base64EncodedString()),
+                    "CreateIndex": .number(Double(entry.createIndex)), "ModifyIndex": .number(Double(entry.modifyIndex)),
+                ])
+            })
+            return APIResponse.json(body, headers: headers)
+        case .put:
+            guard !key.isEmpty else { throw FlotillaError.badRequest("Missing key name") }
+            if query["acquire"] != nil || query["release"] != nil {
+                throw FlotillaError.badRequest("sessions (acquire, release) are not supported")
+            }
+            var request = request
+            let buffer = try await request.collectBody(upTo: KeyValueStore.maximumValueBytes + 1)
+            if buffer.readableBytes > KeyValueStore.maximumValueBytes {
+                return text(.contentTooLarge, "Value exceeds \(KeyValueStore.maximumValueBytes) byte limit")
+            }
+            let written = try await kv.put(key, value: Data(buffer.readableBytesView), flags: try number("flags") ?? 0, cas: try number("cas"))
+            return APIResponse.json(.bool(written))
+        default:
+            let recurse = try request.flag("recurse")
+            if key.isEmpty && !recurse { throw FlotillaError.badRequest("Missing key name") }
+            let deleted = try await kv.delete(key, recurse: recurse, cas: try number("cas"))
+            return APIResponse.json(.bool(deleted))
+        }
+    }
+
+    // MARK: - Shapes
+
+    private func nodeID(_ name: String) -> String {
+        // A stable UUID-shaped id per node name.
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in name.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+        let hex = String(format: "%016llx%016llx", hash, hash.byteSwapped)
+        let characters = Array(hex)
+        return "\(String(characters[0..<8]))-\(String(characters[8..<12]))-\(String(characters[12..<16]))-\(String(characters[16..<20]))-\(String(characters[20..<32]))"
+    }
+
+    private func nodeFields(_ node: CatalogNode, datacenter: String) -> [String: JSONValue] {
+        [
+            "ID": .string(nodeID(node.name)), "Node": .string(node.name), "Address": .string(node.address), "Datacenter": .string(datacenter),
+            "TaggedAddresses": .object(["lan": .string(node.address), "wan": .string(node.address)]),
+            "Meta": .object(node.meta.mapValues(JSONValue.string)),
+        ]
+    }
+
+    private func serviceFields(_ entry: CatalogService) -> JSONValue {
+        .object([
+            "ID": .string(entry.id), "Service": .string(entry.name), "Tags": .array(entry.tags.map(JSONValue.string)),
+            "Address": .string(entry.address), "Port": .number(Double(entry.port)), "Meta": .object(entry.meta.mapValues(JSONValue.string)),
+            "Weights": .object(["Passing": .number(1), "Warning": .number(1)]), "EnableTagOverride": .bool(false),
+            "CreateIndex": .number(Double(entry.createIndex)), "ModifyIndex": .number(Double(entry.modifyIndex)),
+        ])
+    }
+
+    private func checkFields(_ check: CatalogCheck) -> JSONValue {
+        .object([
+            "Node": .string(check.node), "CheckID": .string(check.checkID), "Name": .string(check.name), "Status": .string(check.status.rawValue),
+            "Notes": .string(check.notes), "Output": .string(check.output), "ServiceID": .string(check.serviceID),
+            "ServiceName": .string(check.serviceName), "ServiceTags": .array(check.serviceTags.map(JSONValue.string)), "Type": .string(check.type),
+            "Definition": .object([:]), "CreateIndex": .number(Double(check.createIndex)), "ModifyIndex": .number(Double(check.modifyIndex)),
+        ])
+    }
+}

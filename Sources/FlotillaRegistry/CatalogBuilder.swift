@@ -1,0 +1,119 @@
+public import FlotillaCore
+public import Foundation
+
+/// Turns instances and external registrations into catalog entries. Pure: the registry calls it on
+/// every change and compares the result with the last one to decide which indexes move.
+///
+/// Naming follows Registrator, read from the app's labels first, then its env:
+/// `SERVICE_NAME`, `SERVICE_TAGS` (comma-separated), `SERVICE_IGNORE`, and per port
+/// `SERVICE_<port>_NAME` / `_TAGS` / `_IGNORE`, where `<port>` is the port definition's number
+/// (when not 0), its index, or its name in capitals. Without a name an app's service is its id
+/// with `/` as `-` (`/shop/cart` → `shop-cart`), and each port after the first of a multi-port app
+/// is `<name>-<port index>`.
+public enum CatalogBuilder {
+    public static let nodeCheckID = "serfHealth"
+
+    public static func nodes(_ nodes: [NodeInfo]) -> [CatalogNode] {
+        nodes.map { CatalogNode(name: $0.name, address: $0.host, meta: $0.attributes) }.sorted { $0.name < $1.name }
+    }
+
+    /// The catalog entries of one instance: one per registered port. None once it has ended.
+    public static func services(of instance: Instance) -> [CatalogService] {
+        let spec = instance.spec
+        guard !instance.state.isTerminal, instance.state == .running || instance.state == .killing, !spec.ports.isEmpty else { return [] }
+        let definition = spec.definition
+        func setting(_ key: String) -> String? {
+            if let label = definition.labels[key] { return label }
+            if case .value(let value)? = definition.env[key] { return value }
+            return nil
+        }
+        if let ignore = setting("SERVICE_IGNORE"), !ignore.isEmpty, ignore.lowercased() != "false" { return [] }
+        let baseName = setting("SERVICE_NAME") ?? spec.appID.serviceName
+        let baseTags = tags(setting("SERVICE_TAGS"))
+        var entries: [CatalogService] = []
+        for (index, hostPort) in spec.ports.enumerated() {
+            let portDefinition = definition.portDefinitions.indices.contains(index) ? definition.portDefinitions[index] : PortDefinition(port: 0)
+            var keys = ["\(index)"]
+            if portDefinition.port != 0 { keys.insert("\(portDefinition.port)", at: 0) }
+            if let name = portDefinition.name { keys.append(name.uppercased()) }
+            func portSetting(_ suffix: String) -> String? { keys.lazy.compactMap { setting("SERVICE_\($0)_\(suffix)") }.first }
+            if let ignore = portSetting("IGNORE"), !ignore.isEmpty, ignore.lowercased() != "false" { continue }
+            let name = portSetting("NAME") ?? (index == 0 || spec.ports.count == 1 ? baseName : "\(baseName)-\(index)")
+            let portTags = portSetting("TAGS").map(tags) ?? baseTags
+            let serviceID = "\(spec.id):\(hostPort)"
+            var meta = [
+                "flotilla-app": spec.appID.path, "flotilla-instance": spec.id, "flotilla-version": spec.version,
+            ]
+            if let portName = portDefinition.name { meta["flotilla-port-name"] = portName }
+            entries.append(
+                CatalogService(
+                    id: serviceID, name: name, tags: portTags, address: spec.host, port: hostPort, meta: meta, node: spec.node,
+                    checks: checks(of: instance, serviceID: serviceID, serviceName: name, tags: portTags), createIndex: 0, modifyIndex: 0))
+        }
+        return entries
+    }
+
+    /// An instance's checks in Consul's terms: one per app health check (or one for its state when
+    /// it has none), plus maintenance mode while it drains or waits as a blue-green standby, which
+    /// takes it out of every passing set (and out of Fabio's routes) before it gets SIGTERM.
+    static func checks(of instance: Instance, serviceID: String, serviceName: String, tags: [String]) -> [CatalogCheck] {
+        let spec = instance.spec
+        func check(_ id: String, _ name: String, _ status: CheckStatus, output: String, notes: String = "", type: String = "") -> CatalogCheck {
+            CatalogCheck(
+                node: spec.node, checkID: id, name: name, status: status, notes: notes, output: output, serviceID: serviceID,
+                serviceName: serviceName, serviceTags: tags, type: type, createIndex: 0, modifyIndex: 0)
+        }
+        var checks: [CatalogCheck] = []
+        if spec.definition.healthChecks.isEmpty {
+            let running = instance.state == .running
+            checks.append(check("service:\(serviceID)", "Instance state", running ? .passing : .critical, output: instance.state.rawValue))
+        } else {
+            let results = instance.status?.health ?? []
+            for (index, healthCheck) in spec.definition.healthChecks.enumerated() {
+                let result = index < results.count ? results[index] : HealthResult()
+                let status: CheckStatus
+                switch result.alive {
+                case true?: status = .passing
+                case false?: status = .critical
+                // No verdict yet: failures forgiven in the grace period show as a warning.
+                case nil: status = result.lastFailure != nil ? .warning : .critical
+                }
+                let output = result.alive == true ? "passing since \(result.lastSuccess ?? "")" : (result.lastFailureCause ?? "no result yet")
+                let suffix = spec.definition.healthChecks.count == 1 ? "" : ":\(index + 1)"
+                checks.append(
+                    check("service:\(serviceID)\(suffix)", "\(healthCheck.protocol.rawValue) health check", status, output: output,
+                          type: healthCheck.protocol.rawValue.lowercased()))
+            }
+        }
+        let draining = instance.status?.draining == true || spec.goal == .stop || instance.state == .killing
+        if draining || spec.standby {
+            let reason = draining ? "draining before stop" : "blue-green standby: not live"
+            checks.append(
+                check("_service_maintenance:\(serviceID)", "Service Maintenance Mode", .critical, output: reason, notes: reason, type: "maintenance"))
+        }
+        return checks
+    }
+
+    /// Catalog entries of services registered through the agent API, with TTLs applied at `now`.
+    public static func services(of external: ExternalService, now: Date) -> CatalogService {
+        let checks = external.checks.map { check -> CatalogCheck in
+            var status = check.status
+            var output = check.output
+            if let ttl = check.ttlSeconds, let updated = Timestamp.parse(check.updatedAt), now.timeIntervalSince(updated) > ttl {
+                status = .critical
+                output = "TTL expired: no update for \(Int(ttl)) s"
+            }
+            return CatalogCheck(
+                node: external.node, checkID: check.id, name: check.name, status: status, notes: check.notes, output: output,
+                serviceID: external.id, serviceName: external.name, serviceTags: external.tags, type: check.type, createIndex: 0,
+                modifyIndex: 0)
+        }
+        return CatalogService(
+            id: external.id, name: external.name, tags: external.tags, address: external.address, port: external.port, meta: external.meta,
+            node: external.node, checks: checks, createIndex: 0, modifyIndex: 0)
+    }
+
+    static func tags(_ text: String?) -> [String] {
+        (text ?? "").split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+    }
+}

@@ -1,0 +1,138 @@
+import Foundation
+import Synchronization
+
+/// Answers DNS questions from the registry's current view, Consul's way:
+/// `<svc>.service.<domain>` (A of passing instances, shuffled), `<tag>.<svc>.service.<domain>`,
+/// RFC 2782 `_<svc>._<tag>.service.<domain>` (SRV; `_tcp` means any tag), SRV with node targets
+/// and their addresses as additionals, and `<node>.node.<domain>`; the datacenter may appear
+/// before the domain. Unknown names are NXDOMAIN; known services without a passing instance
+/// answer NOERROR with no records.
+public struct DNSResolver: Sendable {
+    public let domain: String
+    public let ttl: UInt32
+    let view: RegistryViewBox
+
+    public init(domain: String, ttl: UInt32, view: RegistryViewBox) {
+        self.domain = domain.lowercased().trimmingCharacters(in: CharacterSet(charactersIn: "."))
+        self.ttl = ttl
+        self.view = view
+    }
+
+    /// The full response to a raw query, sized for UDP (`udp`) or TCP. Nil when there is nothing
+    /// to answer (not even a header).
+    public func respond(to packet: [UInt8], udp: Bool) -> [UInt8]? {
+        let query: DNSQuery
+        do {
+            query = try DNSMessage.parse(packet)
+        } catch {
+            switch error {
+            case .tooShort: return nil
+            case .malformed(let id, let flags): return flags & 0x8000 == 0 ? DNSMessage.error(id: id, flags: flags, code: .formatError) : nil
+            }
+        }
+        guard query.isQuery else { return nil }
+        let limit = udp ? (query.ednsPayloadSize ?? 512) : 65_535
+        guard query.opcode == 0 else { return DNSMessage.response(to: query, code: .notImplemented, answers: [], limit: limit) }
+        guard let question = query.questions.first else { return DNSMessage.response(to: query, code: .formatError, answers: [], limit: limit) }
+        let (code, answers, additional) = answer(question, in: view.current)
+        let authority = answers.isEmpty && code != .refused ? [soa()] : []
+        return DNSMessage.response(to: query, code: code, answers: answers, authority: authority, additional: additional, limit: limit)
+    }
+
+    func soa() -> DNSRecord {
+        DNSRecord(
+            name: domain, ttl: ttl,
+            data: .soa(primary: "ns.\(domain)", mailbox: "hostmaster.\(domain)", serial: UInt32(truncatingIfNeeded: view.current.index(of: .services)), refresh: 3600, retry: 600, expire: 86_400, minimum: ttl))
+    }
+
+    func answer(_ question: DNSQuestion, in view: RegistryView) -> (DNSResponseCode, [DNSRecord], [DNSRecord]) {
+        var labels = question.name.split(separator: ".").map(String.init)
+        let domainLabels = domain.split(separator: ".").map(String.init)
+        guard labels.count > domainLabels.count, Array(labels.suffix(domainLabels.count)) == domainLabels else { return (.refused, [], []) }
+        labels.removeLast(domainLabels.count)
+        if labels.count >= 3, labels.last == view.datacenter.lowercased(), ["service", "node"].contains(labels[labels.count - 2]) {
+            labels.removeLast()
+        }
+        guard let kind = labels.popLast(), !labels.isEmpty else { return (.nameError, [], []) }
+        let wantsA = question.type == DNSType.a.rawValue || question.type == DNSType.any.rawValue
+        switch kind {
+        case "node":
+            guard let node = view.nodes.first(where: { $0.name.lowercased() == labels.joined(separator: ".") }) else { return (.nameError, [], []) }
+            guard wantsA, let address = Self.ipv4(node.address) else { return (.noError, [], []) }
+            return (.noError, [DNSRecord(name: question.name, ttl: ttl, data: .a(address))], [])
+        case "service":
+            var service: String
+            var tag: String?
+            if labels.count == 2, labels[0].hasPrefix("_"), labels[1].hasPrefix("_") {
+                service = String(labels[0].dropFirst())
+                let protocolOrTag = String(labels[1].dropFirst())
+                tag = protocolOrTag == "tcp" ? nil : protocolOrTag
+            } else if labels.count == 1 {
+                service = labels[0]
+            } else if labels.count == 2 {
+                tag = labels[0]
+                service = labels[1]
+            } else {
+                return (.nameError, [], [])
+            }
+            service = service.lowercased()
+            let all = view.services.filter { $0.name.lowercased() == service }
+            guard !all.isEmpty else { return (.nameError, [], []) }
+            let passing = all.filter { entry in
+                entry.status == .passing && (tag == nil || entry.tags.contains { $0.lowercased() == tag })
+            }.shuffled()
+            let nodes = Dictionary(view.nodes.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+            if question.type == DNSType.srv.rawValue {
+                var answers: [DNSRecord] = []
+                var additional: [DNSRecord] = []
+                var seenTargets: Set<String> = []
+                for entry in passing {
+                    let target = "\(entry.node.lowercased()).node.\(view.datacenter.lowercased()).\(domain)"
+                    answers.append(DNSRecord(name: question.name, ttl: ttl, data: .srv(priority: 1, weight: 1, port: UInt16(clamping: entry.port), target: target)))
+                    let address = entry.address.isEmpty ? nodes[entry.node]?.address ?? "" : entry.address
+                    if seenTargets.insert(target).inserted, let ipv4 = Self.ipv4(address) {
+                        additional.append(DNSRecord(name: target, ttl: ttl, data: .a(ipv4)))
+                    }
+                }
+                return (.noError, answers, additional)
+            }
+            guard wantsA else { return (.noError, [], []) }
+            var seen: Set<[UInt8]> = []
+            var answers: [DNSRecord] = []
+            for entry in passing {
+                let address = entry.address.isEmpty ? nodes[entry.node]?.address ?? "" : entry.address
+                if let ipv4 = Self.ipv4(address), seen.insert(ipv4).inserted {
+                    answers.append(DNSRecord(name: question.name, ttl: ttl, data: .a(ipv4)))
+                }
+            }
+            return (.noError, answers, [])
+        default:
+            return (.nameError, [], [])
+        }
+    }
+
+    static func ipv4(_ text: String) -> [UInt8]? {
+        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 4 else { return nil }
+        var bytes: [UInt8] = []
+        for part in parts {
+            guard let value = UInt8(part) else { return nil }
+            bytes.append(value)
+        }
+        return bytes
+    }
+}
+
+/// The registry's latest view, readable from any thread without awaiting (the DNS handlers run
+/// on NIO event loops).
+public final class RegistryViewBox: Sendable {
+    private let view: Mutex<RegistryView>
+
+    public init(_ view: RegistryView) {
+        self.view = Mutex(view)
+    }
+
+    public var current: RegistryView { view.withLock { $0 } }
+
+    func update(_ newView: RegistryView) { view.withLock { $0 = newView } }
+}

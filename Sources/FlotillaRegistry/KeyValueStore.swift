@@ -1,0 +1,123 @@
+public import FlotillaCore
+public import FlotillaStore
+public import Foundation
+
+/// Consul's KV store over the state store (keys under `kv/`): values up to 512 KiB, flags,
+/// check-and-set, recursive reads and deletes, and blocking reads whose index moves only when
+/// something under the queried key or prefix changes, deletes included.
+public actor KeyValueStore {
+    public static let maximumValueBytes = 512 * 1024
+    static let prefix = "kv/"
+
+    public struct Entry: Sendable {
+        public var key: String
+        public var value: Data
+        public var flags: UInt64
+        public var createIndex: UInt64
+        public var modifyIndex: UInt64
+    }
+
+    public struct Read: Sendable {
+        public var entries: [Entry]
+        /// What `X-Consul-Index` says: the last change under the key or prefix.
+        public var index: UInt64
+    }
+
+    private let store: any StateStore
+    /// Recent deletes, so a prefix's index moves when a key under it goes away.
+    private var tombstones: [(key: String, index: UInt64)] = []
+    /// The index below which tombstones were dropped (or the index at start): never report less.
+    private var floor: UInt64 = 1
+    private static let tombstoneLimit = 10_000
+
+    public init(store: any StateStore) {
+        self.store = store
+    }
+
+    /// Call once at start: indexes reported later never fall below the store's index now.
+    public func start() async throws {
+        floor = max(1, try await store.currentIndex())
+    }
+
+    /// Rejects keys Consul would reject, or that cannot be stored.
+    public static func validate(_ key: String) throws(FlotillaError) {
+        if key.utf8.count > 2048 { throw .badRequest("key is longer than 2048 bytes") }
+        if key.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) {
+            throw .badRequest("key contains a control character")
+        }
+    }
+
+    public func get(_ key: String, recurse: Bool) async throws -> Read {
+        let storeKey = Self.prefix + key
+        let entries: [StoreEntry]
+        if recurse {
+            entries = try await store.list(prefix: storeKey).entries
+        } else {
+            entries = try await store.get(storeKey).map { [$0] } ?? []
+        }
+        let converted = entries.map {
+            Entry(key: String($0.key.dropFirst(Self.prefix.count)), value: $0.value, flags: $0.flags, createIndex: $0.createIndex, modifyIndex: $0.modifyIndex)
+        }
+        return Read(entries: converted, index: index(of: key, recurse: recurse, entries: converted))
+    }
+
+    /// A blocking read: returns when the key's (or prefix's) index passes `after`, or after `wait`.
+    public func get(_ key: String, recurse: Bool, after: UInt64?, wait: Duration) async throws -> Read {
+        var read = try await get(key, recurse: recurse)
+        guard let after, after > 0, read.index <= after else { return read }
+        let deadline = ContinuousClock.now + wait
+        while read.index <= after {
+            let left = deadline - ContinuousClock.now
+            if left <= .zero { break }
+            _ = try await store.waitForChange(prefix: Self.prefix + key, after: max(after, read.index), timeout: left)
+            read = try await get(key, recurse: recurse)
+        }
+        return read
+    }
+
+    /// `PUT`: false when the `cas` condition does not hold (nothing written).
+    public func put(_ key: String, value: Data, flags: UInt64, cas: UInt64?) async throws -> Bool {
+        guard value.count <= Self.maximumValueBytes else {
+            throw FlotillaError.invalid(message: "Value exceeds \(Self.maximumValueBytes) byte limit", details: [])
+        }
+        var preconditions: [StorePrecondition] = []
+        if let cas { preconditions.append(cas == 0 ? .absent(Self.prefix + key) : .modifyIndex(Self.prefix + key, equals: cas)) }
+        do {
+            try await store.commit(StoreTransaction(preconditions: preconditions, mutations: [.put(Self.prefix + key, value, flags: flags)]))
+            return true
+        } catch StoreError.preconditionFailed {
+            return false
+        }
+    }
+
+    /// `DELETE`: false when the `cas` condition does not hold.
+    public func delete(_ key: String, recurse: Bool, cas: UInt64?) async throws -> Bool {
+        let storeKey = Self.prefix + key
+        var preconditions: [StorePrecondition] = []
+        if let cas, !recurse { preconditions.append(.modifyIndex(storeKey, equals: cas)) }
+        do {
+            let index = try await store.commit(
+                StoreTransaction(preconditions: preconditions, mutations: [recurse ? .deletePrefix(storeKey) : .delete(storeKey)]))
+            tombstones.append((key, index))
+            if tombstones.count > Self.tombstoneLimit {
+                let dropped = tombstones.prefix(tombstones.count - Self.tombstoneLimit / 2)
+                floor = max(floor, dropped.map(\.index).max() ?? floor)
+                tombstones.removeFirst(dropped.count)
+            }
+            return true
+        } catch StoreError.preconditionFailed {
+            return false
+        }
+    }
+
+    private func index(of key: String, recurse: Bool, entries: [Entry]) -> UInt64 {
+        var index = floor
+        for entry in entries { index = max(index, entry.modifyIndex) }
+        for tombstone in tombstones.reversed() where tombstone.index > index {
+            // A recursive delete of a parent also removed this key.
+            let related = recurse ? (tombstone.key.hasPrefix(key) || key.hasPrefix(tombstone.key)) : (key.hasPrefix(tombstone.key))
+            if related { index = tombstone.index }
+        }
+        return index
+    }
+}
