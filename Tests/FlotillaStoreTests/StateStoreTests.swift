@@ -136,4 +136,32 @@ import Testing
         // The index continues; it never goes back.
         #expect(try await reopened.put("apps/c", data("three")) == 3)
     }
+
+    @Test(arguments: Backend.allCases)
+    func concurrentCommitsEachGetTheirOwnIndex(_ backend: Backend) async throws {
+        let fixture = try Fixture(backend)
+        let store = fixture.store
+        try await store.put("taken", data("x"))
+        // Half the transactions fail their precondition; the others must not notice.
+        let results = try await withThrowingTaskGroup(of: (Int, UInt64?).self) { group in
+            for number in 0..<64 {
+                group.addTask {
+                    let transaction = StoreTransaction(
+                        preconditions: number % 2 == 0 ? [] : [.absent("taken")], mutations: [.put("k/\(number)", Data("\(number)".utf8))])
+                    do {
+                        return (number, try await store.commit(transaction))
+                    } catch StoreError.preconditionFailed {
+                        return (number, nil)
+                    }
+                }
+            }
+            return try await group.reduce(into: [(Int, UInt64?)]()) { $0.append($1) }
+        }
+        let committed = results.compactMap(\.1).sorted()
+        #expect(committed.count == 32)
+        #expect(committed == Array(2...33).map(UInt64.init))
+        #expect(results.filter { $0.0 % 2 == 1 }.allSatisfy { $0.1 == nil })
+        #expect(try await store.list(prefix: "k/").entries.count == 32)
+        #expect(try await store.currentIndex() == 33)
+    }
 }
