@@ -5,7 +5,9 @@ import Synchronization
 /// The embedded backend: one SQLite database in WAL mode with `synchronous=FULL`, so a commit is on
 /// disk before it is acknowledged and survives `kill -9` of the agent or a power cut.
 public final class SQLiteStateStore: StateStore {
-    private let database: DatabaseQueue
+    /// A pool: one writer, and readers that run beside it on WAL snapshots, so reads never wait
+    /// for a commit's sync.
+    private let database: DatabasePool
     private let notifier = ChangeNotifier()
 
     /// Opens (creating if needed) the database at `path`.
@@ -13,10 +15,10 @@ public final class SQLiteStateStore: StateStore {
         var configuration = Configuration()
         configuration.busyMode = .timeout(5)
         configuration.prepareDatabase { db in
-            try db.execute(sql: "PRAGMA journal_mode = WAL")
             try db.execute(sql: "PRAGMA synchronous = FULL")
         }
-        database = try DatabaseQueue(path: path, configuration: configuration)
+        configuration.maximumReaderCount = 4
+        database = try DatabasePool(path: path, configuration: configuration)
         try database.write { db in
             try db.execute(
                 sql: """

@@ -1,8 +1,8 @@
 """Run a real `flotilla agent` from tests, and look at what it runs.
 
 The binary comes from $FLOTILLA_BIN (scripts/test.sh sets it), falling back to the debug build.
-Every agent gets its own data directory, a free API port and a random task port range, so
-several test runs can share a machine.
+Every agent gets its own data directory, a free API port, a free DNS port (UDP and TCP) and a
+random task port range, so several test runs can share a machine.
 
 Instances are found through /proc: the agent gives each instance's processes the environment
 variables FLOTILLA_SANDBOX (``<data dir>/sandboxes/<instance id>``), FLOTILLA_INSTANCE_ID and
@@ -48,10 +48,40 @@ def flotilla_binary() -> Path:
     return binary
 
 
+# Ports this process has handed out: never twice, even once their probe sockets are closed.
+_HANDED_OUT_PORTS = set()
+
+
 def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT_PORTS:
+            _HANDED_OUT_PORTS.add(port)
+            return port
+
+
+def free_tcp_and_udp_port(attempts=100) -> int:
+    """A loopback port free for both TCP and UDP (the agent's DNS server binds both).
+
+    The probe sockets do not set SO_REUSEADDR, so a port another process holds (even with
+    SO_REUSEADDR, as the agent's DNS sockets do) is seen as taken.
+    """
+    for _ in range(attempts):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            if port in _HANDED_OUT_PORTS:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        _HANDED_OUT_PORTS.add(port)
+        return port
+    raise RuntimeError(f"no loopback port free for both TCP and UDP after {attempts} attempts")
 
 
 def wait_until(predicate, timeout=20, interval=0.2, what=None):
@@ -122,7 +152,8 @@ def all_pids():
 class Agent:
     """One `flotilla agent` process listening on 127.0.0.1.
 
-    `restart()` starts it again with the same data directory, API port and task port range.
+    `restart()` starts it again with the same data directory, API port, DNS port and task port
+    range. DNS (UDP and TCP) listens on 127.0.0.1:`dns_port`.
     """
 
     def __init__(
@@ -141,6 +172,7 @@ class Agent:
         self.data_dir = Path(os.path.realpath(data_dir))
         self.log_path = self.data_dir / "agent.log"
         self.api_port = free_tcp_port()
+        self.dns_port = free_tcp_and_udp_port()
         first_port = random.randint(TASK_PORT_LOWEST, TASK_PORT_HIGHEST - TASK_PORT_COUNT)
         self.task_ports = range(first_port, first_port + TASK_PORT_COUNT)
         self.cpus = cpus
@@ -176,6 +208,7 @@ class Agent:
             "--data-dir", str(self.state_dir),
             "--bind", "127.0.0.1",
             "--api-port", str(self.api_port),
+            "--dns-port", str(self.dns_port),
             "--ports", f"{self.task_ports[0]}-{self.task_ports[-1]}",
             "--node-name", self.node_name,
             "--cpus", str(self.cpus),
@@ -256,7 +289,7 @@ class Agent:
         self.killed = True
 
     def restart(self, on_exit=None) -> None:
-        """Start the agent again on the same data directory, API port and task port range.
+        """Start the agent again on the same data directory, API and DNS ports and task port range.
 
         The previous process must have ended (stop() or kill9()). `on_exit` changes the
         --on-exit policy from now on.
