@@ -115,12 +115,14 @@ struct ExecDriver: Sendable {
 
     /// Signals the instance's whole process group, and anything that left the group but not the cgroup.
     func signal(_ process: RunningProcess, instanceID: String, _ signal: Int32) {
-        if process.signalFD >= 0 {
-            _ = flotilla_pidfd_signal(process.signalFD, signal)
-        }
-        // The group shares the leader's pid; only signal it while the leader is still the same process.
+        // The group first, while the leader is certainly still there (it cannot be reaped before it
+        // gets the signal): the group shares the leader's pid, which is only ours while the
+        // leader is the process we started.
         if ProcFS.startTicks(of: process.pid) == process.startTicks {
             kill(-process.pid, signal)
+        }
+        if process.signalFD >= 0 {
+            _ = flotilla_pidfd_signal(process.signalFD, signal)
         }
         if signal == SIGKILL {
             for pid in cgroups.processes(instanceID: instanceID) { kill(pid, SIGKILL) }

@@ -1,11 +1,12 @@
 public import FlotillaCore
 public import FlotillaStore
 public import Foundation
+import Synchronization
 
 /// Consul's KV store over the state store (keys under `kv/`): values up to 512 KiB, flags,
 /// check-and-set, recursive reads and deletes, and blocking reads whose index moves only when
 /// something under the queried key or prefix changes, deletes included.
-public actor KeyValueStore {
+public final class KeyValueStore: Sendable {
     public static let maximumValueBytes = 512 * 1024
     static let prefix = "kv/"
 
@@ -24,10 +25,17 @@ public actor KeyValueStore {
     }
 
     private let store: any StateStore
-    /// Recent deletes, so a prefix's index moves when a key under it goes away.
-    private var tombstones: [(key: String, index: UInt64)] = []
-    /// The index below which tombstones were dropped (or the index at start): never report less.
-    private var floor: UInt64 = 1
+
+    private struct Tombstones {
+        /// Recent deletes, so a prefix's index moves when a key under it goes away.
+        var entries: [(key: String, index: UInt64)] = []
+        /// The index below which deletes were forgotten (or the index at start): never report less.
+        var floor: UInt64 = 1
+    }
+
+    // A lock, not an actor: a blocking read woken by a commit goes straight on, with no hop onto
+    // a busy executor.
+    private let tombstones = Mutex(Tombstones())
     private static let tombstoneLimit = 10_000
 
     public init(store: any StateStore) {
@@ -36,7 +44,8 @@ public actor KeyValueStore {
 
     /// Call once at start: indexes reported later never fall below the store's index now.
     public func start() async throws {
-        floor = max(1, try await store.currentIndex())
+        let index = max(1, try await store.currentIndex())
+        tombstones.withLock { $0.floor = index }
     }
 
     /// Rejects keys Consul would reject, or that cannot be stored.
@@ -98,11 +107,13 @@ public actor KeyValueStore {
         do {
             let index = try await store.commit(
                 StoreTransaction(preconditions: preconditions, mutations: [recurse ? .deletePrefix(storeKey) : .delete(storeKey)]))
-            tombstones.append((key, index))
-            if tombstones.count > Self.tombstoneLimit {
-                let dropped = tombstones.prefix(tombstones.count - Self.tombstoneLimit / 2)
-                floor = max(floor, dropped.map(\.index).max() ?? floor)
-                tombstones.removeFirst(dropped.count)
+            tombstones.withLock { state in
+                state.entries.append((key, index))
+                if state.entries.count > Self.tombstoneLimit {
+                    let dropped = state.entries.prefix(state.entries.count - Self.tombstoneLimit / 2)
+                    state.floor = max(state.floor, dropped.map(\.index).max() ?? state.floor)
+                    state.entries.removeFirst(dropped.count)
+                }
             }
             return true
         } catch StoreError.preconditionFailed {
@@ -111,13 +122,15 @@ public actor KeyValueStore {
     }
 
     private func index(of key: String, recurse: Bool, entries: [Entry]) -> UInt64 {
-        var index = floor
-        for entry in entries { index = max(index, entry.modifyIndex) }
-        for tombstone in tombstones.reversed() where tombstone.index > index {
-            // A recursive delete of a parent also removed this key.
-            let related = recurse ? (tombstone.key.hasPrefix(key) || key.hasPrefix(tombstone.key)) : (key.hasPrefix(tombstone.key))
-            if related { index = tombstone.index }
+        tombstones.withLock { state in
+            var index = state.floor
+            for entry in entries { index = max(index, entry.modifyIndex) }
+            for tombstone in state.entries.reversed() where tombstone.index > index {
+                // A recursive delete of a parent also removed this key.
+                let related = recurse ? (tombstone.key.hasPrefix(key) || key.hasPrefix(tombstone.key)) : key.hasPrefix(tombstone.key)
+                if related { index = tombstone.index }
+            }
+            return index
         }
-        return index
     }
 }

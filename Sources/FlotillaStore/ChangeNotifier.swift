@@ -47,37 +47,37 @@ final class ChangeNotifier: Sendable {
             state.nextID += 1
             return state.nextID
         }
-        await withTaskGroup(of: Void.self) { group in
-            group.addTask {
-                await withTaskCancellationHandler {
-                    await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-                        let resumeNow = self.state.withLock { state -> Bool in
-                            if Task.isCancelled { return true }
-                            if state.lastIndex > index {
-                                // Commits happened that the caller has not seen: return now if one of
-                                // them touched the prefix, or if they are too old to tell.
-                                guard let oldest = state.recent.first?.index, oldest <= index + 1 else { return true }
-                                if state.recent.contains(where: { $0.index > index && $0.keys.contains { $0.hasPrefix(prefix) } }) {
-                                    return true
-                                }
-                            }
-                            state.waiters[id] = Waiter(prefix: prefix, after: index, continuation: continuation)
-                            return false
-                        }
-                        if resumeNow { continuation.resume() }
-                    }
-                } onCancel: {
-                    self.cancel(id)
-                }
-            }
-            group.addTask {
-                try? await Task.sleep(for: timeout)
-                self.cancel(id)
-            }
-            await group.next()
-            group.cancelAll()
+        // The waiter is resumed straight from the committing task; the timer only matters when
+        // nothing changes.
+        let timer = Task {
+            try? await Task.sleep(for: timeout)
+            self.cancel(id)
         }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let resumeNow = self.state.withLock { state -> Bool in
+                    if Task.isCancelled { return true }
+                    if state.lastIndex > index {
+                        // Commits happened that the caller has not seen: return now if one of
+                        // them touched the prefix, or if they are too old to tell.
+                        guard let oldest = state.recent.first?.index, oldest <= index + 1 else { return true }
+                        if state.recent.contains(where: { $0.index > index && $0.keys.contains { $0.hasPrefix(prefix) } }) {
+                            return true
+                        }
+                    }
+                    state.waiters[id] = Waiter(prefix: prefix, after: index, continuation: continuation)
+                    return false
+                }
+                if resumeNow { continuation.resume() }
+            }
+        } onCancel: {
+            self.cancel(id)
+        }
+        timer.cancel()
     }
+
+    /// The latest committed index, without asking the backend.
+    var latestIndex: UInt64 { state.withLock { $0.lastIndex } }
 
     private func cancel(_ id: UInt64) {
         let waiter = state.withLock { $0.waiters.removeValue(forKey: id) }

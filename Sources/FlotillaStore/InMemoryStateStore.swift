@@ -65,6 +65,6 @@ public final class InMemoryStateStore: StateStore {
 
     public func waitForChange(prefix: String, after index: UInt64, timeout: Duration) async throws -> UInt64 {
         await notifier.wait(prefix: prefix, after: index, timeout: timeout)
-        return try await currentIndex()
+        return notifier.latestIndex
     }
 }

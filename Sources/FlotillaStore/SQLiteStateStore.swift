@@ -181,7 +181,7 @@ public final class SQLiteStateStore: StateStore {
 
     public func waitForChange(prefix: String, after index: UInt64, timeout: Duration) async throws -> UInt64 {
         await notifier.wait(prefix: prefix, after: index, timeout: timeout)
-        return try await currentIndex()
+        return notifier.latestIndex
     }
 
     private static func readIndex(_ db: Database) throws -> UInt64 {
