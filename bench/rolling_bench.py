@@ -1,9 +1,11 @@
 """Drives bench/rolling.sh: rolling restarts of 20 health-checked instances on a release agent.
 
-The minimum a restart can take follows from the strategy: each wave of replacements waits for
-its new instances' first passing check (one check interval at worst) and the last wave's old
-instances drain for `drainSeconds` before they stop. With (minimumHealthCapacity 1,
-maximumOverCapacity 1) there is one wave; with (0.5, 0) there are two.
+The minimum a restart can take follows from the strategy. With (minimumHealthCapacity 1,
+maximumOverCapacity 1) all new instances start at once, pass their first check (up to one
+interval), then the old ones drain for `drainSeconds` and stop: one check, one drain. With (0.5, 0)
+there is no headroom: half the old instances drain and stop before their replacements may start
+(an instance on its way out still counts), the new half passes a check, then the other half:
+two drains, two checks.
 """
 
 import argparse
@@ -16,9 +18,10 @@ INSTANCES = 20
 INTERVAL = 1.0
 DRAIN = 2.0
 
+# (name, strategy, checks the restart waits for, drains it waits for)
 STRATEGIES = [
-    ("minimumHealthCapacity 1, maximumOverCapacity 1", {"minimumHealthCapacity": 1, "maximumOverCapacity": 1}, 1),
-    ("minimumHealthCapacity 0.5, maximumOverCapacity 0", {"minimumHealthCapacity": 0.5, "maximumOverCapacity": 0}, 2),
+    ("minimumHealthCapacity 1, maximumOverCapacity 1", {"minimumHealthCapacity": 1, "maximumOverCapacity": 1}, 1, 1),
+    ("minimumHealthCapacity 0.5, maximumOverCapacity 0", {"minimumHealthCapacity": 0.5, "maximumOverCapacity": 0}, 2, 2),
 ]
 
 
@@ -42,7 +45,7 @@ def main():
     agent = Agent(arguments.binary, arguments.work)
     rows = []
     try:
-        for index, (name, strategy, waves) in enumerate(STRATEGIES):
+        for index, (name, strategy, checks, drains) in enumerate(STRATEGIES):
             app_id = f"/bench/rolling-{index}"
             created = call(agent.base, "POST", "/v2/apps", definition(app_id, arguments.server, strategy))
             status, reason = agent.wait_for_deployment(created["deployments"][0]["id"])
@@ -59,7 +62,7 @@ def main():
                     raise SystemExit(f"restart of {app_id} {status}: {reason}")
                 durations.append(elapsed)
                 cpu_shares.append((cpu_seconds(agent.process.pid) - cpu_before) / elapsed)
-            minimum = waves * INTERVAL + DRAIN
+            minimum = checks * INTERVAL + drains * DRAIN
             median = statistics.median(durations)
             rows.append((name, median, minimum, statistics.median(cpu_shares), durations))
             call(agent.base, "DELETE", f"/v2/apps{app_id}?force=true")

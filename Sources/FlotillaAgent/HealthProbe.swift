@@ -206,4 +206,10 @@ public struct NetworkProbe: Sendable {
         let outcome = await probe.tcp(host: host, port: port, timeout: timeoutSeconds)
         return (outcome.passed, outcome.passed ? "TCP connect \(host):\(port): Success" : outcome.cause ?? "failed")
     }
+
+    /// Releases the HTTP client and the command watcher; call once, when nothing probes any more.
+    public func shutdown() async {
+        try? await probe.httpClient.shutdown()
+        probe.commands.stop()
+    }
 }

@@ -240,10 +240,12 @@ public actor ControlPlane: Service {
         let deployment = newDeployment(
             version: version, targets: [.init(app: id, targetVersion: version, previousVersion: current.version)],
             steps: [[.init(action: action, app: id)]], configVersions: [id: configVersion])
+        let cancelledResults = cancellationResults(cancelled, reason: "replaced by deployment \(deployment.id) (force)")
         try await commit(
-            puts: [(StateKeys.app(id), record), (StateKeys.version(version, of: id), record), (StateKeys.deployment(deployment.id), deployment)],
+            puts: [(StateKeys.app(id), record), (StateKeys.version(version, of: id), record), (StateKeys.deployment(deployment.id), deployment)]
+                + cancelledResults.map { (StateKeys.deploymentResult($0.id), $0) },
             deletes: cancelled.map { StateKeys.deployment($0) })
-        for cancelledID in cancelled { deployments[cancelledID] = nil }
+        finishCancelled(cancelledResults)
         apps[id] = record
         deployments[deployment.id] = deployment
         if configChanged { backoffs[id] = nil }
@@ -263,11 +265,12 @@ public actor ControlPlane: Service {
         let deployment = self.newDeployment(
             version: version, targets: [.init(app: id, targetVersion: nil, previousVersion: current.version)],
             steps: [[.init(action: .stopApplication, app: id)]])
+        let cancelledResults = cancellationResults(cancelled, reason: "the app was deleted (deployment \(deployment.id))")
         try await self.commit(
-            puts: [(StateKeys.deployment(deployment.id), deployment)],
+            puts: [(StateKeys.deployment(deployment.id), deployment)] + cancelledResults.map { (StateKeys.deploymentResult($0.id), $0) },
             deletes: cancelled.map { StateKeys.deployment($0) } + [StateKeys.app(id), StateKeys.failure(id)],
             deletePrefixes: [StateKeys.versions(of: id)])
-        for cancelledID in cancelled { self.deployments[cancelledID] = nil }
+        finishCancelled(cancelledResults)
         self.apps[id] = nil
         self.failures[id] = nil
         self.backoffs[id] = nil
@@ -316,13 +319,11 @@ public actor ControlPlane: Service {
         await lock.acquire()
         defer { lock.release() }
         guard let deployment = self.deployments[id] else { throw FlotillaError.notFound("DeploymentPlan \(id) does not exist") }
-        if force {
-            try await self.commit(deletes: [StateKeys.deployment(id)])
-            self.deployments[id] = nil
-            return nil
-        }
-        try await self.commit(deletes: [StateKeys.deployment(id)])
-        self.deployments[id] = nil
+        let reason = force ? "cancelled with force: the apps stay as they are" : "cancelled: the previous version is being restored"
+        let cancelledResults = cancellationResults([id], reason: reason)
+        try await self.commit(puts: cancelledResults.map { (StateKeys.deploymentResult($0.id), $0) }, deletes: [StateKeys.deployment(id)])
+        finishCancelled(cancelledResults)
+        if force { return nil }
         var result: ChangeResult?
         for target in deployment.targets {
             if let previous = target.previousVersion {
@@ -674,6 +675,19 @@ public actor ControlPlane: Service {
 
     private func requireLoaded() throws {
         if !loaded { throw FlotillaError.unavailable("the agent is still starting; try again in a moment") }
+    }
+
+    /// How cancelled deployments ended, for `/flotilla/v1/deployments/{id}` and `flotilla deploy`.
+    private func cancellationResults(_ ids: [String], reason: String) -> [DeploymentResult] {
+        let now = Timestamp.format(Date())
+        return ids.compactMap { deployments[$0] }.map { DeploymentResult(deployment: $0, status: .cancelled, reason: reason, finishedAt: now) }
+    }
+
+    private func finishCancelled(_ results: [DeploymentResult]) {
+        for result in results {
+            deployments[result.id] = nil
+            deploymentResults[result.id] = result
+        }
     }
 
     /// Deployments that hold `app`; with `force` they are cancelled, without it they conflict.

@@ -49,12 +49,12 @@ public enum Reconciler {
             return AppPlan(stop: active.map { .init(instanceID: $0.id, reason: "app deleted") })
         }
         switch app.definition.upgradeStrategy.type {
-        case .rolling: return rolling(app, active)
+        case .rolling: return rolling(app, active, live: instances.filter { !$0.state.isTerminal })
         case .blueGreen: return blueGreen(app, active, now: now)
         }
     }
 
-    static func rolling(_ app: AppRecord, _ active: [Instance]) -> AppPlan {
+    static func rolling(_ app: AppRecord, _ active: [Instance], live: [Instance]) -> AppPlan {
         let target = app.definition.instances
         let current = active.filter { $0.spec.configVersion == app.configVersion }
         let old = active.filter { $0.spec.configVersion != app.configVersion }
@@ -85,12 +85,12 @@ public enum Reconciler {
             }
         }
 
-        // Start what is missing, within the over-capacity allowance.
+        // Start what is missing, within the over-capacity allowance. An instance on its way out
+        // still counts until it has ended (as in Marathon): it still holds its resources.
         let missing = target - keptCurrent.count
         if missing > 0 {
             let maximumTotal = target + Int((Double(target) * app.definition.upgradeStrategy.maximumOverCapacity).rounded(.down))
-            let remaining = active.count - plan.stop.count
-            plan.launch = max(0, min(missing, maximumTotal - remaining))
+            plan.launch = max(0, min(missing, maximumTotal - live.count))
         }
         return plan
     }

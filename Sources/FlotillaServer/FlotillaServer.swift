@@ -66,8 +66,9 @@ public struct FlotillaServer {
                 stopInstancesOnExit: configuration.stopInstancesOnExit),
             store: store, cgroups: cgroups, logger: logger)
 
+        let networkProbe = NetworkProbe()
         let registry = Registry(
-            store: store, source: ControlPlaneSource(control: control), prober: RegistryProber(probe: NetworkProbe()),
+            store: store, source: ControlPlaneSource(control: control), prober: RegistryProber(probe: networkProbe),
             datacenter: configuration.datacenter, localNode: configuration.node.name, localAddress: configuration.node.host, logger: logger)
         let keyValues = KeyValueStore(store: store)
         try await keyValues.start()
@@ -107,7 +108,16 @@ public struct FlotillaServer {
                 ],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
-        try await group.run()
+        // Everything the API serves is loaded before it listens: `/ping` answering means ready.
+        try await control.load()
+        try await registry.load()
+        do {
+            try await group.run()
+        } catch {
+            await networkProbe.shutdown()
+            throw error
+        }
+        await networkProbe.shutdown()
     }
 }
 

@@ -65,12 +65,23 @@ import Testing
     }
 
     @Test func rollingUpgradeWithoutHeadroomStopsFirst() throws {
-        // minimumHealthCapacity 0.5, maximumOverCapacity 0: replace half at a time, never above 4.
+        // minimumHealthCapacity 0.5, maximumOverCapacity 0: replace half at a time, never above 4
+        // live instances, counting those still stopping.
         let app = try record(instances: 4, minimumHealth: 0.5, maximumOver: 0)
-        let instances = try (1...4).map { try instance("o\($0)", config: "v1") }
+        var instances = try (1...4).map { try instance("o\($0)", config: "v1") }
         let plan = Reconciler.plan(app: app, instances: instances)
         #expect(plan.stop.count == 2)
-        #expect(plan.launch == 2)
+        #expect(plan.launch == 0)
+        // The two stopped ones are still on their way out: nothing starts yet.
+        for stop in plan.stop {
+            let index = instances.firstIndex { $0.id == stop.instanceID }!
+            instances[index].spec.goal = .stop
+            instances[index].status?.state = .killing
+        }
+        #expect(Reconciler.plan(app: app, instances: instances).launch == 0)
+        // Once they have ended, two new ones start.
+        instances.removeAll { $0.spec.goal == .stop }
+        #expect(Reconciler.plan(app: app, instances: instances).launch == 2)
     }
 
     @Test func oldInstancesThatDoNotServeGoAtOnce() throws {
