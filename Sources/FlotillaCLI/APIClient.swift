@@ -50,6 +50,21 @@ struct APIClient {
         return Reply(status: Int(response.status.code), body: Data(bytes.readableBytesView))
     }
 
+    /// Sends raw bytes (a KV value) and returns the reply as it is.
+    func raw(_ method: HTTPMethod, _ path: String, body: Data) async throws -> Reply {
+        var request = HTTPClientRequest(url: base + path)
+        request.method = method
+        request.body = .bytes(ByteBuffer(bytes: body))
+        let response: HTTPClientResponse
+        do {
+            response = try await HTTPClient.shared.execute(request, timeout: .seconds(30))
+        } catch {
+            throw CLIError("cannot reach the agent at \(base): \(error). Is `flotilla agent` running? Set --api or FLOTILLA_API.")
+        }
+        let bytes = try await response.body.collect(upTo: 64 << 20)
+        return Reply(status: Int(response.status.code), body: Data(bytes.readableBytesView))
+    }
+
     /// Sends a request and returns its JSON, turning an error status into a one-line `CLIError`.
     func call(_ method: HTTPMethod, _ path: String, body: JSONValue? = nil) async throws -> JSONValue {
         let reply = try await request(method, path, body: body)
@@ -59,7 +74,8 @@ struct APIClient {
 
     static func describeError(_ reply: Reply) -> String {
         guard let json = reply.json, let message = json["message"]?.stringValue else {
-            return "HTTP \(reply.status): \(String(decoding: reply.body.prefix(300), as: UTF8.self))"
+            let text = String(decoding: reply.body.prefix(300), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+            return "HTTP \(reply.status)" + (text.isEmpty ? "" : ": \(text)")
         }
         var text = message
         if case .array(let details)? = json["details"] {
