@@ -1,0 +1,63 @@
+public import FlotillaCore
+
+/// Builds the proxy's route table from the catalog: every `urlprefix-` tag on a service makes a
+/// route; its targets are the instances in service (all checks passing). A route whose instances
+/// are all gone or failing stays in the table with no target, so the proxy answers 503, not 404.
+public enum RouteTableBuilder {
+    public static func build(from view: RegistryView, index: UInt64) -> RouteTable {
+        struct Key: Hashable {
+            var host: String
+            var path: String
+            var tcpPort: Int?
+        }
+        var rules: [Key: RouteRule] = [:]
+        var members: [Key: [(CatalogService, Double?)]] = [:]
+        var services: [Key: Set<String>] = [:]
+        for entry in view.services {
+            for tag in entry.tags {
+                guard let rule = RouteRule.parse(tag) else { continue }
+                let key = Key(host: rule.host, path: rule.path, tcpPort: rule.tcpPort)
+                if rules[key] == nil { rules[key] = rule }
+                services[key, default: []].insert(entry.name)
+                if entry.status == .passing { members[key, default: []].append((entry, rule.weight)) }
+            }
+        }
+        var http: [Route] = []
+        var tcp: [Int: Route] = [:]
+        for (key, rule) in rules {
+            var plain = rule
+            plain.weight = nil
+            let route = Route(rule: plain, targets: weighted(members[key] ?? []), services: services[key, default: []].sorted())
+            if let port = key.tcpPort { tcp[port] = route } else { http.append(route) }
+        }
+        return RouteTable(http: http, tcp: tcp, index: index)
+    }
+
+    /// Shares of traffic per target: tagged weights go to their instances, what is left is split
+    /// among the instances without one; shares sum to 1.
+    static func weighted(_ members: [(CatalogService, Double?)]) -> [RouteTarget] {
+        guard !members.isEmpty else { return [] }
+        let explicit = members.filter { $0.1 != nil }
+        let implicit = members.filter { $0.1 == nil }
+        var shares: [Double] = []
+        let explicitTotal = explicit.reduce(0.0) { $0 + ($1.1 ?? 0) }
+        // Weights name a share per tagged set; split it among that set's instances.
+        var setSizes: [Double: Int] = [:]
+        for member in explicit { setSizes[member.1!, default: 0] += 1 }
+        for (_, weight) in members {
+            if let weight {
+                shares.append(weight / Double(setSizes[weight]!))
+            } else {
+                shares.append(max(0, 1 - explicitTotal) / Double(implicit.count))
+            }
+        }
+        var total = shares.reduce(0, +)
+        if total <= 0 {
+            shares = members.map { _ in 1 }
+            total = Double(members.count)
+        }
+        return zip(members, shares).map { member, share in
+            RouteTarget(serviceID: member.0.id, service: member.0.name, host: member.0.address, port: member.0.port, weight: share / total)
+        }.sorted { $0.serviceID < $1.serviceID }
+    }
+}
