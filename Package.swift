@@ -23,6 +23,7 @@ let package = Package(
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
         .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
         .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
     ],
@@ -79,6 +80,21 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
 
+        // The load balancer: HTTP and TCP on SwiftNIO, fed route-table snapshots.
+        .target(
+            name: "FlotillaProxy",
+            dependencies: [
+                "FlotillaCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+
         // The control loop: desired state, deployments, reconcile through the scheduler.
         .target(
             name: "FlotillaControl",
@@ -106,7 +122,8 @@ let package = Package(
             name: "FlotillaServer",
             dependencies: [
                 "FlotillaCore", "FlotillaStore", "FlotillaScheduler", "FlotillaAgent", "FlotillaControl", "FlotillaAPI",
-                "FlotillaRegistry",
+                "FlotillaRegistry", "FlotillaProxy",
+                .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -119,7 +136,7 @@ let package = Package(
         .target(
             name: "FlotillaCLI",
             dependencies: [
-                "FlotillaCore", "FlotillaServer",
+                "FlotillaCore", "FlotillaServer", "FlotillaProxy",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -140,6 +157,15 @@ let package = Package(
         .testTarget(name: "FlotillaStoreTests", dependencies: ["FlotillaCore", "FlotillaStore"], swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaSchedulerTests", dependencies: ["FlotillaCore", "FlotillaScheduler"], swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaRegistryTests", dependencies: ["FlotillaCore", "FlotillaStore", "FlotillaRegistry"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "FlotillaProxyTests",
+            dependencies: [
+                "FlotillaCore", "FlotillaProxy",
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         .testTarget(name: "FlotillaAgentTests", dependencies: ["FlotillaCore", "FlotillaAgent"], swiftSettings: swiftSettings),
         .testTarget(
             name: "FlotillaAPITests",

@@ -1,5 +1,6 @@
 import ArgumentParser
 import FlotillaCore
+import FlotillaProxy
 import FlotillaServer
 import Foundation
 import Logging
@@ -31,6 +32,12 @@ struct AgentCommand: AsyncParsableCommand {
 
     @Option(help: "The TTL of DNS answers, in seconds.")
     var dnsTtl: UInt32 = 0
+
+    @Option(help: "The load balancer's HTTP port (routes from urlprefix- tags).")
+    var proxyPort: Int = 7680
+
+    @Option(help: "How the load balancer picks an instance: rr (round-robin), random, leastconn.")
+    var proxyStrategy: String = "rr"
 
     @Option(help: "The datacenter name the Consul API and DNS report.")
     var datacenter: String = "dc1"
@@ -65,6 +72,10 @@ struct AgentCommand: AsyncParsableCommand {
         guard parsedPorts != nil else { throw ValidationError("--ports must be FROM-TO with 1 <= FROM <= TO <= 65535, got '\(ports)'") }
         guard (0...65535).contains(apiPort) else { throw ValidationError("--api-port must be between 0 and 65535") }
         guard (1...65535).contains(dnsPort) else { throw ValidationError("--dns-port must be between 1 and 65535") }
+        guard (1...65535).contains(proxyPort) else { throw ValidationError("--proxy-port must be between 1 and 65535") }
+        guard BalancingStrategy(rawValue: proxyStrategy) != nil else {
+            throw ValidationError("--proxy-strategy must be one of \(BalancingStrategy.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
         guard dnsDomain.split(separator: ".").allSatisfy({ !$0.isEmpty && $0.count <= 63 }), !dnsDomain.isEmpty else {
             throw ValidationError("--dns-domain must be a domain name such as flotilla or consul.example")
         }
@@ -109,14 +120,14 @@ struct AgentCommand: AsyncParsableCommand {
             "starting flotilla \(Flotilla.version)",
             metadata: [
                 "data-dir": "\(directory)", "api": "\(bind):\(apiPort)", "node": "\(name)", "cpus": "\(node.cpus)",
-                "mem": "\(Int(node.mem))", "ports": "\(ports)", "dns": "\(bind):\(dnsPort)",
+                "mem": "\(Int(node.mem))", "ports": "\(ports)", "dns": "\(bind):\(dnsPort)", "proxy": "\(bind):\(proxyPort)",
             ])
         do {
             try await FlotillaServer.run(
                 .init(
                     dataDirectory: directory, bindAddress: bind, apiPort: apiPort, node: node, stopInstancesOnExit: onExit == .stop,
                     logMaxBytes: Int64(logMaxMib) << 20, version: Flotilla.version, dnsPort: dnsPort, dnsDomain: dnsDomain,
-                    dnsTTL: dnsTtl, datacenter: datacenter),
+                    dnsTTL: dnsTtl, datacenter: datacenter, proxyPort: proxyPort, proxyStrategy: BalancingStrategy(rawValue: proxyStrategy)!),
                 logger: logger)
         } catch {
             logger.critical("agent stopped: \(error)")

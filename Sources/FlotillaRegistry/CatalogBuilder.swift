@@ -17,38 +17,52 @@ public enum CatalogBuilder {
         nodes.map { CatalogNode(name: $0.name, address: $0.host, meta: $0.attributes) }.sorted { $0.name < $1.name }
     }
 
-    /// The catalog entries of one instance: one per registered port. None once it has ended.
-    public static func services(of instance: Instance) -> [CatalogService] {
-        let spec = instance.spec
-        guard !instance.state.isTerminal, instance.state == .running || instance.state == .killing, !spec.ports.isEmpty else { return [] }
-        let definition = spec.definition
+    /// The services an app declares (name and tags per registered port), whether or not any
+    /// instance runs: a route stays known while its app exists, so the proxy can answer 503.
+    public static func declaredServices(of definition: AppDefinition) -> [(name: String, tags: [String])] {
+        naming(of: definition, portCount: max(1, definition.portDefinitions.count)).map { ($0.name, $0.tags) }
+    }
+
+    /// Name and tags of each port of an app that is registered (ignored ports are left out).
+    static func naming(of definition: AppDefinition, portCount: Int) -> [(index: Int, name: String, tags: [String], portName: String?)] {
         func setting(_ key: String) -> String? {
             if let label = definition.labels[key] { return label }
             if case .value(let value)? = definition.env[key] { return value }
             return nil
         }
         if let ignore = setting("SERVICE_IGNORE"), !ignore.isEmpty, ignore.lowercased() != "false" { return [] }
-        let baseName = setting("SERVICE_NAME") ?? spec.appID.serviceName
+        let baseName = setting("SERVICE_NAME") ?? definition.id.serviceName
         let baseTags = tags(setting("SERVICE_TAGS"))
-        var entries: [CatalogService] = []
-        for (index, hostPort) in spec.ports.enumerated() {
+        var result: [(index: Int, name: String, tags: [String], portName: String?)] = []
+        for index in 0..<portCount {
             let portDefinition = definition.portDefinitions.indices.contains(index) ? definition.portDefinitions[index] : PortDefinition(port: 0)
             var keys = ["\(index)"]
             if portDefinition.port != 0 { keys.insert("\(portDefinition.port)", at: 0) }
             if let name = portDefinition.name { keys.append(name.uppercased()) }
             func portSetting(_ suffix: String) -> String? { keys.lazy.compactMap { setting("SERVICE_\($0)_\(suffix)") }.first }
             if let ignore = portSetting("IGNORE"), !ignore.isEmpty, ignore.lowercased() != "false" { continue }
-            let name = portSetting("NAME") ?? (index == 0 || spec.ports.count == 1 ? baseName : "\(baseName)-\(index)")
-            let portTags = portSetting("TAGS").map(tags) ?? baseTags
+            let name = portSetting("NAME") ?? (index == 0 || portCount == 1 ? baseName : "\(baseName)-\(index)")
+            result.append((index, name, portSetting("TAGS").map(tags) ?? baseTags, portDefinition.name))
+        }
+        return result
+    }
+
+    /// The catalog entries of one instance: one per registered port. None once it has ended.
+    public static func services(of instance: Instance) -> [CatalogService] {
+        let spec = instance.spec
+        guard !instance.state.isTerminal, instance.state == .running || instance.state == .killing, !spec.ports.isEmpty else { return [] }
+        var entries: [CatalogService] = []
+        for port in naming(of: spec.definition, portCount: spec.ports.count) {
+            let hostPort = spec.ports[port.index]
             let serviceID = "\(spec.id):\(hostPort)"
             var meta = [
                 "flotilla-app": spec.appID.path, "flotilla-instance": spec.id, "flotilla-version": spec.version,
             ]
-            if let portName = portDefinition.name { meta["flotilla-port-name"] = portName }
+            if let portName = port.portName { meta["flotilla-port-name"] = portName }
             entries.append(
                 CatalogService(
-                    id: serviceID, name: name, tags: portTags, address: spec.host, port: hostPort, meta: meta, node: spec.node,
-                    checks: checks(of: instance, serviceID: serviceID, serviceName: name, tags: portTags), createIndex: 0, modifyIndex: 0))
+                    id: serviceID, name: port.name, tags: port.tags, address: spec.host, port: hostPort, meta: meta, node: spec.node,
+                    checks: checks(of: instance, serviceID: serviceID, serviceName: port.name, tags: port.tags), createIndex: 0, modifyIndex: 0))
         }
         return entries
     }

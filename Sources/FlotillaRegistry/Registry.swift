@@ -17,12 +17,15 @@ public protocol RegistrySource: Sendable {
 public struct RegistryInput: Sendable {
     public var nodes: [NodeInfo]
     public var instances: [Instance]
+    /// Every app, for the routes its tags declare even while no instance runs.
+    public var apps: [AppDefinition]
     public var index: UInt64
     public var generation: UInt64
 
-    public init(nodes: [NodeInfo], instances: [Instance], index: UInt64, generation: UInt64) {
+    public init(nodes: [NodeInfo], instances: [Instance], apps: [AppDefinition] = [], index: UInt64, generation: UInt64) {
         self.nodes = nodes
         self.instances = instances
+        self.apps = apps
         self.index = index
         self.generation = generation
     }
@@ -52,6 +55,8 @@ public struct RegistryView: Sendable {
     public var localNode: String
     var topicIndexes: [RegistryTopic: UInt64]
     var floorIndex: UInt64
+    /// Tags of every service apps declare, registered or not (for routes with no instance).
+    public var declaredTags: [String: [String]] = [:]
 
     /// The index to report for a topic: when its answer last changed (never 0, never backwards).
     public func index(of topic: RegistryTopic) -> UInt64 { max(1, topicIndexes[topic] ?? floorIndex) }
@@ -78,7 +83,14 @@ public actor Registry: Service {
     public nonisolated let localNode: String
     public nonisolated let localAddress: String
 
-    private var view: RegistryView { didSet { viewBox.update(view) } }
+    private var view: RegistryView {
+        didSet {
+            viewBox.update(view)
+            onViewChange?(view)
+        }
+    }
+    /// Told of every new view (the proxy's route table is built from it).
+    private let onViewChange: (@Sendable (RegistryView) -> Void)?
     /// The latest view for readers that cannot await (DNS).
     public nonisolated let viewBox: RegistryViewBox
     private var external: [String: ExternalService] = [:]
@@ -95,8 +107,9 @@ public actor Registry: Service {
 
     public init(
         store: any StateStore, source: any RegistrySource, prober: (any CheckProber)?, datacenter: String, localNode: String,
-        localAddress: String, logger: Logger
+        localAddress: String, logger: Logger, onViewChange: (@Sendable (RegistryView) -> Void)? = nil
     ) {
+        self.onViewChange = onViewChange
         self.store = store
         self.source = source
         self.prober = prober
@@ -303,9 +316,15 @@ public actor Registry: Service {
             topicIndexes[topic] = index
         }
         topicContent = content
-        view = RegistryView(
+        var declared: [String: [String]] = [:]
+        for app in input.apps {
+            for service in CatalogBuilder.declaredServices(of: app) { declared[service.name, default: []] += service.tags }
+        }
+        var newView = RegistryView(
             nodes: nodes, services: services, datacenter: datacenter, localNode: localNode, topicIndexes: topicIndexes,
             floorIndex: view.floorIndex)
+        newView.declaredTags = declared
+        view = newView
         for (id, waiter) in waiters where view.index(of: waiter.topic) > waiter.after {
             waiters.removeValue(forKey: id)
             waiter.continuation.resume()

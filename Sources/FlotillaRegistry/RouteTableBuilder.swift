@@ -22,6 +22,15 @@ public enum RouteTableBuilder {
                 if entry.status == .passing { members[key, default: []].append((entry, rule.weight)) }
             }
         }
+        // Routes an app declares while none of its instances is registered: known, with no target.
+        for (service, tags) in view.declaredTags {
+            for tag in tags {
+                guard let rule = RouteRule.parse(tag) else { continue }
+                let key = Key(host: rule.host, path: rule.path, tcpPort: rule.tcpPort)
+                if rules[key] == nil { rules[key] = rule }
+                services[key, default: []].insert(service)
+            }
+        }
         var http: [Route] = []
         var tcp: [Int: Route] = [:]
         for (key, rule) in rules {

@@ -1,7 +1,9 @@
 import FlotillaAgent
 import FlotillaAPI
 import FlotillaControl
+public import FlotillaProxy
 import FlotillaRegistry
+import Prometheus
 public import FlotillaCore
 import FlotillaStore
 import Foundation
@@ -25,12 +27,16 @@ public struct FlotillaServer {
         public var dnsDomain: String
         public var dnsTTL: UInt32
         public var datacenter: String
+        public var proxyPort: Int
+        public var proxyStrategy: BalancingStrategy
 
         public init(
             dataDirectory: String, bindAddress: String, apiPort: Int, node: NodeInfo, stopInstancesOnExit: Bool,
             logMaxBytes: Int64, version: String, dnsPort: Int = 7653, dnsDomain: String = "flotilla", dnsTTL: UInt32 = 0,
-            datacenter: String = "dc1"
+            datacenter: String = "dc1", proxyPort: Int = 7680, proxyStrategy: BalancingStrategy = .roundRobin
         ) {
+            self.proxyPort = proxyPort
+            self.proxyStrategy = proxyStrategy
             self.dnsPort = dnsPort
             self.dnsDomain = dnsDomain
             self.dnsTTL = dnsTTL
@@ -66,10 +72,15 @@ public struct FlotillaServer {
                 stopInstancesOnExit: configuration.stopInstancesOnExit),
             store: store, cgroups: cgroups, logger: logger)
 
+        let metrics = PrometheusCollectorRegistry()
+        let proxy = ProxyServer(
+            configuration: .init(host: configuration.bindAddress, port: configuration.proxyPort, strategy: configuration.proxyStrategy),
+            metrics: metrics, logger: logger)
         let networkProbe = NetworkProbe()
         let registry = Registry(
             store: store, source: ControlPlaneSource(control: control), prober: RegistryProber(probe: networkProbe),
-            datacenter: configuration.datacenter, localNode: configuration.node.name, localAddress: configuration.node.host, logger: logger)
+            datacenter: configuration.datacenter, localNode: configuration.node.name, localAddress: configuration.node.host, logger: logger,
+            onViewChange: { view in proxy.install(RouteTableBuilder.build(from: view, index: view.index(of: .checks))) })
         let keyValues = KeyValueStore(store: store)
         try await keyValues.start()
         let dns = DNSServer(
@@ -86,6 +97,14 @@ public struct FlotillaServer {
         FlotillaRoutes(control: control).add(to: router)
         ConsulRoutes(registry: registry, kv: keyValues, serverAddress: "\(configuration.node.host):8300", version: configuration.version)
             .add(to: router)
+        OperationsRoutes(
+            routes: { proxy.routes.current },
+            metrics: {
+                var buffer: [UInt8] = []
+                metrics.emit(into: &buffer)
+                return buffer
+            }
+        ).add(to: router)
         let application = Application(
             router: router,
             configuration: .init(address: .hostname(configuration.bindAddress, port: configuration.apiPort), serverName: "flotilla"),
@@ -100,6 +119,7 @@ public struct FlotillaServer {
                     .init(service: control),
                     .init(service: registry),
                     .init(service: dns),
+                    .init(service: proxy),
                     .init(service: agent),
                     .init(service: application),
                     // Shut down first (the group stops services in reverse): open event streams
@@ -128,8 +148,8 @@ struct ControlPlaneSource: RegistrySource {
     func registryInput() async -> RegistryInput {
         let snapshot = await control.snapshot()
         return RegistryInput(
-            nodes: Array(snapshot.nodes.values), instances: Array(snapshot.instances.values), index: snapshot.index,
-            generation: snapshot.generation)
+            nodes: Array(snapshot.nodes.values), instances: Array(snapshot.instances.values),
+            apps: snapshot.apps.values.map(\.definition), index: snapshot.index, generation: snapshot.generation)
     }
 
     func waitForChange(after generation: UInt64) async -> UInt64 {

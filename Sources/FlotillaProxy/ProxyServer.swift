@@ -1,0 +1,142 @@
+public import FlotillaCore
+public import Logging
+public import NIOCore
+import NIOHTTP1
+import NIOPosix
+public import Prometheus
+public import ServiceLifecycle
+import Synchronization
+
+/// Flotilla's load balancer: an HTTP/1.1 proxy on one port, plus a TCP listener for every
+/// `urlprefix-:PORT proto=tcp` route, all fed by route-table snapshots. It never imports the
+/// registry: it only reads `routes`.
+public final class ProxyServer: Service {
+    public struct Configuration: Sendable {
+        public var host: String
+        public var port: Int
+        public var strategy: BalancingStrategy
+        public var connectTimeout: TimeAmount
+        public var readTimeout: TimeAmount
+        /// Request bodies up to this size are held so a failed attempt can be sent again.
+        public var retryBufferLimit: Int
+
+        public init(
+            host: String, port: Int, strategy: BalancingStrategy = .roundRobin, connectTimeout: TimeAmount = .seconds(1),
+            readTimeout: TimeAmount = .seconds(60), retryBufferLimit: Int = 64 * 1024
+        ) {
+            self.host = host
+            self.port = port
+            self.strategy = strategy
+            self.connectTimeout = connectTimeout
+            self.readTimeout = readTimeout
+            self.retryBufferLimit = retryBufferLimit
+        }
+    }
+
+    public let routes = RouteTableBox()
+    private let configuration: Configuration
+    private let shared: ProxyContext
+    private let logger: Logger
+    private let group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
+    private let tcpListeners = Mutex<[Int: any Channel]>([:])
+
+    public init(configuration: Configuration, metrics registry: PrometheusCollectorRegistry, logger: Logger) {
+        self.configuration = configuration
+        self.logger = logger
+        let health = UpstreamHealth()
+        shared = ProxyContext(
+            routes: routes, picker: Picker(strategy: configuration.strategy, health: health), health: health,
+            pools: UpstreamPools(connectTimeout: configuration.connectTimeout), readTimeout: configuration.readTimeout,
+            retryBufferLimit: configuration.retryBufferLimit, metrics: ProxyMetrics(registry: registry), logger: logger)
+    }
+
+    /// Installs a new route table: HTTP requests use it at once; TCP listeners open and close to match.
+    public func install(_ table: RouteTable) {
+        let previous = routes.current
+        routes.update(table)
+        if previous.tcp.keys.sorted() != table.tcp.keys.sorted() {
+            Task { await self.reconcileTCPListeners(Set(table.tcp.keys)) }
+        }
+        var live: Set<String> = []
+        for route in table.http { for target in route.targets { live.insert(target.key) } }
+        shared.pools.prune(keeping: live, idleLimit: .seconds(60))
+    }
+
+    public func run() async throws {
+        let shared = self.shared
+        let channel = try await ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.allowRemoteHalfClosure, value: false)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withPipeliningAssistance: true, withErrorHandling: true)
+                    try channel.pipeline.syncOperations.addHandler(ProxyHandler(shared: shared))
+                }
+            }
+            .bind(host: configuration.host, port: configuration.port).get()
+        logger.info("proxy listening on \(configuration.host):\(configuration.port) (\(configuration.strategy.rawValue))")
+        await reconcileTCPListeners(Set(routes.current.tcp.keys))
+        try? await gracefulShutdown()
+        try? await channel.close()
+        let listeners = tcpListeners.withLock { listeners in
+            defer { listeners.removeAll() }
+            return Array(listeners.values)
+        }
+        for listener in listeners { try? await listener.close() }
+    }
+
+    private func reconcileTCPListeners(_ wanted: Set<Int>) async {
+        let current = tcpListeners.withLock { Set($0.keys) }
+        for port in current.subtracting(wanted) {
+            let listener = tcpListeners.withLock { $0.removeValue(forKey: port) }
+            try? await listener?.close()
+            logger.info("TCP route on :\(port) closed")
+        }
+        for port in wanted.subtracting(current) {
+            do {
+                let listener = try await bindTCP(port: port)
+                tcpListeners.withLock { $0[port] = listener }
+                logger.info("TCP route listening on \(configuration.host):\(port)")
+            } catch {
+                logger.error("cannot listen for the TCP route on :\(port): \(error)")
+            }
+        }
+    }
+
+    private func bindTCP(port: Int) async throws -> any Channel {
+        let routes = self.routes
+        let picker = shared.picker
+        let health = shared.health
+        let connectTimeout = configuration.connectTimeout
+        return try await ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.autoRead, value: false)
+            .childChannelInitializer { client in
+                let clientHandler = TCPRelayHandler()
+                return client.pipeline.addHandler(clientHandler).flatMap {
+                    guard let target = routes.current.tcp[port].flatMap({ picker.pick(from: $0.targets) }) else {
+                        return client.close()
+                    }
+                    let upstreamHandler = TCPRelayHandler()
+                    return ClientBootstrap(group: client.eventLoop)
+                        .connectTimeout(connectTimeout)
+                        .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                        .channelInitializer { $0.pipeline.addHandler(upstreamHandler) }
+                        .connect(host: target.host, port: target.port)
+                        .map { _ in
+                            health.succeeded(target.key)
+                            TCPRelayHandler.join(clientHandler, upstreamHandler)
+                            client.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+                        }
+                        .flatMapError { _ in
+                            health.connectFailed(target.key)
+                            return client.close()
+                        }
+                }
+            }
+            .bind(host: configuration.host, port: port).get()
+    }
+}
