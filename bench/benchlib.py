@@ -55,12 +55,15 @@ class Agent:
 
     def __init__(self, binary, work, log_level="warning"):
         self.port = free_port()
+        self.proxy_port = free_port()
+        self.dns_port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         first = random.randint(40000, 60000)
         self.log = open(os.path.join(work, f"agent-{self.port}.log"), "w")
         self.process = subprocess.Popen(
             [binary, "agent", "--data-dir", os.path.join(work, f"data-{self.port}"), "--api-port", str(self.port),
              "--ports", f"{first}-{first + 999}", "--cpus", "64", "--mem", "65536", "--on-exit", "stop",
+             "--proxy-port", str(self.proxy_port), "--dns-port", str(self.dns_port),
              "--log-level", log_level],
             stdout=self.log, stderr=self.log)
         deadline = time.time() + 30

@@ -61,6 +61,23 @@ extension Request {
         }
     }
 
+    /// Query parameters decoded the way HTML forms and Go's `url.ParseQuery` do (`+` is a space),
+    /// which is how Consul clients encode them.
+    func formValues(_ name: String) -> [String] {
+        guard let query = uri.query else { return [] }
+        var values: [String] = []
+        for pair in query.split(separator: "&") {
+            let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            let key = String(parts[0]).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(parts[0])
+            guard key == name else { continue }
+            let raw = parts.count > 1 ? String(parts[1]) : ""
+            values.append(raw.replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? raw)
+        }
+        return values
+    }
+
+    func formValue(_ name: String) -> String? { formValues(name).first }
+
     func queryValues(_ name: String) -> [String] {
         uri.queryParameters[values: Substring(name)].flatMap { $0.split(separator: ",").map(String.init) }
     }

@@ -86,20 +86,19 @@ public struct ConsulRoutes: Sendable {
     }
 
     private func options(_ request: Request) throws(FlotillaError) -> QueryOptions {
-        let query = request.uri.queryParameters
         var index: UInt64?
-        if let text = query["index"] {
+        if let text = request.formValue("index") {
             guard let value = UInt64(text) else { throw .badRequest("Invalid index: '\(text)' is not a number") }
             index = value
         }
         var waitSeconds = Self.defaultWait
-        if let text = query["wait"] {
-            guard let value = GoDuration.seconds(String(text)) else { throw .badRequest("Invalid wait time: '\(text)'; use a duration such as 30s or 5m") }
+        if let text = request.formValue("wait") {
+            guard let value = GoDuration.seconds(text) else { throw .badRequest("Invalid wait time: '\(text)'; use a duration such as 30s or 5m") }
             waitSeconds = min(value, Self.maximumWait)
         }
         // Consul adds up to wait/16 of jitter so many watchers do not return together.
         waitSeconds += Double.random(in: 0...(waitSeconds / 16))
-        let datacenter = query["dc"].map(String.init)
+        let datacenter = request.formValue("dc")
         if let datacenter, !datacenter.isEmpty, datacenter != registry.datacenter {
             throw .notFound("No path to datacenter '\(datacenter)'")
         }
@@ -147,7 +146,7 @@ public struct ConsulRoutes: Sendable {
     private func catalogService(_ request: Request) async throws -> Response {
         let name = try requireName(request, after: "/v1/catalog/service/", what: "service")
         let view = try await blocking(request, topic: .service(name))
-        let tags = request.queryValues("tag")
+        let tags = request.formValues("tag")
         let entries = view.services(named: name).filter { entry in tags.allSatisfy(entry.tags.contains) }
         let nodes = Dictionary(view.nodes.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
         let body = JSONValue.array(entries.map { entry in
@@ -196,7 +195,7 @@ public struct ConsulRoutes: Sendable {
     private func healthService(_ request: Request) async throws -> Response {
         let name = try requireName(request, after: "/v1/health/service/", what: "service")
         let view = try await blocking(request, topic: .service(name))
-        let tags = request.queryValues("tag")
+        let tags = request.formValues("tag")
         let passingOnly = try request.flag("passing")
         let nodes = Dictionary(view.nodes.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
         let entries = view.services(named: name).filter { entry in
@@ -320,7 +319,7 @@ public struct ConsulRoutes: Sendable {
 
     private func updateCheck(_ request: Request, action: String) async throws -> Response {
         let id = try requireName(request, after: "/v1/agent/check/\(action)/", what: "check ID")
-        let note = request.uri.queryParameters["note"].map(String.init) ?? ""
+        let note = request.formValue("note") ?? ""
         switch action {
         case "pass": try await registry.updateCheck(id, status: .passing, output: note)
         case "warn": try await registry.updateCheck(id, status: .warning, output: note)
@@ -346,7 +345,7 @@ public struct ConsulRoutes: Sendable {
         try KeyValueStore.validate(key)
         let query = request.uri.queryParameters
         func number(_ name: String) throws(FlotillaError) -> UInt64? {
-            guard let text = query[Substring(name)] else { return nil }
+            guard let text = request.formValue(name) else { return nil }
             guard let value = UInt64(text) else { throw .badRequest("Invalid \(name): '\(text)' is not a number") }
             return value
         }
@@ -359,7 +358,7 @@ public struct ConsulRoutes: Sendable {
             let read = try await kv.get(key, recurse: recurse || keysOnly, after: options.index, wait: options.wait)
             let headers = consulHeaders(index: read.index)
             if keysOnly {
-                let separator = query["separator"].map(String.init) ?? ""
+                let separator = request.formValue("separator") ?? ""
                 var keys: [String] = []
                 for entry in read.entries {
                     var listed = entry.key
@@ -379,7 +378,7 @@ public struct ConsulRoutes: Sendable {
             }
             let body = JSONValue.array(read.entries.map { entry in
                 .object([
-                    "LockIndex": .number(0), "Key": .string(entry.key), "Flags": .number(Double(entry.flags)),
+                    "LockIndex": .number(0), "Key": .string(entry.key), "Flags": .unsigned(entry.flags),
                     "Value": entry.value.isEmpty ? .null : .string(entry.value.base64EncodedString()),
                     "CreateIndex": .number(Double(entry.createIndex)), "ModifyIndex": .number(Double(entry.modifyIndex)),
                 ])

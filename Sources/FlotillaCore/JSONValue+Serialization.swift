@@ -20,6 +20,7 @@ extension JSONValue {
             } else {
                 output.append(contentsOf: "null".utf8)
             }
+        case .unsigned(let value): output.append(contentsOf: String(value).utf8)
         case .string(let value): Self.writeString(value, into: &output)
         case .array(let values):
             output.append(UInt8(ascii: "["))

@@ -6,6 +6,8 @@ public enum JSONValue: Sendable, Hashable, Codable {
     case null
     case bool(Bool)
     case number(Double)
+    /// An unsigned integer too large for a `Double` to carry exactly (Consul's KV flags); written only.
+    case unsigned(UInt64)
     case string(String)
     case array([JSONValue])
     case object([String: JSONValue])
@@ -38,6 +40,7 @@ public enum JSONValue: Sendable, Hashable, Codable {
             } else {
                 try container.encode(value)
             }
+        case .unsigned(let value): try container.encode(value)
         case .string(let value): try container.encode(value)
         case .array(let value): try container.encode(value)
         case .object(let value): try container.encode(value)

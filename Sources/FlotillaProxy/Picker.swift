@@ -27,7 +27,7 @@ final class Picker: Sendable {
             let tick = counter.wrappingAdd(1, ordering: .relaxed).oldValue
             if weighted {
                 // Spread the weighted choice evenly over the ticks (a low-discrepancy sequence).
-                let position = Double(tick &* 0x9E37_79B9_7F4A_7C15 >> 11) / Double(1 << 53)
+                let position = Double((tick &* 0x9E37_79B9_7F4A_7C15) >> 11) / Double(UInt64(1) << 53)
                 return weightedChoice(candidates, position)
             }
             return candidates[Int(tick % UInt64(candidates.count))]

@@ -9,9 +9,13 @@ public enum DNSResponseCode: UInt8, Sendable {
 }
 
 public struct DNSQuestion: Sendable, Hashable {
+    /// Lowercased, for matching.
     public var name: String
     public var type: UInt16
     public var qclass: UInt16
+    /// The labels exactly as asked, echoed back byte for byte (resolvers that randomise case,
+    /// such as Unbound's use-caps-for-id, drop answers that do not match).
+    public var labels: [[UInt8]] = []
 }
 
 public struct DNSQuery: Sendable {
@@ -71,11 +75,12 @@ public enum DNSMessage {
         var questions: [DNSQuestion] = []
         guard questionCount <= 8 else { throw .malformed(id: id, flags: flags) }
         for _ in 0..<questionCount {
-            guard let name = readName(bytes, at: &offset), offset + 4 <= bytes.count else { throw .malformed(id: id, flags: flags) }
+            guard let labels = readLabels(bytes, at: &offset), offset + 4 <= bytes.count else { throw .malformed(id: id, flags: flags) }
             let type = UInt16(bytes[offset]) << 8 | UInt16(bytes[offset + 1])
             let qclass = UInt16(bytes[offset + 2]) << 8 | UInt16(bytes[offset + 3])
             offset += 4
-            questions.append(DNSQuestion(name: name, type: type, qclass: qclass))
+            let name = labels.map { String(decoding: $0, as: UTF8.self) }.joined(separator: ".").lowercased()
+            questions.append(DNSQuestion(name: name, type: type, qclass: qclass, labels: labels))
         }
         // Skip answers and authorities; look for an OPT record among the additionals.
         var edns: Int?
@@ -83,7 +88,7 @@ public enum DNSMessage {
             let count = [answerCount, authorityCount, additionalCount][section]
             guard count <= 64 else { break }
             for _ in 0..<count {
-                guard readName(bytes, at: &offset) != nil, offset + 10 <= bytes.count else { return DNSQuery(id: id, flags: flags, questions: questions, ednsPayloadSize: edns) }
+                guard readLabels(bytes, at: &offset) != nil, offset + 10 <= bytes.count else { return DNSQuery(id: id, flags: flags, questions: questions, ednsPayloadSize: edns) }
                 let type = UInt16(bytes[offset]) << 8 | UInt16(bytes[offset + 1])
                 let rclass = Int(UInt16(bytes[offset + 2]) << 8 | UInt16(bytes[offset + 3]))
                 let length = Int(UInt16(bytes[offset + 8]) << 8 | UInt16(bytes[offset + 9]))
@@ -94,9 +99,9 @@ public enum DNSMessage {
         return DNSQuery(id: id, flags: flags, questions: questions, ednsPayloadSize: edns)
     }
 
-    /// Reads a possibly compressed name; nil when it runs off the end, loops, or is too long.
-    static func readName(_ bytes: [UInt8], at offset: inout Int) -> String? {
-        var labels: [String] = []
+    /// Reads a possibly compressed name as raw labels; nil when it runs off the end, loops, or is too long.
+    static func readLabels(_ bytes: [UInt8], at offset: inout Int) -> [[UInt8]]? {
+        var labels: [[UInt8]] = []
         var position = offset
         var jumped = false
         var hops = 0
@@ -122,11 +127,11 @@ public enum DNSMessage {
             guard size & 0xC0 == 0, position + 1 + size <= bytes.count else { return nil }
             length += size + 1
             guard length <= 255 else { return nil }
-            labels.append(String(decoding: bytes[(position + 1)..<(position + 1 + size)], as: UTF8.self))
+            labels.append(Array(bytes[(position + 1)..<(position + 1 + size)]))
             position += 1 + size
         }
         if !jumped { offset = position }
-        return labels.joined(separator: ".").lowercased()
+        return labels
     }
 
     /// Builds a response: the question echoed, then answers and additionals until `limit` bytes;
@@ -139,7 +144,17 @@ public enum DNSMessage {
         out.reserveCapacity(512)
         func u16(_ value: UInt16) { out.append(UInt8(value >> 8)); out.append(UInt8(value & 0xFF)) }
         func u32(_ value: UInt32) { u16(UInt16(value >> 16)); u16(UInt16(value & 0xFFFF)) }
+        let asked = query.questions.first
         func name(_ text: String) {
+            // The question's own name goes back exactly as it came.
+            if let asked, !asked.labels.isEmpty, text == asked.name {
+                for label in asked.labels {
+                    out.append(UInt8(label.count))
+                    out.append(contentsOf: label)
+                }
+                out.append(0)
+                return
+            }
             for label in text.split(separator: ".") {
                 let bytes = Array(label.utf8.prefix(63))
                 out.append(UInt8(bytes.count))

@@ -50,12 +50,18 @@ public struct DNSResolver: Sendable {
         let domainLabels = domain.split(separator: ".").map(String.init)
         guard labels.count > domainLabels.count, Array(labels.suffix(domainLabels.count)) == domainLabels else { return (.refused, [], []) }
         labels.removeLast(domainLabels.count)
-        if labels.count >= 3, labels.last == view.datacenter.lowercased(), ["service", "node"].contains(labels[labels.count - 2]) {
+        if labels.count >= 3, labels.last == view.datacenter.lowercased(), ["service", "node", "addr"].contains(labels[labels.count - 2]) {
             labels.removeLast()
         }
         guard let kind = labels.popLast(), !labels.isEmpty else { return (.nameError, [], []) }
         let wantsA = question.type == DNSType.a.rawValue || question.type == DNSType.any.rawValue
         switch kind {
+        case "addr":
+            // `<hex IPv4>.addr.<dc>.<domain>`: the target of an SRV record whose service address
+            // differs from its node's.
+            guard labels.count == 1, let address = Self.address(fromHex: labels[0]) else { return (.nameError, [], []) }
+            guard wantsA else { return (.noError, [], []) }
+            return (.noError, [DNSRecord(name: question.name, ttl: ttl, data: .a(address))], [])
         case "node":
             guard let node = view.nodes.first(where: { $0.name.lowercased() == labels.joined(separator: ".") }) else { return (.nameError, [], []) }
             guard wantsA, let address = Self.ipv4(node.address) else { return (.noError, [], []) }
@@ -87,9 +93,17 @@ public struct DNSResolver: Sendable {
                 var additional: [DNSRecord] = []
                 var seenTargets: Set<String> = []
                 for entry in passing {
-                    let target = "\(entry.node.lowercased()).node.\(view.datacenter.lowercased()).\(domain)"
+                    let nodeAddress = nodes[entry.node]?.address ?? ""
+                    let address = entry.address.isEmpty ? nodeAddress : entry.address
+                    // A service at its node's address points at the node; one elsewhere gets a
+                    // target of its own, as Consul does, so every port resolves to its own host.
+                    let target: String
+                    if address == nodeAddress || Self.ipv4(address) == nil {
+                        target = "\(entry.node.lowercased()).node.\(view.datacenter.lowercased()).\(domain)"
+                    } else {
+                        target = "\(Self.hex(Self.ipv4(address)!)).addr.\(view.datacenter.lowercased()).\(domain)"
+                    }
                     answers.append(DNSRecord(name: question.name, ttl: ttl, data: .srv(priority: 1, weight: 1, port: UInt16(clamping: entry.port), target: target)))
-                    let address = entry.address.isEmpty ? nodes[entry.node]?.address ?? "" : entry.address
                     if seenTargets.insert(target).inserted, let ipv4 = Self.ipv4(address) {
                         additional.append(DNSRecord(name: target, ttl: ttl, data: .a(ipv4)))
                     }
@@ -109,6 +123,23 @@ public struct DNSResolver: Sendable {
         default:
             return (.nameError, [], [])
         }
+    }
+
+    static func hex(_ address: [UInt8]) -> String {
+        address.map { String(format: "%02x", $0) }.joined()
+    }
+
+    static func address(fromHex text: String) -> [UInt8]? {
+        guard text.count == 8 else { return nil }
+        var bytes: [UInt8] = []
+        var index = text.startIndex
+        while index < text.endIndex {
+            let next = text.index(index, offsetBy: 2)
+            guard let byte = UInt8(text[index..<next], radix: 16) else { return nil }
+            bytes.append(byte)
+            index = next
+        }
+        return bytes
     }
 
     static func ipv4(_ text: String) -> [UInt8]? {

@@ -165,7 +165,8 @@ public final class SQLiteStateStore: StateStore {
                         ON CONFLICT(key) DO UPDATE SET value = excluded.value, modify_index = excluded.modify_index,
                         flags = excluded.flags
                         """,
-                    arguments: [key, value, index, index, flags])
+                    // SQLite integers are signed: keep all 64 bits of the flags by their bit pattern.
+                    arguments: [key, value, index, index, Int64(bitPattern: flags)])
                 keys.append(key)
             case .delete(let key):
                 try db.execute(sql: "DELETE FROM entries WHERE key = ?", arguments: [key])
@@ -191,6 +192,6 @@ public final class SQLiteStateStore: StateStore {
     private static func entry(_ row: Row) -> StoreEntry {
         StoreEntry(
             key: row["key"], value: row["value"], createIndex: row["create_index"], modifyIndex: row["modify_index"],
-            flags: row["flags"])
+            flags: UInt64(bitPattern: row["flags"] as Int64))
     }
 }
