@@ -1,8 +1,8 @@
 """Run a real `flotilla agent` from tests, and look at what it runs.
 
 The binary comes from $FLOTILLA_BIN (scripts/test.sh sets it), falling back to the debug build.
-Every agent gets its own data directory, a free API port, a free DNS port (UDP and TCP) and a
-random task port range, so several test runs can share a machine.
+Every agent gets its own data directory, a free API port, a free DNS port (UDP and TCP), a free
+load-balancer port and a random task port range, so several test runs can share a machine.
 
 Instances are found through /proc: the agent gives each instance's processes the environment
 variables FLOTILLA_SANDBOX (``<data dir>/sandboxes/<instance id>``), FLOTILLA_INSTANCE_ID and
@@ -153,7 +153,8 @@ class Agent:
     """One `flotilla agent` process listening on 127.0.0.1.
 
     `restart()` starts it again with the same data directory, API port, DNS port and task port
-    range. DNS (UDP and TCP) listens on 127.0.0.1:`dns_port`.
+    range. DNS (UDP and TCP) listens on 127.0.0.1:`dns_port`, the load balancer (HTTP) on
+    127.0.0.1:`proxy_port` (`proxy_url`).
     """
 
     def __init__(
@@ -173,6 +174,7 @@ class Agent:
         self.log_path = self.data_dir / "agent.log"
         self.api_port = free_tcp_port()
         self.dns_port = free_tcp_and_udp_port()
+        self.proxy_port = free_tcp_port()
         first_port = random.randint(TASK_PORT_LOWEST, TASK_PORT_HIGHEST - TASK_PORT_COUNT)
         self.task_ports = range(first_port, first_port + TASK_PORT_COUNT)
         self.cpus = cpus
@@ -189,6 +191,11 @@ class Agent:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def proxy_url(self) -> str:
+        """The load balancer's base URL."""
+        return f"http://127.0.0.1:{self.proxy_port}"
 
     @property
     def state_dir(self) -> Path:
@@ -209,6 +216,7 @@ class Agent:
             "--bind", "127.0.0.1",
             "--api-port", str(self.api_port),
             "--dns-port", str(self.dns_port),
+            "--proxy-port", str(self.proxy_port),
             "--ports", f"{self.task_ports[0]}-{self.task_ports[-1]}",
             "--node-name", self.node_name,
             "--cpus", str(self.cpus),
