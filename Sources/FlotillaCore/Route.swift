@@ -121,9 +121,18 @@ public struct RouteTable: Sendable, Hashable {
     /// The route for a request, Fabio's way: routes for the request's host first, then routes for
     /// any host, each by longest path prefix.
     public func match(host: String, path: String) -> Route? {
-        let bareHost = host.split(separator: ":").first.map { $0.lowercased() } ?? ""
-        for route in http where route.rule.host.isEmpty || route.rule.host == bareHost {
-            if Self.pathMatches(path, prefix: route.rule.path) { return route }
+        matchIndex(host: host, path: path).map { http[$0] }
+    }
+
+    /// The position in `http` of the route for a request. `path` may carry a query string.
+    public func matchIndex(host: String, path: String) -> Int? {
+        var bareHost = Substring(host)
+        if let colon = bareHost.lastIndex(of: ":"), !bareHost.hasSuffix("]") { bareHost = bareHost[..<colon] }
+        let needsLowercase = bareHost.utf8.contains { $0 >= UInt8(ascii: "A") && $0 <= UInt8(ascii: "Z") }
+        let hostKey = needsLowercase ? Substring(bareHost.lowercased()) : bareHost
+        let pathOnly = path.utf8.firstIndex(of: UInt8(ascii: "?")).map { path[..<$0] } ?? Substring(path)
+        for (index, route) in http.enumerated() where route.rule.host.isEmpty || route.rule.host == hostKey {
+            if route.rule.path == "/" || pathOnly.hasPrefix(route.rule.path) { return index }
         }
         return nil
     }

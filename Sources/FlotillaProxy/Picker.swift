@@ -1,40 +1,57 @@
 import FlotillaCore
 import Synchronization
 
-/// Chooses a target for a request among a route's targets, skipping ejected ones (unless all are).
+/// Chooses a target among a route's, skipping ejected ones (unless all are). Lock-free: a
+/// round-robin counter and the targets' own atomics.
 final class Picker: Sendable {
     let strategy: BalancingStrategy
-    let health: UpstreamHealth
     private let counter = Atomic<UInt64>(0)
 
-    init(strategy: BalancingStrategy, health: UpstreamHealth) {
+    init(strategy: BalancingStrategy) {
         self.strategy = strategy
-        self.health = health
     }
 
-    func pick(from targets: [RouteTarget], excluding excluded: Set<String> = []) -> RouteTarget? {
-        var candidates = targets.filter { !excluded.contains($0.key) && !health.isEjected($0.key) }
-        if candidates.isEmpty { candidates = targets.filter { !excluded.contains($0.key) } }
-        guard !candidates.isEmpty else { return nil }
-        if candidates.count == 1 { return candidates[0] }
-        let weighted = Set(candidates.map(\.weight)).count > 1
+    func pick(from route: RouteRuntime, excluding excluded: TargetState? = nil) -> RouteRuntime.Target? {
+        let targets = route.targets
+        switch targets.count {
+        case 0: return nil
+        case 1: return targets[0].state === excluded ? nil : targets[0]
+        default: break
+        }
+        let now = TargetState.uptimeNanoseconds()
+        func usable(_ target: RouteRuntime.Target) -> Bool { target.state !== excluded && !target.state.isEjected(now: now) }
         switch strategy {
         case .leastConnections:
-            return candidates.min { health.inFlight($0.key) < health.inFlight($1.key) }
+            return targets.filter(usable).min { $0.state.inFlight < $1.state.inFlight } ?? fallback(targets, excluded)
         case .random:
-            return weighted ? weightedChoice(candidates, Double.random(in: 0..<1)) : candidates.randomElement()
+            let candidates = targets.filter(usable)
+            guard !candidates.isEmpty else { return fallback(targets, excluded) }
+            return route.weighted ? weightedChoice(candidates, Double.random(in: 0..<1)) : candidates.randomElement()
         case .roundRobin:
             let tick = counter.wrappingAdd(1, ordering: .relaxed).oldValue
-            if weighted {
+            if route.weighted {
+                let candidates = targets.filter(usable)
+                guard !candidates.isEmpty else { return fallback(targets, excluded) }
                 // Spread the weighted choice evenly over the ticks (a low-discrepancy sequence).
                 let position = Double((tick &* 0x9E37_79B9_7F4A_7C15) >> 11) / Double(UInt64(1) << 53)
                 return weightedChoice(candidates, position)
             }
-            return candidates[Int(tick % UInt64(candidates.count))]
+            // Walk from the next slot to the first usable target: no allocation on the hot path.
+            let start = Int(tick % UInt64(targets.count))
+            for offset in 0..<targets.count {
+                let candidate = targets[(start + offset) % targets.count]
+                if usable(candidate) { return candidate }
+            }
+            return fallback(targets, excluded)
         }
     }
 
-    private func weightedChoice(_ candidates: [RouteTarget], _ position: Double) -> RouteTarget {
+    /// Every target ejected: better to try one than to refuse the request.
+    private func fallback(_ targets: [RouteRuntime.Target], _ excluded: TargetState?) -> RouteRuntime.Target? {
+        targets.first { $0.state !== excluded }
+    }
+
+    private func weightedChoice(_ candidates: [RouteRuntime.Target], _ position: Double) -> RouteRuntime.Target {
         let total = candidates.reduce(0) { $0 + $1.weight }
         var remaining = position * total
         for candidate in candidates {
@@ -43,8 +60,4 @@ final class Picker: Sendable {
         }
         return candidates[candidates.count - 1]
     }
-}
-
-extension RouteTarget {
-    var key: String { "\(host):\(port)" }
 }

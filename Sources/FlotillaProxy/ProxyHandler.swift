@@ -6,20 +6,27 @@ import NIOHTTP1
 /// What every client connection shares: the live routes, the picker, upstream health, the
 /// per-loop upstream pools, the limits and the metrics.
 final class ProxyContext: Sendable {
-    let routes: RouteTableBox
+    let routes: ProxyTableBox
     let picker: Picker
-    let health: UpstreamHealth
     let pools: UpstreamPools
     let readTimeout: TimeAmount
     let retryBufferLimit: Int
     let metrics: ProxyMetrics
+    let noRouteMetrics: RouteMetrics
+    let ejectAfter: Int
+    let coolDown: Duration
     let logger: Logger
 
-    init(routes: RouteTableBox, picker: Picker, health: UpstreamHealth, pools: UpstreamPools, readTimeout: TimeAmount, retryBufferLimit: Int, metrics: ProxyMetrics, logger: Logger) {
+    init(
+        routes: ProxyTableBox, picker: Picker, pools: UpstreamPools, readTimeout: TimeAmount, retryBufferLimit: Int, metrics: ProxyMetrics,
+        ejectAfter: Int = 3, coolDown: Duration = .seconds(10), logger: Logger
+    ) {
         self.routes = routes
         self.picker = picker
-        self.health = health
         self.pools = pools
+        self.noRouteMetrics = metrics.forRoute("")
+        self.ejectAfter = ejectAfter
+        self.coolDown = coolDown
         self.readTimeout = readTimeout
         self.retryBufferLimit = retryBufferLimit
         self.metrics = metrics
@@ -38,16 +45,15 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
 
     private struct Exchange {
         var head: HTTPRequestHead
-        var route: Route
-        var routeLabel: String
+        var route: RouteRuntime
         var body: [ByteBuffer] = []
         var bodyBytes = 0
         /// Still holding every body part sent so far, so the request can be sent again.
         var replayable = true
         var ended = false
-        var tried: Set<String> = []
+        var lastTried: TargetState?
         var attempts = 0
-        var target: RouteTarget?
+        var target: TargetState?
         var sentParts = 0
         var endSent = false
         var responseStarted = false
@@ -58,6 +64,9 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
 
     private let shared: ProxyContext
     private var context: ChannelHandlerContext!
+    private var pool: UpstreamPool!
+    /// Whether this handler turned off reading on the client (to wait for the upstream).
+    private var clientPaused = false
     private var exchange: Exchange?
     private var upstream: UpstreamConnection?
     private var discarding = false
@@ -71,7 +80,20 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        pool = shared.pools.pool(for: context.eventLoop)
         clientAddress = context.channel.remoteAddress?.ipAddress ?? ""
+    }
+
+    private func pauseClient() {
+        guard !clientPaused else { return }
+        clientPaused = true
+        context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+    }
+
+    private func resumeClient() {
+        guard clientPaused else { return }
+        clientPaused = false
+        context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
     }
 
     // MARK: - Client side
@@ -94,7 +116,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
                 }
             } else if !exchange!.replayable {
                 // Still connecting and over the limit: stop reading until the upstream is there.
-                context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+                pauseClient()
             }
         case .end:
             if discarding {
@@ -121,7 +143,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         if let upstream {
             upstream.handler.delegate = nil
             upstream.channel.close(promise: nil)
-            if let target = exchange?.target { shared.health.finished(target.key) }
+            exchange?.target?.finished()
         }
         upstream = nil
         exchange = nil
@@ -133,72 +155,68 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
 
     private func begin(_ head: HTTPRequestHead) {
         let host = head.headers.first(name: "host") ?? ""
-        let path = head.uri
-        let table = shared.routes.current
-        guard let route = table.match(host: host, path: String(path.split(separator: "?", maxSplits: 1).first ?? "/")) else {
-            shared.metrics.record(route: "", statusClass: 4, latency: nil)
-            respondLocally(.notFound, "no route for \(host)\(path)\n", head: head)
+        guard let route = shared.routes.current.match(host: host, path: head.uri) else {
+            shared.noRouteMetrics.record(statusClass: 4, latency: nil)
+            respondLocally(.notFound, "no route for \(host)\(head.uri)\n", head: head)
             return
         }
-        let label = route.rule.host + route.rule.path
         guard !route.targets.isEmpty else {
-            shared.metrics.record(route: label, statusClass: 5, latency: nil)
-            respondLocally(.serviceUnavailable, "no healthy instance of \(route.services.joined(separator: ", ")) for \(label)\n", head: head)
+            route.metrics.record(statusClass: 5, latency: nil)
+            respondLocally(.serviceUnavailable, "no healthy instance of \(route.services) for \(route.label)\n", head: head)
             return
         }
         var upstreamHead = head
-        upstreamHead.uri = RouteTable.upstreamPath(path, rule: route.rule)
-        upstreamHead.headers = Self.forwardedHeaders(head.headers, clientAddress: clientAddress, host: host)
+        if route.route.rule.strip != nil || route.route.rule.prepend != nil {
+            upstreamHead.uri = RouteTable.upstreamPath(head.uri, rule: route.route.rule)
+        }
+        Self.rewriteForUpstream(&upstreamHead.headers, clientAddress: clientAddress, host: host)
         if upstreamHead.version.major == 1 && upstreamHead.version.minor == 0 {
             upstreamHead.version = .http1_1
         }
-        exchange = Exchange(head: upstreamHead, route: route, routeLabel: label, clientKeepAlive: head.isKeepAlive, started: .now())
+        exchange = Exchange(head: upstreamHead, route: route, clientKeepAlive: head.isKeepAlive, started: .now())
         connect()
     }
 
-    /// Leases a connection to the next untried healthy target.
+    /// Leases a connection to a healthy target: another than the one that just failed, if any.
     private func connect() {
         guard var current = exchange else { return }
-        // Another target if there is one; the same one (on a fresh connection) otherwise.
-        guard let target = shared.picker.pick(from: current.route.targets, excluding: current.tried)
-            ?? shared.picker.pick(from: current.route.targets)
-        else {
-            fail(.badGateway, "no instance of \(current.route.services.joined(separator: ", ")) could be reached")
+        guard let target = shared.picker.pick(from: current.route, excluding: current.lastTried) ?? shared.picker.pick(from: current.route) else {
+            fail(.badGateway, "no instance of \(current.route.services) could be reached")
             return
         }
-        current.tried.insert(target.key)
+        let state = target.state
+        current.lastTried = state
         current.attempts += 1
         current.target = nil
         current.sentParts = 0
         current.endSent = false
         exchange = current
-        let pool = shared.pools.pool(for: context.eventLoop)
-        pool.lease(host: target.host, port: target.port).hop(to: context.eventLoop).whenComplete { [self] result in
+        pool.lease(host: state.host, port: state.port).whenComplete { [self] result in
             guard exchange != nil else {
                 if case .success(let connection) = result { connection.channel.close(promise: nil) }
                 return
             }
             switch result {
             case .success(let connection):
-                attach(connection, target: target)
+                attach(connection, target: state)
             case .failure(let error):
-                shared.health.connectFailed(target.key)
-                shared.logger.debug("connect to \(target.key) failed: \(error)")
-                retryOrFail(.badGateway, "could not connect to \(target.key): \(error)")
+                state.connectFailed(limit: shared.ejectAfter, coolDown: shared.coolDown)
+                shared.logger.debug("connect to \(state.key) failed: \(error)")
+                retryOrFail(.badGateway, "could not connect to \(state.key): \(error)")
             }
         }
     }
 
-    private func attach(_ connection: UpstreamConnection, target: RouteTarget) {
+    private func attach(_ connection: UpstreamConnection, target: TargetState) {
         upstream = connection
         connection.handler.delegate = self
         exchange!.target = target
-        shared.health.started(target.key)
+        target.started()
         connection.channel.write(HTTPClientRequestPart.head(exchange!.head), promise: nil)
         flushBody(to: connection)
         if exchange!.ended { sendEnd(to: connection) }
         connection.channel.flush()
-        context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+        resumeClient()
         armReadTimeout()
     }
 
@@ -236,16 +254,16 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         current.responseStarted = true
         current.upstreamKeepAlive = head.isKeepAlive
         exchange = current
-        if let target = current.target { shared.health.succeeded(target.key) }
+        current.target?.succeeded()
         var response = head
-        response.headers = Self.withoutHopByHop(head.headers)
+        Self.removeHopByHop(&response.headers)
         if response.version.major == 1 && response.version.minor == 0 { response.version = .http1_1 }
         if !current.clientKeepAlive {
             response.headers.replaceOrAdd(name: "connection", value: "close")
             closeAfterResponse = true
         }
         context.write(wrapOutboundOut(.head(response)), promise: nil)
-        shared.metrics.record(route: current.routeLabel, statusClass: Int(head.status.code) / 100, latency: .nanoseconds((NIODeadline.now() - current.started).nanoseconds))
+        current.route.metrics.record(statusClass: Int(head.status.code) / 100, latency: .nanoseconds((NIODeadline.now() - current.started).nanoseconds))
     }
 
     func upstreamBody(_ body: ByteBuffer) {
@@ -257,7 +275,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     }
 
     func upstreamWritabilityChanged(_ writable: Bool) {
-        context.channel.setOption(ChannelOptions.autoRead, value: writable).whenComplete { _ in }
+        if writable { resumeClient() } else { pauseClient() }
     }
 
     func upstreamEnd() {
@@ -265,26 +283,28 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         let connection = upstream
         upstream = nil
         exchange = nil
-        if let target = current.target { shared.health.finished(target.key) }
+        current.target?.finished()
         if let connection {
             connection.handler.delegate = nil
             if current.upstreamKeepAlive && current.endSent {
-                shared.pools.pool(for: context.eventLoop).release(connection)
+                pool.release(connection)
             } else {
                 connection.channel.close(promise: nil)
             }
         }
         let close = closeAfterResponse
-        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { [context] _ in
-            if close { context?.close(promise: nil) }
+        if close {
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { [context] _ in context?.close(promise: nil) }
+        } else {
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
         }
-        context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+        resumeClient()
     }
 
     func upstreamFailed(_ error: any Error) {
         guard let current = exchange, upstream != nil else { return }
         readTimeout?.cancel()
-        if let target = current.target { shared.health.finished(target.key) }
+        current.target?.finished()
         upstream = nil
         if current.responseStarted {
             // Half a response cannot be mended: end the client connection so it notices.
@@ -317,10 +337,10 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     private func fail(_ status: HTTPResponseStatus, _ message: String) {
         guard let current = exchange else { return }
         exchange = nil
-        shared.metrics.record(route: current.routeLabel, statusClass: Int(status.code) / 100, latency: nil)
-        shared.logger.info("\(status.code) for \(current.head.method) \(current.routeLabel): \(message)")
+        current.route.metrics.record(statusClass: Int(status.code) / 100, latency: nil)
+        shared.logger.info("\(status.code) for \(current.head.method) \(current.route.label): \(message)")
         if !current.ended { discarding = true }
-        context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+        resumeClient()
         writeLocal(status, message + "\n", keepAlive: current.clientKeepAlive)
     }
 
@@ -341,27 +361,38 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
 
     // MARK: - Headers
 
-    static let hopByHop: Set<String> = ["connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"]
+    static let hopByHop = ["connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"]
 
-    /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including any the Connection header names.
+    /// Removes hop-by-hop headers in place (RFC 9110 §7.6.1), including any the Connection header names.
+    static func removeHopByHop(_ headers: inout HTTPHeaders) {
+        let named = headers[canonicalForm: "connection"]
+        for name in hopByHop where headers.contains(name: name) { headers.remove(name: name) }
+        for name in named where !name.isEmpty { headers.remove(name: String(name)) }
+    }
+
     static func withoutHopByHop(_ headers: HTTPHeaders) -> HTTPHeaders {
-        var named = hopByHop
-        for value in headers[canonicalForm: "connection"] { named.insert(value.lowercased()) }
-        var result = HTTPHeaders()
-        for (name, value) in headers where !named.contains(name.lowercased()) { result.add(name: name, value: value) }
-        return result
+        var copy = headers
+        removeHopByHop(&copy)
+        return copy
+    }
+
+    /// Hop-by-hop headers out, forwarding headers in: `X-Forwarded-For` (appended to), `X-Real-IP`,
+    /// `X-Forwarded-Proto`, `X-Forwarded-Host`.
+    static func rewriteForUpstream(_ headers: inout HTTPHeaders, clientAddress: String, host: String) {
+        removeHopByHop(&headers)
+        if let existing = headers.first(name: "x-forwarded-for"), !existing.isEmpty {
+            headers.replaceOrAdd(name: "X-Forwarded-For", value: existing + ", " + clientAddress)
+        } else {
+            headers.add(name: "X-Forwarded-For", value: clientAddress)
+        }
+        headers.replaceOrAdd(name: "X-Real-IP", value: clientAddress)
+        headers.replaceOrAdd(name: "X-Forwarded-Proto", value: "http")
+        if !host.isEmpty { headers.replaceOrAdd(name: "X-Forwarded-Host", value: host) }
     }
 
     static func forwardedHeaders(_ headers: HTTPHeaders, clientAddress: String, host: String) -> HTTPHeaders {
-        var result = withoutHopByHop(headers)
-        if let existing = result.first(name: "x-forwarded-for"), !existing.isEmpty {
-            result.replaceOrAdd(name: "X-Forwarded-For", value: existing + ", " + clientAddress)
-        } else {
-            result.replaceOrAdd(name: "X-Forwarded-For", value: clientAddress)
-        }
-        result.replaceOrAdd(name: "X-Real-IP", value: clientAddress)
-        result.replaceOrAdd(name: "X-Forwarded-Proto", value: "http")
-        if !host.isEmpty { result.replaceOrAdd(name: "X-Forwarded-Host", value: host) }
-        return result
+        var copy = headers
+        rewriteForUpstream(&copy, clientAddress: clientAddress, host: host)
+        return copy
     }
 }

@@ -1,15 +1,26 @@
 public import Prometheus
 import Synchronization
 
-/// Per-route request counts by status class and upstream latency, on the Prometheus registry the
-/// agent exposes at `/metrics`. Metric objects are made once per route and then only incremented.
-public final class ProxyMetrics: Sendable {
-    private struct RouteMetrics: @unchecked Sendable {
-        // Prometheus' metric types are thread-safe (atomics); they are not marked Sendable.
-        let byClass: [Counter]
-        let latency: DurationHistogram
+/// A route's metrics, made once when the route appears and then only incremented.
+final class RouteMetrics: @unchecked Sendable {
+    // Prometheus' metric types are thread-safe (atomics); they are not marked Sendable.
+    let byClass: [Counter]
+    let latency: DurationHistogram
+
+    init(byClass: [Counter], latency: DurationHistogram) {
+        self.byClass = byClass
+        self.latency = latency
     }
 
+    func record(statusClass: Int, latency duration: Duration?) {
+        if (1...5).contains(statusClass) { byClass[statusClass - 1].increment() }
+        if let duration { latency.record(duration) }
+    }
+}
+
+/// Per-route request counts by status class and upstream latency, on the Prometheus registry the
+/// agent exposes at `/metrics`.
+public final class ProxyMetrics: Sendable {
     private let registry: PrometheusCollectorRegistry
     private let routes = Mutex<[String: RouteMetrics]>([:])
     private let retries: Counter
@@ -24,8 +35,9 @@ public final class ProxyMetrics: Sendable {
         retries = registry.makeCounter(name: "flotilla_proxy_retries_total", help: "Requests sent again to another instance")
     }
 
-    func record(route: String, statusClass: Int, latency: Duration?) {
-        let metrics = routes.withLock { routes -> RouteMetrics in
+    /// The metrics of a route (by its label, `host/path` or `:port`), made on first use.
+    func forRoute(_ route: String) -> RouteMetrics {
+        routes.withLock { routes in
             if let existing = routes[route] { return existing }
             let label = route.isEmpty ? "(none)" : route
             let created = RouteMetrics(
@@ -40,8 +52,6 @@ public final class ProxyMetrics: Sendable {
             routes[route] = created
             return created
         }
-        if (1...5).contains(statusClass) { metrics.byClass[statusClass - 1].increment() }
-        if let latency { metrics.latency.record(latency) }
     }
 
     func retried() { retries.increment() }

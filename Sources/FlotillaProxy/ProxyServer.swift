@@ -33,7 +33,10 @@ public final class ProxyServer: Service {
         }
     }
 
-    public let routes = RouteTableBox()
+    private let routes = ProxyTableBox()
+    /// Target state outlives route-table changes, so ejections and in-flight counts carry over.
+    private let targetStates = Mutex<[String: TargetState]>([:])
+    private let metricsByRoute: ProxyMetrics
     private let configuration: Configuration
     private let shared: ProxyContext
     private let logger: Logger
@@ -43,22 +46,40 @@ public final class ProxyServer: Service {
     public init(configuration: Configuration, metrics registry: PrometheusCollectorRegistry, logger: Logger) {
         self.configuration = configuration
         self.logger = logger
-        let health = UpstreamHealth()
+        let metrics = ProxyMetrics(registry: registry)
+        metricsByRoute = metrics
         shared = ProxyContext(
-            routes: routes, picker: Picker(strategy: configuration.strategy, health: health), health: health,
+            routes: routes, picker: Picker(strategy: configuration.strategy),
             pools: UpstreamPools(connectTimeout: configuration.connectTimeout), readTimeout: configuration.readTimeout,
-            retryBufferLimit: configuration.retryBufferLimit, metrics: ProxyMetrics(registry: registry), logger: logger)
+            retryBufferLimit: configuration.retryBufferLimit, metrics: metrics, logger: logger)
     }
+
+    /// The table the proxy serves now, for `/api/routes`.
+    public var currentRoutes: RouteTable { routes.current.table }
 
     /// Installs a new route table: HTTP requests use it at once; TCP listeners open and close to match.
     public func install(_ table: RouteTable) {
         let previous = routes.current
-        routes.update(table)
-        if previous.tcp.keys.sorted() != table.tcp.keys.sorted() {
+        guard previous.table != table || previous.table.index == 0 else { return }
+        let (http, tcp, live) = targetStates.withLock { states -> ([RouteRuntime], [Int: RouteRuntime], Set<String>) in
+            var live: Set<String> = []
+            func state(_ target: RouteTarget) -> TargetState {
+                let key = "\(target.host):\(target.port)"
+                live.insert(key)
+                if let existing = states[key] { return existing }
+                let created = TargetState(host: target.host, port: target.port)
+                states[key] = created
+                return created
+            }
+            let http = table.http.map { RouteRuntime(route: $0, states: state, metrics: metricsByRoute.forRoute($0.rule.host + $0.rule.path)) }
+            let tcp = table.tcp.mapValues { RouteRuntime(route: $0, states: state, metrics: metricsByRoute.forRoute(":\($0.rule.tcpPort ?? 0)")) }
+            states = states.filter { live.contains($0.key) }
+            return (http, tcp, live)
+        }
+        routes.update(ProxyTable(table: table, http: http, tcp: tcp))
+        if previous.table.tcp.keys.sorted() != table.tcp.keys.sorted() {
             Task { await self.reconcileTCPListeners(Set(table.tcp.keys)) }
         }
-        var live: Set<String> = []
-        for route in table.http { for target in route.targets { live.insert(target.key) } }
         shared.pools.prune(keeping: live, idleLimit: .seconds(60))
     }
 
@@ -77,7 +98,7 @@ public final class ProxyServer: Service {
             }
             .bind(host: configuration.host, port: configuration.port).get()
         logger.info("proxy listening on \(configuration.host):\(configuration.port) (\(configuration.strategy.rawValue))")
-        await reconcileTCPListeners(Set(routes.current.tcp.keys))
+        await reconcileTCPListeners(Set(routes.current.table.tcp.keys))
         try? await gracefulShutdown()
         try? await channel.close()
         let listeners = tcpListeners.withLock { listeners in
@@ -108,7 +129,7 @@ public final class ProxyServer: Service {
     private func bindTCP(port: Int) async throws -> any Channel {
         let routes = self.routes
         let picker = shared.picker
-        let health = shared.health
+        let shared = self.shared
         let connectTimeout = configuration.connectTimeout
         return try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -117,7 +138,7 @@ public final class ProxyServer: Service {
             .childChannelInitializer { client in
                 let clientHandler = TCPRelayHandler()
                 return client.pipeline.addHandler(clientHandler).flatMap {
-                    guard let target = routes.current.tcp[port].flatMap({ picker.pick(from: $0.targets) }) else {
+                    guard let target = routes.current.tcp[port].flatMap({ picker.pick(from: $0) })?.state else {
                         return client.close()
                     }
                     let upstreamHandler = TCPRelayHandler()
@@ -127,12 +148,12 @@ public final class ProxyServer: Service {
                         .channelInitializer { $0.pipeline.addHandler(upstreamHandler) }
                         .connect(host: target.host, port: target.port)
                         .map { _ in
-                            health.succeeded(target.key)
+                            target.succeeded()
                             TCPRelayHandler.join(clientHandler, upstreamHandler)
                             client.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
                         }
                         .flatMapError { _ in
-                            health.connectFailed(target.key)
+                            target.connectFailed(limit: shared.ejectAfter, coolDown: shared.coolDown)
                             return client.close()
                         }
                 }

@@ -1,17 +1,14 @@
 public import FlotillaCore
 import Synchronization
 
-/// The live route table: replaced whole on every registry change, read per request. A reader
-/// takes the lock only to copy out a reference-counted snapshot, so a swap never blocks a request
-/// for longer than that copy, and a request keeps the table it started with.
-public final class RouteTableBox: Sendable {
-    private let table = Mutex(RouteTable.empty)
+/// The live table: replaced whole on every registry change, read per request. A reader holds the
+/// lock only to take a reference to the current snapshot, and keeps the table it started with.
+final class ProxyTableBox: Sendable {
+    private let table = Mutex(ProxyTable.empty)
 
-    public init() {}
+    var current: ProxyTable { table.withLock { $0 } }
 
-    public var current: RouteTable { table.withLock { $0 } }
-
-    public func update(_ newTable: RouteTable) { table.withLock { $0 = newTable } }
+    func update(_ newTable: ProxyTable) { table.withLock { $0 = newTable } }
 }
 
 /// How the proxy picks among a route's healthy targets.

@@ -98,7 +98,7 @@ public struct FlotillaServer {
         ConsulRoutes(registry: registry, kv: keyValues, serverAddress: "\(configuration.node.host):8300", version: configuration.version)
             .add(to: router)
         OperationsRoutes(
-            routes: { proxy.routes.current },
+            routes: { proxy.currentRoutes },
             metrics: {
                 var buffer: [UInt8] = []
                 metrics.emit(into: &buffer)

@@ -1,54 +1,73 @@
 import FlotillaCore
 @testable import FlotillaProxy
 import NIOHTTP1
+import Prometheus
 import Testing
 
 @Suite struct PickerTests {
-    func targets(_ weights: [Double]) -> [RouteTarget] {
-        weights.enumerated().map { RouteTarget(serviceID: "s\($0.offset)", service: "web", host: "127.0.0.1", port: 9000 + $0.offset, weight: $0.element) }
+    final class States: @unchecked Sendable {
+        var byKey: [String: TargetState] = [:]
+        func state(_ target: RouteTarget) -> TargetState {
+            let key = "\(target.host):\(target.port)"
+            if let existing = byKey[key] { return existing }
+            let created = TargetState(host: target.host, port: target.port)
+            byKey[key] = created
+            return created
+        }
+    }
+
+    func route(_ weights: [Double], states: States = States()) -> RouteRuntime {
+        let targets = weights.enumerated().map {
+            RouteTarget(serviceID: "s\($0.offset)", service: "web", host: "127.0.0.1", port: 9000 + $0.offset, weight: $0.element)
+        }
+        let metrics = ProxyMetrics(registry: PrometheusCollectorRegistry()).forRoute("/")
+        return RouteRuntime(route: Route(rule: RouteRule(), targets: targets, services: ["web"]), states: states.state, metrics: metrics)
     }
 
     @Test func roundRobinIsEven() {
-        let picker = Picker(strategy: .roundRobin, health: UpstreamHealth())
-        let all = targets([1 / 3, 1 / 3, 1 / 3])
+        let picker = Picker(strategy: .roundRobin)
+        let all = route([1 / 3, 1 / 3, 1 / 3])
         var counts: [Int: Int] = [:]
-        for _ in 0..<300 { counts[picker.pick(from: all)!.port, default: 0] += 1 }
+        for _ in 0..<300 { counts[picker.pick(from: all)!.state.port, default: 0] += 1 }
         #expect(counts.values.allSatisfy { $0 == 100 })
     }
 
     @Test func weightsShapeTheShares() {
-        let picker = Picker(strategy: .roundRobin, health: UpstreamHealth())
-        let all = targets([0.2, 0.4, 0.4])
+        let picker = Picker(strategy: .roundRobin)
+        let all = route([0.2, 0.4, 0.4])
         var counts: [Int: Int] = [:]
-        for _ in 0..<10_000 { counts[picker.pick(from: all)!.port, default: 0] += 1 }
+        for _ in 0..<10_000 { counts[picker.pick(from: all)!.state.port, default: 0] += 1 }
         #expect(abs(Double(counts[9000]!) / 10_000 - 0.2) < 0.02)
         #expect(abs(Double(counts[9001]!) / 10_000 - 0.4) < 0.02)
     }
 
-    @Test func ejectedTargetsAreSkippedUntilTheCoolDownEnds() {
-        let health = UpstreamHealth(ejectAfter: 3, coolDown: .milliseconds(50))
-        let picker = Picker(strategy: .roundRobin, health: health)
-        let all = targets([0.5, 0.5])
-        for _ in 0..<3 { health.connectFailed("127.0.0.1:9000") }
-        #expect((0..<10).allSatisfy { _ in picker.pick(from: all)?.port == 9001 })
-        #expect(health.isEjected("127.0.0.1:9000"))
-        #expect(!health.isEjected("127.0.0.1:9000", now: .now + .milliseconds(100)))
+    @Test func ejectedTargetsAreSkippedUntilTheCoolDownEnds() throws {
+        let picker = Picker(strategy: .roundRobin)
+        let all = route([0.5, 0.5])
+        let first = all.targets[0].state
+        for _ in 0..<3 { first.connectFailed(limit: 3, coolDown: .milliseconds(50)) }
+        #expect((0..<10).allSatisfy { _ in picker.pick(from: all)?.state.port == 9001 })
+        #expect(first.isEjected())
+        #expect(!first.isEjected(now: TargetState.uptimeNanoseconds() + 100_000_000))
+        first.succeeded()
+        #expect(!first.isEjected())
     }
 
-    @Test func allEjectedStillPicksSomething() {
-        let health = UpstreamHealth(ejectAfter: 1)
-        let picker = Picker(strategy: .random, health: health)
-        let all = targets([1])
-        health.connectFailed("127.0.0.1:9000")
-        #expect(picker.pick(from: all)?.port == 9000)
-        #expect(picker.pick(from: all, excluding: ["127.0.0.1:9000"]) == nil)
+    @Test func allEjectedStillPicksSomethingButNotTheOneJustTried() {
+        let picker = Picker(strategy: .random)
+        let single = route([1])
+        single.targets[0].state.connectFailed(limit: 1, coolDown: .seconds(10))
+        #expect(picker.pick(from: single)?.state.port == 9000)
+        #expect(picker.pick(from: single, excluding: single.targets[0].state) == nil)
+        let pair = route([0.5, 0.5])
+        #expect((0..<10).allSatisfy { _ in picker.pick(from: pair, excluding: pair.targets[0].state)?.state.port == 9001 })
     }
 
     @Test func leastConnectionsPrefersTheIdle() {
-        let health = UpstreamHealth()
-        let picker = Picker(strategy: .leastConnections, health: health)
-        health.started("127.0.0.1:9000")
-        #expect(picker.pick(from: targets([0.5, 0.5]))?.port == 9001)
+        let picker = Picker(strategy: .leastConnections)
+        let pair = route([0.5, 0.5])
+        pair.targets[0].state.started()
+        #expect(picker.pick(from: pair)?.state.port == 9001)
     }
 }
 

@@ -1,0 +1,94 @@
+import FlotillaCore
+import NIOCore
+import Synchronization
+
+/// One upstream as the proxy tracks it across route-table changes: its address, the requests in
+/// flight to it (least-connections) and its passive health (consecutive connection failures,
+/// ejection). Everything on the request path is an atomic; nothing takes a lock.
+final class TargetState: Sendable {
+    let host: String
+    let port: Int
+    let key: String
+    private let inFlightCount = Atomic<Int>(0)
+    private let failures = Atomic<Int>(0)
+    /// Uptime nanoseconds until which the target is left out; 0 when it is not ejected.
+    private let ejectedUntil = Atomic<UInt64>(0)
+
+    init(host: String, port: Int) {
+        self.host = host
+        self.port = port
+        key = "\(host):\(port)"
+    }
+
+    var inFlight: Int { inFlightCount.load(ordering: .relaxed) }
+    func started() { inFlightCount.wrappingAdd(1, ordering: .relaxed) }
+    func finished() { inFlightCount.wrappingSubtract(1, ordering: .relaxed) }
+
+    func isEjected(now: UInt64 = TargetState.uptimeNanoseconds()) -> Bool {
+        let until = ejectedUntil.load(ordering: .relaxed)
+        return until != 0 && now < until
+    }
+
+    /// A failed connect; after `limit` in a row the target is ejected for `coolDown`.
+    func connectFailed(limit: Int, coolDown: Duration) {
+        let count = failures.wrappingAdd(1, ordering: .relaxed).newValue
+        if count >= limit {
+            failures.store(0, ordering: .relaxed)
+            let nanoseconds = UInt64(coolDown.components.seconds) * 1_000_000_000 + UInt64(coolDown.components.attoseconds / 1_000_000_000)
+            ejectedUntil.store(Self.uptimeNanoseconds() + nanoseconds, ordering: .relaxed)
+        }
+    }
+
+    func succeeded() {
+        if failures.load(ordering: .relaxed) != 0 { failures.store(0, ordering: .relaxed) }
+        if ejectedUntil.load(ordering: .relaxed) != 0 { ejectedUntil.store(0, ordering: .relaxed) }
+    }
+
+    static func uptimeNanoseconds() -> UInt64 {
+        NIODeadline.now().uptimeNanoseconds
+    }
+}
+
+/// A route ready to serve: its targets with their state and share, and its metrics made once.
+final class RouteRuntime: Sendable {
+    struct Target: Sendable {
+        let state: TargetState
+        let weight: Double
+        let service: String
+    }
+
+    let route: Route
+    let label: String
+    let targets: [Target]
+    let weighted: Bool
+    let services: String
+    let metrics: RouteMetrics
+
+    init(route: Route, states: (RouteTarget) -> TargetState, metrics: RouteMetrics) {
+        self.route = route
+        label = route.rule.host + route.rule.path
+        targets = route.targets.map { Target(state: states($0), weight: $0.weight, service: $0.service) }
+        weighted = Set(route.targets.map(\.weight)).count > 1
+        services = route.services.joined(separator: ", ")
+        self.metrics = metrics
+    }
+}
+
+/// The proxy's form of a route table: the table for matching, one runtime per route.
+final class ProxyTable: Sendable {
+    let table: RouteTable
+    let http: [RouteRuntime]
+    let tcp: [Int: RouteRuntime]
+
+    init(table: RouteTable, http: [RouteRuntime], tcp: [Int: RouteRuntime]) {
+        self.table = table
+        self.http = http
+        self.tcp = tcp
+    }
+
+    static let empty = ProxyTable(table: .empty, http: [], tcp: [:])
+
+    func match(host: String, path: String) -> RouteRuntime? {
+        table.matchIndex(host: host, path: path).map { http[$0] }
+    }
+}
