@@ -67,7 +67,7 @@ def haproxy(work, port, backend_port):
     write(config, f"""
 global
     nbthread {THREADS}
-    maxconn 10000
+    maxconn 4096
 defaults
     mode http
     timeout connect 1s

@@ -22,8 +22,8 @@ from benchlib import Agent, free_port
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def wrk(url, script, threads, connections, seconds, value_bytes):
-    environment = dict(os.environ, VALUE_BYTES=str(value_bytes))
+def wrk(url, script, threads, connections, seconds, value_bytes, operation=""):
+    environment = dict(os.environ, VALUE_BYTES=str(value_bytes), ETCD_OP=operation)
     output = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", os.path.join(HERE, "wrk", script), url],
         capture_output=True, text=True, check=True, env=environment).stdout
@@ -132,8 +132,8 @@ def main():
     rows = {}
     try:
         load = dict(threads=2, connections=arguments.connections, seconds=arguments.seconds, value_bytes=arguments.value_bytes)
-        rows["writes"] = (wrk(agent.base, "flotilla-kv-put.lua", **load), wrk(etcd.base, "etcd-put.lua", **load))
-        rows["reads"] = (wrk(agent.base, "flotilla-kv-get.lua", **load), wrk(etcd.base, "etcd-get.lua", **load))
+        rows["writes"] = (wrk(agent.base, "flotilla-kv-put.lua", **load), wrk(etcd.base, "etcd.lua", operation="put", **load))
+        rows["reads"] = (wrk(agent.base, "flotilla-kv-get.lua", **load), wrk(etcd.base, "etcd.lua", operation="range", **load))
         flotilla_wake = flotilla_wake_latency(agent, arguments.samples)
         etcd_wake = etcd_wake_latency(etcd, arguments.samples)
     finally:

@@ -13,7 +13,6 @@ Two quirks of the client shape how the tests call it:
 
 import json
 import threading
-import time
 from functools import partial
 
 import pytest
@@ -26,6 +25,7 @@ from marathon.models.events import (
     MarathonDeploymentSuccess,
     MarathonStatusUpdateEvent,
 )
+from support.flotilla import wait_until
 
 HTTP_SERVER_CMD = "python3 -m http.server $PORT0 --bind 127.0.0.1"
 SLEEP_CMD = "sleep 1000"
@@ -36,25 +36,6 @@ TASK_RESOURCES = {"cpus": 0.1, "mem": 64}
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def wait_until(predicate, timeout=20, interval=0.2, what=None):
-    """Call `predicate` until it returns something truthy, and return that.
-
-    Exceptions from `predicate` propagate: a response the client cannot parse is a failure,
-    not something to retry.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            description = what or getattr(predicate, "__name__", "condition")
-            raise AssertionError(
-                f"timed out after {timeout}s waiting for {description}; last value: {result!r}"
-            )
-        time.sleep(interval)
 
 
 def create_app(client, app_id, **definition):

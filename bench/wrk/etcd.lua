@@ -1,5 +1,6 @@
--- etcd v3 JSON gateway: POST /v3/kv/put with base64 key and value, same sizes as Flotilla's.
-local counter = 0
+-- etcd v3 JSON gateway, the same load as Flotilla's KV scripts: ETCD_OP=put posts /v3/kv/put with
+-- VALUE_BYTES-byte values over 10,000 keys; ETCD_OP=range reads one key at a time over the first
+-- 1,000. Keys and values are base64, as the gateway wants them.
 local b64chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 local function b64(data)
     return ((data:gsub(".", function(x)
@@ -13,12 +14,20 @@ local function b64(data)
         return b64chars:sub(c + 1, c + 1)
     end) .. ({ "", "==", "=" })[#data % 3 + 1])
 end
+
+local put = (os.getenv("ETCD_OP") or "put") == "put"
+local spread = put and 10000 or 1000
 local value = b64(string.rep("v", tonumber(os.getenv("VALUE_BYTES") or "128")))
 local keys = {}
-for i = 0, 9999 do keys[i] = b64("bench/" .. i) end
+for i = 0, spread - 1 do keys[i] = b64("bench/" .. i) end
+local counter = 0
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 request = function()
     counter = counter + 1
-    return wrk.format(nil, "/v3/kv/put", nil, '{"key":"' .. keys[counter % 10000] .. '","value":"' .. value .. '"}')
+    local key = keys[counter % spread]
+    if put then
+        return wrk.format(nil, "/v3/kv/put", nil, '{"key":"' .. key .. '","value":"' .. value .. '"}')
+    end
+    return wrk.format(nil, "/v3/kv/range", nil, '{"key":"' .. key .. '"}')
 end
