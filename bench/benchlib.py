@@ -58,7 +58,8 @@ class Agent:
         self.proxy_port = free_port()
         self.dns_port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        first = random.randint(40000, 60000)
+        # Below the kernel's ephemeral range (32768 and up), where outgoing connections take ports.
+        first = random.randint(20000, 30000)
         self.log = open(os.path.join(work, f"agent-{self.port}.log"), "w")
         self.process = subprocess.Popen(
             [binary, "agent", "--data-dir", os.path.join(work, f"data-{self.port}"), "--api-port", str(self.port),

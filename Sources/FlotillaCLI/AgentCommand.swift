@@ -115,6 +115,10 @@ struct AgentCommand: AsyncParsableCommand {
         let node = NodeInfo(
             name: name, host: host, cpus: cpus ?? Double(ProcessInfo.processInfo.activeProcessorCount), mem: memory, disk: disk,
             portRangeStart: range.lowerBound, portRangeEnd: range.upperBound, attributes: nodeAttributes)
+        if let ephemeral = Self.ephemeralPortRange(), ephemeral.overlaps(range) {
+            logger.warning(
+                "--ports \(ports) overlaps the kernel's ephemeral port range \(ephemeral.lowerBound)-\(ephemeral.upperBound): an instance may find its port taken by an outgoing connection; choose a range below \(ephemeral.lowerBound) (the default 31000-32000 is)")
+        }
         let directory = URL(fileURLWithPath: dataDir).standardizedFileURL.path
         logger.info(
             "starting flotilla \(Flotilla.version)",
@@ -133,6 +137,14 @@ struct AgentCommand: AsyncParsableCommand {
             logger.critical("agent stopped: \(error)")
             throw ExitCode.failure
         }
+    }
+
+    /// The range the kernel picks local ports of outgoing connections from.
+    static func ephemeralPortRange() -> ClosedRange<Int>? {
+        guard let text = try? String(contentsOfFile: "/proc/sys/net/ipv4/ip_local_port_range", encoding: .utf8) else { return nil }
+        let bounds = text.split(whereSeparator: \.isWhitespace).compactMap { Int($0) }
+        guard bounds.count == 2, bounds[0] <= bounds[1] else { return nil }
+        return bounds[0]...bounds[1]
     }
 
     static func defaultDataDirectory() -> String {
