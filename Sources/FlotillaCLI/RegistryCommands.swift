@@ -130,3 +130,22 @@ struct KVCommand: AsyncParsableCommand {
         return key.addingPercentEncoding(withAllowedCharacters: allowed) ?? key
     }
 }
+
+struct RoutesCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "routes", abstract: "Show the load balancer's live routes.")
+    @OptionGroup var options: ClientOptions
+
+    func run() async throws {
+        let routes = try await options.client().call(.GET, "/api/routes")
+        if options.json { return printJSON(routes) }
+        printTable(
+            ["ROUTE", "SERVICE", "DESTINATION", "WEIGHT", "OPTIONS"],
+            routes.arrayValue.map { route in
+                let weight = route["weight"]?.doubleValue ?? 0
+                return [
+                    route.text("src"), route.text("service"), route["dst"]?.stringValue ?? "(no healthy instance: 503)",
+                    String(format: "%.2f", weight), route.text("opts"),
+                ]
+            })
+    }
+}
