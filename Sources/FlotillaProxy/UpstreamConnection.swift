@@ -118,6 +118,10 @@ final class UpstreamPool {
             connection.channel.close(promise: nil)
             return
         }
+        // A slow client may have paused reading on it: an idle connection must read, both to get
+        // the next response and to notice the upstream closing it.
+        connection.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+        connection.channel.read()
         connection.idleSince = .now()
         connection.handler.onClose = { [weak self, weak connection] in
             guard let self, let connection else { return }

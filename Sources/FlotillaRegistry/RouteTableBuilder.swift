@@ -46,16 +46,22 @@ public enum RouteTableBuilder {
     /// among the instances without one; shares sum to 1.
     static func weighted(_ members: [(CatalogService, Double?)]) -> [RouteTarget] {
         guard !members.isEmpty else { return [] }
-        let explicit = members.filter { $0.1 != nil }
         let implicit = members.filter { $0.1 == nil }
+        // A weight is the share of one tagged set (the instances of one service carrying that
+        // tag), split among its instances; what is left goes to the untagged instances.
+        struct TaggedSet: Hashable {
+            var service: String
+            var weight: Double
+        }
+        var setSizes: [TaggedSet: Int] = [:]
+        for (entry, weight) in members {
+            if let weight { setSizes[TaggedSet(service: entry.name, weight: weight), default: 0] += 1 }
+        }
+        let explicitTotal = setSizes.keys.reduce(0.0) { $0 + $1.weight }
         var shares: [Double] = []
-        let explicitTotal = explicit.reduce(0.0) { $0 + ($1.1 ?? 0) }
-        // Weights name a share per tagged set; split it among that set's instances.
-        var setSizes: [Double: Int] = [:]
-        for member in explicit { setSizes[member.1!, default: 0] += 1 }
-        for (_, weight) in members {
+        for (entry, weight) in members {
             if let weight {
-                shares.append(weight / Double(setSizes[weight]!))
+                shares.append(weight / Double(setSizes[TaggedSet(service: entry.name, weight: weight)]!))
             } else {
                 shares.append(max(0, 1 - explicitTotal) / Double(implicit.count))
             }

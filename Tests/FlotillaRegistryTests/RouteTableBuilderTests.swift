@@ -42,6 +42,20 @@ import Testing
         #expect(route.services == ["web", "web-canary"])
     }
 
+    @Test func aWeightIsTheShareOfTheWholeTaggedSet() throws {
+        let table = RouteTableBuilder.build(
+            from: view([
+                entry("canary-a", name: "canary", tags: ["urlprefix-/web weight=0.2"]),
+                entry("canary-b", name: "canary", tags: ["urlprefix-/web weight=0.2"]),
+                entry("stable", tags: ["urlprefix-/web"]),
+            ]), index: 1)
+        let route = try #require(table.match(host: "x", path: "/web"))
+        let weights = Dictionary(uniqueKeysWithValues: route.targets.map { ($0.serviceID, $0.weight) })
+        #expect(abs(weights["canary-a"]! - 0.1) < 1e-9)
+        #expect(abs(weights["canary-b"]! - 0.1) < 1e-9)
+        #expect(abs(weights["stable"]! - 0.8) < 1e-9)
+    }
+
     @Test func tcpRoutesAreKeyedByPort() throws {
         let table = RouteTableBuilder.build(from: view([entry("db", name: "db", tags: ["urlprefix-:3306 proto=tcp"], port: 5432)]), index: 1)
         #expect(table.tcp[3306]?.targets.map(\.port) == [5432])
