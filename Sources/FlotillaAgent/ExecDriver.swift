@@ -130,13 +130,15 @@ struct ExecDriver: Sendable {
     }
 
     /// After the leader is gone: kill whatever is left of the instance and remove its cgroup.
-    func cleanUp(instanceID: String, processGroup: Int32?) {
+    /// Kills what is left of an instance (its group, and anything still in its cgroup) and
+    /// removes the cgroup once it is empty. Waits without blocking a thread.
+    func cleanUp(instanceID: String, processGroup: Int32?) async {
         if let processGroup { kill(-processGroup, SIGKILL) }
         for _ in 0..<50 {
             let left = cgroups.processes(instanceID: instanceID)
             if left.isEmpty { break }
             for pid in left { kill(pid, SIGKILL) }
-            usleep(2_000)
+            try? await Task.sleep(for: .milliseconds(2))
         }
         cgroups.remove(instanceID: instanceID)
     }

@@ -315,7 +315,7 @@ public actor NodeAgent: Service {
         let stopReason = stopping.removeValue(forKey: id)
         stopHealthChecks(id)
         let oomKilled = driver.cgroups.wasOOMKilled(instanceID: id)
-        driver.cleanUp(instanceID: id, processGroup: process.pid)
+        await driver.cleanUp(instanceID: id, processGroup: process.pid)
         if process.signalFD >= 0 { close(process.signalFD) }
         var status = written[id] ?? InstanceStatus(id: id, state: .running, pid: process.pid, updatedAt: "")
         status.updatedAt = Timestamp.format(Date())
@@ -404,7 +404,7 @@ public actor NodeAgent: Service {
                 logger.info("adopted \(spec.id) (pid \(leader)) after restart")
             } else if let leader {
                 // Meant to stop, or not the process we recorded: end it as a stop would.
-                killGroup(leader, instanceID: spec.id)
+                await killGroup(leader, instanceID: spec.id)
                 updates.append(InstanceStatus(id: spec.id, state: .killed, message: spec.stopReason ?? "stopped during agent restart", updatedAt: now))
             } else if let status, status.pid != nil || status.state != .staging {
                 var lost = status
@@ -417,10 +417,10 @@ public actor NodeAgent: Service {
         // Processes whose instance is unknown here: never leave an orphan.
         for (id, pid) in leaders {
             logger.warning("killing orphaned process \(pid) of unknown instance \(id)")
-            killGroup(pid, instanceID: id)
+            await killGroup(pid, instanceID: id)
         }
         for id in driver.cgroups.instanceIDs() where processes[id] == nil {
-            driver.cleanUp(instanceID: id, processGroup: nil)
+            await driver.cleanUp(instanceID: id, processGroup: nil)
         }
         if !updates.isEmpty { try await write(updates) }
     }
@@ -438,9 +438,9 @@ public actor NodeAgent: Service {
         watcher.watch(pidfd: watchFD, key: id)
     }
 
-    private func killGroup(_ pid: Int32, instanceID: String) {
+    private func killGroup(_ pid: Int32, instanceID: String) async {
         kill(-pid, SIGKILL)
-        driver.cleanUp(instanceID: instanceID, processGroup: pid)
+        await driver.cleanUp(instanceID: instanceID, processGroup: pid)
     }
 
     // MARK: - Housekeeping

@@ -738,9 +738,6 @@ public actor ControlPlane: Service {
         }
     }
 
-    private func commitMixed(puts: [(String, any Encodable & Sendable)], deletes: [String]) async throws {
-        try await commit(puts: puts, deletes: deletes)
-    }
 
     // MARK: - Events
 
