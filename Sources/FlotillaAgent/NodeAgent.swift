@@ -41,7 +41,8 @@ public actor NodeAgent: Service {
     private var stopping: [String: String] = [:]
     /// One task per running instance that runs its health checks.
     private var healthTasks: [String: Task<Void, Never>] = [:]
-    private let httpClient: HTTPClient
+    /// Made in `run()` and shut down when it ends: an agent that never runs owns no client.
+    private var httpClient: HTTPClient?
     private let commands = CommandRunner()
     /// The last status this agent wrote per instance, to avoid rewriting what is already there.
     private var written: [String: InstanceStatus] = [:]
@@ -54,12 +55,23 @@ public actor NodeAgent: Service {
         self.driver = ExecDriver(
             cgroups: cgroups, sandboxRoot: configuration.dataDirectory + "/sandboxes", logMaxBytes: configuration.logMaxBytes,
             logKeep: configuration.logKeep)
-        self.httpClient = HealthProbe.makeHTTPClient()
     }
 
     public nonisolated var sandboxRoot: String { driver.sandboxRoot }
 
     public func run() async throws {
+        let client = HealthProbe.makeHTTPClient()
+        httpClient = client
+        do {
+            try await runAgent()
+        } catch {
+            try? await client.shutdown()
+            throw error
+        }
+        try? await client.shutdown()
+    }
+
+    private func runAgent() async throws {
         try FileManager.default.createDirectory(atPath: driver.sandboxRoot, withIntermediateDirectories: true)
         try await store.put(StateKeys.node(configuration.node.name), StateCodec.encode(configuration.node))
         try await recover()
@@ -71,7 +83,6 @@ public actor NodeAgent: Service {
                 await self.stopAllHealthChecks()
                 self.watcher.stop()
                 self.commands.stop()
-                try? await self.httpClient.shutdown()
             }
         }
     }
@@ -212,7 +223,7 @@ public actor NodeAgent: Service {
     // MARK: - Health
 
     private func startHealthChecks(_ spec: InstanceSpec, startedAt: Date) {
-        guard !spec.definition.healthChecks.isEmpty, healthTasks[spec.id] == nil else { return }
+        guard !spec.definition.healthChecks.isEmpty, healthTasks[spec.id] == nil, let httpClient else { return }
         let probe = HealthProbe(httpClient: httpClient, commands: commands)
         let environment = driver.environment(for: spec, agentEnvironment: agentEnvironment)
         let sandbox = driver.sandbox(of: spec.id)

@@ -374,6 +374,8 @@ public actor ControlPlane: Service {
             await lock.acquire()
             do {
                 try await reconcile()
+            } catch is CancellationError {
+                // Shutting down.
             } catch {
                 logger.error("reconcile failed, will retry: \(error)")
             }

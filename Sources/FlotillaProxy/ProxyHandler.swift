@@ -39,7 +39,7 @@ final class ProxyContext: Sendable {
 /// ways with backpressure (a slow reader pauses the other side); nothing is buffered whole. A
 /// request that could not connect, or whose connection died before any response byte, is tried
 /// once more on another target while its body is still held (up to `retryBufferLimit`).
-final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
+final class ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, UpstreamDelegate {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
@@ -60,6 +60,10 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         var upstreamKeepAlive = true
         var clientKeepAlive: Bool
         var started: NIODeadline
+        /// The protocol a WebSocket-style upgrade asks for; the connection becomes a tunnel on 101.
+        var upgrade: String?
+        /// The upstream's 101, held until its decoder has finished with the message.
+        var switching: HTTPResponseHead?
     }
 
     private let shared: ProxyContext
@@ -170,10 +174,18 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
             upstreamHead.uri = RouteTable.upstreamPath(head.uri, rule: route.route.rule)
         }
         Self.rewriteForUpstream(&upstreamHead.headers, clientAddress: clientAddress, host: host)
+        // An upgrade (WebSocket) keeps its hop-by-hop pair: the upstream must see it to answer 101.
+        let upgrade = head.headers.first(name: "upgrade").flatMap { value in
+            head.headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" } ? value : nil
+        }
+        if let upgrade {
+            upstreamHead.headers.add(name: "Connection", value: "Upgrade")
+            upstreamHead.headers.add(name: "Upgrade", value: upgrade)
+        }
         if upstreamHead.version.major == 1 && upstreamHead.version.minor == 0 {
             upstreamHead.version = .http1_1
         }
-        exchange = Exchange(head: upstreamHead, route: route, clientKeepAlive: head.isKeepAlive, started: .now())
+        exchange = Exchange(head: upstreamHead, route: route, clientKeepAlive: head.isKeepAlive, started: .now(), upgrade: upgrade)
         connect()
     }
 
@@ -251,6 +263,11 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     func upstreamHead(_ head: HTTPResponseHead) {
         guard var current = exchange else { return }
         readTimeout?.cancel()
+        if head.status == .switchingProtocols, current.upgrade != nil {
+            // Switch once the decoder has delivered the whole message (its `.end` comes next).
+            exchange!.switching = head
+            return
+        }
         current.responseStarted = true
         current.upstreamKeepAlive = head.isKeepAlive
         exchange = current
@@ -280,6 +297,10 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
 
     func upstreamEnd() {
         guard let current = exchange else { return }
+        if let switching = current.switching, let connection = upstream {
+            becomeTunnel(switching, to: connection)
+            return
+        }
         let connection = upstream
         upstream = nil
         exchange = nil
@@ -313,6 +334,51 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
             return
         }
         retryOrFail(.badGateway, "\(current.target?.key ?? "upstream") closed the connection before answering")
+    }
+
+    /// After a 101: forward it, then drop HTTP from both connections and relay raw bytes both
+    /// ways (WebSocket and any other upgraded protocol pass through untouched).
+    private func becomeTunnel(_ head: HTTPResponseHead, to connection: UpstreamConnection) {
+        guard let current = exchange else { return }
+        exchange = nil
+        upstream = nil
+        connection.handler.delegate = nil
+        current.target?.finished()
+        current.route.metrics.record(statusClass: 1, latency: .nanoseconds((NIODeadline.now() - current.started).nanoseconds))
+        var response = head
+        Self.removeHopByHop(&response.headers)
+        response.headers.add(name: "Connection", value: "Upgrade")
+        response.headers.add(name: "Upgrade", value: head.headers.first(name: "upgrade") ?? current.upgrade ?? "websocket")
+        context.write(wrapOutboundOut(.head(response)), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+
+        // The relays go first in each pipeline, next to the sockets: bytes read go straight to
+        // the other side and bytes written go straight out, past the HTTP handlers, which are
+        // left idle. The upstream decoder may already hold bytes of the new protocol; removing it
+        // hands them on, to a forwarder at the tail.
+        let clientRelay = TCPRelayHandler()
+        let upstreamRelay = TCPRelayHandler()
+        let client = context.pipeline.syncOperations
+        let server = connection.channel.pipeline.syncOperations
+        do {
+            try server.addHandler(upstreamRelay, position: .first)
+            try client.addHandler(clientRelay, position: .first)
+            TCPRelayHandler.join(clientRelay, upstreamRelay)
+            server.removeHandler(connection.handler, promise: nil)
+            try server.addHandler(LeftoverForwarder(relay: upstreamRelay))
+            server.removeHandler(try server.handler(type: ByteToMessageHandler<HTTPResponseDecoder>.self), promise: nil)
+            // The pipelining helper holds reads back while a response is open; it has no more job.
+            if let pipelining = try? client.handler(type: HTTPServerPipelineHandler.self) { client.removeHandler(pipelining, promise: nil) }
+        } catch {
+            shared.logger.warning("could not switch \(current.route.label) to a tunnel: \(error)")
+            connection.channel.close(promise: nil)
+            context.close(promise: nil)
+            return
+        }
+        context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+        connection.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+        connection.channel.read()
+        context.channel.read()
     }
 
     private func retryOrFail(_ status: HTTPResponseStatus, _ message: String) {

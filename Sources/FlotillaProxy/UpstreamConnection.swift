@@ -30,7 +30,7 @@ final class UpstreamConnection {
 }
 
 /// The upstream side of the pipeline: response parts go to whoever leased the connection.
-final class UpstreamHandler: ChannelInboundHandler {
+final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPClientResponsePart
     typealias OutboundOut = HTTPClientRequestPart
 
@@ -103,7 +103,8 @@ final class UpstreamPool {
             .channelOption(.allowRemoteHalfClosure, value: false)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                    // Bytes after a 101 belong to the upgraded protocol: keep them for the tunnel.
+                    try channel.pipeline.syncOperations.addHTTPClientHandlers(leftOverBytesStrategy: .forwardBytes)
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
             }

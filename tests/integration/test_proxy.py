@@ -90,6 +90,22 @@ class Handler(BaseHTTPRequestHandler):
     def handle_any(self):
         url = urlsplit(self.path)
         query = parse_qs(url.query)
+        if self.headers.get("Upgrade", "").lower() == "websocket":
+            # Enough of a WebSocket server for a proxy test: switch, greet at once (so the greeting
+            # travels with the 101), then echo raw bytes until the client closes.
+            self.send_response(101)
+            self.send_header("Upgrade", "websocket")
+            self.send_header("Connection", "Upgrade")
+            self.end_headers()
+            self.wfile.write(b"welcome from " + INSTANCE.encode() + b"|")
+            self.wfile.flush()
+            while True:
+                data = self.connection.recv(65536)
+                if not data:
+                    break
+                self.connection.sendall(data)
+            self.close_connection = True
+            return
         body, chunked = self.read_body()
         if url.path.endswith("/echo-body"):
             self.send_response(200)
@@ -964,3 +980,38 @@ def test_zero_downtime_scale_down(make_agent, app_ids, backend_script):
     assert set(load.instances) == before, f"served by {load.instances}; before {before}"
     late = {instance for at, instance in load.timeline if at > switched}
     assert late == {kept}, f"requests after the scale-down went to {late}, only {kept} is left"
+
+
+def test_websocket_upgrade_becomes_a_tunnel(shared_agent, app_ids, backend_script):
+    agent = shared_agent
+    app_id = app_ids.new()
+    src = f"/ws-{unique_suffix(app_id)}"
+    deploy(agent, backend_app(app_id, backend_script, tags=f"urlprefix-{src}"), src=src)
+
+    with socket.create_connection(("127.0.0.1", agent.proxy_port), timeout=5) as connection:
+        connection.sendall(
+            f"GET {src}/chat HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = connection.recv(65536)
+            assert chunk, f"the proxy closed the connection before answering: {received!r}"
+            received += chunk
+        head, rest = received.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        assert b"upgrade: websocket" in head.lower() and b"connection: upgrade" in head.lower(), head
+        # Bytes of the new protocol both ways, including what the backend sent with its 101.
+        payload = pattern(200_000)
+        connection.sendall(payload)
+        deadline = time.monotonic() + 10
+        while len(rest) < len(b"welcome from |") + len(payload) and time.monotonic() < deadline:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        assert rest.startswith(b"welcome from "), rest[:60]
+        assert rest.split(b"|", 1)[1] == payload
+
+    # The proxy still serves plain HTTP afterwards.
+    assert proxied(agent, src + "/after").status_code == 200
