@@ -197,19 +197,6 @@ public struct Cgroups: Sendable {
         }
     }
 
-    /// Memory in use by the instance, in bytes.
-    public func memoryUsage(instanceID: String) -> Int64? {
-        let file: String
-        switch mode {
-        case .disabled: return nil
-        case .v2(let parent): file = parent + "/" + instanceID + "/memory.current"
-        case .v1(let parents):
-            guard let memory = parents["memory"] else { return nil }
-            file = memory + "/" + instanceID + "/memory.usage_in_bytes"
-        }
-        return (try? String(contentsOfFile: file, encoding: .utf8)).flatMap { Int64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
-    }
-
     private func directories(instanceID: String) -> [String] {
         switch mode {
         case .disabled: return []

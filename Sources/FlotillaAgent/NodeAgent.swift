@@ -477,7 +477,4 @@ public actor NodeAgent: Service {
             }
         }
     }
-
-    /// For tests and the CLI: the pids this agent is watching.
-    public func runningProcessIDs() -> [String: Int32] { processes.mapValues(\.pid) }
 }

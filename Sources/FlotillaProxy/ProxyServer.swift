@@ -60,7 +60,7 @@ public final class ProxyServer: Service {
     /// Installs a new route table: HTTP requests use it at once; TCP listeners open and close to match.
     public func install(_ table: RouteTable) {
         let previous = routes.current
-        guard previous.table != table || previous.table.index == 0 else { return }
+        guard previous.table != table else { return }
         let (http, tcp, live) = targetStates.withLock { states -> ([RouteRuntime], [Int: RouteRuntime], Set<String>) in
             var live: Set<String> = []
             func state(_ target: RouteTarget) -> TargetState {
