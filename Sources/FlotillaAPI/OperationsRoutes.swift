@@ -25,12 +25,17 @@ public struct OperationsRoutes: Sendable {
 
     /// One entry per route and target, in the shape Fabio's `/api/routes` uses.
     static func render(_ table: RouteTable) -> JSONValue {
+        func milliseconds(_ duration: Duration) -> Int64 {
+            duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000
+        }
         var entries: [JSONValue] = []
         func options(_ rule: RouteRule) -> String {
             var parts: [String] = []
             if let strip = rule.strip { parts.append("strip=\(strip)") }
             if let prepend = rule.prepend { parts.append("prepend=\(prepend)") }
             if rule.proto != .http { parts.append("proto=\(rule.proto.rawValue)") }
+            if let timeout = rule.connectTimeout { parts.append("connecttimeout=\(milliseconds(timeout))ms") }
+            if let timeout = rule.readTimeout { parts.append("readtimeout=\(milliseconds(timeout))ms") }
             return parts.joined(separator: " ")
         }
         let all = table.http.map { ($0, $0.rule.host + $0.rule.path) } + table.tcp.sorted { $0.key < $1.key }.map { ($0.value, ":\($0.key)") }

@@ -39,6 +39,15 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "How the load balancer picks an instance: rr (round-robin), random, leastconn.")
     var proxyStrategy: String = "rr"
 
+    @Option(help: "How long the load balancer waits for a connection to an instance (a duration: 500ms, 2s); a route's connecttimeout= overrides it.")
+    var proxyConnectTimeout: String = "1s"
+
+    @Option(help: "How long the load balancer waits for an instance's response head (a duration: 30s, 2m); a route's readtimeout= overrides it.")
+    var proxyReadTimeout: String = "60s"
+
+    @Option(help: "Write the load balancer's access log to this file (- for standard output).")
+    var proxyAccessLog: String?
+
     @Option(help: "The datacenter name the Consul API and DNS report.")
     var datacenter: String = "dc1"
 
@@ -68,6 +77,11 @@ struct AgentCommand: AsyncParsableCommand {
 
     enum ExitPolicy: String, ExpressibleByArgument { case keep, stop }
 
+    /// A validated Go-style duration.
+    static func duration(_ text: String) -> Duration {
+        .milliseconds(Int64(((GoDuration.seconds(text) ?? 1) * 1000).rounded(.up)))
+    }
+
     func validate() throws {
         guard parsedPorts != nil else { throw ValidationError("--ports must be FROM-TO with 1 <= FROM <= TO <= 65535, got '\(ports)'") }
         guard (0...65535).contains(apiPort) else { throw ValidationError("--api-port must be between 0 and 65535") }
@@ -75,6 +89,9 @@ struct AgentCommand: AsyncParsableCommand {
         guard (1...65535).contains(proxyPort) else { throw ValidationError("--proxy-port must be between 1 and 65535") }
         guard BalancingStrategy(rawValue: proxyStrategy) != nil else {
             throw ValidationError("--proxy-strategy must be one of \(BalancingStrategy.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        for (flag, value) in [("--proxy-connect-timeout", proxyConnectTimeout), ("--proxy-read-timeout", proxyReadTimeout)] {
+            guard let seconds = GoDuration.seconds(value), seconds > 0 else { throw ValidationError("\(flag) must be a duration such as 500ms, 5s or 2m, got '\(value)'") }
         }
         guard dnsDomain.split(separator: ".").allSatisfy({ !$0.isEmpty && $0.count <= 63 }), !dnsDomain.isEmpty else {
             throw ValidationError("--dns-domain must be a domain name such as flotilla or consul.example")
@@ -127,12 +144,14 @@ struct AgentCommand: AsyncParsableCommand {
                 "mem": "\(Int(node.mem))", "ports": "\(ports)", "dns": "\(bind):\(dnsPort)", "proxy": "\(bind):\(proxyPort)",
             ])
         do {
-            try await FlotillaServer.run(
-                .init(
-                    dataDirectory: directory, bindAddress: bind, apiPort: apiPort, node: node, stopInstancesOnExit: onExit == .stop,
-                    logMaxBytes: Int64(logMaxMib) << 20, version: Flotilla.version, dnsPort: dnsPort, dnsDomain: dnsDomain,
-                    dnsTTL: dnsTtl, datacenter: datacenter, proxyPort: proxyPort, proxyStrategy: BalancingStrategy(rawValue: proxyStrategy)!),
-                logger: logger)
+            var configuration = FlotillaServer.Configuration(
+                dataDirectory: directory, bindAddress: bind, apiPort: apiPort, node: node, stopInstancesOnExit: onExit == .stop,
+                logMaxBytes: Int64(logMaxMib) << 20, version: Flotilla.version, dnsPort: dnsPort, dnsDomain: dnsDomain,
+                dnsTTL: dnsTtl, datacenter: datacenter, proxyPort: proxyPort, proxyStrategy: BalancingStrategy(rawValue: proxyStrategy)!)
+            configuration.proxyConnectTimeout = Self.duration(proxyConnectTimeout)
+            configuration.proxyReadTimeout = Self.duration(proxyReadTimeout)
+            configuration.proxyAccessLog = proxyAccessLog
+            try await FlotillaServer.run(configuration, logger: logger)
         } catch {
             logger.critical("agent stopped: \(error)")
             throw ExitCode.failure

@@ -1,6 +1,7 @@
 /// A proxy rule, written as a Fabio-style service tag:
-/// `urlprefix-[host]/path [strip=/path] [prepend=/p] [weight=0.N] [proto=http|https|tcp]`, or
-/// `urlprefix-:PORT proto=tcp` for a TCP listener.
+/// `urlprefix-[host]/path [strip=/path] [prepend=/p] [weight=0.N] [proto=http|https|tcp]
+/// [connecttimeout=DURATION] [readtimeout=DURATION]`, or `urlprefix-:PORT proto=tcp` for a TCP
+/// listener. Durations are Go's (`500ms`, `30s`, `2m`).
 public struct RouteRule: Sendable, Hashable {
     public enum Proto: String, Sendable, Hashable {
         case http, https, tcp, grpc
@@ -18,10 +19,15 @@ public struct RouteRule: Sendable, Hashable {
     public var weight: Double?
     /// The listening port of a TCP route.
     public var tcpPort: Int?
+    /// How long a connection to an instance may take to open (nil: the proxy's default).
+    public var connectTimeout: Duration?
+    /// How long an instance may take to start its response once the request is sent (nil: the
+    /// proxy's default). Streaming bodies are not cut by it.
+    public var readTimeout: Duration?
 
     public init(
         host: String = "", path: String = "/", proto: Proto = .http, strip: String? = nil, prepend: String? = nil, weight: Double? = nil,
-        tcpPort: Int? = nil
+        tcpPort: Int? = nil, connectTimeout: Duration? = nil, readTimeout: Duration? = nil
     ) {
         self.host = host
         self.path = path
@@ -30,6 +36,8 @@ public struct RouteRule: Sendable, Hashable {
         self.prepend = prepend
         self.weight = weight
         self.tcpPort = tcpPort
+        self.connectTimeout = connectTimeout
+        self.readTimeout = readTimeout
     }
 
     public static let tagPrefix = "urlprefix-"
@@ -50,6 +58,10 @@ public struct RouteRule: Sendable, Hashable {
             case "proto": guard let proto = Proto(rawValue: parts[1].lowercased()) else { return nil }; rule.proto = proto
             case "weight": guard let weight = Double(parts[1]), weight >= 0, weight <= 1 else { return nil }; rule.weight = weight
             case "host": rule.host = parts[1].lowercased()
+            case "connecttimeout", "readtimeout":
+                guard let seconds = GoDuration.seconds(parts[1]), seconds > 0, seconds <= 24 * 3600 else { return nil }
+                let duration = Duration.milliseconds(Int64((seconds * 1000).rounded(.up)))
+                if parts[0] == "connecttimeout" { rule.connectTimeout = duration } else { rule.readTimeout = duration }
             default: continue  // Options Flotilla does not act on yet (redirect, allow, deny, tlsskipverify).
             }
         }

@@ -1,82 +1,118 @@
 import FlotillaCore
 import Logging
 import NIOCore
-import NIOHTTP1
 
 /// What every client connection shares: the live routes, the picker, upstream health, the
-/// per-loop upstream pools, the limits and the metrics.
+/// per-loop upstream pools, the limits, the metrics and the access log.
 final class ProxyContext: Sendable {
     let routes: ProxyTableBox
     let picker: Picker
     let pools: UpstreamPools
+    let connectTimeout: TimeAmount
     let readTimeout: TimeAmount
     let retryBufferLimit: Int
     let metrics: ProxyMetrics
     let noRouteMetrics: RouteMetrics
     let ejectAfter: Int
     let coolDown: Duration
+    let accessLog: AccessLog?
     let logger: Logger
 
     init(
-        routes: ProxyTableBox, picker: Picker, pools: UpstreamPools, readTimeout: TimeAmount, retryBufferLimit: Int, metrics: ProxyMetrics,
-        ejectAfter: Int = 3, coolDown: Duration = .seconds(10), logger: Logger
+        routes: ProxyTableBox, picker: Picker, pools: UpstreamPools, connectTimeout: TimeAmount, readTimeout: TimeAmount, retryBufferLimit: Int,
+        metrics: ProxyMetrics, ejectAfter: Int = 3, coolDown: Duration = .seconds(10), accessLog: AccessLog? = nil, logger: Logger
     ) {
         self.routes = routes
         self.picker = picker
         self.pools = pools
-        self.noRouteMetrics = metrics.forRoute("")
-        self.ejectAfter = ejectAfter
-        self.coolDown = coolDown
+        self.connectTimeout = connectTimeout
         self.readTimeout = readTimeout
         self.retryBufferLimit = retryBufferLimit
         self.metrics = metrics
+        self.noRouteMetrics = metrics.forRoute("")
+        self.ejectAfter = ejectAfter
+        self.coolDown = coolDown
+        self.accessLog = accessLog
         self.logger = logger
     }
 }
 
-/// One client connection: each request is matched to a route, sent to a healthy target over a
-/// pooled keep-alive connection, and the response streamed back as it comes. Bodies stream both
-/// ways with backpressure (a slow reader pauses the other side); nothing is buffered whole. A
-/// request that could not connect, or whose connection died before any response byte, is tried
+/// One client connection, as an HTTP/1.1 proxy that relays bytes: each request head is parsed in
+/// place, matched to a route and rewritten for the upstream (hop-by-hop headers out, forwarding
+/// headers in); bodies go through untouched, chunked framing included, as slices of the buffers
+/// they arrived in. Responses come back the same way. Pooled keep-alive connections per event
+/// loop; backpressure both ways (a slow reader pauses the other side); nothing is buffered whole.
+///
+/// A request that could not connect, or whose connection died before any response byte, is tried
 /// once more on another target while its body is still held (up to `retryBufferLimit`).
-final class ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, UpstreamDelegate {
-    typealias InboundIn = HTTPServerRequestPart
-    typealias OutboundOut = HTTPServerResponsePart
+/// Pipelined requests wait their turn. After a 101 both connections become a raw tunnel.
+final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private enum Input {
+        case head
+        case body(BodyFramer)
+        /// The rest of a body whose request was already answered.
+        case discard(BodyFramer)
+        case tunnel
+        /// Nothing more is read: the connection closes once its answer is out.
+        case closing
+    }
 
     private struct Exchange {
-        var head: HTTPRequestHead
-        var route: RouteRuntime
+        let id: UInt64
+        let upstreamHead: ByteBuffer
+        let headRequest: Bool
+        let route: RouteRuntime
+        let clientKeepAlive: Bool
+        let clientHTTP10: Bool
+        let started: NIODeadline
+        let upgrade: String?
+        let connectTimeout: TimeAmount
+        let readTimeout: TimeAmount
         var body: [ByteBuffer] = []
         var bodyBytes = 0
         /// Still holding every body part sent so far, so the request can be sent again.
         var replayable = true
-        var ended = false
+        /// Every byte of the request has arrived from the client.
+        var requestComplete: Bool
         var lastTried: TargetState?
         var attempts = 0
         var target: TargetState?
         var sentParts = 0
-        var endSent = false
         var responseStarted = false
-        var upstreamKeepAlive = true
-        var clientKeepAlive: Bool
-        var started: NIODeadline
-        /// The protocol a WebSocket-style upgrade asks for; the connection becomes a tunnel on 101.
-        var upgrade: String?
-        /// The upstream's 101, held until its decoder has finished with the message.
-        var switching: HTTPResponseHead?
+        var status = 0
+        var responseBytes = 0
+        var upstreamLatency: Double?
+        var log: AccessLog.Entry?
     }
+
+    static let maximumHeadSize = 64 * 1024
+    /// A locally answered request's body is read and dropped up to this size; past it the
+    /// connection is closed instead.
+    static let discardLimit: Int64 = 64 * 1024
 
     private let shared: ProxyContext
     private var context: ChannelHandlerContext!
     private var pool: UpstreamPool!
-    /// Whether this handler turned off reading on the client (to wait for the upstream).
-    private var clientPaused = false
-    private var exchange: Exchange?
-    private var upstream: UpstreamConnection?
-    private var discarding = false
-    private var closeAfterResponse = false
-    private var readTimeout: Scheduled<Void>?
     private var clientAddress = ""
+    private var input = Input.head
+    private var pending: ByteBuffer?
+    private var scanner = HeadScanner(limit: ProxyHandler.maximumHeadSize)
+    private var head = HTTP1Head()
+    private var exchange: Exchange?
+    private var nextExchangeID: UInt64 = 0
+    private var upstream: UpstreamConnection?
+    private var closeAfterResponse = false
+    private var readPaused = false
+    private var readWanted = false
+    private var upstreamBlocked = false
+    /// Waiting for a response head since; one timer per connection, re-armed lazily.
+    private var waitingSince: NIODeadline?
+    private var timer: Scheduled<Void>?
+    private var timerDue = NIODeadline.distantFuture
 
     init(shared: ProxyContext) {
         self.shared = shared
@@ -88,124 +124,256 @@ final class ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Upstre
         clientAddress = context.channel.remoteAddress?.ipAddress ?? ""
     }
 
-    private func pauseClient() {
-        guard !clientPaused else { return }
-        clientPaused = true
-        context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+    // MARK: - Reading from the client
+
+    func read(context: ChannelHandlerContext) {
+        if readPaused {
+            readWanted = true
+        } else {
+            context.read()
+        }
     }
 
-    private func resumeClient() {
-        guard clientPaused else { return }
-        clientPaused = false
-        context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+    /// Reading pauses while the upstream cannot take more, while a pipelined request waits for
+    /// the current response, and while an unreplayable body waits for its upstream connection.
+    private func updateReading() {
+        var pause = upstreamBlocked
+        if let current = exchange {
+            if (pending?.readableBytes ?? 0) > 0, case .head = input { pause = true }
+            if upstream == nil && !current.replayable { pause = true }
+        }
+        guard pause != readPaused else { return }
+        readPaused = pause
+        if !pause && readWanted {
+            readWanted = false
+            context.read()
+        }
     }
-
-    // MARK: - Client side
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch unwrapInboundIn(data) {
-        case .head(let head):
-            begin(head)
-        case .body(let body):
-            guard !discarding, exchange != nil else { return }
-            exchange!.bodyBytes += body.readableBytes
-            exchange!.body.append(body)
-            if exchange!.bodyBytes > shared.retryBufferLimit { exchange!.replayable = false }
-            if let upstream, exchange!.target != nil {
-                flushBody(to: upstream)
-                if !exchange!.replayable {
-                    // Past the replay limit: stream straight through and let the sent parts go.
-                    exchange!.body.removeAll()
-                    exchange!.sentParts = 0
-                }
-            } else if !exchange!.replayable {
-                // Still connecting and over the limit: stop reading until the upstream is there.
-                pauseClient()
-            }
-        case .end:
-            if discarding {
-                discarding = false
-                return
-            }
-            guard exchange != nil else { return }
-            exchange!.ended = true
-            if let upstream, exchange!.target != nil { sendEnd(to: upstream) }
+        var bytes = unwrapInboundIn(data)
+        switch input {
+        case .tunnel:
+            upstream?.handler.send(bytes)
+            return
+        case .closing:
+            return
+        default:
+            break
         }
+        if var held = pending.take(), held.readableBytes > 0 {
+            held.writeBuffer(&bytes)
+            bytes = held
+        }
+        process(bytes)
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        upstream?.channel.flush()
+        upstream?.handler.flush()
     }
 
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        // The client reads slowly: stop reading the upstream until it catches up.
-        upstream?.channel.setOption(ChannelOptions.autoRead, value: context.channel.isWritable).whenComplete { _ in }
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        readTimeout?.cancel()
-        if let upstream {
-            upstream.handler.delegate = nil
-            upstream.channel.close(promise: nil)
-            exchange?.target?.finished()
+    private func process(_ received: ByteBuffer) {
+        var bytes = received
+        while bytes.readableBytes > 0 {
+            switch input {
+            case .closing:
+                return
+            case .tunnel:
+                upstream?.handler.send(bytes)
+                upstream?.handler.flush()
+                return
+            case .head:
+                if exchange != nil {
+                    // A pipelined request: it waits for the current response.
+                    pending = bytes
+                    updateReading()
+                    return
+                }
+                // Empty lines before a request line are ignored (RFC 9112 §2.2).
+                while let byte = bytes.getInteger(at: bytes.readerIndex, as: UInt8.self), byte == 0x0D || byte == 0x0A {
+                    bytes.moveReaderIndex(forwardBy: 1)
+                }
+                guard bytes.readableBytes > 0 else { return }
+                let length: Int
+                switch scanner.scan(bytes) {
+                case .incomplete:
+                    pending = bytes
+                    return
+                case .tooLarge:
+                    reject(HTTP1Error(status: 431, reason: "request head larger than \(Self.maximumHeadSize / 1024) KiB"))
+                    return
+                case .complete(let found):
+                    length = found
+                }
+                head.bytes = bytes.readSlice(length: length)!
+                do {
+                    try HTTP1Parser.parseRequest(&head)
+                } catch {
+                    reject(error)
+                    return
+                }
+                begin()
+            case .body(var framer):
+                let taken: Int
+                do {
+                    taken = try bytes.withUnsafeReadableBytes { bytes throws(HTTP1Error) in try framer.consume(bytes) }
+                } catch {
+                    bodyFailed(error)
+                    return
+                }
+                let slice = bytes.readSlice(length: taken)!
+                input = framer.isComplete ? .head : .body(framer)
+                requestBody(slice, complete: framer.isComplete)
+            case .discard(var framer):
+                let taken: Int
+                do {
+                    taken = try bytes.withUnsafeReadableBytes { bytes throws(HTTP1Error) in try framer.consume(bytes) }
+                } catch {
+                    input = .closing
+                    context.close(promise: nil)
+                    return
+                }
+                bytes.moveReaderIndex(forwardBy: taken)
+                input = framer.isComplete ? .head : .discard(framer)
+            }
         }
-        upstream = nil
-        exchange = nil
     }
 
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        context.close(promise: nil)
-    }
+    /// A request head has been parsed into `head`: route it, or answer it here.
+    private func begin() {
+        var host = head.hostValue
+        var path = head.target
+        var absoluteForm = false
+        if !path.hasPrefix("/"), let colon = path.firstIndex(of: ":"), path[..<colon].allSatisfy(\.isLetter),
+            path[colon...].hasPrefix("://")
+        {
+            // Absolute form (`GET http://host/path`): the authority is the host.
+            let rest = path[path.index(colon, offsetBy: 3)...]
+            let slash = rest.firstIndex(where: { $0 == "/" || $0 == "?" }) ?? rest.endIndex
+            host = String(rest[..<slash])
+            path = rest[slash...].isEmpty ? "/" : (rest[slash] == "?" ? "/" + rest[slash...] : String(rest[slash...]))
+            absoluteForm = true
+        }
+        let framing: BodyFramer.Framing? = head.chunked ? .chunked : head.contentLength.flatMap { $0 > 0 ? .length($0) : nil }
+        let keepAlive = head.keepAlive
+        let headRequest = head.isHeadRequest
+        let started = NIODeadline.now()
+        var log: AccessLog.Entry?
+        if shared.accessLog != nil {
+            var referer = ""
+            var userAgent = ""
+            for field in head.fields where field.kind == .other {
+                let name = head.name(of: field).lowercased()
+                if name == "referer" { referer = head.value(of: field) } else if name == "user-agent" { userAgent = head.value(of: field) }
+            }
+            log = AccessLog.Entry(
+                client: clientAddress, method: head.method, target: head.target, version: head.minorVersion, status: 0, bytes: 0,
+                referer: referer, userAgent: userAgent, route: "", upstream: "", upstreamSeconds: nil, totalSeconds: 0)
+        }
 
-    private func begin(_ head: HTTPRequestHead) {
-        let host = head.headers.first(name: "host") ?? ""
-        guard let route = shared.routes.current.match(host: host, path: head.uri) else {
+        guard let route = shared.routes.current.match(host: host, path: path) else {
             shared.noRouteMetrics.record(statusClass: 4, latency: nil)
-            respondLocally(.notFound, "no route for \(host)\(head.uri)\n", head: head)
+            answer(404, "no route for \(host)\(path)", keepAlive: keepAlive, headRequest: headRequest, body: framing, log: log, started: started)
             return
         }
         guard !route.targets.isEmpty else {
             route.metrics.record(statusClass: 5, latency: nil)
-            respondLocally(.serviceUnavailable, "no healthy instance of \(route.services) for \(route.label)\n", head: head)
+            log?.route = route.label
+            answer(
+                503, "no healthy instance of \(route.services) for \(route.label)", keepAlive: keepAlive, headRequest: headRequest, body: framing,
+                log: log, started: started)
             return
         }
-        var upstreamHead = head
-        if route.route.rule.strip != nil || route.route.rule.prepend != nil {
-            upstreamHead.uri = RouteTable.upstreamPath(head.uri, rule: route.route.rule)
-        }
-        Self.rewriteForUpstream(&upstreamHead.headers, clientAddress: clientAddress, host: host)
-        // An upgrade (WebSocket) keeps its hop-by-hop pair: the upstream must see it to answer 101.
-        let upgrade = head.headers.first(name: "upgrade").flatMap { value in
-            head.headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" } ? value : nil
-        }
-        if let upgrade {
-            upstreamHead.headers.add(name: "Connection", value: "Upgrade")
-            upstreamHead.headers.add(name: "Upgrade", value: upgrade)
-        }
-        if upstreamHead.version.major == 1 && upstreamHead.version.minor == 0 {
-            upstreamHead.version = .http1_1
-        }
-        exchange = Exchange(head: upstreamHead, route: route, clientKeepAlive: head.isKeepAlive, started: .now(), upgrade: upgrade)
+        let rule = route.route.rule
+        let target: String? = rule.strip != nil || rule.prepend != nil ? RouteTable.upstreamPath(path, rule: rule) : (absoluteForm ? path : nil)
+        let upgrade = head.connectionUpgrade ? head.upgradeValue : nil
+        let upstreamHead = HeadWriter.upstreamRequest(head, target: target, clientAddress: clientAddress, upgrade: upgrade, allocator: context.channel.allocator)
+        log?.route = route.label
+        nextExchangeID &+= 1
+        exchange = Exchange(
+            id: nextExchangeID, upstreamHead: upstreamHead, headRequest: headRequest, route: route, clientKeepAlive: keepAlive,
+            clientHTTP10: head.minorVersion == 0, started: started, upgrade: upgrade,
+            connectTimeout: rule.connectTimeout.map { TimeAmount($0) } ?? shared.connectTimeout,
+            readTimeout: rule.readTimeout.map { TimeAmount($0) } ?? shared.readTimeout, requestComplete: framing == nil, log: log)
+        if let framing { input = .body(BodyFramer(framing)) }
         connect()
     }
+
+    private func requestBody(_ slice: ByteBuffer, complete: Bool) {
+        guard exchange != nil else { return }
+        if complete { exchange!.requestComplete = true }
+        if slice.readableBytes > 0 {
+            exchange!.body.append(slice)
+            exchange!.bodyBytes += slice.readableBytes
+            if exchange!.bodyBytes > shared.retryBufferLimit { exchange!.replayable = false }
+        }
+        if let upstream, exchange!.target != nil { flushBody(to: upstream) }
+        updateReading()
+    }
+
+    /// The request body's framing is broken: answer 400 if nothing was answered yet, then close.
+    private func bodyFailed(_ error: HTTP1Error) {
+        input = .closing
+        if let current = exchange, !current.responseStarted {
+            fail(status: 400, "\(error.reason)", retry: false)
+        } else {
+            context.close(promise: nil)
+        }
+    }
+
+    /// A head that cannot be parsed: a 4xx/5xx and the connection closes (its framing is lost).
+    private func reject(_ error: HTTP1Error) {
+        input = .closing
+        shared.noRouteMetrics.record(statusClass: error.status / 100, latency: nil)
+        shared.logger.debug("rejected a request from \(clientAddress): \(error.reason)")
+        writeLocal(status: error.status, message: error.reason, close: true, headRequest: false)
+    }
+
+    /// Answers a routed-nowhere request here (404, 503), dropping whatever body comes with it.
+    private func answer(
+        _ status: Int, _ message: String, keepAlive: Bool, headRequest: Bool, body: BodyFramer.Framing?, log: AccessLog.Entry?, started: NIODeadline
+    ) {
+        var close = !keepAlive
+        if let body {
+            if case .length(let length) = body, length <= Self.discardLimit {
+                input = .discard(BodyFramer(body))
+            } else {
+                close = true
+            }
+        }
+        if close { input = .closing }
+        if var log {
+            log.status = status
+            log.totalSeconds = Self.seconds(since: started)
+            shared.accessLog?.record(log)
+        }
+        writeLocal(status: status, message: message, close: close, headRequest: headRequest)
+    }
+
+    // MARK: - Connecting upstream
 
     /// Leases a connection to a healthy target: another than the one that just failed, if any.
     private func connect() {
         guard var current = exchange else { return }
-        guard let target = shared.picker.pick(from: current.route, excluding: current.lastTried) ?? shared.picker.pick(from: current.route) else {
-            fail(.badGateway, "no instance of \(current.route.services) could be reached")
+        guard let picked = shared.picker.pick(from: current.route, excluding: current.lastTried) ?? shared.picker.pick(from: current.route) else {
+            fail(status: 502, "no instance of \(current.route.services) could be reached", retry: false)
             return
         }
-        let state = target.state
+        let state = picked.state
         current.lastTried = state
         current.attempts += 1
         current.target = nil
         current.sentParts = 0
-        current.endSent = false
         exchange = current
-        pool.lease(host: state.host, port: state.port).whenComplete { [self] result in
-            guard exchange != nil else {
-                if case .success(let connection) = result { connection.channel.close(promise: nil) }
+        if let connection = pool.takeIdle(state.key) {
+            attach(connection, target: state)
+            return
+        }
+        let id = current.id
+        let attempt = current.attempts
+        pool.connect(host: state.host, port: state.port, key: state.key, timeout: current.connectTimeout).whenComplete { [self] result in
+            guard let now = exchange, now.id == id, now.attempts == attempt, upstream == nil else {
+                if case .success(let connection) = result { connection.handler.close() }
                 return
             }
             switch result {
@@ -214,7 +382,7 @@ final class ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Upstre
             case .failure(let error):
                 state.connectFailed(limit: shared.ejectAfter, coolDown: shared.coolDown)
                 shared.logger.debug("connect to \(state.key) failed: \(error)")
-                retryOrFail(.badGateway, "could not connect to \(state.key): \(error)")
+                retryOrFail(502, "could not connect to \(state.key): \(error)")
             }
         }
     }
@@ -224,67 +392,111 @@ final class ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Upstre
         connection.handler.delegate = self
         exchange!.target = target
         target.started()
-        connection.channel.write(HTTPClientRequestPart.head(exchange!.head), promise: nil)
+        connection.handler.sendRequest(exchange!.upstreamHead, headRequest: exchange!.headRequest)
         flushBody(to: connection)
-        if exchange!.ended { sendEnd(to: connection) }
-        connection.channel.flush()
-        resumeClient()
-        armReadTimeout()
+        connection.handler.flush()
+        if !context.channel.isWritable { connection.handler.pauseReading() } else { connection.handler.resumeReading() }
+        upstreamBlocked = !connection.channel.isWritable
+        startWaiting()
+        updateReading()
     }
 
     private func flushBody(to connection: UpstreamConnection) {
         guard var current = exchange else { return }
         while current.sentParts < current.body.count {
-            connection.channel.write(HTTPClientRequestPart.body(.byteBuffer(current.body[current.sentParts])), promise: nil)
+            connection.handler.send(current.body[current.sentParts])
             current.sentParts += 1
+        }
+        if !current.replayable {
+            // Past the replay limit: stream straight through and let the sent parts go.
+            current.body.removeAll()
+            current.sentParts = 0
         }
         exchange = current
     }
 
-    private func sendEnd(to connection: UpstreamConnection) {
-        guard exchange?.endSent == false else { return }
-        exchange!.endSent = true
-        connection.channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+    private func retryOrFail(_ status: Int, _ message: String) {
+        guard let current = exchange else { return }
+        if current.replayable && current.attempts < 2 {
+            shared.metrics.retried()
+            connect()
+        } else {
+            fail(status: status, message, retry: false)
+        }
     }
 
-    private func armReadTimeout() {
-        readTimeout?.cancel()
-        let timeout = shared.readTimeout
-        readTimeout = context.eventLoop.scheduleTask(in: timeout) { [self] in
-            guard let current = exchange, !current.responseStarted else { return }
-            let target = current.target?.key ?? "?"
+    // MARK: - The read timeout
+
+    private func startWaiting() {
+        guard let current = exchange else { return }
+        let now = NIODeadline.now()
+        waitingSince = now
+        let due = now + current.readTimeout
+        if timer == nil || timerDue > due { arm(at: due) }
+    }
+
+    private func arm(at due: NIODeadline) {
+        timer?.cancel()
+        timerDue = due
+        timer = context.eventLoop.scheduleTask(deadline: due) { [self] in
+            timer = nil
+            timerDue = .distantFuture
+            guard let since = waitingSince, let current = exchange else { return }
+            let deadline = since + current.readTimeout
+            if NIODeadline.now() < deadline {
+                arm(at: deadline)
+                return
+            }
+            let target = current.target?.key ?? "the upstream"
             dropUpstream()
-            fail(.gatewayTimeout, "\(target) sent no response within \(timeout.nanoseconds / 1_000_000) ms")
+            fail(status: 504, "\(target) sent no response within \(current.readTimeout.nanoseconds / 1_000_000) ms", retry: false)
         }
     }
 
     // MARK: - Upstream side
 
-    func upstreamHead(_ head: HTTPResponseHead) {
-        guard var current = exchange else { return }
-        readTimeout?.cancel()
-        if head.status == .switchingProtocols, current.upgrade != nil {
-            // Switch once the decoder has delivered the whole message (its `.end` comes next).
-            exchange!.switching = head
+    func upstreamInterim(_ response: HTTP1Head) {
+        guard exchange != nil else { return }
+        exchange!.responseStarted = true
+        if !exchange!.clientHTTP10 {
+            context.write(wrapOutboundOut(HeadWriter.clientResponse(response, connection: .interim, allocator: context.channel.allocator)), promise: nil)
+            context.flush()
+        }
+        startWaiting()
+    }
+
+    func upstreamHead(_ response: HTTP1Head) {
+        guard var current = exchange, let connection = upstream else { return }
+        waitingSince = nil
+        current.target?.succeeded()
+        current.responseStarted = true
+        current.status = response.status
+        let latency = NIODeadline.now() - current.started
+        current.upstreamLatency = Double(latency.nanoseconds) / 1e9
+        current.route.metrics.record(statusClass: response.status / 100, latency: .nanoseconds(latency.nanoseconds))
+        if response.status == 101 {
+            guard let upgrade = current.upgrade else {
+                exchange = current
+                shared.logger.info("\(current.target?.key ?? "upstream") switched protocols without being asked")
+                dropUpstream()
+                context.close(promise: nil)
+                return
+            }
+            exchange = current
+            becomeTunnel(response, upgrade: upgrade, connection: connection)
             return
         }
-        current.responseStarted = true
-        current.upstreamKeepAlive = head.isKeepAlive
+        let close = !current.clientKeepAlive || !current.requestComplete || connection.handler.responseEndsWithClose
+        closeAfterResponse = close
         exchange = current
-        current.target?.succeeded()
-        var response = head
-        Self.removeHopByHop(&response.headers)
-        if response.version.major == 1 && response.version.minor == 0 { response.version = .http1_1 }
-        if !current.clientKeepAlive {
-            response.headers.replaceOrAdd(name: "connection", value: "close")
-            closeAfterResponse = true
-        }
-        context.write(wrapOutboundOut(.head(response)), promise: nil)
-        current.route.metrics.record(statusClass: Int(head.status.code) / 100, latency: .nanoseconds((NIODeadline.now() - current.started).nanoseconds))
+        let options: HeadWriter.ClientConnection = close ? .close : (current.clientHTTP10 ? .keepAliveHTTP10 : .persistent)
+        context.write(wrapOutboundOut(HeadWriter.clientResponse(response, connection: options, allocator: context.channel.allocator)), promise: nil)
     }
 
     func upstreamBody(_ body: ByteBuffer) {
-        context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+        guard exchange != nil, body.readableBytes > 0 else { return }
+        exchange!.responseBytes += body.readableBytes
+        context.write(wrapOutboundOut(body), promise: nil)
     }
 
     func upstreamReadComplete() {
@@ -292,173 +504,174 @@ final class ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Upstre
     }
 
     func upstreamWritabilityChanged(_ writable: Bool) {
-        if writable { resumeClient() } else { pauseClient() }
+        upstreamBlocked = !writable
+        updateReading()
     }
 
-    func upstreamEnd() {
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        // The client reads slowly: stop reading the upstream until it catches up.
+        if context.channel.isWritable { upstream?.handler.resumeReading() } else { upstream?.handler.pauseReading() }
+    }
+
+    func upstreamEnd(reusable: Bool) {
         guard let current = exchange else { return }
-        if let switching = current.switching, let connection = upstream {
-            becomeTunnel(switching, to: connection)
-            return
-        }
         let connection = upstream
         upstream = nil
         exchange = nil
         current.target?.finished()
         if let connection {
             connection.handler.delegate = nil
-            if current.upstreamKeepAlive && current.endSent {
+            if reusable && current.requestComplete {
                 pool.release(connection)
             } else {
-                connection.channel.close(promise: nil)
+                connection.handler.close()
             }
         }
-        let close = closeAfterResponse
-        if close {
-            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { [context] _ in context?.close(promise: nil) }
-        } else {
-            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        if var log = current.log {
+            log.status = current.status
+            log.bytes = current.responseBytes
+            log.upstream = current.target?.key ?? ""
+            log.upstreamSeconds = current.upstreamLatency
+            log.totalSeconds = Self.seconds(since: current.started)
+            shared.accessLog?.record(log)
         }
-        resumeClient()
+        upstreamBlocked = false
+        if closeAfterResponse {
+            closeAfterFlush()
+            return
+        }
+        context.flush()
+        updateReading()
+        if let next = pending.take(), next.readableBytes > 0 { process(next) }
+    }
+
+    func upstreamTunnel(_ bytes: ByteBuffer) {
+        context.write(wrapOutboundOut(bytes), promise: nil)
     }
 
     func upstreamFailed(_ error: any Error) {
+        if case .tunnel = input {
+            // The upgraded connection ended upstream: end it for the client too.
+            upstream = nil
+            input = .closing
+            closeAfterFlush()
+            return
+        }
         guard let current = exchange, upstream != nil else { return }
-        readTimeout?.cancel()
+        waitingSince = nil
         current.target?.finished()
         upstream = nil
+        upstreamBlocked = false
         if current.responseStarted {
             // Half a response cannot be mended: end the client connection so it notices.
             exchange = nil
+            input = .closing
             context.close(promise: nil)
             return
         }
-        retryOrFail(.badGateway, "\(current.target?.key ?? "upstream") closed the connection before answering")
+        if let error = error as? HTTP1Error {
+            fail(status: 502, "\(current.target?.key ?? "upstream") sent an invalid response: \(error.reason)", retry: false)
+            return
+        }
+        retryOrFail(502, "\(current.target?.key ?? "upstream") closed the connection before answering")
     }
 
-    /// After a 101: forward it, then drop HTTP from both connections and relay raw bytes both
-    /// ways (WebSocket and any other upgraded protocol pass through untouched).
-    private func becomeTunnel(_ head: HTTPResponseHead, to connection: UpstreamConnection) {
+    /// After a 101: forward it, then relay raw bytes both ways (WebSocket and any other upgraded
+    /// protocol pass through untouched).
+    private func becomeTunnel(_ response: HTTP1Head, upgrade: String, connection: UpstreamConnection) {
         guard let current = exchange else { return }
-        exchange = nil
-        upstream = nil
-        connection.handler.delegate = nil
         current.target?.finished()
-        current.route.metrics.record(statusClass: 1, latency: .nanoseconds((NIODeadline.now() - current.started).nanoseconds))
-        var response = head
-        Self.removeHopByHop(&response.headers)
-        response.headers.add(name: "Connection", value: "Upgrade")
-        response.headers.add(name: "Upgrade", value: head.headers.first(name: "upgrade") ?? current.upgrade ?? "websocket")
-        context.write(wrapOutboundOut(.head(response)), promise: nil)
-        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
-
-        // The relays go first in each pipeline, next to the sockets: bytes read go straight to
-        // the other side and bytes written go straight out, past the HTTP handlers, which are
-        // left idle. The upstream decoder may already hold bytes of the new protocol; removing it
-        // hands them on, to a forwarder at the tail.
-        let clientRelay = TCPRelayHandler()
-        let upstreamRelay = TCPRelayHandler()
-        let client = context.pipeline.syncOperations
-        let server = connection.channel.pipeline.syncOperations
-        do {
-            try server.addHandler(upstreamRelay, position: .first)
-            try client.addHandler(clientRelay, position: .first)
-            TCPRelayHandler.join(clientRelay, upstreamRelay)
-            server.removeHandler(connection.handler, promise: nil)
-            try server.addHandler(LeftoverForwarder(relay: upstreamRelay))
-            server.removeHandler(try server.handler(type: ByteToMessageHandler<HTTPResponseDecoder>.self), promise: nil)
-            // The pipelining helper holds reads back while a response is open; it has no more job.
-            if let pipelining = try? client.handler(type: HTTPServerPipelineHandler.self) { client.removeHandler(pipelining, promise: nil) }
-        } catch {
-            shared.logger.warning("could not switch \(current.route.label) to a tunnel: \(error)")
-            connection.channel.close(promise: nil)
-            context.close(promise: nil)
-            return
+        input = .tunnel
+        let proto = response.upgradeValue ?? upgrade
+        context.write(wrapOutboundOut(HeadWriter.clientResponse(response, connection: .upgrade(proto), allocator: context.channel.allocator)), promise: nil)
+        context.flush()
+        if var log = current.log {
+            log.status = 101
+            log.upstream = current.target?.key ?? ""
+            log.upstreamSeconds = current.upstreamLatency
+            log.totalSeconds = Self.seconds(since: current.started)
+            shared.accessLog?.record(log)
         }
-        context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
-        connection.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
-        connection.channel.read()
-        context.channel.read()
-    }
-
-    private func retryOrFail(_ status: HTTPResponseStatus, _ message: String) {
-        guard let current = exchange else { return }
-        if current.replayable && current.attempts < 2 {
-            shared.metrics.retried()
-            connect()
-        } else {
-            fail(status, message)
+        exchange = nil
+        if let early = pending.take(), early.readableBytes > 0 {
+            connection.handler.send(early)
+            connection.handler.flush()
         }
+        updateReading()
     }
 
     private func dropUpstream() {
         if let upstream {
             upstream.handler.delegate = nil
-            upstream.channel.close(promise: nil)
+            upstream.handler.close()
+            exchange?.target?.finished()
         }
         upstream = nil
+        upstreamBlocked = false
     }
 
-    /// Answers the current request with an error, consuming whatever body is still to come.
-    private func fail(_ status: HTTPResponseStatus, _ message: String) {
-        guard let current = exchange else { return }
+    /// Answers the current request with an error.
+    private func fail(status: Int, _ message: String, retry: Bool) {
+        guard var current = exchange else { return }
         exchange = nil
-        current.route.metrics.record(statusClass: Int(status.code) / 100, latency: nil)
-        shared.logger.info("\(status.code) for \(current.head.method) \(current.route.label): \(message)")
-        if !current.ended { discarding = true }
-        resumeClient()
-        writeLocal(status, message + "\n", keepAlive: current.clientKeepAlive)
-    }
-
-    private func respondLocally(_ status: HTTPResponseStatus, _ message: String, head: HTTPRequestHead) {
-        discarding = true
-        writeLocal(status, message, keepAlive: head.isKeepAlive)
-    }
-
-    private func writeLocal(_ status: HTTPResponseStatus, _ message: String, keepAlive: Bool) {
-        var headers = HTTPHeaders([("content-type", "text/plain; charset=utf-8"), ("content-length", "\(message.utf8.count)")])
-        if !keepAlive { headers.add(name: "connection", value: "close") }
-        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
-        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: message)))), promise: nil)
-        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { [context] _ in
-            if !keepAlive { context?.close(promise: nil) }
+        waitingSince = nil
+        dropUpstream()
+        current.route.metrics.record(statusClass: status / 100, latency: nil)
+        shared.logger.info("\(status) for \(current.route.label): \(message)")
+        if var log = current.log {
+            log.status = status
+            log.upstream = current.lastTried?.key ?? ""
+            log.totalSeconds = Self.seconds(since: current.started)
+            shared.accessLog?.record(log)
+        }
+        // An unfinished body leaves the connection's framing behind the client's: close it.
+        let close = !current.clientKeepAlive || !current.requestComplete
+        if close { input = .closing }
+        current.body.removeAll()
+        writeLocal(status: status, message: message, close: close, headRequest: current.headRequest)
+        if !close {
+            updateReading()
+            if let next = pending.take(), next.readableBytes > 0 { process(next) }
         }
     }
 
-    // MARK: - Headers
-
-    static let hopByHop = ["connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"]
-
-    /// Removes hop-by-hop headers in place (RFC 9110 §7.6.1), including any the Connection header names.
-    static func removeHopByHop(_ headers: inout HTTPHeaders) {
-        let named = headers[canonicalForm: "connection"]
-        for name in hopByHop where headers.contains(name: name) { headers.remove(name: name) }
-        for name in named where !name.isEmpty { headers.remove(name: String(name)) }
-    }
-
-    static func withoutHopByHop(_ headers: HTTPHeaders) -> HTTPHeaders {
-        var copy = headers
-        removeHopByHop(&copy)
-        return copy
-    }
-
-    /// Hop-by-hop headers out, forwarding headers in: `X-Forwarded-For` (appended to), `X-Real-IP`,
-    /// `X-Forwarded-Proto`, `X-Forwarded-Host`.
-    static func rewriteForUpstream(_ headers: inout HTTPHeaders, clientAddress: String, host: String) {
-        removeHopByHop(&headers)
-        if let existing = headers.first(name: "x-forwarded-for"), !existing.isEmpty {
-            headers.replaceOrAdd(name: "X-Forwarded-For", value: existing + ", " + clientAddress)
+    private func writeLocal(status: Int, message: String, close: Bool, headRequest: Bool) {
+        let response = HeadWriter.localResponse(status: status, message: message + "\n", close: close, headRequest: headRequest, allocator: context.channel.allocator)
+        if close {
+            context.writeAndFlush(wrapOutboundOut(response)).whenComplete { [context] _ in context?.close(promise: nil) }
         } else {
-            headers.add(name: "X-Forwarded-For", value: clientAddress)
+            context.writeAndFlush(wrapOutboundOut(response), promise: nil)
         }
-        headers.replaceOrAdd(name: "X-Real-IP", value: clientAddress)
-        headers.replaceOrAdd(name: "X-Forwarded-Proto", value: "http")
-        if !host.isEmpty { headers.replaceOrAdd(name: "X-Forwarded-Host", value: host) }
     }
 
-    static func forwardedHeaders(_ headers: HTTPHeaders, clientAddress: String, host: String) -> HTTPHeaders {
-        var copy = headers
-        rewriteForUpstream(&copy, clientAddress: clientAddress, host: host)
-        return copy
+    private func closeAfterFlush() {
+        input = .closing
+        context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0))).whenComplete { [context] _ in
+            context?.close(promise: nil)
+        }
+    }
+
+    private static func seconds(since start: NIODeadline) -> Double {
+        Double((NIODeadline.now() - start).nanoseconds) / 1e9
+    }
+
+    // MARK: - Connection end
+
+    func channelInactive(context: ChannelHandlerContext) {
+        timer?.cancel()
+        timer = nil
+        if let upstream {
+            upstream.handler.delegate = nil
+            upstream.handler.close()
+            exchange?.target?.finished()
+        }
+        upstream = nil
+        exchange = nil
+        pending = nil
+        input = .closing
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
     }
 }

@@ -19,11 +19,14 @@ public final class ProxyServer: Service {
         public var readTimeout: TimeAmount
         /// Request bodies up to this size are held so a failed attempt can be sent again.
         public var retryBufferLimit: Int
+        /// Where the access log goes (`-`: standard output); nil for none.
+        public var accessLogPath: String?
 
         public init(
             host: String, port: Int, strategy: BalancingStrategy = .roundRobin, connectTimeout: TimeAmount = .seconds(1),
-            readTimeout: TimeAmount = .seconds(60), retryBufferLimit: Int = 64 * 1024
+            readTimeout: TimeAmount = .seconds(60), retryBufferLimit: Int = 64 * 1024, accessLogPath: String? = nil
         ) {
+            self.accessLogPath = accessLogPath
             self.host = host
             self.port = port
             self.strategy = strategy
@@ -42,16 +45,19 @@ public final class ProxyServer: Service {
     private let logger: Logger
     private let group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
     private let tcpListeners = Mutex<[Int: any Channel]>([:])
+    private let accessLog: AccessLog?
 
-    public init(configuration: Configuration, metrics registry: PrometheusCollectorRegistry, logger: Logger) {
+    /// Throws when the access log cannot be opened.
+    public init(configuration: Configuration, metrics registry: PrometheusCollectorRegistry, logger: Logger) throws {
         self.configuration = configuration
         self.logger = logger
         let metrics = ProxyMetrics(registry: registry)
         metricsByRoute = metrics
+        accessLog = try configuration.accessLogPath.map { try AccessLog(path: $0) }
         shared = ProxyContext(
-            routes: routes, picker: Picker(strategy: configuration.strategy),
-            pools: UpstreamPools(connectTimeout: configuration.connectTimeout), readTimeout: configuration.readTimeout,
-            retryBufferLimit: configuration.retryBufferLimit, metrics: metrics, logger: logger)
+            routes: routes, picker: Picker(strategy: configuration.strategy), pools: UpstreamPools(),
+            connectTimeout: configuration.connectTimeout, readTimeout: configuration.readTimeout,
+            retryBufferLimit: configuration.retryBufferLimit, metrics: metrics, accessLog: accessLog, logger: logger)
     }
 
     /// The table the proxy serves now, for `/api/routes`.
@@ -92,7 +98,6 @@ public final class ProxyServer: Service {
             .childChannelOption(.allowRemoteHalfClosure, value: false)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withPipeliningAssistance: true, withErrorHandling: true)
                     try channel.pipeline.syncOperations.addHandler(ProxyHandler(shared: shared))
                 }
             }
@@ -106,6 +111,7 @@ public final class ProxyServer: Service {
             return Array(listeners.values)
         }
         for listener in listeners { try? await listener.close() }
+        accessLog?.close()
     }
 
     private func reconcileTCPListeners(_ wanted: Set<Int>) async {
@@ -142,8 +148,9 @@ public final class ProxyServer: Service {
                         return client.close()
                     }
                     let upstreamHandler = TCPRelayHandler()
+                    let timeout = routes.current.tcp[port]?.route.rule.connectTimeout.map { TimeAmount($0) } ?? connectTimeout
                     return ClientBootstrap(group: client.eventLoop)
-                        .connectTimeout(connectTimeout)
+                        .connectTimeout(timeout)
                         .channelOption(.socketOption(.tcp_nodelay), value: 1)
                         .channelInitializer { $0.pipeline.addHandler(upstreamHandler) }
                         .connect(host: target.host, port: target.port)

@@ -1,12 +1,17 @@
 import NIOCore
-import NIOHTTP1
 import NIOPosix
 
 /// Receives what an upstream connection produces while it is leased to one client request.
 protocol UpstreamDelegate: AnyObject {
-    func upstreamHead(_ head: HTTPResponseHead)
+    /// A 1xx other than 101 (`100 Continue`, `103 Early Hints`); the final response follows.
+    func upstreamInterim(_ head: HTTP1Head)
+    /// The final response head, or a 101 (after which bytes arrive through `upstreamTunnel`).
+    func upstreamHead(_ head: HTTP1Head)
     func upstreamBody(_ body: ByteBuffer)
-    func upstreamEnd()
+    /// The response ended; `reusable` when the connection can serve another request.
+    func upstreamEnd(reusable: Bool)
+    /// Bytes of an upgraded protocol.
+    func upstreamTunnel(_ bytes: ByteBuffer)
     func upstreamReadComplete()
     func upstreamWritabilityChanged(_ writable: Bool)
     /// The connection failed or closed before the response ended.
@@ -17,7 +22,7 @@ protocol UpstreamDelegate: AnyObject {
 final class UpstreamConnection {
     let channel: any Channel
     let key: String
-    fileprivate(set) var handler: UpstreamHandler
+    let handler: UpstreamHandler
     var idleSince: NIODeadline = .now()
 
     init(channel: any Channel, key: String, handler: UpstreamHandler) {
@@ -26,25 +31,223 @@ final class UpstreamConnection {
         self.handler = handler
     }
 
-    var isUsable: Bool { channel.isActive && !handler.closed }
+    var isUsable: Bool { channel.isActive && !handler.closed && handler.isIdle }
 }
 
-/// The upstream side of the pipeline: response parts go to whoever leased the connection.
-final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = HTTPClientResponsePart
-    typealias OutboundOut = HTTPClientRequestPart
+/// The only handler of an upstream pipeline: writes request bytes as given, and parses responses
+/// just enough to know their status, their headers and where they end. Reads can be held back
+/// (`pauseReading`) while the client is slower than the upstream.
+final class UpstreamHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private enum State {
+        /// No request outstanding: any byte the upstream sends now is a protocol error.
+        case idle
+        case head
+        case body(BodyFramer)
+        case tunnel
+    }
 
     weak var delegate: (any UpstreamDelegate)?
-    var closed = false
-    /// Told when an idle connection goes away, so the pool forgets it.
-    var onClose: (() -> Void)?
+    private(set) var closed = false
+    /// Where the connection waits between requests, told when it goes away.
+    weak var pool: UpstreamPool?
+    weak var connection: UpstreamConnection?
+    private var context: ChannelHandlerContext?
+    private var state = State.idle
+    private var pending: ByteBuffer?
+    private var scanner = HeadScanner(limit: UpstreamHandler.maximumHeadSize)
+    private var noBody = false
+    private var upstreamKeepAlive = true
+    /// The current response has neither a length nor chunking: it ends when the connection does.
+    private(set) var responseEndsWithClose = false
+    private var head = HTTP1Head()
+    private var readPaused = false
+    private var readWanted = false
+
+    static let maximumHeadSize = 64 * 1024
+
+    var isIdle: Bool {
+        if case .idle = state { return true }
+        return false
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    // MARK: Used by the client side
+
+    /// Sends a request head; its response is parsed next. `headRequest`: the response has no body.
+    func sendRequest(_ bytes: ByteBuffer, headRequest: Bool) {
+        state = .head
+        noBody = headRequest
+        scanner.reset()
+        pending = nil
+        context?.write(wrapOutboundOut(bytes), promise: nil)
+    }
+
+    func send(_ bytes: ByteBuffer) {
+        context?.write(wrapOutboundOut(bytes), promise: nil)
+    }
+
+    func flush() {
+        context?.flush()
+    }
+
+    func pauseReading() {
+        readPaused = true
+    }
+
+    func resumeReading() {
+        guard readPaused else { return }
+        readPaused = false
+        if readWanted {
+            readWanted = false
+            context?.read()
+        }
+    }
+
+    func close() {
+        closed = true
+        context?.close(promise: nil)
+    }
+
+    // MARK: Channel events
+
+    func read(context: ChannelHandlerContext) {
+        if readPaused {
+            readWanted = true
+        } else {
+            context.read()
+        }
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch unwrapInboundIn(data) {
-        case .head(let head): delegate?.upstreamHead(head)
-        case .body(let body): delegate?.upstreamBody(body)
-        case .end: delegate?.upstreamEnd()
+        var bytes = unwrapInboundIn(data)
+        if case .tunnel = state {
+            delegate?.upstreamTunnel(bytes)
+            return
         }
+        if case .idle = state {
+            // An idle connection that speaks is out of step: it must not serve anyone.
+            closed = true
+            context.close(promise: nil)
+            return
+        }
+        if var held = pending.take(), held.readableBytes > 0 {
+            held.writeBuffer(&bytes)
+            bytes = held
+        }
+        process(bytes)
+    }
+
+    private func process(_ input: ByteBuffer) {
+        var bytes = input
+        while bytes.readableBytes > 0 {
+            switch state {
+            case .idle:
+                // Bytes after the end of a response: the connection is out of step; drop it.
+                closed = true
+                context?.close(promise: nil)
+                return
+            case .tunnel:
+                delegate?.upstreamTunnel(bytes)
+                return
+            case .head:
+                let length: Int
+                switch scanner.scan(bytes) {
+                case .incomplete:
+                    pending = bytes
+                    return
+                case .tooLarge:
+                    fail(HTTP1Error(status: 502, reason: "response head larger than \(Self.maximumHeadSize / 1024) KiB"))
+                    return
+                case .complete(let found):
+                    length = found
+                }
+                head.bytes = bytes.readSlice(length: length)!
+                do {
+                    try HTTP1Parser.parseResponse(&head)
+                } catch {
+                    fail(error)
+                    return
+                }
+                if !startBody() { return }
+            case .body(var framer):
+                let taken: Int
+                do {
+                    taken = try bytes.withUnsafeReadableBytes { bytes throws(HTTP1Error) in try framer.consume(bytes) }
+                } catch {
+                    fail(error)
+                    return
+                }
+                let slice = bytes.readSlice(length: taken)!
+                if framer.isComplete {
+                    state = .idle
+                    delegate?.upstreamBody(slice)
+                    finish(leftover: bytes.readableBytes > 0)
+                    return
+                }
+                state = .body(framer)
+                delegate?.upstreamBody(slice)
+            }
+        }
+    }
+
+    /// After a head: interim responses wait for the next head, 101 switches to a tunnel, and a
+    /// final response sets up its body. False when processing must stop.
+    private func startBody() -> Bool {
+        let status = head.status
+        if status == 101 {
+            state = .tunnel
+            delegate?.upstreamHead(head)
+            return true
+        }
+        if status < 200 {
+            delegate?.upstreamInterim(head)
+            return true
+        }
+        upstreamKeepAlive = head.keepAlive
+        let framing: BodyFramer.Framing
+        if noBody || status == 204 || status == 304 {
+            framing = .length(0)
+        } else if head.hasTransferEncoding {
+            framing = head.chunked ? .chunked : .untilClose
+        } else if let length = head.contentLength {
+            framing = .length(length)
+        } else {
+            framing = .untilClose
+        }
+        let framer = BodyFramer(framing)
+        responseEndsWithClose = framing == .untilClose
+        if responseEndsWithClose { upstreamKeepAlive = false }
+        if framer.isComplete {
+            state = .idle
+            delegate?.upstreamHead(head)
+            finish(leftover: false)
+            return false
+        }
+        state = .body(framer)
+        delegate?.upstreamHead(head)
+        return true
+    }
+
+    private func finish(leftover: Bool) {
+        let reusable = upstreamKeepAlive && !leftover && !closed
+        if !reusable { close() }
+        delegate?.upstreamEnd(reusable: reusable)
+    }
+
+    private func fail(_ error: HTTP1Error) {
+        closed = true
+        let delegate = self.delegate
+        self.delegate = nil
+        state = .idle
+        context?.close(promise: nil)
+        delegate?.upstreamFailed(error)
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -59,15 +262,24 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
         closed = true
         let delegate = self.delegate
         self.delegate = nil
-        delegate?.upstreamFailed(ChannelError.eof)
-        onClose?()
-        onClose = nil
+        if case .body(let framer) = state, framer.framing == .untilClose {
+            // This response's end is the connection's end.
+            state = .idle
+            delegate?.upstreamEnd(reusable: false)
+        } else if case .idle = state {
+            // Nothing outstanding.
+        } else {
+            state = .idle
+            delegate?.upstreamFailed(ChannelError.eof)
+        }
+        if let pool, let connection { pool.forget(connection) }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         closed = true
         let delegate = self.delegate
         self.delegate = nil
+        state = .idle
         delegate?.upstreamFailed(error)
         context.close(promise: nil)
     }
@@ -76,58 +288,57 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
 /// Idle upstream connections of one event loop, by `host:port`. Touched only on its loop.
 final class UpstreamPool {
     let eventLoop: any EventLoop
-    let connectTimeout: TimeAmount
     let maximumIdlePerTarget: Int
     private var idle: [String: [UpstreamConnection]] = [:]
 
-    init(eventLoop: any EventLoop, connectTimeout: TimeAmount, maximumIdlePerTarget: Int = 128) {
+    init(eventLoop: any EventLoop, maximumIdlePerTarget: Int = 256) {
         self.eventLoop = eventLoop
-        self.connectTimeout = connectTimeout
         self.maximumIdlePerTarget = maximumIdlePerTarget
     }
 
-    /// An idle connection to `host:port`, or a new one.
-    func lease(host: String, port: Int) -> EventLoopFuture<UpstreamConnection> {
-        let key = "\(host):\(port)"
-        while var list = idle[key], let connection = list.popLast() {
-            idle[key] = list.isEmpty ? nil : list
-            if connection.isUsable {
-                connection.handler.onClose = nil
-                return eventLoop.makeSucceededFuture(connection)
-            }
+    /// An idle, still open connection to `key`, if there is one.
+    func takeIdle(_ key: String) -> UpstreamConnection? {
+        // Popped in place: the list is not copied per request.
+        while let connection = idle[key]?.popLast() {
+            if connection.isUsable { return connection }
         }
+        return nil
+    }
+
+    /// Drops a closed connection from the idle lists.
+    func forget(_ connection: UpstreamConnection) {
+        idle[connection.key]?.removeAll { $0 === connection }
+    }
+
+    /// A new connection to `host:port`.
+    func connect(host: String, port: Int, key: String, timeout: TimeAmount) -> EventLoopFuture<UpstreamConnection> {
         let handler = UpstreamHandler()
         return ClientBootstrap(group: eventLoop)
-            .connectTimeout(connectTimeout)
+            .connectTimeout(timeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelOption(.allowRemoteHalfClosure, value: false)
             .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    // Bytes after a 101 belong to the upgraded protocol: keep them for the tunnel.
-                    try channel.pipeline.syncOperations.addHTTPClientHandlers(leftOverBytesStrategy: .forwardBytes)
-                    try channel.pipeline.syncOperations.addHandler(handler)
-                }
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(handler) }
             }
             .connect(host: host, port: port)
-            .map { channel in UpstreamConnection(channel: channel, key: key, handler: handler) }
+            .map { [self] channel in
+                let connection = UpstreamConnection(channel: channel, key: key, handler: handler)
+                handler.pool = self
+                handler.connection = connection
+                return connection
+            }
     }
 
     /// Returns a connection whose last response ended cleanly; it serves the next request.
     func release(_ connection: UpstreamConnection) {
         connection.handler.delegate = nil
         guard connection.isUsable, (idle[connection.key]?.count ?? 0) < maximumIdlePerTarget else {
-            connection.channel.close(promise: nil)
+            connection.handler.close()
             return
         }
-        // A slow client may have paused reading on it: an idle connection must read, both to get
-        // the next response and to notice the upstream closing it.
-        connection.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
-        connection.channel.read()
+        // An idle connection must read, to notice the upstream closing it.
+        connection.handler.resumeReading()
         connection.idleSince = .now()
-        connection.handler.onClose = { [weak self, weak connection] in
-            guard let self, let connection else { return }
-            self.idle[connection.key]?.removeAll { $0 === connection }
-        }
         idle[connection.key, default: []].append(connection)
     }
 
@@ -140,8 +351,8 @@ final class UpstreamPool {
                 if live.contains(key) && connection.idleSince > cutoff && connection.isUsable {
                     kept.append(connection)
                 } else {
-                    connection.handler.onClose = nil
-                    connection.channel.close(promise: nil)
+                    connection.handler.pool = nil
+                    connection.handler.close()
                 }
             }
             idle[key] = kept.isEmpty ? nil : kept

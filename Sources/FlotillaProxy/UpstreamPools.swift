@@ -9,17 +9,14 @@ final class UpstreamPools: Sendable {
     }
 
     private let pools = Mutex<[ObjectIdentifier: LoopPool]>([:])
-    let connectTimeout: TimeAmount
 
-    init(connectTimeout: TimeAmount) {
-        self.connectTimeout = connectTimeout
-    }
+    init() {}
 
     func pool(for eventLoop: any EventLoop) -> UpstreamPool {
         let key = ObjectIdentifier(eventLoop)
         return pools.withLock { pools in
             if let existing = pools[key] { return existing.pool }
-            let pool = UpstreamPool(eventLoop: eventLoop, connectTimeout: connectTimeout)
+            let pool = UpstreamPool(eventLoop: eventLoop)
             pools[key] = LoopPool(pool: pool)
             return pool
         }

@@ -3,6 +3,7 @@ import FlotillaAPI
 import FlotillaControl
 public import FlotillaProxy
 import FlotillaRegistry
+import NIOCore
 import Prometheus
 public import FlotillaCore
 import FlotillaStore
@@ -29,6 +30,10 @@ public struct FlotillaServer {
         public var datacenter: String
         public var proxyPort: Int
         public var proxyStrategy: BalancingStrategy
+        public var proxyConnectTimeout: Duration = .seconds(1)
+        public var proxyReadTimeout: Duration = .seconds(60)
+        /// The proxy's access log (`-`: standard output); nil for none.
+        public var proxyAccessLog: String?
 
         public init(
             dataDirectory: String, bindAddress: String, apiPort: Int, node: NodeInfo, stopInstancesOnExit: Bool,
@@ -73,9 +78,17 @@ public struct FlotillaServer {
             store: store, cgroups: cgroups, logger: logger)
 
         let metrics = PrometheusCollectorRegistry()
-        let proxy = ProxyServer(
-            configuration: .init(host: configuration.bindAddress, port: configuration.proxyPort, strategy: configuration.proxyStrategy),
-            metrics: metrics, logger: logger)
+        let proxy: ProxyServer
+        do {
+            proxy = try ProxyServer(
+                configuration: .init(
+                    host: configuration.bindAddress, port: configuration.proxyPort, strategy: configuration.proxyStrategy,
+                    connectTimeout: TimeAmount(configuration.proxyConnectTimeout), readTimeout: TimeAmount(configuration.proxyReadTimeout),
+                    accessLogPath: configuration.proxyAccessLog),
+                metrics: metrics, logger: logger)
+        } catch {
+            throw ServerError("\(error.localizedDescription)")
+        }
         let networkProbe = NetworkProbe()
         let registry = Registry(
             store: store, source: ControlPlaneSource(control: control), prober: RegistryProber(probe: networkProbe),

@@ -70,22 +70,3 @@ import Testing
         #expect(picker.pick(from: pair)?.state.port == 9001)
     }
 }
-
-@Suite struct HeaderTests {
-    @Test func dropsHopByHopHeadersIncludingThoseNamedByConnection() {
-        let headers = HTTPHeaders([
-            ("Host", "shop"), ("Connection", "keep-alive, X-Secret"), ("Keep-Alive", "timeout=5"), ("TE", "trailers"),
-            ("X-Secret", "1"), ("Transfer-Encoding", "chunked"), ("Upgrade", "h2c"), ("Accept", "*/*"),
-        ])
-        let kept = ProxyHandler.withoutHopByHop(headers)
-        #expect(kept.map(\.name).sorted() == ["Accept", "Host"])
-    }
-
-    @Test func addsForwardingHeaders() {
-        let headers = ProxyHandler.forwardedHeaders(HTTPHeaders([("X-Forwarded-For", "10.0.0.9")]), clientAddress: "127.0.0.1", host: "shop:7680")
-        #expect(headers.first(name: "X-Forwarded-For") == "10.0.0.9, 127.0.0.1")
-        #expect(headers.first(name: "X-Real-IP") == "127.0.0.1")
-        #expect(headers.first(name: "X-Forwarded-Proto") == "http")
-        #expect(headers.first(name: "X-Forwarded-Host") == "shop:7680")
-    }
-}
