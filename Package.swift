@@ -87,12 +87,13 @@ let package = Package(
                 "FlotillaCore",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ],
-            swiftSettings: swiftSettings
+            // The data path's state lives in event-loop-confined handlers; the dynamic exclusivity
+            // checks on their properties cost ~2% of the proxy's CPU and guard nothing here.
+            swiftSettings: swiftSettings + [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
         ),
 
         // The control loop: desired state, deployments, reconcile through the scheduler.

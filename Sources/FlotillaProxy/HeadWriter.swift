@@ -78,8 +78,8 @@ enum HeadWriter {
 
     /// The response head for the client: the upstream's status and end-to-end headers, as
     /// HTTP/1.1, with the connection options of the client's own connection.
-    static func clientResponse(_ head: HTTP1Head, connection: ClientConnection, allocator: ByteBufferAllocator) -> ByteBuffer {
-        var out = allocator.buffer(capacity: head.bytes.readableBytes + 48)
+    static func clientResponse(_ head: HTTP1Head, connection: ClientConnection, extraCapacity: Int = 0, allocator: ByteBufferAllocator) -> ByteBuffer {
+        var out = allocator.buffer(capacity: head.bytes.readableBytes + 48 + extraCapacity)
         head.bytes.withUnsafeReadableBytes { bytes in
             func copy(_ start: Int, _ end: Int) { out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[start..<end])) }
             out.writeStaticString("HTTP/1.1")

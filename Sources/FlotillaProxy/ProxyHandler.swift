@@ -61,7 +61,8 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
         case closing
     }
 
-    private struct Exchange {
+    /// One request on its way through. A class: it is updated in place on every event, never copied.
+    private final class Exchange {
         let id: UInt64
         let upstreamHead: ByteBuffer
         let headRequest: Bool
@@ -87,6 +88,24 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
         var responseBytes = 0
         var upstreamLatency: Double?
         var log: AccessLog.Entry?
+
+        init(
+            id: UInt64, upstreamHead: ByteBuffer, headRequest: Bool, route: RouteRuntime, clientKeepAlive: Bool, clientHTTP10: Bool,
+            started: NIODeadline, upgrade: String?, connectTimeout: TimeAmount, readTimeout: TimeAmount, requestComplete: Bool, log: AccessLog.Entry?
+        ) {
+            self.id = id
+            self.upstreamHead = upstreamHead
+            self.headRequest = headRequest
+            self.route = route
+            self.clientKeepAlive = clientKeepAlive
+            self.clientHTTP10 = clientHTTP10
+            self.started = started
+            self.upgrade = upgrade
+            self.connectTimeout = connectTimeout
+            self.readTimeout = readTimeout
+            self.requestComplete = requestComplete
+            self.log = log
+        }
     }
 
     static let maximumHeadSize = 64 * 1024
@@ -106,6 +125,8 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
     private var nextExchangeID: UInt64 = 0
     private var upstream: UpstreamConnection?
     private var closeAfterResponse = false
+    /// A response head not written yet: a small body that follows goes out in the same write.
+    private var heldHead: ByteBuffer?
     private var readPaused = false
     private var readWanted = false
     private var upstreamBlocked = false
@@ -354,7 +375,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     /// Leases a connection to a healthy target: another than the one that just failed, if any.
     private func connect() {
-        guard var current = exchange else { return }
+        guard let current = exchange else { return }
         guard let picked = shared.picker.pick(from: current.route, excluding: current.lastTried) ?? shared.picker.pick(from: current.route) else {
             fail(status: 502, "no instance of \(current.route.services) could be reached", retry: false)
             return
@@ -364,7 +385,6 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
         current.attempts += 1
         current.target = nil
         current.sentParts = 0
-        exchange = current
         if let connection = pool.takeIdle(state.key) {
             attach(connection, target: state)
             return
@@ -402,7 +422,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     private func flushBody(to connection: UpstreamConnection) {
-        guard var current = exchange else { return }
+        guard let current = exchange else { return }
         while current.sentParts < current.body.count {
             connection.handler.send(current.body[current.sentParts])
             current.sentParts += 1
@@ -412,7 +432,6 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
             current.body.removeAll()
             current.sentParts = 0
         }
-        exchange = current
     }
 
     private func retryOrFail(_ status: Int, _ message: String) {
@@ -466,7 +485,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     func upstreamHead(_ response: HTTP1Head) {
-        guard var current = exchange, let connection = upstream else { return }
+        guard let current = exchange, let connection = upstream else { return }
         waitingSince = nil
         current.target?.succeeded()
         current.responseStarted = true
@@ -476,30 +495,45 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
         current.route.metrics.record(statusClass: response.status / 100, latency: .nanoseconds(latency.nanoseconds))
         if response.status == 101 {
             guard let upgrade = current.upgrade else {
-                exchange = current
                 shared.logger.info("\(current.target?.key ?? "upstream") switched protocols without being asked")
                 dropUpstream()
                 context.close(promise: nil)
                 return
             }
-            exchange = current
             becomeTunnel(response, upgrade: upgrade, connection: connection)
             return
         }
         let close = !current.clientKeepAlive || !current.requestComplete || connection.handler.responseEndsWithClose
         closeAfterResponse = close
-        exchange = current
         let options: HeadWriter.ClientConnection = close ? .close : (current.clientHTTP10 ? .keepAliveHTTP10 : .persistent)
-        context.write(wrapOutboundOut(HeadWriter.clientResponse(response, connection: options, allocator: context.channel.allocator)), promise: nil)
+        let small = response.contentLength.map { $0 <= Self.coalesceLimit } ?? false
+        heldHead = HeadWriter.clientResponse(
+            response, connection: options, extraCapacity: small ? Int(response.contentLength!) : 0, allocator: context.channel.allocator)
     }
+
+    /// Bodies up to this size leave in the same write (one syscall, one packet) as their head.
+    static let coalesceLimit: Int64 = 8 * 1024
 
     func upstreamBody(_ body: ByteBuffer) {
         guard exchange != nil, body.readableBytes > 0 else { return }
         exchange!.responseBytes += body.readableBytes
+        if var head = heldHead.take() {
+            if body.readableBytes <= Self.coalesceLimit {
+                head.writeImmutableBuffer(body)
+                context.write(wrapOutboundOut(head), promise: nil)
+                return
+            }
+            context.write(wrapOutboundOut(head), promise: nil)
+        }
         context.write(wrapOutboundOut(body), promise: nil)
     }
 
+    private func writeHeldHead() {
+        if let head = heldHead.take() { context.write(wrapOutboundOut(head), promise: nil) }
+    }
+
     func upstreamReadComplete() {
+        writeHeldHead()
         context.flush()
     }
 
@@ -536,6 +570,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
             shared.accessLog?.record(log)
         }
         upstreamBlocked = false
+        writeHeldHead()
         if closeAfterResponse {
             closeAfterFlush()
             return
@@ -564,6 +599,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
         upstreamBlocked = false
         if current.responseStarted {
             // Half a response cannot be mended: end the client connection so it notices.
+            writeHeldHead()
             exchange = nil
             input = .closing
             context.close(promise: nil)
@@ -612,7 +648,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     /// Answers the current request with an error.
     private func fail(status: Int, _ message: String, retry: Bool) {
-        guard var current = exchange else { return }
+        guard let current = exchange else { return }
         exchange = nil
         waitingSince = nil
         dropUpstream()
@@ -668,6 +704,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
         upstream = nil
         exchange = nil
         pending = nil
+        heldHead = nil
         input = .closing
     }
 

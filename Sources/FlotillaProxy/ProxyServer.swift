@@ -1,7 +1,6 @@
 public import FlotillaCore
 public import Logging
 public import NIOCore
-import NIOHTTP1
 import NIOPosix
 public import Prometheus
 public import ServiceLifecycle

@@ -15,6 +15,15 @@ import Testing
         #expect(RouteRule.parse("urlprefix-:99999 proto=tcp") == nil)
     }
 
+    @Test func parsesPerRouteTimeouts() {
+        let rule = RouteRule.parse("urlprefix-/slow connecttimeout=250ms readtimeout=1m30s")
+        #expect(rule?.connectTimeout == .milliseconds(250))
+        #expect(rule?.readTimeout == .seconds(90))
+        #expect(RouteRule.parse("urlprefix-/slow readtimeout=0s") == nil)
+        #expect(RouteRule.parse("urlprefix-/slow readtimeout=soon") == nil)
+        #expect(RouteRule.parse("urlprefix-/")?.readTimeout == nil)
+    }
+
     func route(_ tag: String) -> Route {
         Route(rule: RouteRule.parse(tag)!, targets: [], services: [tag])
     }

@@ -1,6 +1,5 @@
 import FlotillaCore
 @testable import FlotillaProxy
-import NIOHTTP1
 import Prometheus
 import Testing
 
