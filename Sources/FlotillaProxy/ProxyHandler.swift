@@ -117,6 +117,9 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
     private var context: ChannelHandlerContext!
     private var pool: UpstreamPool!
     private var clientAddress = ""
+    private var allocator = ByteBufferAllocator()
+    private var clientWritable = true
+    private var clientNeedsFlush = false
     private var input = Input.head
     private var pending: ByteBuffer?
     private var scanner = HeadScanner(limit: ProxyHandler.maximumHeadSize)
@@ -143,6 +146,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
         self.context = context
         pool = shared.pools.pool(for: context.eventLoop)
         clientAddress = context.channel.remoteAddress?.ipAddress ?? ""
+        allocator = context.channel.allocator
     }
 
     // MARK: - Reading from the client
@@ -308,7 +312,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
         let rule = route.route.rule
         let target: String? = rule.strip != nil || rule.prepend != nil ? RouteTable.upstreamPath(path, rule: rule) : (absoluteForm ? path : nil)
         let upgrade = head.connectionUpgrade ? head.upgradeValue : nil
-        let upstreamHead = HeadWriter.upstreamRequest(head, target: target, clientAddress: clientAddress, upgrade: upgrade, allocator: context.channel.allocator)
+        let upstreamHead = HeadWriter.upstreamRequest(head, target: target, clientAddress: clientAddress, upgrade: upgrade, allocator: allocator)
         log?.route = route.label
         nextExchangeID &+= 1
         exchange = Exchange(
@@ -415,8 +419,8 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
         connection.handler.sendRequest(exchange!.upstreamHead, headRequest: exchange!.headRequest)
         flushBody(to: connection)
         connection.handler.flush()
-        if !context.channel.isWritable { connection.handler.pauseReading() } else { connection.handler.resumeReading() }
-        upstreamBlocked = !connection.channel.isWritable
+        if clientWritable { connection.handler.resumeReading() } else { connection.handler.pauseReading() }
+        upstreamBlocked = !connection.handler.isWritable
         startWaiting()
         updateReading()
     }
@@ -478,8 +482,8 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
         guard exchange != nil else { return }
         exchange!.responseStarted = true
         if !exchange!.clientHTTP10 {
-            context.write(wrapOutboundOut(HeadWriter.clientResponse(response, connection: .interim, allocator: context.channel.allocator)), promise: nil)
-            context.flush()
+            writeToClient(HeadWriter.clientResponse(response, connection: .interim, allocator: allocator))
+            flushClient()
         }
         startWaiting()
     }
@@ -508,7 +512,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
         let options: HeadWriter.ClientConnection = close ? .close : (current.clientHTTP10 ? .keepAliveHTTP10 : .persistent)
         let small = response.contentLength.map { $0 <= Self.coalesceLimit } ?? false
         heldHead = HeadWriter.clientResponse(
-            response, connection: options, extraCapacity: small ? Int(response.contentLength!) : 0, allocator: context.channel.allocator)
+            response, connection: options, extraCapacity: small ? Int(response.contentLength!) : 0, allocator: allocator)
     }
 
     /// Bodies up to this size leave in the same write (one syscall, one packet) as their head.
@@ -520,22 +524,34 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
         if var head = heldHead.take() {
             if body.readableBytes <= Self.coalesceLimit {
                 head.writeImmutableBuffer(body)
-                context.write(wrapOutboundOut(head), promise: nil)
+                writeToClient(head)
                 return
             }
-            context.write(wrapOutboundOut(head), promise: nil)
+            writeToClient(head)
         }
-        context.write(wrapOutboundOut(body), promise: nil)
+        writeToClient(body)
     }
 
     private func writeHeldHead() {
-        if let head = heldHead.take() { context.write(wrapOutboundOut(head), promise: nil) }
+        if let head = heldHead.take() { writeToClient(head) }
     }
 
     func upstreamReadComplete() {
         writeHeldHead()
+        flushClient()
+    }
+
+    private func writeToClient(_ bytes: ByteBuffer) {
+        clientNeedsFlush = true
+        context.write(wrapOutboundOut(bytes), promise: nil)
+    }
+
+    private func flushClient() {
+        guard clientNeedsFlush else { return }
+        clientNeedsFlush = false
         context.flush()
     }
+
 
     func upstreamWritabilityChanged(_ writable: Bool) {
         upstreamBlocked = !writable
@@ -544,7 +560,8 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         // The client reads slowly: stop reading the upstream until it catches up.
-        if context.channel.isWritable { upstream?.handler.resumeReading() } else { upstream?.handler.pauseReading() }
+        clientWritable = context.channel.isWritable
+        if clientWritable { upstream?.handler.resumeReading() } else { upstream?.handler.pauseReading() }
     }
 
     func upstreamEnd(reusable: Bool) {
@@ -575,13 +592,13 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
             closeAfterFlush()
             return
         }
-        context.flush()
+        flushClient()
         updateReading()
         if let next = pending.take(), next.readableBytes > 0 { process(next) }
     }
 
     func upstreamTunnel(_ bytes: ByteBuffer) {
-        context.write(wrapOutboundOut(bytes), promise: nil)
+        writeToClient(bytes)
     }
 
     func upstreamFailed(_ error: any Error) {
@@ -619,8 +636,8 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
         current.target?.finished()
         input = .tunnel
         let proto = response.upgradeValue ?? upgrade
-        context.write(wrapOutboundOut(HeadWriter.clientResponse(response, connection: .upgrade(proto), allocator: context.channel.allocator)), promise: nil)
-        context.flush()
+        writeToClient(HeadWriter.clientResponse(response, connection: .upgrade(proto), allocator: allocator))
+        flushClient()
         if var log = current.log {
             log.status = 101
             log.upstream = current.target?.key ?? ""
@@ -672,7 +689,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     private func writeLocal(status: Int, message: String, close: Bool, headRequest: Bool) {
-        let response = HeadWriter.localResponse(status: status, message: message + "\n", close: close, headRequest: headRequest, allocator: context.channel.allocator)
+        let response = HeadWriter.localResponse(status: status, message: message + "\n", close: close, headRequest: headRequest, allocator: allocator)
         if close {
             context.writeAndFlush(wrapOutboundOut(response)).whenComplete { [context] _ in context?.close(promise: nil) }
         } else {
@@ -682,7 +699,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     private func closeAfterFlush() {
         input = .closing
-        context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0))).whenComplete { [context] _ in
+        context.writeAndFlush(wrapOutboundOut(allocator.buffer(capacity: 0))).whenComplete { [context] _ in
             context?.close(promise: nil)
         }
     }

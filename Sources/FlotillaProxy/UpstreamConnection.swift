@@ -50,11 +50,17 @@ final class UpstreamHandler: ChannelDuplexHandler {
         case tunnel
     }
 
-    weak var delegate: (any UpstreamDelegate)?
+    /// The request's handler, while the connection is leased. A strong reference (a weak one
+    /// would put every retain of the client handler on the runtime's slow path): it is cleared on
+    /// every release and failure, and when the channel closes, so the cycle never outlives them.
+    var delegate: (any UpstreamDelegate)?
     private(set) var closed = false
-    /// Where the connection waits between requests, told when it goes away.
-    weak var pool: UpstreamPool?
-    weak var connection: UpstreamConnection?
+    /// Where the connection waits between requests, told when it goes away. Pools live as long as
+    /// their event loop.
+    var pool: UpstreamPool?
+    let key: String
+    private(set) var isWritable = true
+    private var needsFlush = false
     private var context: ChannelHandlerContext?
     private var state = State.idle
     private var pending: ByteBuffer?
@@ -68,6 +74,10 @@ final class UpstreamHandler: ChannelDuplexHandler {
     private var readWanted = false
 
     static let maximumHeadSize = 64 * 1024
+
+    init(key: String) {
+        self.key = key
+    }
 
     var isIdle: Bool {
         if case .idle = state { return true }
@@ -86,14 +96,18 @@ final class UpstreamHandler: ChannelDuplexHandler {
         noBody = headRequest
         scanner.reset()
         pending = nil
-        context?.write(wrapOutboundOut(bytes), promise: nil)
+        send(bytes)
     }
 
     func send(_ bytes: ByteBuffer) {
+        needsFlush = true
         context?.write(wrapOutboundOut(bytes), promise: nil)
     }
 
+    /// Flushes what `send` wrote since the last flush, if anything.
     func flush() {
+        guard needsFlush else { return }
+        needsFlush = false
         context?.flush()
     }
 
@@ -255,7 +269,8 @@ final class UpstreamHandler: ChannelDuplexHandler {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        delegate?.upstreamWritabilityChanged(context.channel.isWritable)
+        isWritable = context.channel.isWritable
+        delegate?.upstreamWritabilityChanged(isWritable)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -272,7 +287,8 @@ final class UpstreamHandler: ChannelDuplexHandler {
             state = .idle
             delegate?.upstreamFailed(ChannelError.eof)
         }
-        if let pool, let connection { pool.forget(connection) }
+        pool?.forget(self)
+        pool = nil
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
@@ -306,13 +322,14 @@ final class UpstreamPool {
     }
 
     /// Drops a closed connection from the idle lists.
-    func forget(_ connection: UpstreamConnection) {
-        idle[connection.key]?.removeAll { $0 === connection }
+    func forget(_ handler: UpstreamHandler) {
+        idle[handler.key]?.removeAll { $0.handler === handler }
     }
 
     /// A new connection to `host:port`.
     func connect(host: String, port: Int, key: String, timeout: TimeAmount) -> EventLoopFuture<UpstreamConnection> {
-        let handler = UpstreamHandler()
+        let handler = UpstreamHandler(key: key)
+        handler.pool = self
         return ClientBootstrap(group: eventLoop)
             .connectTimeout(timeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -321,12 +338,7 @@ final class UpstreamPool {
                 channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(handler) }
             }
             .connect(host: host, port: port)
-            .map { [self] channel in
-                let connection = UpstreamConnection(channel: channel, key: key, handler: handler)
-                handler.pool = self
-                handler.connection = connection
-                return connection
-            }
+            .map { channel in UpstreamConnection(channel: channel, key: key, handler: handler) }
     }
 
     /// Returns a connection whose last response ended cleanly; it serves the next request.
