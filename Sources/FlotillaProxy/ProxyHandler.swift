@@ -124,6 +124,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
     private var pending: ByteBuffer?
     private var scanner = HeadScanner(limit: ProxyHandler.maximumHeadSize)
     private var head = HTTP1Head()
+    private let emptyBuffer = ByteBuffer()
     private var exchange: Exchange?
     private var nextExchangeID: UInt64 = 0
     private var upstream: UpstreamConnection?
@@ -238,6 +239,8 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
                     return
                 }
                 begin()
+                // The head has been rewritten: let go of the read buffer so NIO can reuse it.
+                head.bytes = emptyBuffer
             case .body(var framer):
                 let taken: Int
                 do {
@@ -390,7 +393,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
         current.target = nil
         current.sentParts = 0
         if let connection = pool.takeIdle(state.key) {
-            attach(connection, target: state)
+            attach(connection, target: state, sentAt: current.attempts == 1 ? current.started : .now())
             return
         }
         let id = current.id
@@ -402,7 +405,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
             }
             switch result {
             case .success(let connection):
-                attach(connection, target: state)
+                attach(connection, target: state, sentAt: .now())
             case .failure(let error):
                 state.connectFailed(limit: shared.ejectAfter, coolDown: shared.coolDown)
                 shared.logger.debug("connect to \(state.key) failed: \(error)")
@@ -411,7 +414,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
         }
     }
 
-    private func attach(_ connection: UpstreamConnection, target: TargetState) {
+    private func attach(_ connection: UpstreamConnection, target: TargetState, sentAt: NIODeadline) {
         upstream = connection
         connection.handler.delegate = self
         exchange!.target = target
@@ -421,7 +424,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
         connection.handler.flush()
         if clientWritable { connection.handler.resumeReading() } else { connection.handler.pauseReading() }
         upstreamBlocked = !connection.handler.isWritable
-        startWaiting()
+        startWaiting(since: sentAt)
         updateReading()
     }
 
@@ -450,9 +453,8 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     // MARK: - The read timeout
 
-    private func startWaiting() {
+    private func startWaiting(since now: NIODeadline = .now()) {
         guard let current = exchange else { return }
-        let now = NIODeadline.now()
         waitingSince = now
         let due = now + current.readTimeout
         if timer == nil || timerDue > due { arm(at: due) }

@@ -70,6 +70,7 @@ final class UpstreamHandler: ChannelDuplexHandler {
     /// The current response has neither a length nor chunking: it ends when the connection does.
     private(set) var responseEndsWithClose = false
     private var head = HTTP1Head()
+    private let emptyBuffer = ByteBuffer()
     private var readPaused = false
     private var readWanted = false
 
@@ -189,7 +190,10 @@ final class UpstreamHandler: ChannelDuplexHandler {
                     fail(error)
                     return
                 }
-                if !startBody() { return }
+                let proceed = startBody()
+                // The head has been handed on: let go of the read buffer so NIO can reuse it.
+                head.bytes = emptyBuffer
+                if !proceed { return }
             case .body(var framer):
                 let taken: Int
                 do {
