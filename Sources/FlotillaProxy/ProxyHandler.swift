@@ -46,9 +46,8 @@ final class ProxyContext: Sendable {
 /// A request that could not connect, or whose connection died before any response byte, is tried
 /// once more on another target while its body is still held (up to `retryBufferLimit`).
 /// Pipelined requests wait their turn. After a 101 both connections become a raw tunnel.
-final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
+final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     typealias InboundIn = ByteBuffer
-    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     private enum Input {
@@ -132,7 +131,6 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
     /// A response head not written yet: a small body that follows goes out in the same write.
     private var heldHead: ByteBuffer?
     private var readPaused = false
-    private var readWanted = false
     private var upstreamBlocked = false
     /// Waiting for a response head since; one timer per connection, re-armed lazily.
     private var waitingSince: NIODeadline?
@@ -152,14 +150,6 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     // MARK: - Reading from the client
 
-    func read(context: ChannelHandlerContext) {
-        if readPaused {
-            readWanted = true
-        } else {
-            context.read()
-        }
-    }
-
     /// Reading pauses while the upstream cannot take more, while a pipelined request waits for
     /// the current response, and while an unreplayable body waits for its upstream connection.
     private func updateReading() {
@@ -170,10 +160,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamDelegate {
         }
         guard pause != readPaused else { return }
         readPaused = pause
-        if !pause && readWanted {
-            readWanted = false
-            context.read()
-        }
+        context.setAutoRead(!pause)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {

@@ -37,9 +37,8 @@ final class UpstreamConnection {
 /// The only handler of an upstream pipeline: writes request bytes as given, and parses responses
 /// just enough to know their status, their headers and where they end. Reads can be held back
 /// (`pauseReading`) while the client is slower than the upstream.
-final class UpstreamHandler: ChannelDuplexHandler {
+final class UpstreamHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
-    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     private enum State {
@@ -72,7 +71,6 @@ final class UpstreamHandler: ChannelDuplexHandler {
     private var head = HTTP1Head()
     private let emptyBuffer = ByteBuffer()
     private var readPaused = false
-    private var readWanted = false
 
     static let maximumHeadSize = 64 * 1024
 
@@ -113,16 +111,15 @@ final class UpstreamHandler: ChannelDuplexHandler {
     }
 
     func pauseReading() {
+        guard !readPaused else { return }
         readPaused = true
+        context?.setAutoRead(false)
     }
 
     func resumeReading() {
         guard readPaused else { return }
         readPaused = false
-        if readWanted {
-            readWanted = false
-            context?.read()
-        }
+        context?.setAutoRead(true)
     }
 
     func close() {
@@ -131,14 +128,6 @@ final class UpstreamHandler: ChannelDuplexHandler {
     }
 
     // MARK: Channel events
-
-    func read(context: ChannelHandlerContext) {
-        if readPaused {
-            readWanted = true
-        } else {
-            context.read()
-        }
-    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
@@ -302,6 +291,19 @@ final class UpstreamHandler: ChannelDuplexHandler {
         state = .idle
         delegate?.upstreamFailed(error)
         context.close(promise: nil)
+    }
+}
+
+extension ChannelHandlerContext {
+    /// Turns reading on or off. Backpressure works through `autoRead` rather than by intercepting
+    /// every `read`, so the common path (never paused) crosses no handler of ours; on the
+    /// channel's own loop the option is set synchronously, without a future.
+    func setAutoRead(_ on: Bool) {
+        if let options = channel.syncOptions {
+            try? options.setOption(ChannelOptions.autoRead, value: on)
+        } else {
+            channel.setOption(ChannelOptions.autoRead, value: on).whenComplete { _ in }
+        }
     }
 }
 
