@@ -2,7 +2,10 @@
 thread count, upstream keep-alive on all three) and directly, in one run, all on loopback.
 
 The backend is nginx answering a fixed 13-byte body on a keep-alive connection, so the proxies,
-not the backend, are what differs. Flotilla routes to it through its registry: the backend is
+not the backend, are what differs. Besides requests per second it reports each proxy's CPU time
+per request (user and system, from /proc, summed over its processes and threads): on a small
+shared machine where wrk, the backend and the proxy compete for the same cores, that is the
+steadier measure of what a proxy costs. Flotilla routes to it through its registry: the backend is
 registered through the Consul agent API with a `urlprefix-/` tag and a passing TTL check.
 """
 
@@ -84,6 +87,24 @@ backend backend
     return subprocess.Popen(["haproxy", "-f", config, "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def cpu_seconds(root_pid):
+    """User and system CPU seconds of a process and its children (nginx's workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == root_pid or int(fields[1]) == root_pid:
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / tick, system / tick
+
+
 def wrk(url, seconds, connections):
     output = subprocess.run(
         ["wrk", f"-t{THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency", url], capture_output=True, text=True, check=True).stdout
@@ -129,13 +150,19 @@ def main():
             "HAProxy": f"http://127.0.0.1:{haproxy_port}/",
             "nginx": f"http://127.0.0.1:{nginx_proxy_port}/",
         }
+        pids = {"Flotilla": agent.process.pid, "HAProxy": processes[2].pid, "nginx": processes[1].pid}
         for url in targets.values():
             wait_for(url)
         results = {name: [] for name in targets}
         # Rounds interleave the contenders so the machine's noise falls on all of them alike.
         for _ in range(arguments.rounds):
             for name, url in targets.items():
-                results[name].append(wrk(url, arguments.seconds, arguments.connections))
+                before = cpu_seconds(pids[name]) if name in pids else (0, 0)
+                run = wrk(url, arguments.seconds, arguments.connections)
+                after = cpu_seconds(pids[name]) if name in pids else (0, 0)
+                run["user_us"] = 1e6 * (after[0] - before[0]) / run["requests"]
+                run["sys_us"] = 1e6 * (after[1] - before[1]) / run["requests"]
+                results[name].append(run)
 
         rss_before = rss_kib(agent.process.pid)
         sent = 0
@@ -153,14 +180,22 @@ def main():
                 process.kill()
 
     haproxy_rps = statistics.median(run["rps"] for run in results["HAProxy"])
-    print(f"| {THREADS} threads each, wrk -t{THREADS} -c{arguments.connections}, {arguments.seconds} s × {arguments.rounds} rounds | requests/s (median) | p50 | p99 | vs HAProxy | errors |")
-    print("|---|---|---|---|---|---|")
+    haproxy_cpu = statistics.median(run["user_us"] + run["sys_us"] for run in results["HAProxy"])
+    print(f"| {THREADS} threads each, wrk -t{THREADS} -c{arguments.connections}, {arguments.seconds} s × {arguments.rounds} rounds | requests/s (median) | p50 | p99 | vs HAProxy | proxy CPU per request, user + system (median) | errors |")
+    print("|---|---|---|---|---|---|---|")
     for name, runs in results.items():
         rps = statistics.median(run["rps"] for run in runs)
         middle = sorted(runs, key=lambda run: run["rps"])[len(runs) // 2]
         errors = sum(run["non2xx"] for run in runs)
         sockets = ", ".join(sorted({run["socket"] for run in runs}))
-        print(f"| {name} | {rps:,.0f} | {middle['p50']} | {middle['p99']} | {rps / haproxy_rps:.2f}× | {errors} non-2xx; socket errors: {sockets} |")
+        if name in pids:
+            user = statistics.median(run["user_us"] for run in runs)
+            system = statistics.median(run["sys_us"] for run in runs)
+            total = statistics.median(run["user_us"] + run["sys_us"] for run in runs)
+            cpu = f"{user:.1f} + {system:.1f} µs ({haproxy_cpu / total:.2f}× HAProxy's efficiency)"
+        else:
+            cpu = "—"
+        print(f"| {name} | {rps:,.0f} | {middle['p50']} | {middle['p99']} | {rps / haproxy_rps:.2f}× | {cpu} | {errors} non-2xx; socket errors: {sockets} |")
     print(f"\nFlotilla agent RSS before {arguments.million:,} more requests through its proxy: {rss_before / 1024:.1f} MiB; after ({sent:,} sent): {rss_after / 1024:.1f} MiB")
 
 

@@ -17,6 +17,10 @@ final class ProxyContext: Sendable {
     let coolDown: Duration
     let accessLog: AccessLog?
     let logger: Logger
+    /// Requests in flight per target are counted only for least-connections, the one strategy
+    /// that reads them: the counters are shared by every event loop, and an atomic that two
+    /// cores write on every request is not free.
+    let countsInFlight: Bool
 
     init(
         routes: ProxyTableBox, picker: Picker, pools: UpstreamPools, connectTimeout: TimeAmount, readTimeout: TimeAmount, retryBufferLimit: Int,
@@ -34,6 +38,7 @@ final class ProxyContext: Sendable {
         self.coolDown = coolDown
         self.accessLog = accessLog
         self.logger = logger
+        countsInFlight = picker.strategy == .leastConnections
     }
 }
 
@@ -286,7 +291,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
                 referer: referer, userAgent: userAgent, route: "", upstream: "", upstreamSeconds: nil, totalSeconds: 0)
         }
 
-        guard let route = shared.routes.current.match(host: host, path: path) else {
+        guard let route = pool.table(from: shared.routes).match(host: host, path: path) else {
             shared.noRouteMetrics.record(statusClass: 4, latency: nil)
             answer(404, "no route for \(host)\(path)", keepAlive: keepAlive, headRequest: headRequest, body: framing, log: log, started: started)
             return
@@ -405,7 +410,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         upstream = connection
         connection.handler.delegate = self
         exchange!.target = target
-        target.started()
+        if shared.countsInFlight { target.started() }
         connection.handler.sendRequest(exchange!.upstreamHead, headRequest: exchange!.headRequest)
         flushBody(to: connection)
         connection.handler.flush()
@@ -558,7 +563,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         let connection = upstream
         upstream = nil
         exchange = nil
-        current.target?.finished()
+        if shared.countsInFlight { current.target?.finished() }
         if let connection {
             connection.handler.delegate = nil
             if reusable && current.requestComplete {
@@ -600,7 +605,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         }
         guard let current = exchange, upstream != nil else { return }
         waitingSince = nil
-        current.target?.finished()
+        if shared.countsInFlight { current.target?.finished() }
         upstream = nil
         upstreamBlocked = false
         if current.responseStarted {
@@ -622,7 +627,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     /// protocol pass through untouched).
     private func becomeTunnel(_ response: HTTP1Head, upgrade: String, connection: UpstreamConnection) {
         guard let current = exchange else { return }
-        current.target?.finished()
+        if shared.countsInFlight { current.target?.finished() }
         input = .tunnel
         let proto = response.upgradeValue ?? upgrade
         writeToClient(HeadWriter.clientResponse(response, connection: .upgrade(proto), allocator: allocator))
@@ -646,7 +651,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         if let upstream {
             upstream.handler.delegate = nil
             upstream.handler.close()
-            exchange?.target?.finished()
+            if shared.countsInFlight { exchange?.target?.finished() }
         }
         upstream = nil
         upstreamBlocked = false
@@ -705,7 +710,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         if let upstream {
             upstream.handler.delegate = nil
             upstream.handler.close()
-            exchange?.target?.finished()
+            if shared.countsInFlight { exchange?.target?.finished() }
         }
         upstream = nil
         exchange = nil

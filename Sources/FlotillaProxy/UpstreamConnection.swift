@@ -312,10 +312,22 @@ final class UpstreamPool {
     let eventLoop: any EventLoop
     let maximumIdlePerTarget: Int
     private var idle: [String: [UpstreamConnection]] = [:]
+    private var table = ProxyTable.empty
+    private var tableGeneration: UInt64 = 0
 
     init(eventLoop: any EventLoop, maximumIdlePerTarget: Int = 256) {
         self.eventLoop = eventLoop
         self.maximumIdlePerTarget = maximumIdlePerTarget
+    }
+
+    /// The route table as this loop last saw it, refreshed when the box has a newer one.
+    func table(from box: ProxyTableBox) -> ProxyTable {
+        let generation = box.generation
+        if generation != tableGeneration {
+            table = box.current
+            tableGeneration = generation
+        }
+        return table
     }
 
     /// An idle, still open connection to `key`, if there is one.
