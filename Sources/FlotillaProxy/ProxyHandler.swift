@@ -355,7 +355,9 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     ) {
         var close = !keepAlive
         if let body {
-            if case .length(let length) = body, length <= Self.discardLimit {
+            // A client waiting for `100 Continue` may never send its body: the connection's framing
+            // would be lost, so it closes rather than waiting to discard.
+            if case .length(let length) = body, length <= Self.discardLimit, !head.expectContinue {
                 input = .discard(BodyFramer(body))
             } else {
                 close = true

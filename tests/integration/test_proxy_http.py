@@ -406,6 +406,20 @@ def test_expect_100_continue_is_relayed(shared_agent, echo_route):
         assert echoed(connection.read_response())["path"] == f"{src}/after-continue"
 
 
+def test_expect_100_continue_answered_without_a_route_closes(shared_agent, echo_route):
+    """A request waiting for 100 Continue that the proxy answers itself (no route): the client may
+    never send its body, so the proxy says so and closes instead of waiting to discard it."""
+    with RawConnection(shared_agent.proxy_port) as connection:
+        connection.send(
+            b"POST /no-such-route-for-expect HTTP/1.1\r\nHost: proxy-http.test\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 10\r\n\r\n"
+        )
+        response = connection.read_response()
+        assert response.status == 404, response
+        assert "close" in response.connection_options(), response.headers
+        assert connection.closed_by_peer(), "the proxy kept a connection whose framing it cannot know"
+
+
 # --- per-route read timeout -------------------------------------------------------------------
 
 
