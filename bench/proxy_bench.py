@@ -5,7 +5,8 @@ The backend is nginx answering a fixed 13-byte body on a keep-alive connection, 
 not the backend, are what differs. Besides requests per second it reports each proxy's CPU time
 per request (user and system, from /proc, summed over its processes and threads): on a small
 shared machine where wrk, the backend and the proxy compete for the same cores, that is the
-steadier measure of what a proxy costs. Flotilla routes to it through its registry: the backend is
+steadier measure of what a proxy costs. A last row sends the same load through a Flotilla TCP
+route to the same backend: a byte relay on the same event loops, the floor under its HTTP proxy. Flotilla routes to it through its registry: the backend is
 registered through the Consul agent API with a `urlprefix-/` tag and a passing TTL check.
 """
 
@@ -128,7 +129,7 @@ def main():
     parser.add_argument("--million", type=int, default=1_000_000, help="requests for the RSS check")
     arguments = parser.parse_args()
 
-    backend_port, haproxy_port, nginx_proxy_port = free_port(), free_port(), free_port()
+    backend_port, haproxy_port, nginx_proxy_port, tcp_route_port = free_port(), free_port(), free_port(), free_port()
     processes = []
     agent = None
     try:
@@ -141,7 +142,7 @@ def main():
         processes.append(haproxy(arguments.work, haproxy_port, backend_port))
         agent = Agent(arguments.binary, arguments.work)
         proxy_port = agent.proxy_port
-        body = json.dumps({"Name": "bench-backend", "Address": "127.0.0.1", "Port": backend_port, "Tags": ["urlprefix-/"],
+        body = json.dumps({"Name": "bench-backend", "Address": "127.0.0.1", "Port": backend_port, "Tags": ["urlprefix-/", f"urlprefix-:{tcp_route_port} proto=tcp"],
                            "Check": {"TTL": "600s", "Status": "passing"}}).encode()
         urllib.request.urlopen(urllib.request.Request(agent.base + "/v1/agent/service/register", data=body, method="PUT"), timeout=10).read()
         targets = {
@@ -149,8 +150,11 @@ def main():
             "Flotilla": f"http://127.0.0.1:{proxy_port}/",
             "HAProxy": f"http://127.0.0.1:{haproxy_port}/",
             "nginx": f"http://127.0.0.1:{nginx_proxy_port}/",
+            # The same agent relaying TCP (no HTTP parsing, one upstream connection per client
+            # connection): the floor under Flotilla's HTTP proxy on this event-loop stack.
+            "Flotilla TCP route": f"http://127.0.0.1:{tcp_route_port}/",
         }
-        pids = {"Flotilla": agent.process.pid, "HAProxy": processes[2].pid, "nginx": processes[1].pid}
+        pids = {"Flotilla": agent.process.pid, "HAProxy": processes[2].pid, "nginx": processes[1].pid, "Flotilla TCP route": agent.process.pid}
         for url in targets.values():
             wait_for(url)
         results = {name: [] for name in targets}

@@ -45,6 +45,9 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "How long the load balancer waits for an instance's response head (a duration: 30s, 2m); a route's readtimeout= overrides it.")
     var proxyReadTimeout: String = "60s"
 
+    @Option(help: "Close a load-balancer client connection that sends nothing for this long between requests (a duration: 75s, 5m); a client that sends only part of a request head for that long gets 408.")
+    var proxyIdleTimeout: String = "75s"
+
     @Option(help: "Write the load balancer's access log to this file (- for standard output).")
     var proxyAccessLog: String?
 
@@ -90,7 +93,9 @@ struct AgentCommand: AsyncParsableCommand {
         guard BalancingStrategy(rawValue: proxyStrategy) != nil else {
             throw ValidationError("--proxy-strategy must be one of \(BalancingStrategy.allCases.map(\.rawValue).joined(separator: ", "))")
         }
-        for (flag, value) in [("--proxy-connect-timeout", proxyConnectTimeout), ("--proxy-read-timeout", proxyReadTimeout)] {
+        for (flag, value) in [
+            ("--proxy-connect-timeout", proxyConnectTimeout), ("--proxy-read-timeout", proxyReadTimeout), ("--proxy-idle-timeout", proxyIdleTimeout),
+        ] {
             guard let seconds = GoDuration.seconds(value), seconds > 0 else { throw ValidationError("\(flag) must be a duration such as 500ms, 5s or 2m, got '\(value)'") }
         }
         guard dnsDomain.split(separator: ".").allSatisfy({ !$0.isEmpty && $0.count <= 63 }), !dnsDomain.isEmpty else {
@@ -150,6 +155,7 @@ struct AgentCommand: AsyncParsableCommand {
                 dnsTTL: dnsTtl, datacenter: datacenter, proxyPort: proxyPort, proxyStrategy: BalancingStrategy(rawValue: proxyStrategy)!)
             configuration.proxyConnectTimeout = Self.duration(proxyConnectTimeout)
             configuration.proxyReadTimeout = Self.duration(proxyReadTimeout)
+            configuration.proxyIdleTimeout = Self.duration(proxyIdleTimeout)
             configuration.proxyAccessLog = proxyAccessLog
             try await FlotillaServer.run(configuration, logger: logger)
         } catch {

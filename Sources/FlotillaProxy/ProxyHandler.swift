@@ -10,6 +10,7 @@ final class ProxyContext: Sendable {
     let pools: UpstreamPools
     let connectTimeout: TimeAmount
     let readTimeout: TimeAmount
+    let idleTimeout: TimeAmount
     let retryBufferLimit: Int
     let metrics: ProxyMetrics
     let noRouteMetrics: RouteMetrics
@@ -23,7 +24,8 @@ final class ProxyContext: Sendable {
     let countsInFlight: Bool
 
     init(
-        routes: ProxyTableBox, picker: Picker, pools: UpstreamPools, connectTimeout: TimeAmount, readTimeout: TimeAmount, retryBufferLimit: Int,
+        routes: ProxyTableBox, picker: Picker, pools: UpstreamPools, connectTimeout: TimeAmount, readTimeout: TimeAmount,
+        idleTimeout: TimeAmount = .seconds(75), retryBufferLimit: Int,
         metrics: ProxyMetrics, ejectAfter: Int = 3, coolDown: Duration = .seconds(10), accessLog: AccessLog? = nil, logger: Logger
     ) {
         self.routes = routes
@@ -31,6 +33,7 @@ final class ProxyContext: Sendable {
         self.pools = pools
         self.connectTimeout = connectTimeout
         self.readTimeout = readTimeout
+        self.idleTimeout = idleTimeout
         self.retryBufferLimit = retryBufferLimit
         self.metrics = metrics
         self.noRouteMetrics = metrics.forRoute("")
@@ -141,6 +144,8 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     private var waitingSince: NIODeadline?
     private var timer: Scheduled<Void>?
     private var timerDue = NIODeadline.distantFuture
+    private var idleCheck: RepeatedTask?
+    private var readsSinceCheck = 0
 
     init(shared: ProxyContext) {
         self.shared = shared
@@ -151,6 +156,30 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         pool = shared.pools.pool(for: context.eventLoop)
         clientAddress = context.channel.remoteAddress?.ipAddress ?? ""
         allocator = context.channel.allocator
+        idleCheck = context.eventLoop.scheduleRepeatedTask(initialDelay: shared.idleTimeout, delay: shared.idleTimeout) { [self] _ in
+            checkIdle()
+        }
+    }
+
+    /// Runs every `idleTimeout`. Between requests (nothing in flight, no tunnel), a connection that
+    /// sent nothing for a whole period is closed, and one that has sent only part of a head for
+    /// that long (a slow-loris client) gets a 408 first. Counting reads instead of reading the
+    /// clock keeps the request path free of it; a connection goes within one to two periods.
+    private func checkIdle() {
+        defer { readsSinceCheck = 0 }
+        guard exchange == nil, readsSinceCheck == 0 else { return }
+        switch input {
+        case .head, .discard:
+            if (pending?.readableBytes ?? 0) > 0 {
+                writeLocal(status: 408, message: "the request head did not arrive in time", close: true, headRequest: false)
+                input = .closing
+            } else {
+                input = .closing
+                context.close(promise: nil)
+            }
+        case .body, .tunnel, .closing:
+            break
+        }
     }
 
     // MARK: - Reading from the client
@@ -170,6 +199,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
+        readsSinceCheck &+= 1
         switch input {
         case .tunnel:
             upstream?.handler.send(bytes)
@@ -709,6 +739,8 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     func channelInactive(context: ChannelHandlerContext) {
         timer?.cancel()
         timer = nil
+        idleCheck?.cancel()
+        idleCheck = nil
         if let upstream {
             upstream.handler.delegate = nil
             upstream.handler.close()

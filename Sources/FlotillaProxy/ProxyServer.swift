@@ -16,6 +16,8 @@ public final class ProxyServer: Service {
         public var strategy: BalancingStrategy
         public var connectTimeout: TimeAmount
         public var readTimeout: TimeAmount
+        /// A client connection with nothing in flight that sends nothing for this long is closed.
+        public var idleTimeout: TimeAmount
         /// Request bodies up to this size are held so a failed attempt can be sent again.
         public var retryBufferLimit: Int
         /// Where the access log goes (`-`: standard output); nil for none.
@@ -23,8 +25,10 @@ public final class ProxyServer: Service {
 
         public init(
             host: String, port: Int, strategy: BalancingStrategy = .roundRobin, connectTimeout: TimeAmount = .seconds(1),
-            readTimeout: TimeAmount = .seconds(60), retryBufferLimit: Int = 64 * 1024, accessLogPath: String? = nil
+            readTimeout: TimeAmount = .seconds(60), idleTimeout: TimeAmount = .seconds(75), retryBufferLimit: Int = 64 * 1024,
+            accessLogPath: String? = nil
         ) {
+            self.idleTimeout = idleTimeout
             self.accessLogPath = accessLogPath
             self.host = host
             self.port = port
@@ -55,7 +59,7 @@ public final class ProxyServer: Service {
         accessLog = try configuration.accessLogPath.map { try AccessLog(path: $0) }
         shared = ProxyContext(
             routes: routes, picker: Picker(strategy: configuration.strategy), pools: UpstreamPools(),
-            connectTimeout: configuration.connectTimeout, readTimeout: configuration.readTimeout,
+            connectTimeout: configuration.connectTimeout, readTimeout: configuration.readTimeout, idleTimeout: configuration.idleTimeout,
             retryBufferLimit: configuration.retryBufferLimit, metrics: metrics, accessLog: accessLog, logger: logger)
     }
 

@@ -32,6 +32,7 @@ public struct FlotillaServer {
         public var proxyStrategy: BalancingStrategy
         public var proxyConnectTimeout: Duration = .seconds(1)
         public var proxyReadTimeout: Duration = .seconds(60)
+        public var proxyIdleTimeout: Duration = .seconds(75)
         /// The proxy's access log (`-`: standard output); nil for none.
         public var proxyAccessLog: String?
 
@@ -84,6 +85,7 @@ public struct FlotillaServer {
                 configuration: .init(
                     host: configuration.bindAddress, port: configuration.proxyPort, strategy: configuration.proxyStrategy,
                     connectTimeout: TimeAmount(configuration.proxyConnectTimeout), readTimeout: TimeAmount(configuration.proxyReadTimeout),
+                    idleTimeout: TimeAmount(configuration.proxyIdleTimeout),
                     accessLogPath: configuration.proxyAccessLog),
                 metrics: metrics, logger: logger)
         } catch {

@@ -560,3 +560,38 @@ def test_close_delimited_upstream_response_reaches_the_client_whole(shared_agent
             assert response.status == 200 and response.body == f"GET {src}/again HTTP/1.1|".encode() + pattern(CLOSE_DELIMITED_BODY_SIZE)
     finally:
         agent.delete(f"/v2/apps{app_id}")
+
+
+# --- idle client connections ----------------------------------------------------------------
+
+
+def test_idle_and_slow_clients_are_let_go(make_agent, backend_script):
+    """`--proxy-idle-timeout`: a keep-alive connection that goes quiet between requests is closed,
+    and one that sends only part of a head for that long (slow loris) gets a 408 first. One that
+    keeps talking, and a request waiting on its upstream, are left alone."""
+    agent = make_agent(extra_args=["--proxy-idle-timeout", "1s"])
+    app_id = new_app_id("idle")
+    deploy(agent, backend_app(app_id, backend_script, "urlprefix-/idle"), "/idle")
+
+    with RawConnection(agent.proxy_port) as quiet, RawConnection(agent.proxy_port) as loris, RawConnection(agent.proxy_port) as busy:
+        quiet.send(get_request("/idle/once"))
+        assert quiet.read_response().status == 200
+        loris.send(b"GET /idle/slow HTTP/1.1\r\nHost: proxy-http.test\r\n")
+        started = time.monotonic()
+        # The busy client sends a request every 0.3 s for 3.5 s, longer than three idle periods.
+        while time.monotonic() - started < 3.5:
+            busy.send(get_request("/idle/busy"))
+            assert busy.read_response().status == 200
+            time.sleep(0.3)
+        assert quiet.closed_by_peer(timeout=1), "an idle keep-alive connection outlived two idle periods"
+        answer = loris.read_response()
+        assert answer.status == 408 and b"in time" in answer.body, answer
+        assert loris.closed_by_peer(timeout=1)
+        busy.send(get_request("/idle/still-busy"))
+        assert busy.read_response().status == 200
+
+    # A slow upstream (the backend sleeps on /slow paths) is not an idle client.
+    with RawConnection(agent.proxy_port) as waiting:
+        waiting.send(get_request("/idle/slow?seconds=2.5"))
+        response = waiting.read_response()
+        assert response.status == 200, response
