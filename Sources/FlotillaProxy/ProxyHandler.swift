@@ -334,8 +334,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
                 log: log, started: started)
             return
         }
-        let rule = route.route.rule
-        let target: String? = rule.strip != nil || rule.prepend != nil ? RouteTable.upstreamPath(path, rule: rule) : (absoluteForm ? path : nil)
+        let target: String? = route.rewritesPath ? RouteTable.upstreamPath(path, rule: route.route.rule) : (absoluteForm ? path : nil)
         let upgrade = head.connectionUpgrade ? head.upgradeValue : nil
         let upstreamHead = HeadWriter.upstreamRequest(head, target: target, clientAddress: clientAddress, upgrade: upgrade, allocator: allocator)
         log?.route = route.label
@@ -343,8 +342,8 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         exchange = Exchange(
             id: nextExchangeID, upstreamHead: upstreamHead, headRequest: headRequest, route: route, clientKeepAlive: keepAlive,
             clientHTTP10: head.minorVersion == 0, started: started, upgrade: upgrade,
-            connectTimeout: rule.connectTimeout.map { TimeAmount($0) } ?? shared.connectTimeout,
-            readTimeout: rule.readTimeout.map { TimeAmount($0) } ?? shared.readTimeout, requestComplete: framing == nil, log: log)
+            connectTimeout: route.connectTimeout ?? shared.connectTimeout, readTimeout: route.readTimeout ?? shared.readTimeout,
+            requestComplete: framing == nil, log: log)
         if let framing { input = .body(BodyFramer(framing)) }
         connect()
     }

@@ -63,6 +63,11 @@ final class RouteRuntime: Sendable {
     let weighted: Bool
     let services: String
     let metrics: RouteMetrics
+    /// Read per request, so worked out once: whether the path changes on the way, and the
+    /// route's own timeouts.
+    let rewritesPath: Bool
+    let connectTimeout: TimeAmount?
+    let readTimeout: TimeAmount?
 
     init(route: Route, states: (RouteTarget) -> TargetState, metrics: RouteMetrics) {
         self.route = route
@@ -71,6 +76,9 @@ final class RouteRuntime: Sendable {
         weighted = Set(route.targets.map(\.weight)).count > 1
         services = route.services.joined(separator: ", ")
         self.metrics = metrics
+        rewritesPath = route.rule.strip != nil || route.rule.prepend != nil
+        connectTimeout = route.rule.connectTimeout.map { TimeAmount($0) }
+        readTimeout = route.rule.readTimeout.map { TimeAmount($0) }
     }
 }
 
