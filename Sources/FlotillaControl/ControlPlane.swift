@@ -21,6 +21,8 @@ public actor ControlPlane: Service {
     private var statuses: [String: InstanceStatus] = [:] { didSet { generation &+= 1 } }
     private var deployments: [String: Deployment] = [:] { didSet { generation &+= 1 } }
     private var deploymentResults: [String: DeploymentResult] = [:]
+    /// Failed deployments whose rollback is being started: still reported as running.
+    private var rollingBack: [String: Deployment] = [:]
     private var failures: [AppID: TaskFailure] = [:] { didSet { generation &+= 1 } }
     private var nodes: [String: NodeInfo] = [:] { didSet { generation &+= 1 } }
     private var backoffs: [AppID: Backoff] = [:]
@@ -116,7 +118,7 @@ public actor ControlPlane: Service {
 
     /// An active deployment, or how a finished one ended.
     public func deploymentStatus(_ id: String) throws -> (active: Deployment?, result: DeploymentResult?) {
-        if let active = deployments[id] { return (active, nil) }
+        if let active = deployments[id] ?? rollingBack[id] { return (active, nil) }
         if let result = deploymentResults[id] { return (nil, result) }
         throw FlotillaError.notFound("Deployment \(id) is neither running nor among the recently finished")
     }
@@ -601,8 +603,12 @@ public actor ControlPlane: Service {
         if !puts.isEmpty || !deletes.isEmpty {
             try await commit(puts: puts, deletes: deletes)
         }
-        // Results become visible in the same step as the deployments leave, before any await.
-        for result in results { deploymentResults[result.id] = result }
+        // Results become visible in the same step as the deployments leave, before any await. A
+        // failed deployment that rolls back stays visible as running until its result can name
+        // the rollback, so no reader sees "failed" without where it went back to.
+        let rollingBackIDs = Set(failed.filter { willRollBack($0.0) }.map { $0.0.id })
+        for (deployment, _) in failed where rollingBackIDs.contains(deployment.id) { rollingBack[deployment.id] = deployment }
+        for result in results where !rollingBackIDs.contains(result.id) { deploymentResults[result.id] = result }
         for deployment in succeeded {
             deployments[deployment.id] = nil
             events.publish(
@@ -616,12 +622,20 @@ public actor ControlPlane: Service {
                 FlotillaEvent(
                     type: "deployment_failed",
                     fields: ["id": .string(deployment.id), "plan": planJSON(deployment, original: [], target: []), "reason": .string(reason)]))
-            if let rollback = try await autoRollback(deployment) {
-                result.rollbackDeploymentID = rollback.deploymentID
-                result.rolledBackTo = deployment.targets.first?.previousVersion ?? rollback.version
+            guard rollingBackIDs.contains(deployment.id) else { continue }
+            defer { rollingBack[deployment.id] = nil }
+            do {
+                if let rollback = try await autoRollback(deployment) {
+                    result.rollbackDeploymentID = rollback.deploymentID
+                    result.rolledBackTo = deployment.targets.first?.previousVersion ?? rollback.version
+                    deploymentResults[deployment.id] = result
+                    try await commit(puts: [(StateKeys.deploymentResult(result.id), result)])
+                }
+            } catch {
                 deploymentResults[deployment.id] = result
-                try await commit(puts: [(StateKeys.deploymentResult(result.id), result)])
+                throw error
             }
+            deploymentResults[deployment.id] = result
         }
         pruneDeploymentResults()
     }
@@ -650,6 +664,13 @@ public actor ControlPlane: Service {
 
     /// After a failed deployment: the previous version of each app, as a new deployment, when its
     /// strategy says so.
+    /// Whether `autoRollback` will try to restore a previous version for this deployment.
+    private func willRollBack(_ deployment: Deployment) -> Bool {
+        deployment.targets.contains { target in
+            target.previousVersion != nil && apps[target.app]?.definition.upgradeStrategy.autoRollback == true
+        }
+    }
+
     private func autoRollback(_ deployment: Deployment) async throws -> ChangeResult? {
         var result: ChangeResult?
         for target in deployment.targets {
