@@ -1,6 +1,8 @@
 /// Finds where an HTTP/1.x message body ends, without changing a byte of it: the proxy relays
 /// bodies as they arrive (chunked framing included) and only needs to know which bytes belong to
-/// this message and which to the next.
+/// this message and which to the next. Chunked framing is read strictly — every line ends in
+/// CRLF — because the bytes go on as they are: a next hop that reads a bare LF differently
+/// must not be able to find another message in them.
 struct BodyFramer {
     enum Framing: Equatable {
         case length(Int64)
@@ -84,8 +86,6 @@ struct BodyFramer {
                     chunk = .sizeSpace(value: value)
                 } else if digits > 0, byte == 0x0D {
                     chunk = .sizeLF(value: value)
-                } else if digits > 0, byte == 0x0A {
-                    endOfSizeLine(value)
                 } else {
                     throw .bad("malformed chunk size")
                 }
@@ -94,14 +94,11 @@ struct BodyFramer {
                 case 0x20, 0x09: break
                 case 0x3B: chunk = .sizeExtension(value: value)
                 case 0x0D: chunk = .sizeLF(value: value)
-                case 0x0A: endOfSizeLine(value)
                 default: throw .bad("malformed chunk size")
                 }
             case .sizeExtension(let value):
                 if byte == 0x0D {
                     chunk = .sizeLF(value: value)
-                } else if byte == 0x0A {
-                    endOfSizeLine(value)
                 } else if byte < 0x20 && byte != 0x09 || byte == 0x7F {
                     throw .bad("control character in a chunk extension")
                 }
@@ -111,13 +108,8 @@ struct BodyFramer {
             case .data:
                 break  // handled above
             case .dataCR:
-                if byte == 0x0D {
-                    chunk = .dataLF
-                } else if byte == 0x0A {
-                    nextChunk()
-                } else {
-                    throw .bad("chunk data longer than its size")
-                }
+                guard byte == 0x0D else { throw .bad("chunk data longer than its size") }
+                chunk = .dataLF
             case .dataLF:
                 guard byte == 0x0A else { throw .bad("chunk data not terminated") }
                 nextChunk()
@@ -125,13 +117,16 @@ struct BodyFramer {
                 if byte == 0x0D {
                     chunk = .trailerEndLF
                 } else if byte == 0x0A {
-                    isComplete = true
-                    return index
+                    throw .bad("bare LF in a chunked body")
                 } else {
                     chunk = .trailerLine
                 }
             case .trailerLine:
-                if byte == 0x0A { chunk = .trailerLineStart } else if byte == 0x0D { chunk = .trailerLineLF }
+                if byte == 0x0D {
+                    chunk = .trailerLineLF
+                } else if byte == 0x0A || byte < 0x20 && byte != 0x09 || byte == 0x7F {
+                    throw .bad("bare LF or control character in a trailer")
+                }
             case .trailerLineLF:
                 guard byte == 0x0A else { throw .bad("bare CR in a trailer") }
                 chunk = .trailerLineStart

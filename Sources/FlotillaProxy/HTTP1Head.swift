@@ -180,6 +180,8 @@ enum HTTP1Parser {
         }
         if request {
             if head.hasTransferEncoding {
+                // RFC 9112 §6.1: an HTTP/1.0 message with a transfer coding has faulty framing.
+                if head.minorVersion == 0 { throw .bad("Transfer-Encoding in an HTTP/1.0 request") }
                 if head.contentLength != nil { throw .bad("both Transfer-Encoding and Content-Length") }
                 if !head.chunked { throw .bad("Transfer-Encoding must end with chunked") }
             }

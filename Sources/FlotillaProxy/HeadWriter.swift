@@ -22,8 +22,11 @@ enum HeadWriter {
     /// `X-Real-IP`, `X-Forwarded-Proto` and `X-Forwarded-Host` set, the target rewritten if the
     /// route strips or prepends. An HTTP/1.0 request stays HTTP/1.0 (so the upstream frames its
     /// response for it) and asks for keep-alive; an upgrade keeps its `Connection`/`Upgrade` pair.
+    ///
+    /// `authority`: the host of an absolute-form target, which replaces the `Host` header
+    /// (RFC 9112 §3.2.2).
     static func upstreamRequest(
-        _ head: HTTP1Head, target: String?, clientAddress: String, upgrade: String?, allocator: ByteBufferAllocator
+        _ head: HTTP1Head, target: String?, authority: String? = nil, clientAddress: String, upgrade: String?, allocator: ByteBufferAllocator
     ) -> ByteBuffer {
         var out = allocator.buffer(capacity: head.bytes.readableBytes + 128 + 3 * clientAddress.utf8.count + (target?.utf8.count ?? 0))
         head.bytes.withUnsafeReadableBytes { bytes in
@@ -39,6 +42,8 @@ enum HeadWriter {
                     continue
                 case .xForwardedFor:
                     forwardedFor = true
+                    continue
+                case .host where authority != nil:
                     continue
                 case .other where !head.connectionNames.isEmpty && isNamedInConnection(head, field):
                     continue
@@ -59,7 +64,13 @@ enum HeadWriter {
             out.writeStaticString("\r\nX-Real-IP: ")
             out.writeString(clientAddress)
             out.writeStaticString("\r\nX-Forwarded-Proto: http\r\n")
-            if let host = head.host, host.valueEnd > host.valueStart {
+            if let authority {
+                out.writeStaticString("Host: ")
+                out.writeString(authority)
+                out.writeStaticString("\r\nX-Forwarded-Host: ")
+                out.writeString(authority)
+                out.writeStaticString("\r\n")
+            } else if let host = head.host, host.valueEnd > host.valueStart {
                 out.writeStaticString("X-Forwarded-Host: ")
                 copy(host.valueStart, host.valueEnd)
                 out.writeStaticString("\r\n")
@@ -87,6 +98,9 @@ enum HeadWriter {
             out.writeStaticString("\r\n")
             for field in head.fields {
                 if field.kind.isHopByHop { continue }
+                // With a transfer coding the length is the chunking's; a Content-Length beside it
+                // must not travel on (RFC 9112 §6.3).
+                if field.kind == .contentLength && head.hasTransferEncoding { continue }
                 if field.kind == .other && !head.connectionNames.isEmpty && isNamedInConnection(head, field) { continue }
                 copy(field.nameStart, field.valueEnd)
                 out.writeStaticString("\r\n")
@@ -123,6 +137,7 @@ enum HeadWriter {
         switch status {
         case 400: "Bad Request"
         case 404: "Not Found"
+        case 405: "Method Not Allowed"
         case 408: "Request Timeout"
         case 413: "Content Too Large"
         case 414: "URI Too Long"

@@ -146,6 +146,8 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     private var timerDue = NIODeadline.distantFuture
     private var idleCheck: RepeatedTask?
     private var readsSinceCheck = 0
+    /// When the head now arriving in pieces began, if one is.
+    private var headStarted: NIODeadline?
 
     init(shared: ProxyContext) {
         self.shared = shared
@@ -167,10 +169,14 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     /// clock keeps the request path free of it; a connection goes within one to two periods.
     private func checkIdle() {
         defer { readsSinceCheck = 0 }
-        guard exchange == nil, readsSinceCheck == 0 else { return }
+        guard exchange == nil else { return }
+        let partialHead = (pending?.readableBytes ?? 0) > 0
+        // A head trickling in byte by byte still counts as reads: it is judged by when it began.
+        let headLate = partialHead && headStarted.map { NIODeadline.now() - $0 >= shared.idleTimeout } ?? false
+        guard readsSinceCheck == 0 || headLate else { return }
         switch input {
         case .head, .discard:
-            if (pending?.readableBytes ?? 0) > 0 {
+            if partialHead {
                 writeLocal(status: 408, message: "the request head did not arrive in time", close: true, headRequest: false)
                 input = .closing
             } else {
@@ -220,7 +226,15 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         upstream?.handler.flush()
     }
 
+    /// Works through what the client sent, then sends on whatever it wrote upstream: bytes taken
+    /// from `pending` (pipelined requests) arrive with no read, so no `channelReadComplete` flushes
+    /// them.
     private func process(_ received: ByteBuffer) {
+        consume(received)
+        upstream?.handler.flush()
+    }
+
+    private func consume(_ received: ByteBuffer) {
         var bytes = received
         while bytes.readableBytes > 0 {
             switch input {
@@ -246,6 +260,9 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
                 switch scanner.scan(bytes) {
                 case .incomplete:
                     pending = bytes
+                    // A head arriving in pieces must be whole within the idle timeout: the clock is
+                    // read only on this (rare) path.
+                    if headStarted == nil { headStarted = .now() }
                     return
                 case .tooLarge:
                     reject(HTTP1Error(status: 431, reason: "request head larger than \(Self.maximumHeadSize / 1024) KiB"))
@@ -253,6 +270,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
                 case .complete(let found):
                     length = found
                 }
+                headStarted = nil
                 head.bytes = bytes.readSlice(length: length)!
                 do {
                     try HTTP1Parser.parseRequest(&head)
@@ -321,6 +339,12 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
                 referer: referer, userAgent: userAgent, route: "", upstream: "", upstreamSeconds: nil, totalSeconds: 0)
         }
 
+        if head.methodEnd == 7, head.method == "CONNECT" {
+            // Not a forward proxy: a tunnel to an arbitrary host is never routed.
+            shared.noRouteMetrics.record(statusClass: 4, latency: nil)
+            answer(405, "CONNECT is not supported: this is a reverse proxy", keepAlive: false, headRequest: false, body: framing, log: log, started: started)
+            return
+        }
         guard let route = pool.table(from: shared.routes).match(host: host, path: path) else {
             shared.noRouteMetrics.record(statusClass: 4, latency: nil)
             answer(404, "no route for \(host)\(path)", keepAlive: keepAlive, headRequest: headRequest, body: framing, log: log, started: started)
@@ -336,7 +360,8 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         }
         let target: String? = route.rewritesPath ? RouteTable.upstreamPath(path, rule: route.route.rule) : (absoluteForm ? path : nil)
         let upgrade = head.connectionUpgrade ? head.upgradeValue : nil
-        let upstreamHead = HeadWriter.upstreamRequest(head, target: target, clientAddress: clientAddress, upgrade: upgrade, allocator: allocator)
+        let upstreamHead = HeadWriter.upstreamRequest(
+            head, target: target, authority: absoluteForm ? host : nil, clientAddress: clientAddress, upgrade: upgrade, allocator: allocator)
         log?.route = route.label
         nextExchangeID &+= 1
         exchange = Exchange(
@@ -649,6 +674,10 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         }
         if let error = error as? HTTP1Error {
             fail(status: 502, "\(current.target?.key ?? "upstream") sent an invalid response: \(error.reason)", retry: false)
+            return
+        }
+        if case UpstreamError.closedMidResponse? = error as? UpstreamError {
+            fail(status: 502, "\(current.target?.key ?? "upstream") closed the connection in the middle of its response head", retry: false)
             return
         }
         retryOrFail(502, "\(current.target?.key ?? "upstream") closed the connection before answering")

@@ -18,6 +18,11 @@ protocol UpstreamDelegate: AnyObject {
     func upstreamFailed(_ error: any Error)
 }
 
+enum UpstreamError: Error {
+    /// The connection ended after part of a response: too late to try another instance.
+    case closedMidResponse
+}
+
 /// One keep-alive connection to an upstream, used by one request at a time on its event loop.
 final class UpstreamConnection {
     let channel: any Channel
@@ -71,6 +76,9 @@ final class UpstreamHandler: ChannelInboundHandler {
     private var head = HTTP1Head()
     private let emptyBuffer = ByteBuffer()
     private var readPaused = false
+    /// Some of the current response has arrived (perhaps only part of its head): the request
+    /// reached the upstream, and must not be sent again elsewhere.
+    private(set) var receivedResponseBytes = false
 
     static let maximumHeadSize = 64 * 1024
 
@@ -95,6 +103,7 @@ final class UpstreamHandler: ChannelInboundHandler {
         noBody = headRequest
         scanner.reset()
         pending = nil
+        receivedResponseBytes = false
         send(bytes)
     }
 
@@ -131,6 +140,7 @@ final class UpstreamHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
+        receivedResponseBytes = true
         if case .tunnel = state {
             delegate?.upstreamTunnel(bytes)
             return
@@ -179,7 +189,7 @@ final class UpstreamHandler: ChannelInboundHandler {
                     fail(error)
                     return
                 }
-                let proceed = startBody()
+                let proceed = startBody(more: bytes.readableBytes > 0)
                 // The head has been handed on: let go of the read buffer so NIO can reuse it.
                 head.bytes = emptyBuffer
                 if !proceed { return }
@@ -206,7 +216,7 @@ final class UpstreamHandler: ChannelInboundHandler {
 
     /// After a head: interim responses wait for the next head, 101 switches to a tunnel, and a
     /// final response sets up its body. False when processing must stop.
-    private func startBody() -> Bool {
+    private func startBody(more: Bool) -> Bool {
         let status = head.status
         if status == 101 {
             state = .tunnel
@@ -234,7 +244,8 @@ final class UpstreamHandler: ChannelInboundHandler {
         if framer.isComplete {
             state = .idle
             delegate?.upstreamHead(head)
-            finish(leftover: false)
+            // Bytes after a response with no body: the upstream is out of step; drop the connection.
+            finish(leftover: more)
             return false
         }
         state = .body(framer)
@@ -278,7 +289,7 @@ final class UpstreamHandler: ChannelInboundHandler {
             // Nothing outstanding.
         } else {
             state = .idle
-            delegate?.upstreamFailed(ChannelError.eof)
+            delegate?.upstreamFailed(receivedResponseBytes ? UpstreamError.closedMidResponse : ChannelError.eof)
         }
         pool?.forget(self)
         pool = nil
@@ -289,7 +300,7 @@ final class UpstreamHandler: ChannelInboundHandler {
         let delegate = self.delegate
         self.delegate = nil
         state = .idle
-        delegate?.upstreamFailed(error)
+        delegate?.upstreamFailed(receivedResponseBytes ? UpstreamError.closedMidResponse : error)
         context.close(promise: nil)
     }
 }

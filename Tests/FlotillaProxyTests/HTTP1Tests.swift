@@ -80,6 +80,7 @@ private func rejection(_ text: String) -> Int? {
         #expect(rejection("GET  / HTTP/1.1\r\nHost: a\r\n\r\n") == 400)
         #expect(rejection("G\u{1}T / HTTP/1.1\r\nHost: a\r\n\r\n") == 400)
         #expect(rejection("GET / HTTP/1.1 extra\r\nHost: a\r\n\r\n") == 400)
+        #expect(rejection("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n") == 400)
         #expect(rejection("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 7, 7\r\n\r\n") == nil)
     }
 
@@ -122,7 +123,7 @@ private func rejection(_ text: String) -> Int? {
     }
 
     @Test func malformedChunkingIsAnError() {
-        for bad in ["x\r\n", "5\r\nhelloX\r\n", "5 6\r\nhello\r\n", "FFFFFFFFFFFFFFFFFF\r\n", "\r\n", "5\rX"] {
+        for bad in ["x\r\n", "5\r\nhelloX\r\n", "5 6\r\nhello\r\n", "FFFFFFFFFFFFFFFFFF\r\n", "\r\n", "5\rX", "2;\nxx\r\n", "2\r\nxx\n0\r\n\r\n", "0\r\nX: 1\n\r\n", "0\r\n\n"] {
             #expect(throws: HTTP1Error.self, "\(bad)") { try frame(.chunked, bad, piece: 3) }
         }
         let endless = "1;" + String(repeating: "x", count: BodyFramer.metadataLimit + 10)
@@ -185,6 +186,20 @@ private func rejection(_ text: String) -> Int? {
         let old = try parsedRequest("GET / HTTP/1.0\r\n\r\n")
         let oldOut = lines(HeadWriter.upstreamRequest(old, target: nil, clientAddress: "::1", upgrade: nil, allocator: .init()))
         #expect(oldOut.first == "GET / HTTP/1.0" && oldOut.contains("Connection: keep-alive"))
+    }
+
+    @Test func absoluteFormAuthorityBecomesTheHost() throws {
+        let head = try parsedRequest("GET http://public.example/x HTTP/1.1\r\nHost: admin.internal\r\n\r\n")
+        let out = lines(HeadWriter.upstreamRequest(head, target: "/x", authority: "public.example", clientAddress: "::1", upgrade: nil, allocator: .init()))
+        #expect(out.first == "GET /x HTTP/1.1")
+        #expect(out.contains("Host: public.example") && !out.contains("Host: admin.internal"))
+        #expect(out.contains("X-Forwarded-Host: public.example"))
+    }
+
+    @Test func responseWithTransferCodingLosesItsContentLength() throws {
+        let head = try parsedResponse("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n")
+        let out = lines(HeadWriter.clientResponse(head, connection: .persistent, allocator: .init()))
+        #expect(out.contains("Transfer-Encoding: chunked") && !out.contains("Content-Length: 99"))
     }
 
     @Test func responseHeadSpeaksForTheClientConnection() throws {

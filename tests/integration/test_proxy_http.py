@@ -420,6 +420,31 @@ def test_expect_100_continue_answered_without_a_route_closes(shared_agent, echo_
         assert connection.closed_by_peer(), "the proxy kept a connection whose framing it cannot know"
 
 
+def test_pipelined_request_with_a_body_reaches_the_upstream(shared_agent, echo_route):
+    """A POST pipelined behind a GET is sent upstream from the proxy's own buffer, with no read of
+    its own to trigger a flush: its body must still go out at once."""
+    agent, src = shared_agent, echo_route
+    body = b"hello"
+    with RawConnection(agent.proxy_port) as connection:
+        connection.send(
+            get_request(f"{src}/first")
+            + f"POST {src}/echo-body HTTP/1.1\r\nHost: proxy-http.test\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert echoed(connection.read_response())["path"] == f"{src}/first"
+        connection.sock.settimeout(5)
+        response = connection.read_response()
+        assert response.status == 200 and response.body == body, response
+
+
+def test_connect_is_refused(shared_agent, echo_route):
+    with RawConnection(shared_agent.proxy_port) as connection:
+        connection.send(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        response = connection.read_response()
+        assert response.status == 405 and b"CONNECT" in response.body, response
+        assert connection.closed_by_peer()
+
+
 # --- per-route read timeout -------------------------------------------------------------------
 
 
@@ -578,10 +603,15 @@ def test_idle_and_slow_clients_are_let_go(make_agent, backend_script):
         assert quiet.read_response().status == 200
         loris.send(b"GET /idle/slow HTTP/1.1\r\nHost: proxy-http.test\r\n")
         started = time.monotonic()
-        # The busy client sends a request every 0.3 s for 3.5 s, longer than three idle periods.
+        # The busy client sends a request every 0.3 s for 3.5 s, longer than three idle periods;
+        # the loris sends one more header byte each time, so it is never quiet, only late.
         while time.monotonic() - started < 3.5:
             busy.send(get_request("/idle/busy"))
             assert busy.read_response().status == 200
+            try:
+                loris.send(b"X")
+            except OSError:
+                pass  # already answered and closed
             time.sleep(0.3)
         assert quiet.closed_by_peer(timeout=1), "an idle keep-alive connection outlived two idle periods"
         answer = loris.read_response()
