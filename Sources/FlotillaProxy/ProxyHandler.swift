@@ -146,6 +146,8 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     private var timerDue = NIODeadline.distantFuture
     private var idleCheck: RepeatedTask?
     private var readsSinceCheck = 0
+    private var writesSinceCheck = 0
+    private var closingChecks = 0
     /// When the head now arriving in pieces began, if one is.
     private var headStarted: NIODeadline?
 
@@ -163,17 +165,40 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         }
     }
 
-    /// Runs every `idleTimeout`. Between requests (nothing in flight, no tunnel), a connection that
-    /// sent nothing for a whole period is closed, and one that has sent only part of a head for
-    /// that long (a slow-loris client) gets a 408 first. Counting reads instead of reading the
-    /// clock keeps the request path free of it; a connection goes within one to two periods.
+    /// Runs every `idleTimeout`, and counts reads and writes rather than reading the clock, so the
+    /// request path stays free of it; what it judges goes within one to two periods.
+    /// - Between requests, a connection that sent nothing for a whole period is closed, and one
+    ///   whose head is late (begun a period ago, or stalled) gets a 408 first (slow loris).
+    /// - A response under way that moved no byte either way for a whole period (a stalled
+    ///   upstream, or a client that stopped reading) ends both connections, as nginx's
+    ///   `proxy_read_timeout` and `send_timeout` do. Waiting for a response head is the read
+    ///   timeout's business, and WebSocket tunnels are never cut.
+    /// - A connection closing once its last bytes are out, whose client does not take them for a
+    ///   period, is closed anyway.
     private func checkIdle() {
-        defer { readsSinceCheck = 0 }
-        guard exchange == nil else { return }
+        let reads = readsSinceCheck
+        let writes = writesSinceCheck
+        readsSinceCheck = 0
+        writesSinceCheck = 0
+        if case .closing = input {
+            closingChecks += 1
+            if closingChecks >= 2 { context.close(promise: nil) }
+            return
+        }
+        if let current = exchange {
+            if current.responseStarted, reads == 0, writes == 0, case .head = input {
+                shared.logger.info("closing a stalled response of \(current.route.label) from \(current.target?.key ?? "upstream")")
+                dropUpstream()
+                exchange = nil
+                input = .closing
+                context.close(promise: nil)
+            }
+            return
+        }
         let partialHead = (pending?.readableBytes ?? 0) > 0
         // A head trickling in byte by byte still counts as reads: it is judged by when it began.
         let headLate = partialHead && headStarted.map { NIODeadline.now() - $0 >= shared.idleTimeout } ?? false
-        guard readsSinceCheck == 0 || headLate else { return }
+        guard reads == 0 || headLate else { return }
         switch input {
         case .head, .discard:
             if partialHead {
@@ -592,6 +617,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     }
 
     private func writeToClient(_ bytes: ByteBuffer) {
+        writesSinceCheck &+= 1
         clientNeedsFlush = true
         context.write(wrapOutboundOut(bytes), promise: nil)
     }

@@ -625,3 +625,32 @@ def test_idle_and_slow_clients_are_let_go(make_agent, backend_script):
         waiting.send(get_request("/idle/slow?seconds=2.5"))
         response = waiting.read_response()
         assert response.status == 200, response
+
+
+def test_a_stalled_response_is_cut_and_a_moving_one_is_not(make_agent, backend_script):
+    """With `--proxy-idle-timeout 1s`, a server-sent-event stream that goes quiet for 3 s (the
+    backend's `gap`) is ended by the proxy, while one with an event every 0.4 s arrives whole."""
+    agent = make_agent(extra_args=["--proxy-idle-timeout", "1s"])
+    app_id = new_app_id("stall")
+    deploy(agent, backend_app(app_id, backend_script, "urlprefix-/stall"), "/stall")
+
+    with RawConnection(agent.proxy_port) as moving:
+        moving.send(get_request("/stall/sse?gap=0.4"))
+        response = moving.read_response()
+        assert response.status == 200 and response.body.count(b"data: event") == 3, response
+
+    with RawConnection(agent.proxy_port) as stalled:
+        started = time.monotonic()
+        stalled.send(get_request("/stall/sse?gap=3"))
+        received = b""
+        while True:
+            try:
+                piece = stalled.sock.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not piece:
+                break
+            received += piece
+        elapsed = time.monotonic() - started
+        assert b"data: event 0" in received and b"data: event 1" not in received, received
+        assert elapsed < 2.9, f"the quiet stream was cut after {elapsed:.1f} s, not within two idle periods"
