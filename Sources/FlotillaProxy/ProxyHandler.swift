@@ -771,7 +771,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     private func writeLocal(status: Int, message: String, close: Bool, headRequest: Bool) {
         let response = HeadWriter.localResponse(status: status, message: message + "\n", close: close, headRequest: headRequest, allocator: allocator)
         if close {
-            context.writeAndFlush(wrapOutboundOut(response)).whenComplete { [context] _ in context?.close(promise: nil) }
+            context.writeAndFlush(wrapOutboundOut(response)).whenComplete { [context] _ in Self.lingeringClose(context) }
         } else {
             context.writeAndFlush(wrapOutboundOut(response), promise: nil)
         }
@@ -780,8 +780,18 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     private func closeAfterFlush() {
         input = .closing
         context.writeAndFlush(wrapOutboundOut(allocator.buffer(capacity: 0))).whenComplete { [context] _ in
-            context?.close(promise: nil)
+            Self.lingeringClose(context)
         }
+    }
+
+    /// Ends a connection after its last response: the sending side first, so a client still
+    /// uploading reads the answer instead of losing it to a reset; what it still sends is read and
+    /// dropped (`.closing`) until it closes too, or until the idle check closes the connection.
+    private static func lingeringClose(_ context: ChannelHandlerContext?) {
+        guard let context else { return }
+        let promise = context.eventLoop.makePromise(of: Void.self)
+        promise.futureResult.whenFailure { _ in context.close(promise: nil) }
+        context.close(mode: .output, promise: promise)
     }
 
     private static func seconds(since start: NIODeadline) -> Double {

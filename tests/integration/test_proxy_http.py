@@ -654,3 +654,19 @@ def test_a_stalled_response_is_cut_and_a_moving_one_is_not(make_agent, backend_s
         elapsed = time.monotonic() - started
         assert b"data: event 0" in received and b"data: event 1" not in received, received
         assert elapsed < 2.9, f"the quiet stream was cut after {elapsed:.1f} s, not within two idle periods"
+
+
+def test_an_answer_given_mid_upload_is_read_not_reset(shared_agent, echo_route):
+    """A 16 MiB upload to a path with no route: the proxy answers 404 at once and then closes only
+    its sending side (a lingering close), reading and dropping the rest, so the client reads the
+    404 instead of losing it to the reset a full close causes when more data arrives."""
+    size = 16 << 20
+    with RawConnection(shared_agent.proxy_port) as connection:
+        connection.send(f"POST /no-route-for-this-upload HTTP/1.1\r\nHost: proxy-http.test\r\nContent-Length: {size}\r\n\r\n".encode())
+        chunk = b"x" * 65536
+        for _ in range(size // len(chunk)):
+            connection.send(chunk)  # raises if the proxy reset the connection
+        response = connection.read_response()
+        assert response.status == 404 and b"no route" in response.body, response
+        assert "close" in response.connection_options(), response.headers
+        assert connection.closed_by_peer()
