@@ -186,6 +186,19 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
             return
         }
         if let current = exchange {
+            if !current.requestComplete, reads == 0 {
+                // The client stopped in the middle of its upload.
+                shared.logger.info("closing a stalled upload to \(current.route.label)")
+                if current.responseStarted {
+                    dropUpstream()
+                    exchange = nil
+                    input = .closing
+                    context.close(promise: nil)
+                } else {
+                    fail(status: 408, "the request body stopped arriving", retry: false)
+                }
+                return
+            }
             if current.responseStarted, reads == 0, writes == 0, case .head = input {
                 shared.logger.info("closing a stalled response of \(current.route.label) from \(current.target?.key ?? "upstream")")
                 dropUpstream()
@@ -406,7 +419,12 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
             exchange!.bodyBytes += slice.readableBytes
             if exchange!.bodyBytes > shared.retryBufferLimit { exchange!.replayable = false }
         }
-        if let upstream, exchange!.target != nil { flushBody(to: upstream) }
+        if let upstream, exchange!.target != nil {
+            flushBody(to: upstream)
+            // The response is awaited from the moment the whole request is out, however long the
+            // upload took.
+            if complete && exchange!.status == 0 { startWaiting() }
+        }
         updateReading()
     }
 
@@ -497,7 +515,8 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         connection.handler.flush()
         if clientWritable { connection.handler.resumeReading() } else { connection.handler.pauseReading() }
         upstreamBlocked = !connection.handler.isWritable
-        startWaiting(since: sentAt)
+        // A request still uploading is not yet waiting for its answer (see `requestBody`).
+        if exchange!.requestComplete { startWaiting(since: sentAt) } else { waitingSince = nil }
         updateReading()
     }
 
@@ -560,7 +579,9 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
             writeToClient(HeadWriter.clientResponse(response, connection: .interim, allocator: allocator))
             flushClient()
         }
-        startWaiting()
+        // After `100 Continue` the client uploads: the wait for the final answer starts when the
+        // request is complete.
+        if exchange!.requestComplete { startWaiting() } else { waitingSince = nil }
     }
 
     func upstreamHead(_ response: HTTP1Head) {

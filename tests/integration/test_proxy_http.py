@@ -670,3 +670,28 @@ def test_an_answer_given_mid_upload_is_read_not_reset(shared_agent, echo_route):
         assert response.status == 404 and b"no route" in response.body, response
         assert "close" in response.connection_options(), response.headers
         assert connection.closed_by_peer()
+
+
+def test_uploads_slow_and_stalled(make_agent, backend_script):
+    """The read timeout (here the route's 500 ms) counts from the end of the request, so a slow
+    upload is not cut by it; an upload that stops altogether gets a 408 within two idle periods."""
+    agent = make_agent(extra_args=["--proxy-idle-timeout", "1s"])
+    app_id = new_app_id("upload")
+    deploy(agent, backend_app(app_id, backend_script, "urlprefix-/upload readtimeout=500ms"), "/upload")
+    body = b"0123456789" * 6
+
+    with RawConnection(agent.proxy_port) as slow:
+        slow.send(f"POST /upload/echo-body HTTP/1.1\r\nHost: proxy-http.test\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        for offset in range(0, len(body), 10):  # 1.5 s in all, three times the read timeout
+            time.sleep(0.25)
+            slow.send(body[offset:offset + 10])
+        response = slow.read_response()
+        assert response.status == 200 and response.body == body, response
+
+    with RawConnection(agent.proxy_port) as stalled:
+        started = time.monotonic()
+        stalled.send(f"POST /upload/echo-body HTTP/1.1\r\nHost: proxy-http.test\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+        response = stalled.read_response()
+        assert response.status == 408 and b"stopped arriving" in response.body, response
+        assert time.monotonic() - started < 3.5
+        assert stalled.closed_by_peer()
