@@ -580,8 +580,9 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
             flushClient()
         }
         // After `100 Continue` the client uploads: the wait for the final answer starts when the
-        // request is complete.
-        if exchange!.requestComplete { startWaiting() } else { waitingSince = nil }
+        // request is complete. Once it is, interim responses do not extend the wait (an instance
+        // sending endless 103s still gets its 504).
+        if !exchange!.requestComplete { waitingSince = nil }
     }
 
     func upstreamHead(_ response: HTTP1Head) {
