@@ -34,11 +34,28 @@ def rss_kib(pid):
     return 0
 
 
+def cpu_times(pid, children=False):
+    """User and system CPU seconds of a process (all its threads), and with `children` of the
+    processes it started too (nginx's workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0
+    for entry in os.listdir("/proc") if children else [str(pid)]:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / tick, system / tick
+
+
 def cpu_seconds(pid):
     """User plus system CPU time the process has used."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_times(pid))
 
 
 def serves(port):

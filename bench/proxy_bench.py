@@ -19,7 +19,7 @@ import subprocess
 import time
 import urllib.request
 
-from benchlib import Agent, free_port, rss_kib
+from benchlib import Agent, cpu_times, free_port, rss_kib
 
 THREADS = 2
 
@@ -88,24 +88,6 @@ backend backend
     return subprocess.Popen(["haproxy", "-f", config, "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def cpu_seconds(root_pid):
-    """User and system CPU seconds of a process and its children (nginx's workers)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    user = system = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(entry) == root_pid or int(fields[1]) == root_pid:
-            user += int(fields[11])
-            system += int(fields[12])
-    return user / tick, system / tick
-
-
 def wrk(url, seconds, connections):
     output = subprocess.run(
         ["wrk", f"-t{THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency", url], capture_output=True, text=True, check=True).stdout
@@ -161,9 +143,9 @@ def main():
         # Rounds interleave the contenders so the machine's noise falls on all of them alike.
         for _ in range(arguments.rounds):
             for name, url in targets.items():
-                before = cpu_seconds(pids[name]) if name in pids else (0, 0)
+                before = cpu_times(pids[name], children=True) if name in pids else (0, 0)
                 run = wrk(url, arguments.seconds, arguments.connections)
-                after = cpu_seconds(pids[name]) if name in pids else (0, 0)
+                after = cpu_times(pids[name], children=True) if name in pids else (0, 0)
                 run["user_us"] = 1e6 * (after[0] - before[0]) / run["requests"]
                 run["sys_us"] = 1e6 * (after[1] - before[1]) / run["requests"]
                 results[name].append(run)

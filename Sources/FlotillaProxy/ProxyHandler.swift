@@ -190,21 +190,15 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
                 // The client stopped in the middle of its upload.
                 shared.logger.info("closing a stalled upload to \(current.route.label)")
                 if current.responseStarted {
-                    dropUpstream()
-                    exchange = nil
-                    input = .closing
-                    context.close(promise: nil)
+                    abort()
                 } else {
-                    fail(status: 408, "the request body stopped arriving", retry: false)
+                    fail(status: 408, "the request body stopped arriving")
                 }
                 return
             }
             if current.responseStarted, reads == 0, writes == 0, case .head = input {
                 shared.logger.info("closing a stalled response of \(current.route.label) from \(current.target?.key ?? "upstream")")
-                dropUpstream()
-                exchange = nil
-                input = .closing
-                context.close(promise: nil)
+                abort()
             }
             return
         }
@@ -216,7 +210,6 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         case .head, .discard:
             if partialHead {
                 writeLocal(status: 408, message: "the request head did not arrive in time", close: true, headRequest: false)
-                input = .closing
             } else {
                 input = .closing
                 context.close(promise: nil)
@@ -280,7 +273,6 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
                 return
             case .tunnel:
                 upstream?.handler.send(bytes)
-                upstream?.handler.flush()
                 return
             case .head:
                 if exchange != nil {
@@ -432,7 +424,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     private func bodyFailed(_ error: HTTP1Error) {
         input = .closing
         if let current = exchange, !current.responseStarted {
-            fail(status: 400, "\(error.reason)", retry: false)
+            fail(status: 400, "\(error.reason)")
         } else {
             context.close(promise: nil)
         }
@@ -440,7 +432,6 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
 
     /// A head that cannot be parsed: a 4xx/5xx and the connection closes (its framing is lost).
     private func reject(_ error: HTTP1Error) {
-        input = .closing
         shared.noRouteMetrics.record(statusClass: error.status / 100, latency: nil)
         shared.logger.debug("rejected a request from \(clientAddress): \(error.reason)")
         writeLocal(status: error.status, message: error.reason, close: true, headRequest: false)
@@ -460,7 +451,6 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
                 close = true
             }
         }
-        if close { input = .closing }
         if var log {
             log.status = status
             log.totalSeconds = Self.seconds(since: started)
@@ -475,7 +465,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     private func connect() {
         guard let current = exchange else { return }
         guard let picked = shared.picker.pick(from: current.route, excluding: current.lastTried) ?? shared.picker.pick(from: current.route) else {
-            fail(status: 502, "no instance of \(current.route.services) could be reached", retry: false)
+            fail(status: 502, "no instance of \(current.route.services) could be reached")
             return
         }
         let state = picked.state
@@ -539,7 +529,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
             shared.metrics.retried()
             connect()
         } else {
-            fail(status: status, message, retry: false)
+            fail(status: status, message)
         }
     }
 
@@ -565,8 +555,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
                 return
             }
             let target = current.target?.key ?? "the upstream"
-            dropUpstream()
-            fail(status: 504, "\(target) sent no response within \(current.readTimeout.nanoseconds / 1_000_000) ms", retry: false)
+            fail(status: 504, "\(target) sent no response within \(current.readTimeout.nanoseconds / 1_000_000) ms")
         }
     }
 
@@ -597,8 +586,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         if response.status == 101 {
             guard let upgrade = current.upgrade else {
                 shared.logger.info("\(current.target?.key ?? "upstream") switched protocols without being asked")
-                dropUpstream()
-                context.close(promise: nil)
+                abort()
                 return
             }
             becomeTunnel(response, upgrade: upgrade, connection: connection)
@@ -650,7 +638,6 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         context.flush()
     }
 
-
     func upstreamWritabilityChanged(_ writable: Bool) {
         upstreamBlocked = !writable
         updateReading()
@@ -676,18 +663,11 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
                 connection.handler.close()
             }
         }
-        if var log = current.log {
-            log.status = current.status
-            log.bytes = current.responseBytes
-            log.upstream = current.target?.key ?? ""
-            log.upstreamSeconds = current.upstreamLatency
-            log.totalSeconds = Self.seconds(since: current.started)
-            shared.accessLog?.record(log)
-        }
+        logExchange(current, status: current.status, upstream: current.target)
         upstreamBlocked = false
         writeHeldHead()
         if closeAfterResponse {
-            closeAfterFlush()
+            finish()
             return
         }
         flushClient()
@@ -703,8 +683,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         if case .tunnel = input {
             // The upgraded connection ended upstream: end it for the client too.
             upstream = nil
-            input = .closing
-            closeAfterFlush()
+            finish()
             return
         }
         guard let current = exchange, upstream != nil else { return }
@@ -715,17 +694,15 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         if current.responseStarted {
             // Half a response cannot be mended: end the client connection so it notices.
             writeHeldHead()
-            exchange = nil
-            input = .closing
-            context.close(promise: nil)
+            abort()
             return
         }
         if let error = error as? HTTP1Error {
-            fail(status: 502, "\(current.target?.key ?? "upstream") sent an invalid response: \(error.reason)", retry: false)
+            fail(status: 502, "\(current.target?.key ?? "upstream") sent an invalid response: \(error.reason)")
             return
         }
         if case UpstreamError.closedMidResponse? = error as? UpstreamError {
-            fail(status: 502, "\(current.target?.key ?? "upstream") closed the connection in the middle of its response head", retry: false)
+            fail(status: 502, "\(current.target?.key ?? "upstream") closed the connection in the middle of its response head")
             return
         }
         retryOrFail(502, "\(current.target?.key ?? "upstream") closed the connection before answering")
@@ -740,13 +717,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         let proto = response.upgradeValue ?? upgrade
         writeToClient(HeadWriter.clientResponse(response, connection: .upgrade(proto), allocator: allocator))
         flushClient()
-        if var log = current.log {
-            log.status = 101
-            log.upstream = current.target?.key ?? ""
-            log.upstreamSeconds = current.upstreamLatency
-            log.totalSeconds = Self.seconds(since: current.started)
-            shared.accessLog?.record(log)
-        }
+        logExchange(current, status: 101, upstream: current.target)
         exchange = nil
         if let early = pending.take(), early.readableBytes > 0 {
             connection.handler.send(early)
@@ -766,22 +737,16 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     }
 
     /// Answers the current request with an error.
-    private func fail(status: Int, _ message: String, retry: Bool) {
+    private func fail(status: Int, _ message: String) {
         guard let current = exchange else { return }
+        dropUpstream()
         exchange = nil
         waitingSince = nil
-        dropUpstream()
         current.route.metrics.record(statusClass: status / 100, latency: nil)
         shared.logger.info("\(status) for \(current.route.label): \(message)")
-        if var log = current.log {
-            log.status = status
-            log.upstream = current.lastTried?.key ?? ""
-            log.totalSeconds = Self.seconds(since: current.started)
-            shared.accessLog?.record(log)
-        }
+        logExchange(current, status: status, upstream: current.lastTried)
         // An unfinished body leaves the connection's framing behind the client's: close it.
         let close = !current.clientKeepAlive || !current.requestComplete
-        if close { input = .closing }
         current.body.removeAll()
         writeLocal(status: status, message: message, close: close, headRequest: current.headRequest)
         if !close {
@@ -790,20 +755,42 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         }
     }
 
+    /// A response the proxy makes itself; with `close`, the connection's last.
     private func writeLocal(status: Int, message: String, close: Bool, headRequest: Bool) {
         let response = HeadWriter.localResponse(status: status, message: message + "\n", close: close, headRequest: headRequest, allocator: allocator)
         if close {
-            context.writeAndFlush(wrapOutboundOut(response)).whenComplete { [context] _ in Self.lingeringClose(context) }
+            finish(with: response)
         } else {
             context.writeAndFlush(wrapOutboundOut(response), promise: nil)
         }
     }
 
-    private func closeAfterFlush() {
+    /// Ends the connection once what was written before, and `last`, are out.
+    private func finish(with last: ByteBuffer? = nil) {
         input = .closing
-        context.writeAndFlush(wrapOutboundOut(allocator.buffer(capacity: 0))).whenComplete { [context] _ in
+        context.writeAndFlush(wrapOutboundOut(last ?? allocator.buffer(capacity: 0))).whenComplete { [context] _ in
             Self.lingeringClose(context)
         }
+    }
+
+    /// Ends both connections in the middle of an exchange: what was sent of a response cannot be
+    /// mended, and the client notices the close.
+    private func abort() {
+        dropUpstream()
+        exchange = nil
+        input = .closing
+        context.close(promise: nil)
+    }
+
+    /// The access-log line of an exchange, if the log is on.
+    private func logExchange(_ current: Exchange, status: Int, upstream: TargetState?) {
+        guard var log = current.log else { return }
+        log.status = status
+        log.bytes = current.responseBytes
+        log.upstream = upstream?.key ?? ""
+        log.upstreamSeconds = current.upstreamLatency
+        log.totalSeconds = Self.seconds(since: current.started)
+        shared.accessLog?.record(log)
     }
 
     /// Ends a connection after its last response: the sending side first, so a client still
@@ -827,12 +814,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         timer = nil
         idleCheck?.cancel()
         idleCheck = nil
-        if let upstream {
-            upstream.handler.delegate = nil
-            upstream.handler.close()
-            if shared.countsInFlight { exchange?.target?.finished() }
-        }
-        upstream = nil
+        dropUpstream()
         exchange = nil
         pending = nil
         heldHead = nil

@@ -41,17 +41,6 @@ final class TCPRelayHandler: ChannelDuplexHandler {
         context.close(promise: nil)
     }
 
-    /// Hands bytes to the other side (bytes that arrived by another path, such as an HTTP decoder's
-    /// left-overs after an upgrade).
-    func forwardToPartner(_ bytes: ByteBuffer) {
-        if let partner {
-            partner.send(bytes)
-            partner.context?.flush()
-        } else {
-            pending.append(bytes)
-        }
-    }
-
     private func send(_ bytes: ByteBuffer) {
         context?.write(wrapOutboundOut(bytes), promise: nil)
     }
@@ -63,21 +52,5 @@ final class TCPRelayHandler: ChannelDuplexHandler {
         for bytes in client.pending { upstream.send(bytes) }
         client.pending.removeAll()
         upstream.context?.flush()
-    }
-}
-
-/// At the tail of an upgraded upstream pipeline: whatever the removed HTTP decoder still held
-/// belongs to the tunnel.
-final class LeftoverForwarder: ChannelInboundHandler {
-    typealias InboundIn = ByteBuffer
-
-    let relay: TCPRelayHandler
-
-    init(relay: TCPRelayHandler) {
-        self.relay = relay
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        relay.forwardToPartner(unwrapInboundIn(data))
     }
 }

@@ -141,16 +141,6 @@ final class UpstreamHandler: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
         receivedResponseBytes = true
-        if case .tunnel = state {
-            delegate?.upstreamTunnel(bytes)
-            return
-        }
-        if case .idle = state {
-            // An idle connection that speaks is out of step: it must not serve anyone.
-            closed = true
-            context.close(promise: nil)
-            return
-        }
         if var held = pending.take(), held.readableBytes > 0 {
             held.writeBuffer(&bytes)
             bytes = held
@@ -163,7 +153,8 @@ final class UpstreamHandler: ChannelInboundHandler {
         while bytes.readableBytes > 0 {
             switch state {
             case .idle:
-                // Bytes after the end of a response: the connection is out of step; drop it.
+                // Bytes with no request outstanding (an idle connection that speaks, or bytes after
+                // the end of a response): the connection is out of step and serves no one again.
                 closed = true
                 context?.close(promise: nil)
                 return
