@@ -50,6 +50,7 @@ let package = Package(
 
         // fork/exec with a race-free cgroup join; Flotilla's own, so it lives in C beside the driver.
         .target(name: "CFlotillaSpawn"),
+        .target(name: "CFlotillaIO"),
 
         // Node side: the exec driver, cgroups, log files, the process reaper.
         .target(
@@ -84,7 +85,7 @@ let package = Package(
         .target(
             name: "FlotillaProxy",
             dependencies: [
-                "FlotillaCore",
+                "FlotillaCore", "CFlotillaIO",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -3,11 +3,10 @@ import Logging
 import NIOCore
 
 /// What every client connection shares: the live routes, the picker, upstream health, the
-/// per-loop upstream pools, the limits, the metrics and the access log.
+/// limits, the metrics and the access log.
 final class ProxyContext: Sendable {
     let routes: ProxyTableBox
     let picker: Picker
-    let pools: UpstreamPools
     let connectTimeout: TimeAmount
     let readTimeout: TimeAmount
     let idleTimeout: TimeAmount
@@ -24,13 +23,12 @@ final class ProxyContext: Sendable {
     let countsInFlight: Bool
 
     init(
-        routes: ProxyTableBox, picker: Picker, pools: UpstreamPools, connectTimeout: TimeAmount, readTimeout: TimeAmount,
+        routes: ProxyTableBox, picker: Picker, connectTimeout: TimeAmount, readTimeout: TimeAmount,
         idleTimeout: TimeAmount = .seconds(75), retryBufferLimit: Int,
         metrics: ProxyMetrics, ejectAfter: Int = 3, coolDown: Duration = .seconds(10), accessLog: AccessLog? = nil, logger: Logger
     ) {
         self.routes = routes
         self.picker = picker
-        self.pools = pools
         self.connectTimeout = connectTimeout
         self.readTimeout = readTimeout
         self.idleTimeout = idleTimeout
@@ -54,9 +52,7 @@ final class ProxyContext: Sendable {
 /// A request that could not connect, or whose connection died before any response byte, is tried
 /// once more on another target while its body is still held (up to `retryBufferLimit`).
 /// Pipelined requests wait their turn. After a 101 both connections become a raw tunnel.
-final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
-    typealias InboundIn = ByteBuffer
-    typealias OutboundOut = ByteBuffer
+final class ProxyHandler: StreamDelegate, UpstreamDelegate {
 
     private enum Input {
         case head
@@ -121,10 +117,11 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     static let discardLimit: Int64 = 64 * 1024
 
     private let shared: ProxyContext
-    private var context: ChannelHandlerContext!
-    private var pool: UpstreamPool!
-    private var clientAddress = ""
-    private var allocator = ByteBufferAllocator()
+    private let client: Stream
+    private let loop: IOLoop
+    private let pool: UpstreamPool
+    private let clientAddress: String
+    private let allocator: ByteBufferAllocator
     private var clientWritable = true
     private var clientNeedsFlush = false
     private var input = Input.head
@@ -142,26 +139,32 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     private var upstreamBlocked = false
     /// Waiting for a response head since; one timer per connection, re-armed lazily.
     private var waitingSince: NIODeadline?
-    private var timer: Scheduled<Void>?
+    private var timer: IOTimer?
     private var timerDue = NIODeadline.distantFuture
-    private var idleCheck: RepeatedTask?
+    private var idleCheck: IOTimer?
     private var readsSinceCheck = 0
     private var writesSinceCheck = 0
     private var closingChecks = 0
     /// When the head now arriving in pieces began, if one is.
     private var headStarted: NIODeadline?
 
-    init(shared: ProxyContext) {
+    /// Takes over an accepted client connection.
+    init(shared: ProxyContext, loop: IOLoop, client: Stream, clientAddress: String) {
         self.shared = shared
+        self.loop = loop
+        self.client = client
+        self.clientAddress = clientAddress
+        pool = loop.pool
+        allocator = loop.allocator
+        client.delegate = self
+        scheduleIdleCheck()
     }
 
-    func handlerAdded(context: ChannelHandlerContext) {
-        self.context = context
-        pool = shared.pools.pool(for: context.eventLoop)
-        clientAddress = context.channel.remoteAddress?.ipAddress ?? ""
-        allocator = context.channel.allocator
-        idleCheck = context.eventLoop.scheduleRepeatedTask(initialDelay: shared.idleTimeout, delay: shared.idleTimeout) { [self] _ in
+    private func scheduleIdleCheck() {
+        idleCheck = loop.schedule(in: shared.idleTimeout) { [self] in
+            idleCheck = nil
             checkIdle()
+            if client.isOpen { scheduleIdleCheck() }
         }
     }
 
@@ -182,7 +185,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         writesSinceCheck = 0
         if case .closing = input {
             closingChecks += 1
-            if closingChecks >= 2 { context.close(promise: nil) }
+            if closingChecks >= 2 { client.close() }
             return
         }
         if let current = exchange {
@@ -212,7 +215,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
                 writeLocal(status: 408, message: "the request head did not arrive in time", close: true, headRequest: false)
             } else {
                 input = .closing
-                context.close(promise: nil)
+                client.close()
             }
         case .body, .tunnel, .closing:
             break
@@ -231,11 +234,11 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         }
         guard pause != readPaused else { return }
         readPaused = pause
-        context.setAutoRead(!pause)
+        client.setReading(!pause)
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        var bytes = unwrapInboundIn(data)
+    func streamRead(_ received: ByteBuffer) {
+        var bytes = received
         readsSinceCheck &+= 1
         switch input {
         case .tunnel:
@@ -253,7 +256,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         process(bytes)
     }
 
-    func channelReadComplete(context: ChannelHandlerContext) {
+    func streamReadComplete() {
         upstream?.handler.flush()
     }
 
@@ -328,7 +331,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
                     taken = try bytes.withUnsafeReadableBytes { bytes throws(HTTP1Error) in try framer.consume(bytes) }
                 } catch {
                     input = .closing
-                    context.close(promise: nil)
+                    client.close()
                     return
                 }
                 bytes.moveReaderIndex(forwardBy: taken)
@@ -426,7 +429,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         if let current = exchange, !current.responseStarted {
             fail(status: 400, "\(error.reason)")
         } else {
-            context.close(promise: nil)
+            client.close()
         }
     }
 
@@ -479,7 +482,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         }
         let id = current.id
         let attempt = current.attempts
-        pool.connect(host: state.host, port: state.port, key: state.key, timeout: current.connectTimeout).whenComplete { [self] result in
+        pool.connect(host: state.host, port: state.port, key: state.key, timeout: current.connectTimeout) { [self] result in
             guard let now = exchange, now.id == id, now.attempts == attempt, upstream == nil else {
                 if case .success(let connection) = result { connection.handler.close() }
                 return
@@ -545,7 +548,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     private func arm(at due: NIODeadline) {
         timer?.cancel()
         timerDue = due
-        timer = context.eventLoop.scheduleTask(deadline: due) { [self] in
+        timer = loop.schedule(at: due) { [self] in
             timer = nil
             timerDue = .distantFuture
             guard let since = waitingSince, let current = exchange else { return }
@@ -629,13 +632,13 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
     private func writeToClient(_ bytes: ByteBuffer) {
         writesSinceCheck &+= 1
         clientNeedsFlush = true
-        context.write(wrapOutboundOut(bytes), promise: nil)
+        client.write(bytes)
     }
 
     private func flushClient() {
         guard clientNeedsFlush else { return }
         clientNeedsFlush = false
-        context.flush()
+        client.flush()
     }
 
     func upstreamWritabilityChanged(_ writable: Bool) {
@@ -643,9 +646,9 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         updateReading()
     }
 
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
+    func streamWritabilityChanged(_ writable: Bool) {
         // The client reads slowly: stop reading the upstream until it catches up.
-        clientWritable = context.channel.isWritable
+        clientWritable = writable
         if clientWritable { upstream?.handler.resumeReading() } else { upstream?.handler.pauseReading() }
     }
 
@@ -761,16 +764,19 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         if close {
             finish(with: response)
         } else {
-            context.writeAndFlush(wrapOutboundOut(response), promise: nil)
+            client.write(response)
+            client.flush()
         }
     }
 
     /// Ends the connection once what was written before, and `last`, are out.
     private func finish(with last: ByteBuffer? = nil) {
         input = .closing
-        context.writeAndFlush(wrapOutboundOut(last ?? allocator.buffer(capacity: 0))).whenComplete { [context] _ in
-            Self.lingeringClose(context)
-        }
+        if let last { client.write(last) }
+        // A lingering close: the sending side first, so a client still uploading reads the answer
+        // instead of losing it to a reset; what it still sends is read and dropped (`.closing`)
+        // until it closes too, or until the idle check closes the connection.
+        client.shutdownOutputWhenFlushed()
     }
 
     /// Ends both connections in the middle of an exchange: what was sent of a response cannot be
@@ -779,7 +785,7 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         dropUpstream()
         exchange = nil
         input = .closing
-        context.close(promise: nil)
+        client.close()
     }
 
     /// The access-log line of an exchange, if the log is on.
@@ -793,23 +799,13 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         shared.accessLog?.record(log)
     }
 
-    /// Ends a connection after its last response: the sending side first, so a client still
-    /// uploading reads the answer instead of losing it to a reset; what it still sends is read and
-    /// dropped (`.closing`) until it closes too, or until the idle check closes the connection.
-    private static func lingeringClose(_ context: ChannelHandlerContext?) {
-        guard let context else { return }
-        let promise = context.eventLoop.makePromise(of: Void.self)
-        promise.futureResult.whenFailure { _ in context.close(promise: nil) }
-        context.close(mode: .output, promise: promise)
-    }
-
     private static func seconds(since start: NIODeadline) -> Double {
         Double((NIODeadline.now() - start).nanoseconds) / 1e9
     }
 
     // MARK: - Connection end
 
-    func channelInactive(context: ChannelHandlerContext) {
+    func streamClosed(_ error: IOError?) {
         timer?.cancel()
         timer = nil
         idleCheck?.cancel()
@@ -819,9 +815,5 @@ final class ProxyHandler: ChannelInboundHandler, UpstreamDelegate {
         pending = nil
         heldHead = nil
         input = .closing
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        context.close(promise: nil)
     }
 }

@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 public import FlotillaCore
 public import Logging
 public import NIOCore
@@ -46,6 +51,8 @@ public final class ProxyServer: Service {
     private let configuration: Configuration
     private let shared: ProxyContext
     private let logger: Logger
+    /// The HTTP proxy's loops, one per core; TCP routes run on NIO's.
+    private let loops: [IOLoop]
     private let group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
     private let tcpListeners = Mutex<[Int: any Channel]>([:])
     private let accessLog: AccessLog?
@@ -57,8 +64,9 @@ public final class ProxyServer: Service {
         let metrics = ProxyMetrics(registry: registry)
         metricsByRoute = metrics
         accessLog = try configuration.accessLogPath.map { try AccessLog(path: $0) }
+        loops = try (0..<max(1, System.coreCount)).map { try IOLoop(index: $0) }
         shared = ProxyContext(
-            routes: routes, picker: Picker(strategy: configuration.strategy), pools: UpstreamPools(),
+            routes: routes, picker: Picker(strategy: configuration.strategy),
             connectTimeout: configuration.connectTimeout, readTimeout: configuration.readTimeout, idleTimeout: configuration.idleTimeout,
             retryBufferLimit: configuration.retryBufferLimit, metrics: metrics, accessLog: accessLog, logger: logger)
     }
@@ -89,26 +97,29 @@ public final class ProxyServer: Service {
         if previous.table.tcp.keys.sorted() != table.tcp.keys.sorted() {
             Task { await self.reconcileTCPListeners(Set(table.tcp.keys)) }
         }
-        shared.pools.prune(keeping: live, idleLimit: .seconds(60))
+        for loop in loops {
+            loop.execute { loop.pool.prune(keeping: live, idleLimit: .seconds(60)) }
+        }
     }
 
     public func run() async throws {
         let shared = self.shared
-        let channel = try await ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 1024)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .childChannelOption(.allowRemoteHalfClosure, value: false)
-            .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ProxyHandler(shared: shared))
+        let listening = try Listener.bind(host: configuration.host, port: configuration.port)
+        for loop in loops {
+            loop.start()
+            loop.execute {
+                loop.listen(on: listening.fd) { client, address in
+                    _ = ProxyHandler(shared: shared, loop: loop, client: client, clientAddress: address)
                 }
             }
-            .bind(host: configuration.host, port: configuration.port).get()
-        logger.info("proxy listening on \(configuration.host):\(configuration.port) (\(configuration.strategy.rawValue))")
+        }
+        logger.info("proxy listening on \(configuration.host):\(listening.port) (\(configuration.strategy.rawValue))")
         await reconcileTCPListeners(Set(routes.current.table.tcp.keys))
         try? await gracefulShutdown()
-        try? await channel.close()
+        // Stop accepting, then end the loops (and the connections still open on them).
+        for loop in loops { loop.execute { loop.stopListening() } }
+        for loop in loops { loop.stop() }
+        close(listening.fd)
         let listeners = tcpListeners.withLock { listeners in
             defer { listeners.removeAll() }
             return Array(listeners.values)

@@ -1,5 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 import NIOCore
-import NIOPosix
 
 /// Receives what an upstream connection produces while it is leased to one client request.
 protocol UpstreamDelegate: AnyObject {
@@ -21,30 +25,37 @@ protocol UpstreamDelegate: AnyObject {
 enum UpstreamError: Error {
     /// The connection ended after part of a response: too late to try another instance.
     case closedMidResponse
+    /// The connection ended before any of the response.
+    case closed
 }
 
-/// One keep-alive connection to an upstream, used by one request at a time on its event loop.
+/// A value handed across threads to be used only back on the loop it came from.
+struct LoopBound<Value>: @unchecked Sendable {
+    let value: Value
+
+    init(_ value: Value) {
+        self.value = value
+    }
+}
+
+/// One keep-alive connection to an upstream, used by one request at a time on its loop.
 final class UpstreamConnection {
-    let channel: any Channel
     let key: String
     let handler: UpstreamHandler
     var idleSince: NIODeadline = .now()
 
-    init(channel: any Channel, key: String, handler: UpstreamHandler) {
-        self.channel = channel
+    init(key: String, handler: UpstreamHandler) {
         self.key = key
         self.handler = handler
     }
 
-    var isUsable: Bool { channel.isActive && !handler.closed && handler.isIdle }
+    var isUsable: Bool { !handler.closed && handler.isIdle }
 }
 
-/// The only handler of an upstream pipeline: writes request bytes as given, and parses responses
-/// just enough to know their status, their headers and where they end. Reads can be held back
-/// (`pauseReading`) while the client is slower than the upstream.
-final class UpstreamHandler: ChannelInboundHandler {
-    typealias InboundIn = ByteBuffer
-    typealias OutboundOut = ByteBuffer
+/// An upstream connection's reader and writer: writes request bytes as given, and parses
+/// responses just enough to know their status, their headers and where they end. Reads can be
+/// held back (`pauseReading`) while the client is slower than the upstream.
+final class UpstreamHandler: StreamDelegate {
 
     private enum State {
         /// No request outstanding: any byte the upstream sends now is a protocol error.
@@ -58,14 +69,14 @@ final class UpstreamHandler: ChannelInboundHandler {
     /// would put every retain of the client handler on the runtime's slow path): it is cleared on
     /// every release and failure, and when the channel closes, so the cycle never outlives them.
     var delegate: (any UpstreamDelegate)?
-    private(set) var closed = false
+    var closed: Bool { !stream.isOpen }
     /// Where the connection waits between requests, told when it goes away. Pools live as long as
     /// their event loop.
     var pool: UpstreamPool?
     let key: String
-    private(set) var isWritable = true
+    var isWritable: Bool { stream.isWritable }
     private var needsFlush = false
-    private var context: ChannelHandlerContext?
+    private let stream: Stream
     private var state = State.idle
     private var pending: ByteBuffer?
     private var scanner = HeadScanner(limit: UpstreamHandler.maximumHeadSize)
@@ -82,17 +93,15 @@ final class UpstreamHandler: ChannelInboundHandler {
 
     static let maximumHeadSize = 64 * 1024
 
-    init(key: String) {
+    init(key: String, stream: Stream) {
         self.key = key
+        self.stream = stream
+        stream.delegate = self
     }
 
     var isIdle: Bool {
         if case .idle = state { return true }
         return false
-    }
-
-    func handlerAdded(context: ChannelHandlerContext) {
-        self.context = context
     }
 
     // MARK: Used by the client side
@@ -109,37 +118,36 @@ final class UpstreamHandler: ChannelInboundHandler {
 
     func send(_ bytes: ByteBuffer) {
         needsFlush = true
-        context?.write(wrapOutboundOut(bytes), promise: nil)
+        stream.write(bytes)
     }
 
     /// Flushes what `send` wrote since the last flush, if anything.
     func flush() {
         guard needsFlush else { return }
         needsFlush = false
-        context?.flush()
+        stream.flush()
     }
 
     func pauseReading() {
         guard !readPaused else { return }
         readPaused = true
-        context?.setAutoRead(false)
+        stream.setReading(false)
     }
 
     func resumeReading() {
         guard readPaused else { return }
         readPaused = false
-        context?.setAutoRead(true)
+        stream.setReading(true)
     }
 
     func close() {
-        closed = true
-        context?.close(promise: nil)
+        stream.close()
     }
 
     // MARK: Channel events
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        var bytes = unwrapInboundIn(data)
+    func streamRead(_ received: ByteBuffer) {
+        var bytes = received
         receivedResponseBytes = true
         if var held = pending.take(), held.readableBytes > 0 {
             held.writeBuffer(&bytes)
@@ -155,8 +163,7 @@ final class UpstreamHandler: ChannelInboundHandler {
             case .idle:
                 // Bytes with no request outstanding (an idle connection that speaks, or bytes after
                 // the end of a response): the connection is out of step and serves no one again.
-                closed = true
-                context?.close(promise: nil)
+                stream.close()
                 return
             case .tunnel:
                 delegate?.upstreamTunnel(bytes)
@@ -246,30 +253,32 @@ final class UpstreamHandler: ChannelInboundHandler {
 
     private func finish(leftover: Bool) {
         let reusable = upstreamKeepAlive && !leftover && !closed
-        if !reusable { close() }
+        let delegate = self.delegate
+        if !reusable {
+            // Closing tells `streamClosed`, which must not report this (finished) response.
+            self.delegate = nil
+            close()
+        }
         delegate?.upstreamEnd(reusable: reusable)
     }
 
     private func fail(_ error: HTTP1Error) {
-        closed = true
         let delegate = self.delegate
         self.delegate = nil
         state = .idle
-        context?.close(promise: nil)
+        stream.close()
         delegate?.upstreamFailed(error)
     }
 
-    func channelReadComplete(context: ChannelHandlerContext) {
+    func streamReadComplete() {
         delegate?.upstreamReadComplete()
     }
 
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        isWritable = context.channel.isWritable
-        delegate?.upstreamWritabilityChanged(isWritable)
+    func streamWritabilityChanged(_ writable: Bool) {
+        delegate?.upstreamWritabilityChanged(writable)
     }
 
-    func channelInactive(context: ChannelHandlerContext) {
-        closed = true
+    func streamClosed(_ error: IOError?) {
         let delegate = self.delegate
         self.delegate = nil
         if case .body(let framer) = state, framer.framing == .untilClose {
@@ -280,45 +289,24 @@ final class UpstreamHandler: ChannelInboundHandler {
             // Nothing outstanding.
         } else {
             state = .idle
-            delegate?.upstreamFailed(receivedResponseBytes ? UpstreamError.closedMidResponse : ChannelError.eof)
+            let failure: any Error = receivedResponseBytes ? UpstreamError.closedMidResponse : (error.map { $0 } ?? UpstreamError.closed)
+            delegate?.upstreamFailed(failure)
         }
         pool?.forget(self)
         pool = nil
     }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        closed = true
-        let delegate = self.delegate
-        self.delegate = nil
-        state = .idle
-        delegate?.upstreamFailed(receivedResponseBytes ? UpstreamError.closedMidResponse : error)
-        context.close(promise: nil)
-    }
 }
 
-extension ChannelHandlerContext {
-    /// Turns reading on or off. Backpressure works through `autoRead` rather than by intercepting
-    /// every `read`, so the common path (never paused) crosses no handler of ours; on the
-    /// channel's own loop the option is set synchronously, without a future.
-    func setAutoRead(_ on: Bool) {
-        if let options = channel.syncOptions {
-            try? options.setOption(ChannelOptions.autoRead, value: on)
-        } else {
-            channel.setOption(ChannelOptions.autoRead, value: on).whenComplete { _ in }
-        }
-    }
-}
-
-/// Idle upstream connections of one event loop, by `host:port`. Touched only on its loop.
+/// Idle upstream connections of one loop, by `host:port`. Touched only on its loop.
 final class UpstreamPool {
-    let eventLoop: any EventLoop
+    unowned(unsafe) let loop: IOLoop
     let maximumIdlePerTarget: Int
     private var idle: [String: [UpstreamConnection]] = [:]
     private var table = ProxyTable.empty
     private var tableGeneration: UInt64 = 0
 
-    init(eventLoop: any EventLoop, maximumIdlePerTarget: Int = 256) {
-        self.eventLoop = eventLoop
+    init(loop: IOLoop, maximumIdlePerTarget: Int = 256) {
+        self.loop = loop
         self.maximumIdlePerTarget = maximumIdlePerTarget
     }
 
@@ -346,19 +334,36 @@ final class UpstreamPool {
         idle[handler.key]?.removeAll { $0.handler === handler }
     }
 
-    /// A new connection to `host:port`.
-    func connect(host: String, port: Int, key: String, timeout: TimeAmount) -> EventLoopFuture<UpstreamConnection> {
-        let handler = UpstreamHandler(key: key)
-        handler.pool = self
-        return ClientBootstrap(group: eventLoop)
-            .connectTimeout(timeout)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .channelOption(.allowRemoteHalfClosure, value: false)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(handler) }
+    /// A new connection to `host:port`; `completion` runs on the loop. An IP address connects at
+    /// once; a name is resolved off the loop first (`getaddrinfo` blocks).
+    func connect(host: String, port: Int, key: String, timeout: TimeAmount, completion: @escaping (Result<UpstreamConnection, IOError>) -> Void) {
+        if let address = try? SocketAddress(ipAddress: host, port: port) {
+            connect(to: address, key: key, timeout: timeout, completion: completion)
+            return
+        }
+        let loop = self.loop
+        let waiting = LoopBound(completion)
+        Task.detached {
+            let resolved = Result { try SocketAddress.makeAddressResolvingHost(host, port: port) }
+            loop.execute {
+                switch resolved {
+                case .success(let address):
+                    loop.pool.connect(to: address, key: key, timeout: timeout, completion: waiting.value)
+                case .failure:
+                    waiting.value(.failure(IOError(errno: EHOSTUNREACH, "resolve \(host)")))
+                }
             }
-            .connect(host: host, port: port)
-            .map { channel in UpstreamConnection(channel: channel, key: key, handler: handler) }
+        }
+    }
+
+    private func connect(to address: SocketAddress, key: String, timeout: TimeAmount, completion: @escaping (Result<UpstreamConnection, IOError>) -> Void) {
+        Stream.connect(to: address, on: loop, timeout: timeout) { [self] result in
+            completion(result.map { stream in
+                let handler = UpstreamHandler(key: key, stream: stream)
+                handler.pool = self
+                return UpstreamConnection(key: key, handler: handler)
+            })
+        }
     }
 
     /// Returns a connection whose last response ended cleanly; it serves the next request.

@@ -1,0 +1,419 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CFlotillaIO
+import NIOCore
+
+/// What a stream tells its owner. Every call comes on the stream's loop.
+protocol StreamDelegate: AnyObject {
+    func streamRead(_ bytes: ByteBuffer)
+    /// The bytes of one readiness event have all been delivered.
+    func streamReadComplete()
+    /// The write queue crossed a watermark: stop (false) or resume (true) producing.
+    func streamWritabilityChanged(_ writable: Bool)
+    /// The stream is closed (the peer's end, an error, or ours); called once.
+    func streamClosed(_ error: IOError?)
+}
+
+/// A connected, non-blocking TCP socket on a loop: reads delivered to a delegate, writes queued
+/// and sent with `writev` on `flush`, reading switchable off for backpressure.
+final class Stream: Selectable {
+    unowned(unsafe) let loop: IOLoop
+    /// Strong while open: the stream is owned by its loop's registry and keeps its delegate; the
+    /// link is cut when the stream closes, so the cycle ends with it.
+    var delegate: (any StreamDelegate)?
+    private var queue = CircularBuffer<ByteBuffer>(initialCapacity: 4)
+    private var queuedBytes = 0
+    private(set) var isWritable = true
+    private var reading = true
+    private var writeBlocked = false
+    private var shutDownWhenFlushed = false
+    private var outputShut = false
+    private var connecting: ((Result<Stream, IOError>) -> Void)?
+    private var connectTimer: IOTimer?
+
+    static let highWatermark = 64 * 1024
+    static let lowWatermark = 32 * 1024
+    private static let maximumIOVecs = 64
+
+    var isOpen: Bool { fd >= 0 }
+
+    init(fd: Int32, loop: IOLoop) {
+        self.loop = loop
+        super.init(fd: fd)
+    }
+
+    /// Adopts an accepted socket.
+    static func accepted(fd: Int32, loop: IOLoop) throws -> Stream {
+        var one: Int32 = 1
+        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        let stream = Stream(fd: fd, loop: loop)
+        do {
+            try loop.register(stream, events: EPOLLIN.rawValue)
+        } catch {
+            Glibc.close(fd)
+            throw error
+        }
+        return stream
+    }
+
+    /// Connects to `address` without blocking; `completion` runs on the loop with the stream,
+    /// or the failure (refused, unreachable, or no answer within `timeout`).
+    static func connect(
+        to address: SocketAddress, on loop: IOLoop, timeout: TimeAmount, completion: @escaping (Result<Stream, IOError>) -> Void
+    ) {
+        let family: Int32
+        switch address {
+        case .v4: family = AF_INET
+        case .v6: family = AF_INET6
+        default:
+            completion(.failure(IOError(errno: EAFNOSUPPORT, "connect")))
+            return
+        }
+        let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else {
+            completion(.failure(IOError(errno: errno, "socket")))
+            return
+        }
+        var one: Int32 = 1
+        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        let result = address.withSockAddr { pointer, length in Glibc.connect(fd, pointer, socklen_t(length)) }
+        if result != 0 && errno != EINPROGRESS {
+            let error = IOError(errno: errno, "connect")
+            Glibc.close(fd)
+            completion(.failure(error))
+            return
+        }
+        let stream = Stream(fd: fd, loop: loop)
+        do {
+            try loop.register(stream, events: result == 0 ? EPOLLIN.rawValue : EPOLLOUT.rawValue)
+        } catch {
+            Glibc.close(fd)
+            completion(.failure(error as! IOError))
+            return
+        }
+        if result == 0 {
+            completion(.success(stream))
+            return
+        }
+        stream.reading = false
+        stream.connecting = completion
+        stream.connectTimer = loop.schedule(in: timeout) { [unowned stream] in
+            stream.connectFailed(IOError(errno: ETIMEDOUT, "connect"))
+        }
+    }
+
+    private func connectFailed(_ error: IOError) {
+        let completion = connecting
+        connecting = nil
+        connectTimer?.cancel()
+        connectTimer = nil
+        close()
+        completion?(.failure(error))
+    }
+
+    private func connectFinished() {
+        var error: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length)
+        if error != 0 {
+            connectFailed(IOError(errno: error, "connect"))
+            return
+        }
+        let completion = connecting
+        connecting = nil
+        connectTimer?.cancel()
+        connectTimer = nil
+        reading = true
+        updateInterest()
+        completion?(.success(self))
+    }
+
+    // MARK: Readiness
+
+    override func ready(_ events: UInt32) {
+        if connecting != nil {
+            connectFinished()
+            return
+        }
+        if events & EPOLLOUT.rawValue != 0 {
+            writeBlocked = false
+            flushNow()
+            if !writeBlocked { updateInterest() }
+        }
+        guard fd >= 0 else { return }
+        if events & (EPOLLIN.rawValue | EPOLLHUP.rawValue | EPOLLERR.rawValue) != 0 {
+            if reading {
+                readNow()
+            } else if events & (EPOLLHUP.rawValue | EPOLLERR.rawValue) != 0 {
+                // Reset, or both directions done: nothing more can be sent or kept.
+                close(IOError(errno: socketError() ?? ECONNRESET, "recv"))
+            }
+        }
+    }
+
+    private func socketError() -> Int32? {
+        var error: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length)
+        return error == 0 ? nil : error
+    }
+
+    private func readNow() {
+        // Up to four reads per event when each fills the buffer, so a fast sender cannot starve
+        // the loop's other sockets, nor pay an epoll round per 16 KiB.
+        for _ in 0..<4 {
+            var buffer = loop.receiveBuffer
+            loop.receiveBuffer = ByteBuffer()
+            buffer.clear()
+            let fd = self.fd
+            let count = buffer.withUnsafeMutableWritableBytes { bytes in recv(fd, bytes.baseAddress, bytes.count, 0) }
+            if count > 0 {
+                buffer.moveWriterIndex(forwardBy: count)
+                let full = count == buffer.capacity
+                delegate?.streamRead(buffer)
+                // The delegate's slices of it are gone unless it kept one: then `clear` allocates anew.
+                loop.receiveBuffer = buffer
+                guard self.fd >= 0, reading, full else { break }
+            } else {
+                loop.receiveBuffer = buffer
+                if count == 0 {
+                    close()
+                    return
+                }
+                let error = errno
+                if error == EAGAIN || error == EWOULDBLOCK || error == EINTR { break }
+                close(IOError(errno: error, "recv"))
+                return
+            }
+        }
+        if self.fd >= 0 { delegate?.streamReadComplete() }
+    }
+
+    // MARK: Reading on and off
+
+    func setReading(_ on: Bool) {
+        guard reading != on, connecting == nil else { return }
+        reading = on
+        updateInterest()
+    }
+
+    private func updateInterest() {
+        guard fd >= 0 else { return }
+        var events: UInt32 = 0
+        if reading { events |= EPOLLIN.rawValue }
+        if writeBlocked { events |= EPOLLOUT.rawValue }
+        loop.update(self, events: events)
+    }
+
+    // MARK: Writing
+
+    /// Queues bytes; nothing is sent before `flush`.
+    func write(_ bytes: ByteBuffer) {
+        guard fd >= 0, !outputShut, bytes.readableBytes > 0 else { return }
+        queue.append(bytes)
+        queuedBytes += bytes.readableBytes
+        if isWritable && queuedBytes > Self.highWatermark {
+            isWritable = false
+            delegate?.streamWritabilityChanged(false)
+        }
+    }
+
+    /// Sends what is queued, as far as the socket takes it; the rest goes when it can.
+    func flush() {
+        guard !writeBlocked, fd >= 0 else { return }
+        flushNow()
+        if writeBlocked { updateInterest() }
+    }
+
+    /// Shuts the sending side once everything queued has been sent (the first half of a
+    /// lingering close); a failure closes the stream.
+    func shutdownOutputWhenFlushed() {
+        guard fd >= 0 else { return }
+        shutDownWhenFlushed = true
+        flush()
+        if queue.isEmpty { shutdownOutputNow() }
+    }
+
+    private func shutdownOutputNow() {
+        guard !outputShut, fd >= 0 else { return }
+        outputShut = true
+        shutDownWhenFlushed = false
+        if shutdown(fd, Int32(SHUT_WR)) != 0 { close() }
+    }
+
+    private func flushNow() {
+        while !queue.isEmpty {
+            let sent: Int
+            if queue.count == 1 {
+                let fd = self.fd
+                sent = queue[queue.startIndex].withUnsafeReadableBytes { bytes in send(fd, bytes.baseAddress, bytes.count, Int32(MSG_NOSIGNAL)) }
+            } else {
+                sent = writeVector()
+            }
+            if sent < 0 {
+                let error = errno
+                if error == EAGAIN || error == EWOULDBLOCK {
+                    writeBlocked = true
+                    return
+                }
+                if error == EINTR { continue }
+                close(IOError(errno: error, "send"))
+                return
+            }
+            consume(sent)
+        }
+        if shutDownWhenFlushed { shutdownOutputNow() }
+    }
+
+    /// One `writev` of the head of the queue.
+    private func writeVector() -> Int {
+        let count = min(queue.count, Self.maximumIOVecs)
+        return withUnsafeTemporaryAllocation(of: iovec.self, capacity: count) { vectors in
+            // The buffers stay in the queue, alive, for the call.
+            var index = queue.startIndex
+            for i in 0..<count {
+                queue[index].withUnsafeReadableBytes { bytes in
+                    vectors[i] = iovec(iov_base: UnsafeMutableRawPointer(mutating: bytes.baseAddress), iov_len: bytes.count)
+                }
+                index = queue.index(after: index)
+            }
+            return writev(fd, vectors.baseAddress, Int32(count))
+        }
+    }
+
+    private func consume(_ sent: Int) {
+        var left = sent
+        queuedBytes -= sent
+        while left > 0 {
+            let size = queue[queue.startIndex].readableBytes
+            if size <= left {
+                left -= size
+                _ = queue.removeFirst()
+            } else {
+                queue[queue.startIndex].moveReaderIndex(forwardBy: left)
+                left = 0
+            }
+        }
+        if !isWritable && queuedBytes <= Self.lowWatermark {
+            isWritable = true
+            delegate?.streamWritabilityChanged(true)
+        }
+    }
+
+    // MARK: Closing
+
+    /// Closes the socket at once (what is queued is dropped) and tells the delegate.
+    func close(_ error: IOError? = nil) {
+        guard fd >= 0 else { return }
+        loop.deregister(self)
+        Glibc.close(fd)
+        fd = -1
+        queue.removeAll()
+        queuedBytes = 0
+        connectTimer?.cancel()
+        connectTimer = nil
+        let delegate = self.delegate
+        self.delegate = nil
+        delegate?.streamClosed(error)
+    }
+}
+
+/// A listening socket shared by every loop: each registers it with `EPOLLEXCLUSIVE`, so one loop
+/// wakes per connection, and accepts onto itself.
+final class Listener: Selectable {
+    unowned(unsafe) let loop: IOLoop
+    private let onAccept: (Stream, String) -> Void
+    private var pausedUntil: IOTimer?
+
+    init(fd: Int32, loop: IOLoop, onAccept: @escaping (Stream, String) -> Void) {
+        self.loop = loop
+        self.onAccept = onAccept
+        super.init(fd: fd)
+    }
+
+    static let interest = EPOLLIN.rawValue | EPOLLEXCLUSIVE.rawValue
+
+    /// A bound, listening, non-blocking socket.
+    static func bind(host: String, port: Int, backlog: Int32 = 1024) throws -> (fd: Int32, port: Int) {
+        let address = try SocketAddress.makeAddressResolvingHost(host, port: port)
+        let family: Int32 = if case .v6 = address { AF_INET6 } else { AF_INET }
+        let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw IOError(errno: errno, "socket") }
+        var one: Int32 = 1
+        _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        let bound = address.withSockAddr { pointer, length in Glibc.bind(fd, pointer, socklen_t(length)) }
+        guard bound == 0 else {
+            let error = IOError(errno: errno, "bind \(host):\(port)")
+            Glibc.close(fd)
+            throw error
+        }
+        guard listen(fd, backlog) == 0 else {
+            let error = IOError(errno: errno, "listen")
+            Glibc.close(fd)
+            throw error
+        }
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let actual = withUnsafeMutablePointer(to: &storage) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) == 0 ? Self.port(of: $0) : port }
+        }
+        return (fd, actual)
+    }
+
+    override func ready(_ events: UInt32) {
+        for _ in 0..<16 {
+            var storage = sockaddr_storage()
+            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            let client = withUnsafeMutablePointer(to: &storage) { pointer in
+                pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    cflotilla_accept(fd, $0, &length)
+                }
+            }
+            if client < 0 {
+                switch errno {
+                case EAGAIN, EWOULDBLOCK, EINTR, ECONNABORTED, EPROTO:
+                    return
+                default:
+                    // Out of descriptors (EMFILE, ENFILE) or memory: the socket stays readable, so
+                    // stop polling it for a moment rather than spin.
+                    pause()
+                    return
+                }
+            }
+            let address = withUnsafePointer(to: &storage) { pointer in
+                pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { Self.host(of: $0) }
+            }
+            guard let stream = try? Stream.accepted(fd: client, loop: loop) else { continue }
+            onAccept(stream, address)
+        }
+    }
+
+    private func pause() {
+        guard pausedUntil == nil else { return }
+        loop.update(self, events: 0)
+        pausedUntil = loop.schedule(in: .milliseconds(100)) { [unowned self] in
+            pausedUntil = nil
+            loop.update(self, events: Self.interest)
+        }
+    }
+
+    func close() {
+        pausedUntil?.cancel()
+        loop.deregister(self)
+    }
+
+    private static func port(of address: UnsafePointer<sockaddr>) -> Int {
+        Int(cflotilla_address_port(address))
+    }
+
+    /// The textual IP address of a peer.
+    private static func host(of address: UnsafePointer<sockaddr>) -> String {
+        withUnsafeTemporaryAllocation(of: CChar.self, capacity: 64) { text in
+            guard cflotilla_address_text(address, text.baseAddress!, 64) == 0 else { return "" }
+            return String(cString: text.baseAddress!)
+        }
+    }
+}
