@@ -36,6 +36,7 @@ final class IOLoop: @unchecked Sendable {
     /// does the same).
     var receiveBuffer = ByteBufferAllocator().buffer(capacity: IOLoop.receiveSize)
     static let receiveSize = 16 * 1024
+    let emptyBuffer = ByteBuffer()
     let allocator = ByteBufferAllocator()
     /// The upstream connections of this loop's clients.
     private(set) lazy var pool = UpstreamPool(loop: self)
@@ -55,6 +56,7 @@ final class IOLoop: @unchecked Sendable {
 
     deinit {
         events.deallocate()
+        Glibc.close(waker.fd)
         Glibc.close(epoll)
     }
 
@@ -131,23 +133,25 @@ final class IOLoop: @unchecked Sendable {
 
     // MARK: Accepting
 
-    private var listener: Listener?
+    private var listeners: [Int32: Listener] = [:]
 
     /// Accepts connections from the shared listening socket `fd` onto this loop. On the loop.
-    func listen(on fd: Int32, onAccept: @escaping (Stream, String) -> Void) {
+    func listen(on fd: Int32, onAccept: @escaping (Stream, String) -> Void) throws {
         let listener = Listener(fd: fd, loop: self, onAccept: onAccept)
-        do {
-            try register(listener, events: Listener.interest)
-            self.listener = listener
-        } catch {
-            fatalError("cannot poll the proxy's listening socket: \(error)")
-        }
+        try register(listener, events: Listener.interest)
+        listeners[fd] = listener
     }
 
-    /// Stops accepting (the socket is not closed: it is shared). On the loop.
-    func stopListening() {
-        listener?.close()
-        listener = nil
+    /// Stops accepting from `fd` (the socket is not closed: it is shared). On the loop.
+    func stopListening(on fd: Int32) {
+        listeners.removeValue(forKey: fd)?.close()
+    }
+
+    /// Runs `task` on the loop and waits for it.
+    func submit<Result: Sendable>(_ task: @escaping @Sendable () throws -> Result) async throws -> Result {
+        try await withCheckedThrowingContinuation { continuation in
+            execute { continuation.resume(with: Swift.Result { try task() }) }
+        }
     }
 
     // MARK: Registration

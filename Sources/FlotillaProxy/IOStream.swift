@@ -30,6 +30,7 @@ final class Stream: Selectable {
     private var reading = true
     private var writeBlocked = false
     private var shutDownWhenFlushed = false
+    private var closeWhenDone = false
     private var outputShut = false
     private var connecting: ((Result<Stream, IOError>) -> Void)?
     private var connectTimer: IOTimer?
@@ -165,9 +166,11 @@ final class Stream: Selectable {
         // Up to four reads per event when each fills the buffer, so a fast sender cannot starve
         // the loop's other sockets, nor pay an epoll round per 16 KiB.
         for _ in 0..<4 {
+            // Taken out of the loop while in use, so this is its one reference.
             var buffer = loop.receiveBuffer
-            loop.receiveBuffer = ByteBuffer()
-            buffer.clear()
+            loop.receiveBuffer = loop.emptyBuffer
+            // Reused when no slice of the last read is held; else `clear` allocates a fresh one.
+            buffer.clear(minimumCapacity: IOLoop.receiveSize)
             let fd = self.fd
             let count = buffer.withUnsafeMutableWritableBytes { bytes in recv(fd, bytes.baseAddress, bytes.count, 0) }
             if count > 0 {
@@ -237,6 +240,14 @@ final class Stream: Selectable {
         if queue.isEmpty { shutdownOutputNow() }
     }
 
+    /// Closes the stream once everything queued has been sent.
+    func closeWhenFlushed() {
+        guard fd >= 0 else { return }
+        closeWhenDone = true
+        flush()
+        if fd >= 0 && queue.isEmpty { close() }
+    }
+
     private func shutdownOutputNow() {
         guard !outputShut, fd >= 0 else { return }
         outputShut = true
@@ -265,7 +276,11 @@ final class Stream: Selectable {
             }
             consume(sent)
         }
-        if shutDownWhenFlushed { shutdownOutputNow() }
+        if closeWhenDone {
+            close()
+        } else if shutDownWhenFlushed {
+            shutdownOutputNow()
+        }
     }
 
     /// One `writev` of the head of the queue.

@@ -6,7 +6,6 @@ import Musl
 public import FlotillaCore
 public import Logging
 public import NIOCore
-import NIOPosix
 public import Prometheus
 public import ServiceLifecycle
 import Synchronization
@@ -51,10 +50,12 @@ public final class ProxyServer: Service {
     private let configuration: Configuration
     private let shared: ProxyContext
     private let logger: Logger
-    /// The HTTP proxy's loops, one per core; TCP routes run on NIO's.
+    /// The proxy's loops, one per core: HTTP and TCP routes alike.
     private let loops: [IOLoop]
-    private let group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
-    private let tcpListeners = Mutex<[Int: any Channel]>([:])
+    /// TCP route listening sockets by port.
+    private let tcpListeners = Mutex<[Int: Int32]>([:])
+    private let running = Mutex(false)
+    private let reconciling = AsyncLock()
     private let accessLog: AccessLog?
 
     /// Throws when the access log cannot be opened.
@@ -95,7 +96,7 @@ public final class ProxyServer: Service {
         }
         routes.update(ProxyTable(table: table, http: http, tcp: tcp))
         if previous.table.tcp.keys.sorted() != table.tcp.keys.sorted() {
-            Task { await self.reconcileTCPListeners(Set(table.tcp.keys)) }
+            Task { await self.reconcileTCPListeners() }
         }
         for loop in loops {
             loop.execute { loop.pool.prune(keeping: live, idleLimit: .seconds(60)) }
@@ -105,40 +106,65 @@ public final class ProxyServer: Service {
     public func run() async throws {
         let shared = self.shared
         let listening = try Listener.bind(host: configuration.host, port: configuration.port)
-        for loop in loops {
-            loop.start()
-            loop.execute {
-                loop.listen(on: listening.fd) { client, address in
-                    _ = ProxyHandler(shared: shared, loop: loop, client: client, clientAddress: address)
-                }
+        for loop in loops { loop.start() }
+        do {
+            try await listen(on: listening.fd) { loop, client, address in
+                _ = ProxyHandler(shared: shared, loop: loop, client: client, clientAddress: address)
             }
+        } catch {
+            close(listening.fd)
+            throw error
         }
         logger.info("proxy listening on \(configuration.host):\(listening.port) (\(configuration.strategy.rawValue))")
-        await reconcileTCPListeners(Set(routes.current.table.tcp.keys))
+        running.withLock { $0 = true }
+        await reconcileTCPListeners()
         try? await gracefulShutdown()
+        running.withLock { $0 = false }
         // Stop accepting, then end the loops (and the connections still open on them).
-        for loop in loops { loop.execute { loop.stopListening() } }
-        for loop in loops { loop.stop() }
-        close(listening.fd)
-        let listeners = tcpListeners.withLock { listeners in
+        let tcp = tcpListeners.withLock { listeners in
             defer { listeners.removeAll() }
             return Array(listeners.values)
         }
-        for listener in listeners { try? await listener.close() }
+        for fd in tcp + [listening.fd] { await stopListening(on: fd) }
+        for loop in loops { loop.stop() }
         accessLog?.close()
     }
 
-    private func reconcileTCPListeners(_ wanted: Set<Int>) async {
+    /// Accepts from the listening socket `fd` on every loop.
+    private func listen(on fd: Int32, _ onAccept: @escaping @Sendable (IOLoop, Stream, String) -> Void) async throws {
+        for loop in loops {
+            try await loop.submit { try loop.listen(on: fd) { client, address in onAccept(loop, client, address) } }
+        }
+    }
+
+    /// Stops every loop accepting from `fd`, then closes it (only then: a loop still polling a
+    /// closed descriptor number could meet its reuse).
+    private func stopListening(on fd: Int32) async {
+        for loop in loops { _ = try? await loop.submit { loop.stopListening(on: fd) } }
+        close(fd)
+    }
+
+    /// Opens and closes TCP route listeners to match the route table. One reconciliation at a time.
+    private func reconcileTCPListeners() async {
+        await reconciling.acquire()
+        defer { reconciling.release() }
+        let wanted = running.withLock { $0 } ? Set(routes.current.table.tcp.keys) : []
         let current = tcpListeners.withLock { Set($0.keys) }
         for port in current.subtracting(wanted) {
-            let listener = tcpListeners.withLock { $0.removeValue(forKey: port) }
-            try? await listener?.close()
+            guard let fd = tcpListeners.withLock({ $0.removeValue(forKey: port) }) else { continue }
+            await stopListening(on: fd)
             logger.info("TCP route on :\(port) closed")
         }
         for port in wanted.subtracting(current) {
             do {
-                let listener = try await bindTCP(port: port)
-                tcpListeners.withLock { $0[port] = listener }
+                let fd = try Listener.bind(host: configuration.host, port: port).fd
+                do {
+                    try await listen(on: fd, tcpAcceptor(port: port))
+                } catch {
+                    await stopListening(on: fd)
+                    throw error
+                }
+                tcpListeners.withLock { $0[port] = fd }
                 logger.info("TCP route listening on \(configuration.host):\(port)")
             } catch {
                 logger.error("cannot listen for the TCP route on :\(port): \(error)")
@@ -146,39 +172,18 @@ public final class ProxyServer: Service {
         }
     }
 
-    private func bindTCP(port: Int) async throws -> any Channel {
+    /// What a TCP route's listener does with a new client: relay it to one of the route's targets.
+    private func tcpAcceptor(port: Int) -> @Sendable (IOLoop, Stream, String) -> Void {
         let routes = self.routes
         let picker = shared.picker
         let shared = self.shared
-        let connectTimeout = configuration.connectTimeout
-        return try await ServerBootstrap(group: group)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .childChannelOption(.autoRead, value: false)
-            .childChannelInitializer { client in
-                let clientHandler = TCPRelayHandler()
-                return client.pipeline.addHandler(clientHandler).flatMap {
-                    guard let target = routes.current.tcp[port].flatMap({ picker.pick(from: $0) })?.state else {
-                        return client.close()
-                    }
-                    let upstreamHandler = TCPRelayHandler()
-                    let timeout = routes.current.tcp[port]?.route.rule.connectTimeout.map { TimeAmount($0) } ?? connectTimeout
-                    return ClientBootstrap(group: client.eventLoop)
-                        .connectTimeout(timeout)
-                        .channelOption(.socketOption(.tcp_nodelay), value: 1)
-                        .channelInitializer { $0.pipeline.addHandler(upstreamHandler) }
-                        .connect(host: target.host, port: target.port)
-                        .map { _ in
-                            target.succeeded()
-                            TCPRelayHandler.join(clientHandler, upstreamHandler)
-                            client.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
-                        }
-                        .flatMapError { _ in
-                            target.connectFailed(limit: shared.ejectAfter, coolDown: shared.coolDown)
-                            return client.close()
-                        }
-                }
+        return { loop, client, _ in
+            guard let route = routes.current.tcp[port], let target = picker.pick(from: route)?.state else {
+                client.close()
+                return
             }
-            .bind(host: configuration.host, port: port).get()
+            let timeout = route.route.rule.connectTimeout.map { TimeAmount($0) } ?? shared.connectTimeout
+            TCPRelay.start(client: client, target: target, loop: loop, timeout: timeout, ejectAfter: shared.ejectAfter, coolDown: shared.coolDown)
+        }
     }
 }

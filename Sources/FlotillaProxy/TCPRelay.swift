@@ -1,56 +1,49 @@
 import NIOCore
 
-/// Glues two channels: bytes read on one are written to the other. When one side cannot keep up
-/// (not writable), the other stops reading; when either closes, both do.
-final class TCPRelayHandler: ChannelDuplexHandler {
-    typealias InboundIn = ByteBuffer
-    typealias OutboundIn = ByteBuffer
-    typealias OutboundOut = ByteBuffer
-
-    var partner: TCPRelayHandler?
-    private var context: ChannelHandlerContext?
-    private var pending: [ByteBuffer] = []
-
-    func handlerAdded(context: ChannelHandlerContext) {
-        self.context = context
+/// A TCP route's connections: the client's stream and the upstream's, each one's bytes written to
+/// the other. A side that cannot keep up stops the other's reads; when one side ends, what it
+/// sent is delivered and then the other side ends too.
+enum TCPRelay {
+    /// Connects a client of the route to `target`; the client is read only once the upstream is up.
+    static func start(client: Stream, target: TargetState, loop: IOLoop, timeout: TimeAmount, ejectAfter: Int, coolDown: Duration) {
+        client.setReading(false)
+        loop.pool.resolve(host: target.host, port: target.port) { address in
+            guard let address, client.isOpen else {
+                client.close()
+                return
+            }
+            Stream.connect(to: address, on: loop, timeout: timeout) { result in
+                switch result {
+                case .success(let upstream):
+                    target.succeeded()
+                    guard client.isOpen else {
+                        upstream.close()
+                        return
+                    }
+                    client.delegate = Direction(to: upstream)
+                    upstream.delegate = Direction(to: client)
+                    client.setReading(true)
+                case .failure:
+                    target.connectFailed(limit: ejectAfter, coolDown: coolDown)
+                    client.close()
+                }
+            }
+        }
     }
 
-    func handlerRemoved(context: ChannelHandlerContext) {
-        self.context = nil
-    }
+    /// Reads of one stream, written to `to`. Each stream holds its direction, and so the other
+    /// stream, until it closes.
+    private final class Direction: StreamDelegate {
+        let to: Stream
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let bytes = unwrapInboundIn(data)
-        if let partner { partner.send(bytes) } else { pending.append(bytes) }
-    }
+        init(to: Stream) {
+            self.to = to
+        }
 
-    func channelReadComplete(context: ChannelHandlerContext) {
-        partner?.context?.flush()
-    }
-
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        partner?.context?.channel.setOption(ChannelOptions.autoRead, value: context.channel.isWritable).whenComplete { _ in }
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        partner?.context?.close(promise: nil)
-        partner = nil
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        context.close(promise: nil)
-    }
-
-    private func send(_ bytes: ByteBuffer) {
-        context?.write(wrapOutboundOut(bytes), promise: nil)
-    }
-
-    /// Pairs the two sides and hands over what arrived before the pairing.
-    static func join(_ client: TCPRelayHandler, _ upstream: TCPRelayHandler) {
-        client.partner = upstream
-        upstream.partner = client
-        for bytes in client.pending { upstream.send(bytes) }
-        client.pending.removeAll()
-        upstream.context?.flush()
+        func streamRead(_ bytes: ByteBuffer) { to.write(bytes) }
+        func streamReadComplete() { to.flush() }
+        /// This stream's own writes back up: stop reading the stream that feeds it.
+        func streamWritabilityChanged(_ writable: Bool) { to.setReading(writable) }
+        func streamClosed(_ error: IOError?) { to.closeWhenFlushed() }
     }
 }

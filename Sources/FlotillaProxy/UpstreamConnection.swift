@@ -334,25 +334,29 @@ final class UpstreamPool {
         idle[handler.key]?.removeAll { $0.handler === handler }
     }
 
-    /// A new connection to `host:port`; `completion` runs on the loop. An IP address connects at
-    /// once; a name is resolved off the loop first (`getaddrinfo` blocks).
+    /// A new connection to `host:port`; `completion` runs on the loop.
     func connect(host: String, port: Int, key: String, timeout: TimeAmount, completion: @escaping (Result<UpstreamConnection, IOError>) -> Void) {
-        if let address = try? SocketAddress(ipAddress: host, port: port) {
+        resolve(host: host, port: port) { [self] address in
+            guard let address else {
+                completion(.failure(IOError(errno: EHOSTUNREACH, "resolve \(host)")))
+                return
+            }
             connect(to: address, key: key, timeout: timeout, completion: completion)
+        }
+    }
+
+    /// The address of `host:port`, on the loop: an IP address at once; a name is resolved off
+    /// the loop (`getaddrinfo` blocks). Nil when the name does not resolve.
+    func resolve(host: String, port: Int, completion: @escaping (SocketAddress?) -> Void) {
+        if let address = try? SocketAddress(ipAddress: host, port: port) {
+            completion(address)
             return
         }
         let loop = self.loop
         let waiting = LoopBound(completion)
         Task.detached {
-            let resolved = Result { try SocketAddress.makeAddressResolvingHost(host, port: port) }
-            loop.execute {
-                switch resolved {
-                case .success(let address):
-                    loop.pool.connect(to: address, key: key, timeout: timeout, completion: waiting.value)
-                case .failure:
-                    waiting.value(.failure(IOError(errno: EHOSTUNREACH, "resolve \(host)")))
-                }
-            }
+            let address = try? SocketAddress.makeAddressResolvingHost(host, port: port)
+            loop.execute { waiting.value(address) }
         }
     }
 

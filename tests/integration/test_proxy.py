@@ -159,10 +159,16 @@ def tcp_echo():
     def serve(connection):
         with connection:
             connection.sendall(b"hello from " + INSTANCE.encode() + b"\n")
+            first = True
             while True:
                 data = connection.recv(65536)
                 if not data:
                     return
+                if first and data.startswith(b"dump "):
+                    # Sends that many bytes and closes at once: the relay must deliver them all.
+                    connection.sendall(pattern(int(data[5:].strip())))
+                    return
+                first = False
                 connection.sendall(data)
 
     while True:
@@ -800,6 +806,16 @@ def test_tcp_route(shared_agent, app_ids, backend_script):
         echoed = receive_exactly(connection, len(payload), timeout=20)
         sender.join(timeout=10)
         assert len(echoed) == len(payload) and echoed == payload, f"{len(echoed)} of {len(payload)} bytes echoed"
+
+    # An instance that sends more than the sockets hold and closes at once, to a client that is
+    # slow to read: everything it sent arrives before the close.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        receive_line(connection)
+        size = 8 * 1024 * 1024
+        connection.sendall(f"dump {size}\n".encode())
+        time.sleep(0.5)
+        received = receive_exactly(connection, size + 1, timeout=20)
+        assert len(received) == size and received == pattern(size), f"{len(received)} of {size} bytes before the close"
 
     entry = route_entries(agent, f":{port}")[0]
     assert entry["proto"] == "tcp" and entry["dst"] == f"127.0.0.1:{agent.tasks(app_id)[0]['ports'][0]}", entry

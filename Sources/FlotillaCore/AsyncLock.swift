@@ -3,7 +3,7 @@ import Synchronization
 /// A FIFO lock for async code. An actor method that awaits can interleave with another, so every
 /// change to desired state holds this lock to keep "check, then commit" one step:
 /// `await lock.acquire(); defer { lock.release() }`.
-final class AsyncLock: Sendable {
+public final class AsyncLock: Sendable {
     private struct State {
         var held = false
         var waiters: [CheckedContinuation<Void, Never>] = []
@@ -11,7 +11,9 @@ final class AsyncLock: Sendable {
 
     private let state = Mutex(State())
 
-    func acquire() async {
+    public init() {}
+
+    public func acquire() async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let acquired = state.withLock { state -> Bool in
                 if state.held {
@@ -25,7 +27,7 @@ final class AsyncLock: Sendable {
         }
     }
 
-    func release() {
+    public func release() {
         let next = state.withLock { state -> CheckedContinuation<Void, Never>? in
             if state.waiters.isEmpty {
                 state.held = false
