@@ -45,9 +45,9 @@ final class IOLoop: @unchecked Sendable {
     init(index: Int) throws {
         self.index = index
         epoll = epoll_create1(Int32(EPOLL_CLOEXEC))
-        guard epoll >= 0 else { throw IOError(errno: errno, "epoll_create1") }
+        guard epoll >= 0 else { throw SystemCallError(errno: errno, "epoll_create1") }
         let wake = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
-        guard wake >= 0 else { throw IOError(errno: errno, "eventfd") }
+        guard wake >= 0 else { throw SystemCallError(errno: errno, "eventfd") }
         events = .allocate(capacity: Self.eventCapacity)
         waker = Waker(fd: wake)
         waker.loop = self
@@ -99,7 +99,7 @@ final class IOLoop: @unchecked Sendable {
             let count = epoll_wait(epoll, events, Int32(Self.eventCapacity), timeout)
             if count < 0 {
                 if errno == EINTR { continue }
-                fatalError("epoll_wait failed: \(IOError(errno: errno, "epoll_wait"))")
+                fatalError("epoll_wait failed: \(SystemCallError(errno: errno, "epoll_wait"))")
             }
             for i in 0..<Int(count) {
                 let event = events[i]
@@ -162,7 +162,7 @@ final class IOLoop: @unchecked Sendable {
         event.data.ptr = Unmanaged.passRetained(object).toOpaque()
         guard epoll_ctl(epoll, EPOLL_CTL_ADD, object.fd, &event) == 0 else {
             Unmanaged.passUnretained(object).release()
-            throw IOError(errno: errno, "epoll_ctl(ADD)")
+            throw SystemCallError(errno: errno, "epoll_ctl(ADD)")
         }
         object.registeredEvents = events
         object.registered = true
@@ -304,7 +304,7 @@ private struct TimerHeap {
 }
 
 /// A failed system call, with what it was.
-struct IOError: Error, CustomStringConvertible {
+struct SystemCallError: Error, CustomStringConvertible {
     let errno: Int32
     let call: String
 

@@ -14,7 +14,7 @@ protocol StreamDelegate: AnyObject {
     /// The write queue crossed a watermark: stop (false) or resume (true) producing.
     func streamWritabilityChanged(_ writable: Bool)
     /// The stream is closed (the peer's end, an error, or ours); called once.
-    func streamClosed(_ error: IOError?)
+    func streamClosed(_ error: SystemCallError?)
 }
 
 /// A connected, non-blocking TCP socket on a loop: reads delivered to a delegate, writes queued
@@ -32,7 +32,7 @@ final class Stream: Selectable {
     private var shutDownWhenFlushed = false
     private var closeWhenDone = false
     private var outputShut = false
-    private var connecting: ((Result<Stream, IOError>) -> Void)?
+    private var connecting: ((Result<Stream, SystemCallError>) -> Void)?
     private var connectTimer: IOTimer?
 
     static let highWatermark = 64 * 1024
@@ -63,26 +63,26 @@ final class Stream: Selectable {
     /// Connects to `address` without blocking; `completion` runs on the loop with the stream,
     /// or the failure (refused, unreachable, or no answer within `timeout`).
     static func connect(
-        to address: SocketAddress, on loop: IOLoop, timeout: TimeAmount, completion: @escaping (Result<Stream, IOError>) -> Void
+        to address: SocketAddress, on loop: IOLoop, timeout: TimeAmount, completion: @escaping (Result<Stream, SystemCallError>) -> Void
     ) {
         let family: Int32
         switch address {
         case .v4: family = AF_INET
         case .v6: family = AF_INET6
         default:
-            completion(.failure(IOError(errno: EAFNOSUPPORT, "connect")))
+            completion(.failure(SystemCallError(errno: EAFNOSUPPORT, "connect")))
             return
         }
         let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else {
-            completion(.failure(IOError(errno: errno, "socket")))
+            completion(.failure(SystemCallError(errno: errno, "socket")))
             return
         }
         var one: Int32 = 1
         _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
         let result = address.withSockAddr { pointer, length in Glibc.connect(fd, pointer, socklen_t(length)) }
         if result != 0 && errno != EINPROGRESS {
-            let error = IOError(errno: errno, "connect")
+            let error = SystemCallError(errno: errno, "connect")
             Glibc.close(fd)
             completion(.failure(error))
             return
@@ -92,7 +92,7 @@ final class Stream: Selectable {
             try loop.register(stream, events: result == 0 ? EPOLLIN.rawValue : EPOLLOUT.rawValue)
         } catch {
             Glibc.close(fd)
-            completion(.failure(error as! IOError))
+            completion(.failure(error as! SystemCallError))
             return
         }
         if result == 0 {
@@ -102,11 +102,11 @@ final class Stream: Selectable {
         stream.reading = false
         stream.connecting = completion
         stream.connectTimer = loop.schedule(in: timeout) { [unowned stream] in
-            stream.connectFailed(IOError(errno: ETIMEDOUT, "connect"))
+            stream.connectFailed(SystemCallError(errno: ETIMEDOUT, "connect"))
         }
     }
 
-    private func connectFailed(_ error: IOError) {
+    private func connectFailed(_ error: SystemCallError) {
         let completion = connecting
         connecting = nil
         connectTimer?.cancel()
@@ -120,7 +120,7 @@ final class Stream: Selectable {
         var length = socklen_t(MemoryLayout<Int32>.size)
         getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length)
         if error != 0 {
-            connectFailed(IOError(errno: error, "connect"))
+            connectFailed(SystemCallError(errno: error, "connect"))
             return
         }
         let completion = connecting
@@ -150,7 +150,7 @@ final class Stream: Selectable {
                 readNow()
             } else if events & (EPOLLHUP.rawValue | EPOLLERR.rawValue) != 0 {
                 // Reset, or both directions done: nothing more can be sent or kept.
-                close(IOError(errno: socketError() ?? ECONNRESET, "recv"))
+                close(SystemCallError(errno: socketError() ?? ECONNRESET, "recv"))
             }
         }
     }
@@ -188,7 +188,7 @@ final class Stream: Selectable {
                 }
                 let error = errno
                 if error == EAGAIN || error == EWOULDBLOCK || error == EINTR { break }
-                close(IOError(errno: error, "recv"))
+                close(SystemCallError(errno: error, "recv"))
                 return
             }
         }
@@ -271,7 +271,7 @@ final class Stream: Selectable {
                     return
                 }
                 if error == EINTR { continue }
-                close(IOError(errno: error, "send"))
+                close(SystemCallError(errno: error, "send"))
                 return
             }
             consume(sent)
@@ -321,7 +321,7 @@ final class Stream: Selectable {
     // MARK: Closing
 
     /// Closes the socket at once (what is queued is dropped) and tells the delegate.
-    func close(_ error: IOError? = nil) {
+    func close(_ error: SystemCallError? = nil) {
         guard fd >= 0 else { return }
         loop.deregister(self)
         Glibc.close(fd)
@@ -356,17 +356,17 @@ final class Listener: Selectable {
         let address = try SocketAddress.makeAddressResolvingHost(host, port: port)
         let family: Int32 = if case .v6 = address { AF_INET6 } else { AF_INET }
         let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw IOError(errno: errno, "socket") }
+        guard fd >= 0 else { throw SystemCallError(errno: errno, "socket") }
         var one: Int32 = 1
         _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
         let bound = address.withSockAddr { pointer, length in Glibc.bind(fd, pointer, socklen_t(length)) }
         guard bound == 0 else {
-            let error = IOError(errno: errno, "bind \(host):\(port)")
+            let error = SystemCallError(errno: errno, "bind \(host):\(port)")
             Glibc.close(fd)
             throw error
         }
         guard listen(fd, backlog) == 0 else {
-            let error = IOError(errno: errno, "listen")
+            let error = SystemCallError(errno: errno, "listen")
             Glibc.close(fd)
             throw error
         }
@@ -408,15 +408,18 @@ final class Listener: Selectable {
 
     private func pause() {
         guard pausedUntil == nil else { return }
-        loop.update(self, events: 0)
+        // Taken out of the epoll set and put back: an `EPOLLEXCLUSIVE` registration cannot be
+        // modified.
+        loop.deregister(self)
         pausedUntil = loop.schedule(in: .milliseconds(100)) { [unowned self] in
             pausedUntil = nil
-            loop.update(self, events: Self.interest)
+            try? loop.register(self, events: Self.interest)
         }
     }
 
     func close() {
         pausedUntil?.cancel()
+        pausedUntil = nil
         loop.deregister(self)
     }
 

@@ -805,7 +805,7 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate {
 
     // MARK: - Connection end
 
-    func streamClosed(_ error: IOError?) {
+    func streamClosed(_ error: SystemCallError?) {
         timer?.cancel()
         timer = nil
         idleCheck?.cancel()

@@ -112,6 +112,7 @@ public final class ProxyServer: Service {
                 _ = ProxyHandler(shared: shared, loop: loop, client: client, clientAddress: address)
             }
         } catch {
+            for loop in loops { loop.stop() }
             close(listening.fd)
             throw error
         }

@@ -44,6 +44,6 @@ enum TCPRelay {
         func streamReadComplete() { to.flush() }
         /// This stream's own writes back up: stop reading the stream that feeds it.
         func streamWritabilityChanged(_ writable: Bool) { to.setReading(writable) }
-        func streamClosed(_ error: IOError?) { to.closeWhenFlushed() }
+        func streamClosed(_ error: SystemCallError?) { to.closeWhenFlushed() }
     }
 }

@@ -278,7 +278,7 @@ final class UpstreamHandler: StreamDelegate {
         delegate?.upstreamWritabilityChanged(writable)
     }
 
-    func streamClosed(_ error: IOError?) {
+    func streamClosed(_ error: SystemCallError?) {
         let delegate = self.delegate
         self.delegate = nil
         if case .body(let framer) = state, framer.framing == .untilClose {
@@ -335,10 +335,10 @@ final class UpstreamPool {
     }
 
     /// A new connection to `host:port`; `completion` runs on the loop.
-    func connect(host: String, port: Int, key: String, timeout: TimeAmount, completion: @escaping (Result<UpstreamConnection, IOError>) -> Void) {
+    func connect(host: String, port: Int, key: String, timeout: TimeAmount, completion: @escaping (Result<UpstreamConnection, SystemCallError>) -> Void) {
         resolve(host: host, port: port) { [self] address in
             guard let address else {
-                completion(.failure(IOError(errno: EHOSTUNREACH, "resolve \(host)")))
+                completion(.failure(SystemCallError(errno: EHOSTUNREACH, "resolve \(host)")))
                 return
             }
             connect(to: address, key: key, timeout: timeout, completion: completion)
@@ -360,7 +360,7 @@ final class UpstreamPool {
         }
     }
 
-    private func connect(to address: SocketAddress, key: String, timeout: TimeAmount, completion: @escaping (Result<UpstreamConnection, IOError>) -> Void) {
+    private func connect(to address: SocketAddress, key: String, timeout: TimeAmount, completion: @escaping (Result<UpstreamConnection, SystemCallError>) -> Void) {
         Stream.connect(to: address, on: loop, timeout: timeout) { [self] result in
             completion(result.map { stream in
                 let handler = UpstreamHandler(key: key, stream: stream)
