@@ -30,6 +30,12 @@ final class IOLoop: @unchecked Sendable {
     /// of them later in the same batch still finds a live object (which then ignores it).
     private var retired: [Unmanaged<Selectable>] = []
     private var running = true
+    /// Streams written to during this batch of events, flushed together after it: a burst of
+    /// sends at the end of a batch wakes each peer once for all of them, where a send per event
+    /// woke it per message (the proxy's kernel time per request was 10% above HAProxy's, in
+    /// context switches and wake-ups, until it flushed this way; HAProxy sends at the end of its
+    /// loop too).
+    private var flushes: [Stream] = []
     /// Every open stream, so a stopping loop can close them.
     private var streams: [ObjectIdentifier: Stream] = [:]
     /// Reused for every read while no slice of it is held elsewhere (NIO's pooled receive buffer
@@ -114,6 +120,7 @@ final class IOLoop: @unchecked Sendable {
                     }
                 }
             }
+            if !flushes.isEmpty { flushAll() }
             if !retired.isEmpty {
                 for object in retired { object.release() }
                 retired.removeAll(keepingCapacity: true)
@@ -121,6 +128,23 @@ final class IOLoop: @unchecked Sendable {
         }
         for object in retired { object.release() }
         retired.removeAll()
+    }
+
+    /// Sends what every stream written during this batch queued. Flushing may queue more
+    /// (a stream that closes when flushed ends its partner), so the list is walked as it grows.
+    private func flushAll() {
+        var index = 0
+        while index < flushes.count {
+            let stream = flushes[index]
+            stream.flushDeferred()
+            index += 1
+        }
+        flushes.removeAll(keepingCapacity: true)
+    }
+
+    /// Queues `stream` for the end-of-batch flush.
+    func flushLater(_ stream: Stream) {
+        flushes.append(stream)
     }
 
     fileprivate func runTasks() {

@@ -31,6 +31,7 @@ final class Stream: Selectable {
     private var writeBlocked = false
     private var shutDownWhenFlushed = false
     private var closeWhenDone = false
+    private var flushScheduled = false
     private var outputShut = false
     private var connecting: ((Result<Stream, SystemCallError>) -> Void)?
     private var connectTimer: IOTimer?
@@ -224,8 +225,17 @@ final class Stream: Selectable {
         }
     }
 
-    /// Sends what is queued, as far as the socket takes it; the rest goes when it can.
+    /// Sends what is queued, as far as the socket takes it, once the loop has handled the events
+    /// at hand; the rest goes when the socket can take it.
     func flush() {
+        guard !flushScheduled, !writeBlocked, fd >= 0, !queue.isEmpty else { return }
+        flushScheduled = true
+        loop.flushLater(self)
+    }
+
+    /// The loop's end-of-batch flush.
+    func flushDeferred() {
+        flushScheduled = false
         guard !writeBlocked, fd >= 0 else { return }
         flushNow()
         if writeBlocked { updateInterest() }
