@@ -14,7 +14,7 @@ import Synchronization
 /// sockets, and NIO's channel pipeline (handler contexts, outbound promises, the pending-writes
 /// state machine, a read per `read()` event) cost about as much user CPU per request as all of
 /// HAProxy's HTTP processing (BENCHMARKS.md). This loop keeps only what the proxy needs:
-/// level-triggered readiness, a write queue flushed with `writev`, reads into one reused buffer,
+/// level-triggered readiness, a write queue sent with gathered sends once per batch of events, reads into one reused buffer,
 /// `send`/`recv` rather than `write`/`read` (no VFS layer), a timer heap and a wake-up eventfd.
 /// Everything registered with a loop is touched only on its thread; `execute` is the one way in
 /// from another thread.
@@ -93,6 +93,8 @@ final class IOLoop: @unchecked Sendable {
     func stop() {
         execute { [self] in
             running = false
+            for listener in listeners.values { listener.close() }
+            listeners.removeAll()
             for stream in Array(streams.values) { stream.close() }
         }
         if let thread { pthread_join(thread, nil) }
@@ -276,18 +278,35 @@ final class IOTimer {
 /// A binary min-heap of timers by deadline.
 private struct TimerHeap {
     private var items: [IOTimer] = []
+    /// The heap is swept of cancelled timers when it grows to this size: every connection
+    /// schedules an idle check 75 s out, and short-lived connections cancel theirs long before it
+    /// comes due, so without sweeping the dead would pile up at the connection rate × 75 s.
+    private var sweepAt = 1024
 
     var isEmpty: Bool { items.isEmpty }
 
     mutating func push(_ timer: IOTimer) {
+        if items.count >= sweepAt { sweep() }
         items.append(timer)
-        var child = items.count - 1
+        siftUp(items.count - 1)
+    }
+
+    private mutating func siftUp(_ start: Int) {
+        var child = start
         while child > 0 {
             let parent = (child - 1) / 2
             guard items[child].deadline < items[parent].deadline else { break }
             items.swapAt(child, parent)
             child = parent
         }
+    }
+
+    /// Drops cancelled timers and rebuilds the heap; the next sweep waits until the heap has
+    /// doubled again, so sweeping costs O(1) per push over time.
+    private mutating func sweep() {
+        items.removeAll { $0.action == nil }
+        items.sort { $0.deadline < $1.deadline }
+        sweepAt = max(1024, items.count * 2)
     }
 
     private mutating func pop() -> IOTimer {

@@ -18,7 +18,7 @@ protocol StreamDelegate: AnyObject {
 }
 
 /// A connected, non-blocking TCP socket on a loop: reads delivered to a delegate, writes queued
-/// and sent with `writev` on `flush`, reading switchable off for backpressure.
+/// and sent (gathered, with `sendmsg`) after `flush`, reading switchable off for backpressure.
 final class Stream: Selectable {
     unowned(unsafe) let loop: IOLoop
     /// Strong while open: the stream is owned by its loop's registry and keeps its delegate; the
@@ -108,18 +108,14 @@ final class Stream: Selectable {
     }
 
     private func connectFailed(_ error: SystemCallError) {
-        let completion = connecting
-        connecting = nil
-        connectTimer?.cancel()
-        connectTimer = nil
-        close()
-        completion?(.failure(error))
+        // `close` reports the failure to the connect's completion.
+        close(error)
     }
 
     private func connectFinished() {
         var error: Int32 = 0
         var length = socklen_t(MemoryLayout<Int32>.size)
-        getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length)
+        if getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) != 0 { error = errno }
         if error != 0 {
             connectFailed(SystemCallError(errno: error, "connect"))
             return
@@ -166,6 +162,7 @@ final class Stream: Selectable {
     private func readNow() {
         // Up to four reads per event when each fills the buffer, so a fast sender cannot starve
         // the loop's other sockets, nor pay an epoll round per 16 KiB.
+        var delivered = false
         for _ in 0..<4 {
             // Taken out of the loop while in use, so this is its one reference.
             var buffer = loop.receiveBuffer
@@ -177,6 +174,7 @@ final class Stream: Selectable {
             if count > 0 {
                 buffer.moveWriterIndex(forwardBy: count)
                 let full = count == buffer.capacity
+                delivered = true
                 delegate?.streamRead(buffer)
                 // The delegate's slices of it are gone unless it kept one: then `clear` allocates anew.
                 loop.receiveBuffer = buffer
@@ -184,6 +182,9 @@ final class Stream: Selectable {
             } else {
                 loop.receiveBuffer = buffer
                 if count == 0 {
+                    // What came before the end is handed on as complete first (a delegate
+                    // flushes on it), then the stream closes.
+                    if delivered { delegate?.streamReadComplete() }
                     close()
                     return
                 }
@@ -293,7 +294,7 @@ final class Stream: Selectable {
         }
     }
 
-    /// One `writev` of the head of the queue.
+    /// One gathered send of the head of the queue.
     private func writeVector() -> Int {
         let count = min(queue.count, Self.maximumIOVecs)
         return withUnsafeTemporaryAllocation(of: iovec.self, capacity: count) { vectors in
@@ -305,7 +306,12 @@ final class Stream: Selectable {
                 }
                 index = queue.index(after: index)
             }
-            return writev(fd, vectors.baseAddress, Int32(count))
+            // `sendmsg` rather than `writev`: only a socket call takes MSG_NOSIGNAL, and a
+            // peer gone mid-response must not raise SIGPIPE.
+            var message = msghdr()
+            message.msg_iov = vectors.baseAddress
+            message.msg_iovlen = count
+            return sendmsg(fd, &message, Int32(MSG_NOSIGNAL))
         }
     }
 
@@ -342,6 +348,11 @@ final class Stream: Selectable {
         connectTimer = nil
         let delegate = self.delegate
         self.delegate = nil
+        if let connecting {
+            // Closed before the connect finished (it failed, or the loop is stopping).
+            self.connecting = nil
+            connecting(.failure(error ?? SystemCallError(errno: ECANCELED, "connect")))
+        }
         delegate?.streamClosed(error)
     }
 }
@@ -389,6 +400,8 @@ final class Listener: Selectable {
     }
 
     override func ready(_ events: UInt32) {
+        // An event already gathered for a listener closed earlier in the same batch.
+        guard registered else { return }
         for _ in 0..<16 {
             var storage = sockaddr_storage()
             var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
@@ -421,7 +434,8 @@ final class Listener: Selectable {
         // Taken out of the epoll set and put back: an `EPOLLEXCLUSIVE` registration cannot be
         // modified.
         loop.deregister(self)
-        pausedUntil = loop.schedule(in: .milliseconds(100)) { [unowned self] in
+        // The timer holds the listener until it fires or `close` cancels it.
+        pausedUntil = loop.schedule(in: .milliseconds(100)) { [self] in
             pausedUntil = nil
             try? loop.register(self, events: Self.interest)
         }

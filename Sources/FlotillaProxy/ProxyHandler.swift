@@ -810,6 +810,12 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate {
         timer = nil
         idleCheck?.cancel()
         idleCheck = nil
+        if case .tunnel = input, let upstream {
+            // The client ended an upgraded connection: what it sent still reaches the upstream.
+            upstream.handler.delegate = nil
+            upstream.handler.closeWhenFlushed()
+            self.upstream = nil
+        }
         dropUpstream()
         exchange = nil
         pending = nil

@@ -120,6 +120,9 @@ public final class ProxyServer: Service {
         running.withLock { $0 = true }
         await reconcileTCPListeners()
         try? await gracefulShutdown()
+        // No reconciliation is under way while the listeners close, and none opens one after.
+        await reconciling.acquire()
+        defer { reconciling.release() }
         running.withLock { $0 = false }
         // Stop accepting, then end the loops (and the connections still open on them).
         let tcp = tcpListeners.withLock { listeners in

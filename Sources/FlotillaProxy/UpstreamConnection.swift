@@ -144,6 +144,11 @@ final class UpstreamHandler: StreamDelegate {
         stream.close()
     }
 
+    /// Closes once what was sent has gone out.
+    func closeWhenFlushed() {
+        stream.closeWhenFlushed()
+    }
+
     // MARK: Channel events
 
     func streamRead(_ received: ByteBuffer) {

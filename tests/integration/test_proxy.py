@@ -99,6 +99,17 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"welcome from " + INSTANCE.encode() + b"|")
             self.wfile.flush()
+            if url.path.endswith("/sink"):
+                # Takes everything until the client's end, slowly (so the proxy holds bytes for
+                # it when the client's end arrives), and says on stdout what arrived.
+                digest, size = hashlib.sha256(), 0
+                while data := self.connection.recv(65536):
+                    digest.update(data)
+                    size += len(data)
+                    time.sleep(0.002)
+                print(f"sink received {size} {digest.hexdigest()}", flush=True)
+                self.close_connection = True
+                return
             while True:
                 data = self.connection.recv(65536)
                 if not data:
@@ -1031,3 +1042,19 @@ def test_websocket_upgrade_becomes_a_tunnel(shared_agent, app_ids, backend_scrip
 
     # The proxy still serves plain HTTP afterwards.
     assert proxied(agent, src + "/after").status_code == 200
+
+    # A client that sends more than the sockets hold and closes at once: all of it reaches the
+    # instance before the proxy closes that side too.
+    payload = pattern(16 * 1024 * 1024)
+    with socket.create_connection(("127.0.0.1", agent.proxy_port), timeout=30) as connection:
+        connection.sendall(
+            f"GET {src}/sink HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n".encode())
+        received = b""
+        while not received.endswith(b"|"):
+            chunk = connection.recv(65536)
+            assert chunk, f"the proxy closed the connection before the upgrade: {received!r}"
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 101"), received[:60]
+        connection.sendall(payload)
+    expected = f"sink received {len(payload)} {hashlib.sha256(payload).hexdigest()}"
+    wait_until(lambda: expected in agent.cli("logs", app_id).stdout, timeout=20, what=f"the instance to log {expected!r}")
