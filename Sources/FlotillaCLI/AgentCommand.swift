@@ -48,6 +48,9 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "Close a load-balancer client connection that sends nothing for this long between requests (a duration: 75s, 5m); a client that sends only part of a request head for that long gets 408.")
     var proxyIdleTimeout: String = "75s"
 
+    @Option(help: "On shutdown, how long the load balancer waits for the requests under way to be answered before it closes their connections (a duration: 5s, 1m; 0s closes them at once).")
+    var proxyDrainTimeout: String = "5s"
+
     @Option(help: "Write the load balancer's access log to this file (- for standard output).")
     var proxyAccessLog: String?
 
@@ -97,6 +100,9 @@ struct AgentCommand: AsyncParsableCommand {
             ("--proxy-connect-timeout", proxyConnectTimeout), ("--proxy-read-timeout", proxyReadTimeout), ("--proxy-idle-timeout", proxyIdleTimeout),
         ] {
             guard let seconds = GoDuration.seconds(value), seconds > 0 else { throw ValidationError("\(flag) must be a duration such as 500ms, 5s or 2m, got '\(value)'") }
+        }
+        guard let drain = GoDuration.seconds(proxyDrainTimeout), drain >= 0 else {
+            throw ValidationError("--proxy-drain-timeout must be a duration such as 0s, 5s or 1m, got '\(proxyDrainTimeout)'")
         }
         guard dnsDomain.split(separator: ".").allSatisfy({ !$0.isEmpty && $0.count <= 63 }), !dnsDomain.isEmpty else {
             throw ValidationError("--dns-domain must be a domain name such as flotilla or consul.example")
@@ -156,6 +162,7 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.proxyConnectTimeout = Self.duration(proxyConnectTimeout)
             configuration.proxyReadTimeout = Self.duration(proxyReadTimeout)
             configuration.proxyIdleTimeout = Self.duration(proxyIdleTimeout)
+            configuration.proxyDrainTimeout = Self.duration(proxyDrainTimeout)
             configuration.proxyAccessLog = proxyAccessLog
             try await FlotillaServer.run(configuration, logger: logger)
         } catch {

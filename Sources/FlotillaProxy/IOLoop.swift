@@ -180,6 +180,20 @@ final class IOLoop: @unchecked Sendable {
         }
     }
 
+    // MARK: Draining
+
+    /// Asks every client connection to finish what it is doing and close, and closes idle
+    /// upstream connections. On the loop.
+    func drain() {
+        for stream in Array(streams.values) {
+            (stream.delegate as? any Draining)?.drain()
+        }
+        pool.prune(keeping: [], idleLimit: .zero)
+    }
+
+    /// Open connections (clients, and upstreams still in use), for a caller waiting for a drain.
+    var openStreams: Int { streams.count }
+
     // MARK: Registration
 
     func register(_ object: Selectable, events: UInt32) throws {
@@ -227,6 +241,11 @@ final class IOLoop: @unchecked Sendable {
     func schedule(in delay: TimeAmount, _ action: @escaping () -> Void) -> IOTimer {
         schedule(at: .now() + delay, action)
     }
+}
+
+/// A connection that can be asked to finish and close, for a graceful shutdown.
+protocol Draining: AnyObject {
+    func drain()
 }
 
 /// What the loop polls: a socket or its wake-up eventfd.

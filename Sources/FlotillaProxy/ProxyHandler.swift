@@ -52,7 +52,7 @@ final class ProxyContext: Sendable {
 /// A request that could not connect, or whose connection died before any response byte, is tried
 /// once more on another target while its body is still held (up to `retryBufferLimit`).
 /// Pipelined requests wait their turn. After a 101 both connections become a raw tunnel.
-final class ProxyHandler: StreamDelegate, UpstreamDelegate {
+final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
 
     private enum Input {
         case head
@@ -133,6 +133,9 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate {
     private var nextExchangeID: UInt64 = 0
     private var upstream: UpstreamConnection?
     private var closeAfterResponse = false
+    /// The proxy is shutting down: the request under way is answered, with `Connection: close`,
+    /// and the connection closes after it.
+    private var draining = false
     /// A response head not written yet: a small body that follows goes out in the same write.
     private var heldHead: ByteBuffer?
     private var readPaused = false
@@ -595,7 +598,7 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate {
             becomeTunnel(response, upgrade: upgrade, connection: connection)
             return
         }
-        let close = !current.clientKeepAlive || !current.requestComplete || connection.handler.responseEndsWithClose
+        let close = !current.clientKeepAlive || !current.requestComplete || connection.handler.responseEndsWithClose || draining
         closeAfterResponse = close
         let options: HeadWriter.ClientConnection = close ? .close : (current.clientHTTP10 ? .keepAliveHTTP10 : .persistent)
         let small = response.contentLength.map { $0 <= Self.coalesceLimit } ?? false
@@ -660,7 +663,7 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate {
         if shared.countsInFlight { current.target?.finished() }
         if let connection {
             connection.handler.delegate = nil
-            if reusable && current.requestComplete {
+            if reusable && current.requestComplete && !draining {
                 pool.release(connection)
             } else {
                 connection.handler.close()
@@ -669,7 +672,7 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate {
         logExchange(current, status: current.status, upstream: current.target)
         upstreamBlocked = false
         writeHeldHead()
-        if closeAfterResponse {
+        if closeAfterResponse || draining {
             finish()
             return
         }
@@ -749,7 +752,7 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate {
         shared.logger.info("\(status) for \(current.route.label): \(message)")
         logExchange(current, status: status, upstream: current.lastTried)
         // An unfinished body leaves the connection's framing behind the client's: close it.
-        let close = !current.clientKeepAlive || !current.requestComplete
+        let close = !current.clientKeepAlive || !current.requestComplete || draining
         current.body.removeAll()
         writeLocal(status: status, message: message, close: close, headRequest: current.headRequest)
         if !close {
@@ -804,6 +807,16 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate {
     }
 
     // MARK: - Connection end
+
+    /// Shutting down: a connection with nothing under way closes now; one with a request under
+    /// way closes once its response is out.
+    func drain() {
+        draining = true
+        if exchange == nil, case .head = input {
+            input = .closing
+            client.close()
+        }
+    }
 
     func streamClosed(_ error: SystemCallError?) {
         timer?.cancel()

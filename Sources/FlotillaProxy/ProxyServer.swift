@@ -26,12 +26,15 @@ public final class ProxyServer: Service {
         public var retryBufferLimit: Int
         /// Where the access log goes (`-`: standard output); nil for none.
         public var accessLogPath: String?
+        /// On shutdown, how long requests under way have to be answered.
+        public var drainTimeout: Duration
 
         public init(
             host: String, port: Int, strategy: BalancingStrategy = .roundRobin, connectTimeout: TimeAmount = .seconds(1),
-            readTimeout: TimeAmount = .seconds(60), idleTimeout: TimeAmount = .seconds(75), retryBufferLimit: Int = 64 * 1024,
-            accessLogPath: String? = nil
+            readTimeout: TimeAmount = .seconds(60), idleTimeout: TimeAmount = .seconds(75), drainTimeout: Duration = .seconds(5),
+            retryBufferLimit: Int = 64 * 1024, accessLogPath: String? = nil
         ) {
+            self.drainTimeout = drainTimeout
             self.idleTimeout = idleTimeout
             self.accessLogPath = accessLogPath
             self.host = host
@@ -130,8 +133,27 @@ public final class ProxyServer: Service {
             return Array(listeners.values)
         }
         for fd in tcp + [listening.fd] { await stopListening(on: fd) }
+        await drain()
         for loop in loops { loop.stop() }
         accessLog?.close()
+    }
+
+    /// Lets requests under way finish (their responses say `Connection: close`) and closes idle
+    /// connections, for up to the drain timeout; what is still open then is closed by `stop`.
+    private func drain() async {
+        for loop in loops { loop.execute { loop.drain() } }
+        let clock = ContinuousClock()
+        let deadline = clock.now + configuration.drainTimeout
+        while true {
+            var open = 0
+            for loop in loops { open += (try? await loop.submit { loop.openStreams }) ?? 0 }
+            if open == 0 { return }
+            if clock.now >= deadline || Task.isCancelled {
+                logger.info("proxy shutdown: closing \(open) connection(s) still open after \(configuration.drainTimeout)")
+                return
+            }
+            try? await Task.sleep(for: .milliseconds(50))
+        }
     }
 
     /// Accepts from the listening socket `fd` on every loop.

@@ -33,6 +33,8 @@ public struct FlotillaServer {
         public var proxyConnectTimeout: Duration = .seconds(1)
         public var proxyReadTimeout: Duration = .seconds(60)
         public var proxyIdleTimeout: Duration = .seconds(75)
+        /// How long a shutdown waits for the proxy's requests under way.
+        public var proxyDrainTimeout: Duration = .seconds(5)
         /// The proxy's access log (`-`: standard output); nil for none.
         public var proxyAccessLog: String?
 
@@ -85,7 +87,7 @@ public struct FlotillaServer {
                 configuration: .init(
                     host: configuration.bindAddress, port: configuration.proxyPort, strategy: configuration.proxyStrategy,
                     connectTimeout: TimeAmount(configuration.proxyConnectTimeout), readTimeout: TimeAmount(configuration.proxyReadTimeout),
-                    idleTimeout: TimeAmount(configuration.proxyIdleTimeout),
+                    idleTimeout: TimeAmount(configuration.proxyIdleTimeout), drainTimeout: configuration.proxyDrainTimeout,
                     accessLogPath: configuration.proxyAccessLog),
                 metrics: metrics, logger: logger)
         } catch {

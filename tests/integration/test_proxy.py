@@ -1058,3 +1058,49 @@ def test_websocket_upgrade_becomes_a_tunnel(shared_agent, app_ids, backend_scrip
         connection.sendall(payload)
     expected = f"sink received {len(payload)} {hashlib.sha256(payload).hexdigest()}"
     wait_until(lambda: expected in agent.cli("logs", app_id).stdout, timeout=20, what=f"the instance to log {expected!r}")
+
+
+# --- shutdown ---------------------------------------------------------------------------------
+
+
+def test_shutdown_answers_requests_under_way(make_agent, app_ids, backend_script):
+    """On SIGTERM the proxy stops accepting, closes idle keep-alive connections, and answers the
+    requests under way (with `Connection: close`) before the agent exits."""
+    agent = make_agent(on_exit="keep")  # the instance outlives the agent, as in an upgrade
+    app_id = app_ids.new()
+    src = f"/drain-{unique_suffix(app_id)}"
+    deploy(agent, backend_app(app_id, backend_script, tags=f"urlprefix-{src}"), src=src)
+
+    idle = socket.create_connection(("127.0.0.1", agent.proxy_port), timeout=10)
+    idle.sendall(f"GET {src}/first HTTP/1.1\r\nHost: drain.test\r\n\r\n".encode())
+    first = b""
+    while b"\r\n\r\n" not in first:
+        first += idle.recv(65536)
+    head, body = first.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    assert len(receive_exactly(idle, length - len(body))) == length - len(body)
+
+    busy = socket.create_connection(("127.0.0.1", agent.proxy_port), timeout=10)
+    busy.sendall(f"GET {src}/slow?seconds=2 HTTP/1.1\r\nHost: drain.test\r\n\r\n".encode())
+    time.sleep(0.5)  # the request has reached the instance
+    started = time.monotonic()
+    stopper = threading.Thread(target=agent.stop, daemon=True)
+    stopper.start()
+
+    response = b""
+    while True:
+        chunk = busy.recv(65536)
+        if not chunk:
+            break
+        response += chunk
+    head = response.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 200"), response[:200]
+    assert b"connection: close" in head, head
+    # The idle keep-alive connection was closed without an answer.
+    assert idle.recv(65536) == b""
+    idle.close()
+    busy.close()
+    stopper.join(timeout=30)
+    assert not agent.is_running()
+    assert time.monotonic() - started < 9, "the agent waited out the whole drain timeout"
