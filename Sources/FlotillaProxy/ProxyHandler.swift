@@ -264,7 +264,7 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
     }
 
     /// Works through what the client sent, then sends on whatever it wrote upstream: bytes taken
-    /// from `pending` (pipelined requests) arrive with no read, so no `channelReadComplete` flushes
+    /// from `pending` (pipelined requests) arrive with no read, so no `streamReadComplete` flushes
     /// them.
     private func process(_ received: ByteBuffer) {
         consume(received)
@@ -315,7 +315,7 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
                     return
                 }
                 begin()
-                // The head has been rewritten: let go of the read buffer so NIO can reuse it.
+                // The head has been rewritten: let go of the read buffer so the loop can reuse it.
                 head.bytes = emptyBuffer
             case .body(var framer):
                 let taken: Int

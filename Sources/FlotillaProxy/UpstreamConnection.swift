@@ -193,7 +193,7 @@ final class UpstreamHandler: StreamDelegate {
                     return
                 }
                 let proceed = startBody(more: bytes.readableBytes > 0)
-                // The head has been handed on: let go of the read buffer so NIO can reuse it.
+                // The head has been handed on: let go of the read buffer so the loop can reuse it.
                 head.bytes = emptyBuffer
                 if !proceed { return }
             case .body(var framer):
