@@ -4,6 +4,7 @@ import Glibc
 import Musl
 #endif
 import CFlotillaIO
+import Logging
 import NIOCore
 import Synchronization
 
@@ -48,8 +49,13 @@ final class IOLoop: @unchecked Sendable {
     private(set) lazy var pool = UpstreamPool(loop: self)
     private var thread: pthread_t?
 
-    init(index: Int) throws {
+    let logger: Logger
+    /// When a failing accept was last logged (it repeats every pause while descriptors run out).
+    var acceptFailureLogged: UInt64 = 0
+
+    init(index: Int, logger: Logger = Logger(label: "flotilla.proxy")) throws {
         self.index = index
+        self.logger = logger
         epoll = epoll_create1(Int32(EPOLL_CLOEXEC))
         guard epoll >= 0 else { throw SystemCallError(errno: errno, "epoll_create1") }
         let wake = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))

@@ -4,6 +4,7 @@ import Glibc
 import Musl
 #endif
 import CFlotillaIO
+import Logging
 import NIOCore
 
 /// What a stream tells its owner. Every call comes on the stream's loop.
@@ -417,6 +418,12 @@ final class Listener: Selectable {
                 default:
                     // Out of descriptors (EMFILE, ENFILE) or memory: the socket stays readable, so
                     // stop polling it for a moment rather than spin.
+                    let error = SystemCallError(errno: errno, "accept")
+                    let now = IOLoop.now()
+                    if now - loop.acceptFailureLogged > 10_000_000_000 || loop.acceptFailureLogged == 0 {
+                        loop.acceptFailureLogged = now
+                        loop.logger.warning("proxy cannot accept connections (\(error)); retrying every 100 ms — if descriptors ran out, raise the open-file limit (ulimit -n)")
+                    }
                     pause()
                     return
                 }

@@ -68,7 +68,7 @@ public final class ProxyServer: Service {
         let metrics = ProxyMetrics(registry: registry)
         metricsByRoute = metrics
         accessLog = try configuration.accessLogPath.map { try AccessLog(path: $0) }
-        loops = try (0..<max(1, System.coreCount)).map { try IOLoop(index: $0) }
+        loops = try (0..<max(1, System.coreCount)).map { try IOLoop(index: $0, logger: logger) }
         shared = ProxyContext(
             routes: routes, picker: Picker(strategy: configuration.strategy),
             connectTimeout: configuration.connectTimeout, readTimeout: configuration.readTimeout, idleTimeout: configuration.idleTimeout,

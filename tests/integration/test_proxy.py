@@ -1104,3 +1104,33 @@ def test_shutdown_answers_requests_under_way(make_agent, app_ids, backend_script
     stopper.join(timeout=30)
     assert not agent.is_running()
     assert time.monotonic() - started < 9, "the agent waited out the whole drain timeout"
+
+
+def test_running_out_of_descriptors_is_survived(make_agent, app_ids, backend_script):
+    """More clients than the agent has file descriptors: it keeps running (no spin, no crash),
+    says in its log what to do, and serves again once they leave."""
+    agent = make_agent(open_files=256)
+    app_id = app_ids.new()
+    src = f"/fds-{unique_suffix(app_id)}"
+    deploy(agent, backend_app(app_id, backend_script, tags=f"urlprefix-{src}"), src=src)
+
+    flood = []
+    try:
+        for _ in range(400):  # the kernel completes them (backlog); the agent cannot accept them all
+            flood.append(socket.create_connection(("127.0.0.1", agent.proxy_port), timeout=5))
+        time.sleep(0.5)
+        assert agent.is_running()
+        wait_until(lambda: "raise the open-file limit" in agent.log_path.read_text(), timeout=5,
+                   what="the agent to log that it cannot accept connections")
+    finally:
+        for connection in flood:
+            connection.close()
+
+    def serves():
+        try:
+            return proxied(agent, src + "/after", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False  # descriptors still being freed: asked again
+
+    wait_until(serves, timeout=10, what="the proxy to serve again once the clients have gone")
+    assert agent.is_running()

@@ -11,6 +11,7 @@ FLOTILLA_APP_ID, and makes each instance the leader of its own session.
 
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -167,6 +168,7 @@ class Agent:
         on_exit="stop",
         extra_args=(),
         node_name="test-node",
+        open_files=None,
     ):
         self.binary = Path(binary)
         # The agent records sandbox paths as given; resolve symlinks so /proc comparisons hold.
@@ -182,6 +184,8 @@ class Agent:
         self.on_exit = on_exit
         self.extra_args = list(extra_args)
         self.node_name = node_name
+        # The agent's open-file limit (RLIMIT_NOFILE), when a test needs it low.
+        self.open_files = open_files
         self.process = None
         # Set by kill9() until the next start: the agent could not stop its instances.
         self.killed = False
@@ -240,7 +244,11 @@ class Agent:
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
                 start_new_session=True,  # a Ctrl-C in the terminal reaches pytest, not the agent
+                preexec_fn=self._limit_open_files if self.open_files else None,
             )
+
+    def _limit_open_files(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def wait_until_ready(self) -> None:
         """Poll GET /ping until it answers 200 "pong"; fail with the agent's log otherwise."""
