@@ -15,8 +15,9 @@ import Synchronization
 /// sockets, and NIO's channel pipeline (handler contexts, outbound promises, the pending-writes
 /// state machine, a read per `read()` event) cost about as much user CPU per request as all of
 /// HAProxy's HTTP processing (BENCHMARKS.md). This loop keeps only what the proxy needs:
-/// level-triggered readiness, a write queue sent with gathered sends once per batch of events, reads into one reused buffer,
-/// `send`/`recv` rather than `write`/`read` (no VFS layer), a timer heap and a wake-up eventfd.
+/// level-triggered readiness, a write queue sent once per batch of events, reads into one reused
+/// buffer, `send`/`recv` rather than `write`/`read` (no VFS layer), a timer heap and a wake-up
+/// eventfd.
 /// Everything registered with a loop is touched only on its thread; `execute` is the one way in
 /// from another thread.
 final class IOLoop: @unchecked Sendable {
@@ -31,11 +32,10 @@ final class IOLoop: @unchecked Sendable {
     /// of them later in the same batch still finds a live object (which then ignores it).
     private var retired: [Unmanaged<Selectable>] = []
     private var running = true
-    /// Streams written to during this batch of events, flushed together after it: a burst of
-    /// sends at the end of a batch wakes each peer once for all of them, where a send per event
-    /// woke it per message (the proxy's kernel time per request was 10% above HAProxy's, in
-    /// context switches and wake-ups, until it flushed this way; HAProxy sends at the end of its
-    /// loop too).
+    /// Streams written to during this batch of events, flushed together after it, as HAProxy
+    /// sends at the end of its loop: a peer finds several messages per wake-up rather than one
+    /// (the proxy's system time per request was ~9% above HAProxy's, with the same system calls,
+    /// until it flushed this way; BENCHMARKS.md).
     private var flushes: [Stream] = []
     /// Every open stream, so a stopping loop can close them.
     private var streams: [ObjectIdentifier: Stream] = [:]
@@ -50,8 +50,6 @@ final class IOLoop: @unchecked Sendable {
     private var thread: pthread_t?
 
     let logger: Logger
-    /// When a failing accept was last logged (it repeats every pause while descriptors run out).
-    var acceptFailureLogged: UInt64 = 0
 
     init(index: Int, logger: Logger = Logger(label: "flotilla.proxy")) throws {
         self.index = index
@@ -287,7 +285,8 @@ private final class Waker: Selectable {
     }
 }
 
-/// A one-shot timer on a loop; `cancel` is cheap (the heap entry is dropped when it comes due).
+/// A one-shot timer on a loop; `cancel` is cheap (the heap entry is dropped when it comes due, or
+/// by the next sweep).
 final class IOTimer {
     let deadline: UInt64
     fileprivate var action: (() -> Void)?

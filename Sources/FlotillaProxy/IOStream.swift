@@ -48,10 +48,20 @@ final class Stream: Selectable {
         super.init(fd: fd)
     }
 
-    /// Adopts an accepted socket.
-    static func accepted(fd: Int32, loop: IOLoop) throws -> Stream {
+    /// A non-blocking, close-on-exec TCP socket of `family`, or -1 (errno set).
+    static func newSocket(family: Int32) -> Int32 {
+        socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    }
+
+    /// Requests and responses are sent whole, each in one write: no Nagle delay.
+    private static func setNoDelay(_ fd: Int32) {
         var one: Int32 = 1
         _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    /// Adopts an accepted socket.
+    static func accepted(fd: Int32, loop: IOLoop) throws -> Stream {
+        setNoDelay(fd)
         let stream = Stream(fd: fd, loop: loop)
         do {
             try loop.register(stream, events: EPOLLIN.rawValue)
@@ -75,13 +85,12 @@ final class Stream: Selectable {
             completion(.failure(SystemCallError(errno: EAFNOSUPPORT, "connect")))
             return
         }
-        let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        let fd = newSocket(family: family)
         guard fd >= 0 else {
             completion(.failure(SystemCallError(errno: errno, "socket")))
             return
         }
-        var one: Int32 = 1
-        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        setNoDelay(fd)
         let result = address.withSockAddr { pointer, length in Glibc.connect(fd, pointer, socklen_t(length)) }
         if result != 0 && errno != EINPROGRESS {
             let error = SystemCallError(errno: errno, "connect")
@@ -114,10 +123,7 @@ final class Stream: Selectable {
     }
 
     private func connectFinished() {
-        var error: Int32 = 0
-        var length = socklen_t(MemoryLayout<Int32>.size)
-        if getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) != 0 { error = errno }
-        if error != 0 {
+        if let error = socketError() {
             connectFailed(SystemCallError(errno: error, "connect"))
             return
         }
@@ -153,10 +159,11 @@ final class Stream: Selectable {
         }
     }
 
+    /// The socket's pending error, if any.
     private func socketError() -> Int32? {
         var error: Int32 = 0
         var length = socklen_t(MemoryLayout<Int32>.size)
-        getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length)
+        if getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) != 0 { return errno }
         return error == 0 ? nil : error
     }
 
@@ -364,6 +371,8 @@ final class Listener: Selectable {
     unowned(unsafe) let loop: IOLoop
     private let onAccept: (Stream, String) -> Void
     private var pausedUntil: IOTimer?
+    /// When a failing accept was last logged (it repeats every pause while descriptors run out).
+    private var failureLogged: UInt64?
 
     init(fd: Int32, loop: IOLoop, onAccept: @escaping (Stream, String) -> Void) {
         self.loop = loop
@@ -377,7 +386,7 @@ final class Listener: Selectable {
     static func bind(host: String, port: Int, backlog: Int32 = 1024) throws -> (fd: Int32, port: Int) {
         let address = try SocketAddress.makeAddressResolvingHost(host, port: port)
         let family: Int32 = if case .v6 = address { AF_INET6 } else { AF_INET }
-        let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        let fd = Stream.newSocket(family: family)
         guard fd >= 0 else { throw SystemCallError(errno: errno, "socket") }
         var one: Int32 = 1
         _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
@@ -420,8 +429,8 @@ final class Listener: Selectable {
                     // stop polling it for a moment rather than spin.
                     let error = SystemCallError(errno: errno, "accept")
                     let now = IOLoop.now()
-                    if now - loop.acceptFailureLogged > 10_000_000_000 || loop.acceptFailureLogged == 0 {
-                        loop.acceptFailureLogged = now
+                    if failureLogged.map({ now - $0 > 10_000_000_000 }) ?? true {
+                        failureLogged = now
                         loop.logger.warning("proxy cannot accept connections (\(error)); retrying every 100 ms — if descriptors ran out, raise the open-file limit (ulimit -n)")
                     }
                     pause()

@@ -732,10 +732,12 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
         updateReading()
     }
 
-    private func dropUpstream() {
+    /// Lets go of the upstream connection and closes it: at once, or once what was sent to it
+    /// has gone out.
+    private func dropUpstream(deliveringQueued: Bool = false) {
         if let upstream {
             upstream.handler.delegate = nil
-            upstream.handler.close()
+            if deliveringQueued { upstream.handler.closeWhenFlushed() } else { upstream.handler.close() }
             if shared.countsInFlight { exchange?.target?.finished() }
         }
         upstream = nil
@@ -823,13 +825,9 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
         timer = nil
         idleCheck?.cancel()
         idleCheck = nil
-        if case .tunnel = input, let upstream {
-            // The client ended an upgraded connection: what it sent still reaches the upstream.
-            upstream.handler.delegate = nil
-            upstream.handler.closeWhenFlushed()
-            self.upstream = nil
-        }
-        dropUpstream()
+        // The client ended an upgraded connection: what it sent still reaches the upstream.
+        let tunnel = if case .tunnel = input { true } else { false }
+        dropUpstream(deliveringQueued: tunnel)
         exchange = nil
         pending = nil
         heldHead = nil

@@ -208,7 +208,7 @@ public final class ProxyServer: Service {
                 client.close()
                 return
             }
-            let timeout = route.route.rule.connectTimeout.map { TimeAmount($0) } ?? shared.connectTimeout
+            let timeout = route.connectTimeout ?? shared.connectTimeout
             TCPRelay.start(client: client, target: target, loop: loop, timeout: timeout, ejectAfter: shared.ejectAfter, coolDown: shared.coolDown)
         }
     }

@@ -40,14 +40,14 @@ struct LoopBound<Value>: @unchecked Sendable {
 
 /// One keep-alive connection to an upstream, used by one request at a time on its loop.
 final class UpstreamConnection {
-    let key: String
     let handler: UpstreamHandler
     var idleSince: NIODeadline = .now()
 
-    init(key: String, handler: UpstreamHandler) {
-        self.key = key
+    init(handler: UpstreamHandler) {
         self.handler = handler
     }
+
+    var key: String { handler.key }
 
     var isUsable: Bool { !handler.closed && handler.isIdle }
 }
@@ -67,7 +67,7 @@ final class UpstreamHandler: StreamDelegate {
 
     /// The request's handler, while the connection is leased. A strong reference (a weak one
     /// would put every retain of the client handler on the runtime's slow path): it is cleared on
-    /// every release and failure, and when the channel closes, so the cycle never outlives them.
+    /// every release and failure, and when the stream closes, so the cycle never outlives them.
     var delegate: (any UpstreamDelegate)?
     var closed: Bool { !stream.isOpen }
     /// Where the connection waits between requests, told when it goes away. Pools live as long as
@@ -370,7 +370,7 @@ final class UpstreamPool {
             completion(result.map { stream in
                 let handler = UpstreamHandler(key: key, stream: stream)
                 handler.pool = self
-                return UpstreamConnection(key: key, handler: handler)
+                return UpstreamConnection(handler: handler)
             })
         }
     }
