@@ -11,12 +11,14 @@ import NIOCore
 public struct ConsulRoutes: Sendable {
     let registry: Registry
     let kv: KeyValueStore
+    let sessions: SessionStore
     let serverAddress: String
     let version: String
 
-    public init(registry: Registry, kv: KeyValueStore, serverAddress: String, version: String) {
+    public init(registry: Registry, kv: KeyValueStore, sessions: SessionStore, serverAddress: String, version: String) {
         self.registry = registry
         self.kv = kv
+        self.sessions = sessions
         self.serverAddress = serverAddress
         self.version = version
     }
@@ -45,6 +47,13 @@ public struct ConsulRoutes: Sendable {
         }
         router.get("/v1/status/leader") { _, _ in APIResponse.json(.string("\(serverAddress)")) }
         router.get("/v1/status/peers") { _, _ in APIResponse.json(.array([.string("\(serverAddress)")])) }
+        router.put("/v1/session/create") { request, _ in await handle { try await createSession(request) } }
+        router.put("/v1/session/destroy/**") { request, _ in await handle { try await destroySession(request) } }
+        router.put("/v1/session/renew/**") { request, _ in await handle { try await renewSession(request) } }
+        router.get("/v1/session/info/**") { request, _ in await handle { try await listSessions(request, prefix: "/v1/session/info/") } }
+        router.get("/v1/session/node/**") { request, _ in await handle { try await listSessions(request, prefix: "/v1/session/node/") } }
+        router.get("/v1/session/list") { request, _ in await handle { try await listSessions(request, prefix: nil) } }
+        router.put("/v1/txn") { request, _ in await handle { try await transaction(request) } }
         for method in [HTTPRequest.Method.get, .put, .delete] {
             // `/v1/kv/` itself (the whole store, with ?recurse or ?keys) and every key below it.
             router.on("/v1/kv", method: method) { request, _ in await handle { try await keyValue(request) } }
@@ -66,6 +75,10 @@ public struct ConsulRoutes: Sendable {
             case .unavailable: status = .serviceUnavailable
             }
             return text(status, error.message)
+        } catch let error as SessionError {
+            return text(.internalServerError, error.description)
+        } catch let error as KeyValueStore.LockError {
+            return text(.internalServerError, error.description)
         } catch let error as any HTTPResponseError where error.status == .contentTooLarge {
             return text(.contentTooLarge, "Request body too large")
         } catch {
@@ -376,25 +389,31 @@ public struct ConsulRoutes: Sendable {
                 rawHeaders[.contentType] = "application/octet-stream"
                 return Response(status: .ok, headers: rawHeaders, body: ResponseBody(byteBuffer: ByteBuffer(bytes: first.value)))
             }
-            let body = JSONValue.array(read.entries.map { entry in
-                .object([
-                    "LockIndex": .number(0), "Key": .string(entry.key), "Flags": .unsigned(entry.flags),
-                    "Value": entry.value.isEmpty ? .null : .string(entry.value.base64EncodedString()),
-                    "CreateIndex": .number(Double(entry.createIndex)), "ModifyIndex": .number(Double(entry.modifyIndex)),
-                ])
-            })
+            let body = JSONValue.array(read.entries.map { entryFields($0, valueShown: true) })
             return APIResponse.json(body, headers: headers)
         case .put:
             guard !key.isEmpty else { throw FlotillaError.badRequest("Missing key name") }
-            if query["acquire"] != nil || query["release"] != nil {
-                throw FlotillaError.badRequest("sessions (acquire, release) are not supported")
+            let acquire = request.formValue("acquire")
+            let release = request.formValue("release")
+            let cas = try number("cas")
+            if [acquire != nil, release != nil, cas != nil].filter({ $0 }).count > 1 {
+                throw FlotillaError.badRequest("Conflicting flags: use only one of cas, acquire and release")
             }
             var request = request
             let buffer = try await request.collectBody(upTo: KeyValueStore.maximumValueBytes + 1)
             if buffer.readableBytes > KeyValueStore.maximumValueBytes {
                 return text(.contentTooLarge, "Value exceeds \(KeyValueStore.maximumValueBytes) byte limit")
             }
-            let written = try await kv.put(key, value: Data(buffer.readableBytesView), flags: try number("flags") ?? 0, cas: try number("cas"))
+            let value = Data(buffer.readableBytesView)
+            let flags = try number("flags") ?? 0
+            let written: Bool
+            if let acquire {
+                written = try await kv.acquire(key, value: value, flags: flags, session: acquire)
+            } else if let release {
+                written = try await kv.release(key, value: value, flags: flags, session: release)
+            } else {
+                written = try await kv.put(key, value: value, flags: flags, cas: cas)
+            }
             return APIResponse.json(.bool(written))
         default:
             let recurse = try request.flag("recurse")
@@ -404,7 +423,137 @@ public struct ConsulRoutes: Sendable {
         }
     }
 
+    // MARK: - Sessions
+
+    private func createSession(_ request: Request) async throws -> Response {
+        var request = request
+        let buffer = try await request.collectBody(upTo: 1 << 20)
+        var body: [String: JSONValue] = [:]
+        if buffer.readableBytes > 0 {
+            guard case .object(let object) = try JSONValue.parse(Data(buffer.readableBytesView)) else {
+                throw FlotillaError.badRequest("Request decode failed: the body must be a JSON object")
+            }
+            body = object
+        }
+        let id = try await sessions.create(body)
+        return APIResponse.json(.object(["ID": .string(id)]))
+    }
+
+    private func destroySession(_ request: Request) async throws -> Response {
+        let id = try tail(request, after: "/v1/session/destroy/")
+        guard !id.isEmpty else { throw FlotillaError.badRequest("Missing session") }
+        try await sessions.destroy(id)
+        return APIResponse.json(.bool(true))
+    }
+
+    private func renewSession(_ request: Request) async throws -> Response {
+        let id = try tail(request, after: "/v1/session/renew/")
+        guard !id.isEmpty else { throw FlotillaError.badRequest("Missing session") }
+        guard let session = await sessions.renew(id) else { return text(.notFound, "Session id '\(id)' not found") }
+        return APIResponse.json(.array([sessionFields(session)]))
+    }
+
+    /// `info/<id>`, `node/<node>` and `list`, each a blocking query over every session's changes.
+    private func listSessions(_ request: Request, prefix: String?) async throws -> Response {
+        let options = try options(request)
+        let argument = try prefix.map { try tail(request, after: $0) }
+        if let prefix, argument?.isEmpty != false {
+            throw FlotillaError.badRequest(prefix.contains("node") ? "Missing node name" : "Missing session")
+        }
+        await sessions.waitForChange(after: options.index, wait: options.wait)
+        let selected: [ConsulSession]
+        switch prefix {
+        case "/v1/session/info/"?: selected = await sessions.info(argument!)
+        case "/v1/session/node/"?: selected = await sessions.sessions(onNode: argument!)
+        default: selected = await sessions.list()
+        }
+        return json(.array(selected.map(sessionFields)), index: await sessions.currentIndex())
+    }
+
+    private func sessionFields(_ session: ConsulSession) -> JSONValue {
+        .object([
+            "ID": .string(session.id), "Name": .string(session.name), "Node": .string(session.node),
+            "LockDelay": .unsigned(session.lockDelayNanoseconds), "Behavior": .string(session.behavior.rawValue), "TTL": .string(session.ttl),
+            "NodeChecks": .array(session.nodeChecks.map(JSONValue.string)),
+            "ServiceChecks": session.serviceChecks.isEmpty ? .null : .array(session.serviceChecks.map { .object(["ID": .string($0), "Namespace": .string("")]) }),
+            "CreateIndex": .unsigned(session.createIndex), "ModifyIndex": .unsigned(session.createIndex),
+        ])
+    }
+
+    // MARK: - Transactions
+
+    private func transaction(_ request: Request) async throws -> Response {
+        var request = request
+        let buffer = try await request.collectBody(upTo: KeyValueStore.maximumValueBytes * 2)
+        guard case .array(let items) = (try? JSONValue.parse(Data(buffer.readableBytesView))) ?? .null else {
+            throw FlotillaError.badRequest("Failed to parse body: a transaction is a JSON array of operations")
+        }
+        if items.count > KeyValueStore.maximumTransactionOperations {
+            return text(.contentTooLarge, "Transaction contains too many operations (\(items.count) > \(KeyValueStore.maximumTransactionOperations))")
+        }
+        var operations: [KeyValueStore.TransactionOperation] = []
+        for item in items {
+            let object = Dictionary((item.objectValue ?? [:]).map { ($0.key.lowercased(), $0.value) }, uniquingKeysWith: { first, _ in first })
+            guard case .object(let raw)? = object["kv"] else {
+                if object["node"] != nil || object["service"] != nil || object["check"] != nil {
+                    throw FlotillaError.badRequest("Failed to parse body: only KV operations are supported in transactions here (Node, Service and Check operations are not)")
+                }
+                throw FlotillaError.badRequest("Failed to parse body: no operation specified")
+            }
+            let fields = Dictionary(raw.map { ($0.key.lowercased(), $0.value) }, uniquingKeysWith: { first, _ in first })
+            let verbText = fields["verb"]?.stringValue ?? ""
+            guard let verb = KeyValueStore.TransactionOperation.Verb(rawValue: verbText) else {
+                throw FlotillaError.badRequest("Failed to parse body: unknown KV verb \"\(verbText)\"")
+            }
+            var value = Data()
+            if let encoded = fields["value"]?.stringValue {
+                guard let decoded = Data(base64Encoded: encoded) else { throw FlotillaError.badRequest("Failed to parse body: Value is not base64") }
+                value = decoded
+            }
+            if value.count > KeyValueStore.maximumValueBytes {
+                return text(.contentTooLarge, "Value for key \"\(fields["key"]?.stringValue ?? "")\" is too large (\(value.count) > \(KeyValueStore.maximumValueBytes) bytes)")
+            }
+            func unsigned(_ name: String) throws(FlotillaError) -> UInt64 {
+                guard let field = fields[name], field != .null else { return 0 }
+                switch field {
+                case .number(let number) where number >= 0 && number.rounded() == number: return UInt64(number)
+                case .unsigned(let number): return number
+                default: throw .badRequest("Failed to parse body: \(name) must be a whole number")
+                }
+            }
+            let key = fields["key"]?.stringValue ?? ""
+            try KeyValueStore.validate(key)
+            operations.append(
+                KeyValueStore.TransactionOperation(
+                    verb: verb, key: key, value: value, flags: try unsigned("flags"), index: try unsigned("index"),
+                    session: fields["session"]?.stringValue ?? ""))
+        }
+        switch try await kv.transaction(operations) {
+        case .committed(let results):
+            let body = JSONValue.object([
+                "Results": .array(results.map { .object(["KV": entryFields($0.entry, valueShown: $0.valueShown)]) }), "Errors": .null,
+            ])
+            return APIResponse.json(body)
+        case .failed(let errors):
+            let body = JSONValue.object([
+                "Results": .null,
+                "Errors": .array(errors.map { .object(["OpIndex": .number(Double($0.operation)), "What": .string($0.what)]) }),
+            ])
+            return APIResponse.json(body, status: .conflict)
+        }
+    }
+
     // MARK: - Shapes
+
+    private func entryFields(_ entry: KeyValueStore.Entry, valueShown: Bool) -> JSONValue {
+        var object: [String: JSONValue] = [
+            "LockIndex": .unsigned(entry.lockIndex), "Key": .string(entry.key), "Flags": .unsigned(entry.flags),
+            "Value": !valueShown || entry.value.isEmpty ? .null : .string(entry.value.base64EncodedString()),
+            "CreateIndex": .unsigned(entry.createIndex), "ModifyIndex": .unsigned(entry.modifyIndex),
+        ]
+        if let session = entry.session { object["Session"] = .string(session) }
+        return .object(object)
+    }
 
     private func nodeID(_ name: String) -> String {
         // A stable UUID-shaped id per node name.

@@ -68,6 +68,7 @@ public enum MarathonJSON {
             ]),
             "killSelection": .string(app.killSelection.rawValue),
             "requirePorts": .bool(app.requirePorts),
+            "ports": .array(app.portDefinitions.map { .number(Double($0.port)) }),
             "portDefinitions": .array(app.portDefinitions.map { definition in
                 var port: [String: JSONValue] = [
                     "port": .number(Double(definition.port)), "protocol": .string(definition.protocol),

@@ -18,7 +18,10 @@ public struct MarathonRoutes: Sendable {
         public var leader: String
         public var nodeName: String
         public var httpPort: Int
-        public init(version: String, leader: String, nodeName: String, httpPort: Int) {
+        /// Where port-0 service ports come from (`local_port_min`/`local_port_max` in `/v2/info`).
+        public var servicePortRange: ClosedRange<Int>
+        public init(version: String, leader: String, nodeName: String, httpPort: Int, servicePortRange: ClosedRange<Int> = 10_000...20_000) {
+            self.servicePortRange = servicePortRange
             self.version = version
             self.leader = leader
             self.nodeName = nodeName
@@ -38,8 +41,12 @@ public struct MarathonRoutes: Sendable {
         }
         router.get("/v2/info") { _, _ in self.infoResponse() }
         router.get("/v2/leader") { _, _ in APIResponse.json(.object(["leader": .string(self.info.leader)])) }
+        // One node is its own leader: abdicating elects it again at once, as a lone Marathon does.
+        router.delete("/v2/leader") { _, _ in APIResponse.json(.object(["message": .string("Leadership abdicated")])) }
         router.get("/v2/apps") { request, _ in await self.handle { try await self.listApps(request) } }
         router.post("/v2/apps") { request, _ in await self.handle { try await self.createApp(request) } }
+        router.put("/v2/apps") { request, _ in await self.handle { try await self.updateApps(request, partial: false) } }
+        router.patch("/v2/apps") { request, _ in await self.handle { try await self.updateApps(request, partial: true) } }
         for method in [HTTPRequest.Method.get, .put, .patch, .delete, .post] {
             router.on("/v2/apps/**", method: method) { request, _ in await self.handle { try await self.appResource(request) } }
         }
@@ -96,6 +103,26 @@ public struct MarathonRoutes: Sendable {
         return APIResponse.json(
             MarathonJSON.app(record, in: snapshot, embed: [.counts, .deployments, .tasks]), status: .created,
             headers: [.location: "/v2/apps\(definition.id.path)", .marathonDeploymentID: result.deploymentID])
+    }
+
+    /// `PUT`/`PATCH /v2/apps`: several apps changed at once (marathon-python's `update_apps`), all in
+    /// one deployment-free check first: every definition is validated before any is applied.
+    private func updateApps(_ request: Request, partial: Bool) async throws -> Response {
+        let items = try await jsonArray(request)
+        var changes: [(AppID, [String: JSONValue])] = []
+        for (index, item) in items.enumerated() {
+            guard case .object(let object) = item else {
+                throw FlotillaError.invalid([FieldError("/\(index)", "each entry must be an app definition object")])
+            }
+            guard let text = object["id"]?.stringValue, let id = try? AppID(text) else {
+                throw FlotillaError.invalid([FieldError("/\(index)/id", "each app needs a valid 'id'")])
+            }
+            changes.append((id, object))
+        }
+        // PUT /v2/apps is a partial update unless `partialUpdate=false`, as on one app.
+        let merge = partial || request.uri.queryParameters["partialUpdate"].map { $0.lowercased() != "false" } ?? true
+        let result = try await control.updateMany(changes, partial: merge, force: try request.flag("force"))
+        return changeResponse(result)
     }
 
     /// Everything under `/v2/apps/`: the app itself, its tasks, versions and restart. Parsed by hand
@@ -207,9 +234,9 @@ public struct MarathonRoutes: Sendable {
         let snapshot = await control.snapshot()
         let unknown = ids.filter { snapshot.instances[$0] == nil }
         if !unknown.isEmpty { throw FlotillaError.notFound("Task(s) \(unknown.joined(separator: ", ")) do not exist") }
-        let (_, change) = try await control.kill(instanceIDs: ids, scale: try request.flag("scale"), force: try request.flag("force"))
+        let (killed, change) = try await control.kill(instanceIDs: ids, scale: try request.flag("scale"), force: try request.flag("force"))
         if let change { return changeResponse(change) }
-        return APIResponse.json(.object([:]))
+        return APIResponse.json(.object(["tasks": .array(killed.map(MarathonJSON.task))]))
     }
 
     private func queue(_ request: Request) async throws -> Response {
@@ -258,9 +285,15 @@ public struct MarathonRoutes: Sendable {
                 "frameworkId": .string(info.nodeName),
                 "marathon_config": .object([
                     "hostname": .string(info.nodeName), "ha": .bool(false), "framework_name": .string("flotilla"),
-                    "checkpoint": .bool(true), "local_port_min": .number(0), "local_port_max": .number(0),
+                    "checkpoint": .bool(true), "master": .string("flotilla"), "mesos_role": .null, "mesos_user": .null,
+                    "local_port_min": .number(Double(info.servicePortRange.lowerBound)),
+                    "local_port_max": .number(Double(info.servicePortRange.upperBound)),
+                    "executor": .string("//cmd"), "failover_timeout": .number(604_800), "features": .array([]),
+                    "task_launch_timeout": .number(300_000), "task_reservation_timeout": .number(20_000),
+                    "env_vars_prefix": .null, "webui_url": .null, "leader_proxy_connection_timeout_ms": .number(5000),
+                    "leader_proxy_read_timeout_ms": .number(10_000), "mesos_leader_ui_url": .null,
                 ]),
-                "http_config": .object(["http_port": .number(Double(info.httpPort))]),
+                "http_config": .object(["http_port": .number(Double(info.httpPort)), "https_port": .number(0)]),
                 "zookeeper_config": .object([:]),
                 "event_subscriber": .null,
             ]))
@@ -292,6 +325,16 @@ public struct MarathonRoutes: Sendable {
     }
 
     // MARK: - Bodies
+
+    private func jsonArray(_ request: Request) async throws -> [JSONValue] {
+        var request = request
+        let buffer = try await request.collectBody(upTo: Self.maximumBodyBytes)
+        guard buffer.readableBytes > 0 else { throw FlotillaError.malformed("the request needs a JSON body") }
+        guard case .array(let items) = try JSONValue.parse(Data(buffer.readableBytesView)) else {
+            throw FlotillaError.malformed("the body must be a JSON array of app definitions")
+        }
+        return items
+    }
 
     private func jsonObject(_ request: Request) async throws -> [String: JSONValue] {
         var request = request

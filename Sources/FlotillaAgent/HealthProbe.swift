@@ -23,7 +23,7 @@ struct HealthProbe: Sendable {
     let commands: CommandRunner
 
     func run(_ check: HealthCheck, for spec: InstanceSpec, environment: [String: String], sandbox: String) async -> ProbeOutcome {
-        let timeout = max(0.001, check.timeoutSeconds)
+        let timeout = max(0.001, check.effectiveTimeoutSeconds)
         switch check.protocol {
         case .http, .https, .mesosHTTP, .mesosHTTPS:
             guard let port = port(of: check, in: spec) else { return ProbeOutcome(passed: false, cause: "the app has no port \(check.portIndex ?? 0)") }

@@ -69,6 +69,12 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "Host ports given to instances, FROM-TO.")
     var ports: String = "31000-32000"
 
+    @Option(help: "Service ports given to port definitions with port 0, FROM-TO (Marathon's local_port_min-local_port_max).")
+    var servicePorts: String = "10000-20000"
+
+    @Flag(help: "Route every app's service ports through the load balancer as TCP routes (without it, only apps labelled FLOTILLA_SERVICE_PORT_ROUTE=true).")
+    var routeServicePorts = false
+
     @Option(name: .customLong("attribute"), help: "A node attribute for constraints, key=value (repeatable).")
     var attributes: [String] = []
 
@@ -89,6 +95,9 @@ struct AgentCommand: AsyncParsableCommand {
     }
 
     func validate() throws {
+        guard Self.portRange(servicePorts) != nil else {
+            throw ValidationError("--service-ports must be FROM-TO with 1 <= FROM <= TO <= 65535, got '\(servicePorts)'")
+        }
         guard parsedPorts != nil else { throw ValidationError("--ports must be FROM-TO with 1 <= FROM <= TO <= 65535, got '\(ports)'") }
         guard (0...65535).contains(apiPort) else { throw ValidationError("--api-port must be between 0 and 65535") }
         guard (1...65535).contains(dnsPort) else { throw ValidationError("--dns-port must be between 1 and 65535") }
@@ -115,8 +124,10 @@ struct AgentCommand: AsyncParsableCommand {
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
     }
 
-    var parsedPorts: ClosedRange<Int>? {
-        let parts = ports.split(separator: "-").compactMap { Int($0) }
+    var parsedPorts: ClosedRange<Int>? { Self.portRange(ports) }
+
+    static func portRange(_ text: String) -> ClosedRange<Int>? {
+        let parts = text.split(separator: "-").compactMap { Int($0) }
         guard parts.count == 2, parts[0] >= 1, parts[0] <= parts[1], parts[1] <= 65535 else { return nil }
         return parts[0]...parts[1]
     }
@@ -164,6 +175,8 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.proxyIdleTimeout = Self.duration(proxyIdleTimeout)
             configuration.proxyDrainTimeout = Self.duration(proxyDrainTimeout)
             configuration.proxyAccessLog = proxyAccessLog
+            configuration.servicePortRange = Self.portRange(servicePorts)!
+            configuration.routeServicePorts = routeServicePorts
             try await FlotillaServer.run(configuration, logger: logger)
         } catch {
             logger.critical("agent stopped: \(error)")

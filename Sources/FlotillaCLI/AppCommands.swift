@@ -12,15 +12,7 @@ struct DeployCommand: AsyncParsableCommand {
     @Argument(help: "The app definition file (JSON or YAML); - reads standard input.")
     var file: String
 
-    @Flag(help: "Override a deployment in progress.")
-    var force = false
-
-    @Flag(help: "Return once the change is accepted, without following the deployment.")
-    var detach = false
-
-    @Option(help: "Give up following after this many seconds.")
-    var timeout: Double = 300
-
+    @OptionGroup var change: ChangeOptions
     @OptionGroup var options: ClientOptions
 
     func run() async throws {
@@ -29,16 +21,8 @@ struct DeployCommand: AsyncParsableCommand {
         let client = options.client()
         let exists = try await client.request(.GET, APIClient.appPath(id)).status == 200
         let result = try await client.call(
-            exists ? .PUT : .POST, exists ? APIClient.appPath(id) + "?force=\(force)&partialUpdate=false" : "/v2/apps", body: definition)
-        let deploymentID = result["deploymentId"]?.stringValue ?? result["deployments"]?.arrayValue.first?["id"]?.stringValue ?? ""
-        let version = result["version"]?.stringValue ?? ""
-        if detach || options.json && detach {
-            if options.json { printJSON(.object(["id": .string(id), "version": .string(version), "deploymentId": .string(deploymentID)])) }
-            else { print("\(exists ? "updated" : "created") \(id): version \(version), deployment \(deploymentID)") }
-            return
-        }
-        if !options.json { print("\(exists ? "updating" : "creating") \(id) (version \(version), deployment \(deploymentID))") }
-        try await follow(client: client, id: id, deploymentID: deploymentID, version: version)
+            exists ? .PUT : .POST, exists ? APIClient.appPath(id) + "?force=\(change.force)&partialUpdate=false" : "/v2/apps", body: definition)
+        try await change.follow(result, client: client, options: options, id: id, action: exists ? "updating \(id)" : "creating \(id)")
     }
 
     func loadDefinition() throws -> JSONValue {
@@ -62,49 +46,6 @@ struct DeployCommand: AsyncParsableCommand {
         }
     }
 
-    /// Follows the deployment until it ends, printing each change of progress; fails with the
-    /// deployment's own reason (a crash, a check that never passed, the deadline) when it fails.
-    func follow(client: APIClient, id: String, deploymentID: String, version: String) async throws {
-        let deadline = Date().addingTimeInterval(timeout)
-        var lastLine = ""
-        while Date() < deadline {
-            let reply = try await client.request(.GET, "/flotilla/v1/deployments/\(deploymentID)")
-            guard reply.status == 200, let deployment = reply.json else { throw CLIError(APIClient.describeError(reply)) }
-            switch deployment.text("status") {
-            case "succeeded":
-                if options.json {
-                    printJSON(.object(["id": .string(id), "version": .string(version), "deploymentId": .string(deploymentID), "status": .string("succeeded")]))
-                } else {
-                    print("deployment \(deploymentID) succeeded")
-                }
-                return
-            case "failed", "cancelled":
-                var message = "deployment \(deploymentID) \(deployment.text("status")): \(deployment.text("reason"))"
-                if let rolledBack = deployment["rolledBackTo"]?.stringValue {
-                    message += "\nrolled back to the configuration of version \(rolledBack) (deployment \(deployment.text("rollbackDeploymentId")))"
-                }
-                if options.json { printJSON(deployment) }
-                throw CLIError(message)
-            default:
-                let instances = try await client.call(.GET, "/flotilla/v1/instances?app=\(id)")["instances"]?.arrayValue ?? []
-                let app = try await client.call(.GET, APIClient.appPath(id))["app"] ?? .null
-                let wanted = app["instances"]?.intValue ?? 0
-                let configVersion = app["versionInfo"]?.text("lastConfigChangeAt") ?? version
-                let fresh = instances.filter { $0.text("version") >= configVersion && $0.text("goal") == "run" }
-                let ready = fresh.filter { $0["ready"] == .bool(true) }.count
-                let old = instances.count - fresh.count
-                var line = "  \(ready)/\(wanted) new instance(s) ready, \(fresh.count - ready) starting"
-                if old > 0 { line += ", \(old) old still running" }
-                if let problem = deployment["lastProblem"]?.stringValue { line += "\n  last problem: \(problem)" }
-                if line != lastLine && !options.json {
-                    print(line)
-                    lastLine = line
-                }
-            }
-            try await Task.sleep(for: .milliseconds(300))
-        }
-        throw CLIError("deployment \(deploymentID) still running after \(Int(timeout)) s (it goes on; see `flotilla deployments`, `flotilla app \(id)`, `flotilla logs \(id) --stderr`)")
-    }
 }
 
 struct AppsCommand: AsyncParsableCommand {
@@ -152,7 +93,7 @@ struct ScaleCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "scale", abstract: "Set an app's number of instances.")
     @Argument(help: "The app id.") var id: String
     @Argument(help: "The number of instances.") var instances: Int
-    @Flag(help: "Override a deployment in progress.") var force = false
+    @OptionGroup var change: ChangeOptions
     @OptionGroup var options: ClientOptions
 
     func validate() throws {
@@ -160,21 +101,23 @@ struct ScaleCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let result = try await options.client().call(
-            .PUT, APIClient.appPath(id) + "?force=\(force)", body: .object(["instances": .number(Double(instances))]))
-        report(result, options: options, action: "scaling \(id) to \(instances)")
+        let client = options.client()
+        let result = try await client.call(
+            .PUT, APIClient.appPath(id) + "?force=\(change.force)", body: .object(["instances": .number(Double(instances))]))
+        try await change.follow(result, client: client, options: options, id: id, action: "scaling \(id) to \(instances)")
     }
 }
 
 struct RestartCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "restart", abstract: "Replace every instance of an app.")
     @Argument(help: "The app id.") var id: String
-    @Flag(help: "Override a deployment in progress.") var force = false
+    @OptionGroup var change: ChangeOptions
     @OptionGroup var options: ClientOptions
 
     func run() async throws {
-        let result = try await options.client().call(.POST, APIClient.appPath(id) + "/restart?force=\(force)")
-        report(result, options: options, action: "restarting \(id)")
+        let client = options.client()
+        let result = try await client.call(.POST, APIClient.appPath(id) + "/restart?force=\(change.force)")
+        try await change.follow(result, client: client, options: options, id: id, action: "restarting \(id)")
     }
 }
 
@@ -183,7 +126,7 @@ struct RollbackCommand: AsyncParsableCommand {
         commandName: "rollback", abstract: "Return an app to an earlier version (default: the one before the current).")
     @Argument(help: "The app id.") var id: String
     @Option(help: "The version to return to (see `flotilla versions`).") var to: String?
-    @Flag(help: "Override a deployment in progress.") var force = false
+    @OptionGroup var change: ChangeOptions
     @OptionGroup var options: ClientOptions
 
     func run() async throws {
@@ -197,20 +140,21 @@ struct RollbackCommand: AsyncParsableCommand {
             target = versions.sorted(by: >).first { $0 < lastConfigChange }
             guard target != nil else { throw CLIError("\(id) has no earlier configuration to return to") }
         }
-        let result = try await client.call(.PUT, APIClient.appPath(id) + "?force=\(force)", body: .object(["version": .string(target!)]))
-        report(result, options: options, action: "rolling \(id) back to \(target!)")
+        let result = try await client.call(.PUT, APIClient.appPath(id) + "?force=\(change.force)", body: .object(["version": .string(target!)]))
+        try await change.follow(result, client: client, options: options, id: id, action: "rolling \(id) back to \(target!)")
     }
 }
 
 struct DestroyCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "destroy", abstract: "Stop all instances of an app and remove it.")
     @Argument(help: "The app id.") var id: String
-    @Flag(help: "Override a deployment in progress.") var force = false
+    @OptionGroup var change: ChangeOptions
     @OptionGroup var options: ClientOptions
 
     func run() async throws {
-        let result = try await options.client().call(.DELETE, APIClient.appPath(id) + "?force=\(force)")
-        report(result, options: options, action: "destroying \(id)")
+        let client = options.client()
+        let result = try await client.call(.DELETE, APIClient.appPath(id) + "?force=\(change.force)")
+        try await change.follow(result, client: client, options: options, id: id, action: "destroying \(id)", removesApp: true)
     }
 }
 
@@ -306,12 +250,6 @@ struct LogsCommand: AsyncParsableCommand {
             FileHandle.standardOutput.write(reply.body)
         }
     }
-}
-
-/// Prints the answer to a change: `{"version", "deploymentId"}`.
-func report(_ result: JSONValue, options: ClientOptions, action: String) {
-    if options.json { return printJSON(result) }
-    print("\(action): version \(result.text("version")), deployment \(result.text("deploymentId"))")
 }
 
 extension JSONValue {

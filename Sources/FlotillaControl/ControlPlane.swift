@@ -13,6 +13,8 @@ public actor ControlPlane: Service {
     private let events: EventBus
     private let logger: Logger
     private let lock = AsyncLock()
+    /// Where `portDefinitions[].port: 0` service ports come from (Marathon's local_port_min/max).
+    public nonisolated let servicePortRange: ClosedRange<Int>
 
     // Everything a read shows; each change bumps `generation`, so readers can cache what they
     // render from a snapshot until the state moves.
@@ -42,7 +44,8 @@ public actor ControlPlane: Service {
 
     private let (wakeups, wakeupContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
 
-    public init(store: any StateStore, events: EventBus, logger: Logger) {
+    public init(store: any StateStore, events: EventBus, logger: Logger, servicePortRange: ClosedRange<Int> = 10_000...20_000) {
+        self.servicePortRange = servicePortRange
         self.store = store
         self.events = events
         self.logger = logger
@@ -146,32 +149,8 @@ public actor ControlPlane: Service {
         return try await self.createLocked(definition, clientIP: clientIP)
     }
 
-    private func createLocked(_ definition: AppDefinition, clientIP: String?) async throws -> ChangeResult {
-        try requireLoaded()
-        if apps[definition.id] != nil {
-            throw FlotillaError.conflict(message: "An app with id [\(definition.id)] already exists.", deploymentIDs: [])
-        }
-        if let parent = apps.keys.first(where: { $0.contains(definition.id) || definition.id.contains($0) }) {
-            throw FlotillaError.invalid([FieldError("/id", "'\(definition.id)' would nest with the existing app '\(parent)'; an app id cannot be a group of another app")])
-        }
-        let version = nextVersion()
-        let record = AppRecord(definition: definition, version: version, versionInfo: VersionInfo(lastScalingAt: version, lastConfigChangeAt: version))
-        let steps: [[Deployment.Action]] =
-            definition.instances > 0
-            ? [[.init(action: .startApplication, app: definition.id)], [.init(action: .scaleApplication, app: definition.id)]]
-            : [[.init(action: .startApplication, app: definition.id)]]
-        let deployment = newDeployment(
-            version: version, targets: [.init(app: definition.id, targetVersion: version, previousVersion: nil)], steps: steps,
-            configVersions: [definition.id: version])
-        try await commit(
-            preconditions: [.absent(StateKeys.app(definition.id))],
-            puts: [(StateKeys.app(definition.id), record), (StateKeys.version(version, of: definition.id), record), (StateKeys.deployment(deployment.id), deployment)])
-        apps[definition.id] = record
-        deployments[deployment.id] = deployment
-        backoffs[definition.id] = nil
-        publishChange(record: record, deployment: deployment, original: nil, clientIP: clientIP, uri: "/v2/apps")
-        wake()
-        return ChangeResult(version: version, deploymentID: deployment.id, app: record)
+    private func createLocked(_ requested: AppDefinition, clientIP: String?) async throws -> ChangeResult {
+        try await applyLocked([AppChange(current: nil, definition: requested)], force: false, clientIP: clientIP, uri: "/v2/apps")
     }
 
     /// `PUT`/`PATCH /v2/apps/{id}`: merge `fields` over the current definition (or replace it when
@@ -206,10 +185,7 @@ public actor ControlPlane: Service {
             definition = record.definition
             restoredConfig = record.configVersion
         } else {
-            var object = partial ? (try JSONValue(encoding: current.definition).objectValue ?? [:]) : [:]
-            for (key, value) in fields where key != "version" { object[key] = value }
-            object["id"] = .string(id.path)
-            definition = try AppDefinition.decode(object)
+            definition = try mergedDefinition(id, fields: fields, partial: partial)
         }
         return try await changeLocked(
             current, to: definition, restart: false, force: force, clientIP: clientIP, uri: "/v2/apps\(id)", configVersion: restoredConfig)
@@ -227,33 +203,137 @@ public actor ControlPlane: Service {
     ///   still running that configuration (a warm blue-green set, the untouched part of a rolling
     ///   update) count as current and are kept.
     private func changeLocked(
-        _ current: AppRecord, to definition: AppDefinition, restart: Bool, force: Bool, clientIP: String?, uri: String,
+        _ current: AppRecord, to requested: AppDefinition, restart: Bool, force: Bool, clientIP: String?, uri: String,
         configVersion restoredConfig: String? = nil
     ) async throws -> ChangeResult {
-        let id = current.id
-        let cancelled = try conflictingDeployments(for: id, force: force)
+        try await applyLocked(
+            [AppChange(current: current, definition: requested, restart: restart, restoredConfig: restoredConfig)], force: force,
+            clientIP: clientIP, uri: uri)
+    }
+
+    /// One change to one app inside a deployment: a new app (`current` nil) or a new version of one.
+    struct AppChange {
+        var current: AppRecord?
+        var definition: AppDefinition
+        var restart = false
+        /// For a rollback: the config version being restored.
+        var restoredConfig: String?
+    }
+
+    /// Validates, commits and then shows a change of one or more apps as one deployment: every app
+    /// gets its new version in the same transaction, or none does.
+    /// - Parameter layers: the order in which apps start or change (Marathon's dependency order);
+    ///   each layer is a deployment step that waits for the one before. Default: all at once.
+    private func applyLocked(
+        _ requestedChanges: [AppChange], layers: [[AppID]]? = nil, force: Bool, clientIP: String?, uri: String
+    ) async throws -> ChangeResult {
+        try requireLoaded()
+        var changes = requestedChanges
+        var assigned: [AppID: AppDefinition] = [:]
+        var preconditions: [StorePrecondition] = []
+        var cancelled: Set<String> = []
+        for index in changes.indices {
+            let id = changes[index].definition.id
+            if let current = changes[index].current {
+                cancelled.formUnion(try conflictingDeployments(for: current.id, force: force))
+            } else {
+                if apps[id] != nil {
+                    throw FlotillaError.conflict(message: "An app with id [\(id)] already exists.", deploymentIDs: [])
+                }
+                let others = Set(apps.keys).union(changes.map(\.definition.id).filter { $0 != id })
+                if let parent = others.first(where: { $0.contains(id) || id.contains($0) }) {
+                    throw FlotillaError.invalid([
+                        FieldError("/id", "'\(id)' would nest with the app '\(parent)'; an app id cannot be a group of another app")
+                    ])
+                }
+                preconditions.append(.absent(StateKeys.app(id)))
+            }
+            changes[index].definition = try withServicePorts(changes[index].definition, previous: changes[index].current?.definition, alsoTaken: assigned)
+            assigned[id] = changes[index].definition
+        }
         let version = nextVersion()
-        let configChanged = restart || definition.requiresRestart(comparedTo: current.definition)
-        let configVersion = configChanged ? (restart ? version : restoredConfig ?? version) : current.versionInfo.lastConfigChangeAt
-        let record = AppRecord(
-            definition: definition, version: version,
-            versionInfo: VersionInfo(lastScalingAt: version, lastConfigChangeAt: configVersion))
-        let action: Deployment.ActionKind = configChanged ? .restartApplication : .scaleApplication
-        let deployment = newDeployment(
-            version: version, targets: [.init(app: id, targetVersion: version, previousVersion: current.version)],
-            steps: [[.init(action: action, app: id)]], configVersions: [id: configVersion])
-        let cancelledResults = cancellationResults(cancelled, reason: "replaced by deployment \(deployment.id) (force)")
-        try await commit(
-            puts: [(StateKeys.app(id), record), (StateKeys.version(version, of: id), record), (StateKeys.deployment(deployment.id), deployment)]
-                + cancelledResults.map { (StateKeys.deploymentResult($0.id), $0) },
-            deletes: cancelled.map { StateKeys.deployment($0) })
+        var records: [AppRecord] = []
+        var targets: [Deployment.Target] = []
+        var configVersions: [AppID: String] = [:]
+        var actions: [AppID: Deployment.ActionKind] = [:]
+        for change in changes {
+            let definition = change.definition
+            let record: AppRecord
+            if let current = change.current {
+                let configChanged = change.restart || definition.requiresRestart(comparedTo: current.definition)
+                let configVersion =
+                    configChanged ? (change.restart ? version : change.restoredConfig ?? version) : current.versionInfo.lastConfigChangeAt
+                record = AppRecord(definition: definition, version: version, versionInfo: VersionInfo(lastScalingAt: version, lastConfigChangeAt: configVersion))
+                actions[definition.id] = configChanged ? .restartApplication : .scaleApplication
+            } else {
+                record = AppRecord(definition: definition, version: version, versionInfo: VersionInfo(lastScalingAt: version, lastConfigChangeAt: version))
+                if definition.instances > 0 { actions[definition.id] = .scaleApplication }
+            }
+            records.append(record)
+            configVersions[definition.id] = record.configVersion
+            targets.append(.init(app: definition.id, targetVersion: version, previousVersion: change.current?.version))
+        }
+        // A new app is started (with no instances) in the first step, then scaled in its layer.
+        var steps: [[Deployment.Action]] = []
+        let created = changes.filter { $0.current == nil }.map(\.definition.id)
+        if !created.isEmpty { steps.append(created.map { .init(action: .startApplication, app: $0) }) }
+        for layer in layers ?? [changes.map(\.definition.id)] {
+            let step = layer.compactMap { id in actions[id].map { Deployment.Action(action: $0, app: id) } }
+            if !step.isEmpty { steps.append(step) }
+        }
+        let deployment = newDeployment(version: version, targets: targets, steps: steps, configVersions: configVersions)
+        let cancelledIDs = cancelled.sorted()
+        let cancelledResults = cancellationResults(cancelledIDs, reason: "replaced by deployment \(deployment.id) (force)")
+        var puts: [(String, any Encodable & Sendable)] = []
+        for record in records {
+            puts += [(StateKeys.app(record.id), record), (StateKeys.version(version, of: record.id), record)]
+        }
+        puts.append((StateKeys.deployment(deployment.id), deployment))
+        puts += cancelledResults.map { (StateKeys.deploymentResult($0.id), $0) }
+        try await commit(preconditions: preconditions, puts: puts, deletes: cancelledIDs.map { StateKeys.deployment($0) })
+        // Committed: now it is shown.
         finishCancelled(cancelledResults)
-        apps[id] = record
+        for (change, record) in zip(changes, records) {
+            apps[record.id] = record
+            let configChanged = change.current == nil || record.configVersion != change.current?.configVersion
+            if configChanged { backoffs[record.id] = nil }
+        }
         deployments[deployment.id] = deployment
-        if configChanged { backoffs[id] = nil }
-        publishChange(record: record, deployment: deployment, original: current, clientIP: clientIP, uri: uri)
+        publishChange(records: records, deployment: deployment, original: changes.compactMap(\.current), clientIP: clientIP, uri: uri)
         wake()
-        return ChangeResult(version: version, deploymentID: deployment.id, app: record)
+        return ChangeResult(version: version, deploymentID: deployment.id, app: records.count == 1 ? records[0] : nil)
+    }
+
+    /// `PUT`/`PATCH /v2/apps`: several apps in one deployment; each body is merged over its app (or
+    /// replaces it when `partial` is false), an app that does not exist is created. All are checked
+    /// before any is applied.
+    public func updateMany(_ bodies: [(AppID, [String: JSONValue])], partial: Bool, force: Bool, clientIP: String? = nil) async throws -> ChangeResult {
+        await lock.acquire()
+        defer { lock.release() }
+        try requireLoaded()
+        guard !bodies.isEmpty else { throw FlotillaError.invalid([FieldError("/", "the list of apps is empty")]) }
+        var seen: Set<AppID> = []
+        var changes: [AppChange] = []
+        for (index, (id, fields)) in bodies.enumerated() {
+            guard seen.insert(id).inserted else { throw FlotillaError.invalid([FieldError("/\(index)/id", "app '\(id)' is listed twice")]) }
+            do {
+                changes.append(AppChange(current: apps[id], definition: try mergedDefinition(id, fields: fields, partial: partial)))
+            } catch FlotillaError.invalid(let message, let details) {
+                throw FlotillaError.invalid(message: message, details: details.map { FieldError("/\(index)" + $0.path, $0.errors.joined(separator: "; ")) })
+            }
+        }
+        return try await applyLocked(changes, force: force, clientIP: clientIP, uri: "/v2/apps")
+    }
+
+    /// `fields` merged over the app's current definition (or on their own when `partial` is false
+    /// or the app is new), decoded and validated.
+    private func mergedDefinition(_ id: AppID, fields: [String: JSONValue], partial: Bool) throws -> AppDefinition {
+        var object = partial ? ((apps[id]).flatMap { try? JSONValue(encoding: $0.definition).objectValue } ?? [:]) : [:]
+        for (key, value) in fields where key != "version" { object[key] = value }
+        // The legacy `ports` replaces the port definitions it stands for.
+        if fields["ports"] != nil && fields["portDefinitions"] == nil { object["portDefinitions"] = nil }
+        object["id"] = .string(id.path)
+        return try AppDefinition.decode(object)
     }
 
     /// `DELETE /v2/apps/{id}`: the app goes at once; a deployment stops its instances.
@@ -696,6 +776,19 @@ public actor ControlPlane: Service {
 
     // MARK: - Helpers
 
+    /// The definition with its port-0 service ports assigned, keeping the ones `previous` had.
+    private func withServicePorts(
+        _ definition: AppDefinition, previous: AppDefinition?, alsoTaken: [AppID: AppDefinition] = [:]
+    ) throws(FlotillaError) -> AppDefinition {
+        var inUse: Set<Int> = []
+        var others = apps.mapValues(\.definition)
+        others.merge(alsoTaken) { $1 }
+        for (id, other) in others where id != definition.id {
+            for port in other.portDefinitions where port.port != 0 { inUse.insert(port.port) }
+        }
+        return try ServicePorts.assign(definition, previous: previous, inUse: inUse, range: servicePortRange)
+    }
+
     private func requireLoaded() throws {
         if !loaded { throw FlotillaError.unavailable("the agent is still starting; try again in a moment") }
     }
@@ -764,14 +857,15 @@ public actor ControlPlane: Service {
 
     // MARK: - Events
 
-    private func publishChange(record: AppRecord, deployment: Deployment, original: AppRecord?, clientIP: String?, uri: String) {
-        if let definition = try? JSONValue(encoding: record.definition) {
+    private func publishChange(records: [AppRecord], deployment: Deployment, original: [AppRecord], clientIP: String?, uri: String) {
+        for record in records {
+            guard let definition = try? JSONValue(encoding: record.definition) else { continue }
             events.publish(
                 FlotillaEvent(
                     type: "api_post_event",
                     fields: ["clientIp": clientIP.map(JSONValue.string) ?? .null, "uri": .string(uri), "appDefinition": definition]))
         }
-        events.publish(deploymentInfoEvent(deployment, original: original.map { [$0] } ?? [], target: [record]))
+        events.publish(deploymentInfoEvent(deployment, original: original, target: records))
     }
 
     private func deploymentInfoEvent(_ deployment: Deployment, original: [AppRecord], target: [AppRecord]) -> FlotillaEvent {

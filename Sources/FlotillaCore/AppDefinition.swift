@@ -94,7 +94,9 @@ public struct AppDefinition: Sendable, Hashable, Codable {
             // The legacy `ports` array: each number becomes a port definition.
             portDefinitions = ports.map { PortDefinition(port: $0) }
         } else {
-            portDefinitions = []
+            // Marathon gives an app that names no ports one port (so $PORT0 is always set);
+            // `"portDefinitions": []` asks for none.
+            portDefinitions = [PortDefinition(port: 0, name: "default")]
         }
         requirePorts = try container.decodeIfPresent(Bool.self, forKey: .requirePorts) ?? false
         labels = try container.decodeIfPresent([String: String].self, forKey: .labels) ?? [:]
@@ -243,9 +245,6 @@ extension AppDefinition {
             if let name = definition.name {
                 check(seenNames.insert(name).inserted, path + "/name", "port name '\(name)' is used twice")
             }
-        }
-        if requirePorts {
-            check(!portDefinitions.contains { $0.port == 0 }, "/requirePorts", "requirePorts needs every port to be given (not 0)")
         }
         for (index, constraint) in constraints.enumerated() {
             if let problem = constraint.problem {

@@ -61,6 +61,11 @@ public struct HealthCheck: Sendable, Hashable, Codable {
         try container.encode(ignoreHttp1xx, forKey: .ignoreHttp1xx)
     }
 
+    /// How long one probe may run: its timeout, but never past the next interval. Marathon accepts a
+    /// timeout at or above the interval (published definitions use interval 10 with timeout 20); a
+    /// probe that ran that long would overlap the next one, so it is cut when the interval ends.
+    public var effectiveTimeoutSeconds: Double { min(timeoutSeconds, intervalSeconds) }
+
     func problems(portCount: Int) -> [FieldError] {
         var problems: [FieldError] = []
         switch `protocol` {
@@ -79,9 +84,6 @@ public struct HealthCheck: Sendable, Hashable, Codable {
         }
         if intervalSeconds <= 0 { problems.append(FieldError("/intervalSeconds", "must be more than zero")) }
         if timeoutSeconds <= 0 { problems.append(FieldError("/timeoutSeconds", "must be more than zero")) }
-        if timeoutSeconds >= intervalSeconds {
-            problems.append(FieldError("/timeoutSeconds", "must be less than intervalSeconds"))
-        }
         if gracePeriodSeconds < 0 { problems.append(FieldError("/gracePeriodSeconds", "must be zero or more")) }
         if maxConsecutiveFailures < 0 { problems.append(FieldError("/maxConsecutiveFailures", "must be zero or more")) }
         return problems

@@ -19,12 +19,18 @@ public enum CatalogBuilder {
 
     /// The services an app declares (name and tags per registered port), whether or not any
     /// instance runs: a route stays known while its app exists, so the proxy can answer 503.
-    public static func declaredServices(of definition: AppDefinition) -> [(name: String, tags: [String])] {
-        naming(of: definition, portCount: max(1, definition.portDefinitions.count)).map { ($0.name, $0.tags) }
+    public static func declaredServices(of definition: AppDefinition, routeServicePorts: Bool = false) -> [(name: String, tags: [String])] {
+        naming(of: definition, portCount: max(1, definition.portDefinitions.count), routeServicePorts: routeServicePorts).map { ($0.name, $0.tags) }
     }
 
+    /// The label that asks for an app's service ports to be routed as TCP routes
+    /// (`urlprefix-:SERVICEPORT proto=tcp`), as marathon-lb serves them.
+    public static let servicePortRouteLabel = "FLOTILLA_SERVICE_PORT_ROUTE"
+
     /// Name and tags of each port of an app that is registered (ignored ports are left out).
-    static func naming(of definition: AppDefinition, portCount: Int) -> [(index: Int, name: String, tags: [String], portName: String?)] {
+    static func naming(
+        of definition: AppDefinition, portCount: Int, routeServicePorts: Bool = false
+    ) -> [(index: Int, name: String, tags: [String], portName: String?)] {
         func setting(_ key: String) -> String? {
             if let label = definition.labels[key] { return label }
             if case .value(let value)? = definition.env[key] { return value }
@@ -33,6 +39,7 @@ public enum CatalogBuilder {
         if let ignore = setting("SERVICE_IGNORE"), !ignore.isEmpty, ignore.lowercased() != "false" { return [] }
         let baseName = setting("SERVICE_NAME") ?? definition.id.serviceName
         let baseTags = tags(setting("SERVICE_TAGS"))
+        let routed = routeServicePorts ? setting(servicePortRouteLabel)?.lowercased() != "false" : setting(servicePortRouteLabel)?.lowercased() == "true"
         var result: [(index: Int, name: String, tags: [String], portName: String?)] = []
         for index in 0..<portCount {
             let portDefinition = definition.portDefinitions.indices.contains(index) ? definition.portDefinitions[index] : PortDefinition(port: 0)
@@ -42,17 +49,21 @@ public enum CatalogBuilder {
             func portSetting(_ suffix: String) -> String? { keys.lazy.compactMap { setting("SERVICE_\($0)_\(suffix)") }.first }
             if let ignore = portSetting("IGNORE"), !ignore.isEmpty, ignore.lowercased() != "false" { continue }
             let name = portSetting("NAME") ?? (index == 0 || portCount == 1 ? baseName : "\(baseName)-\(index)")
-            result.append((index, name, portSetting("TAGS").map(tags) ?? baseTags, portDefinition.name))
+            var portTags = portSetting("TAGS").map(tags) ?? baseTags
+            if routed, portDefinition.port != 0, portDefinition.protocol.contains("tcp") {
+                portTags.append("urlprefix-:\(portDefinition.port) proto=tcp")
+            }
+            result.append((index, name, portTags, portDefinition.name))
         }
         return result
     }
 
     /// The catalog entries of one instance: one per registered port. None once it has ended.
-    public static func services(of instance: Instance) -> [CatalogService] {
+    public static func services(of instance: Instance, routeServicePorts: Bool = false) -> [CatalogService] {
         let spec = instance.spec
         guard !instance.state.isTerminal, instance.state == .running || instance.state == .killing, !spec.ports.isEmpty else { return [] }
         var entries: [CatalogService] = []
-        for port in naming(of: spec.definition, portCount: spec.ports.count) {
+        for port in naming(of: spec.definition, portCount: spec.ports.count, routeServicePorts: routeServicePorts) {
             let hostPort = spec.ports[port.index]
             let serviceID = "\(spec.id):\(hostPort)"
             var meta = [

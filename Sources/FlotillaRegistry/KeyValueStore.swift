@@ -10,13 +10,24 @@ public final class KeyValueStore: Sendable {
     public static let maximumValueBytes = 512 * 1024
     static let prefix = "kv/"
 
-    public struct Entry: Sendable {
+    public struct Entry: Sendable, Hashable {
         public var key: String
         public var value: Data
         public var flags: UInt64
         public var createIndex: UInt64
         public var modifyIndex: UInt64
+        /// How many times the key's lock was acquired (Consul's `LockIndex`).
+        public var lockIndex: UInt64 = 0
+        /// The session holding the key's lock, if any.
+        public var session: String?
     }
+
+    /// A key's lock, kept beside its value under `kvlock/` so the value is stored as it was sent.
+    struct LockState: Codable, Hashable {
+        var session: String?
+        var lockIndex: UInt64
+    }
+    static let lockPrefix = "kvlock/"
 
     public struct Read: Sendable {
         public var entries: [Entry]
@@ -24,7 +35,7 @@ public final class KeyValueStore: Sendable {
         public var index: UInt64
     }
 
-    private let store: any StateStore
+    let store: any StateStore
 
     private struct Tombstones {
         /// Recent deletes, so a prefix's index moves when a key under it goes away.
@@ -36,6 +47,9 @@ public final class KeyValueStore: Sendable {
     // A lock, not an actor: a blocking read woken by a commit goes straight on, with no hop onto
     // a busy executor.
     private let tombstones = Mutex(Tombstones())
+    /// Keys whose lock was lost with an invalidated session: nobody acquires them until then
+    /// (Consul's lock-delay, kept in memory as Consul keeps it).
+    let lockDelays = Mutex<[String: ContinuousClock.Instant]>([:])
     private static let tombstoneLimit = 10_000
 
     public init(store: any StateStore) {
@@ -57,17 +71,31 @@ public final class KeyValueStore: Sendable {
     }
 
     public func get(_ key: String, recurse: Bool) async throws -> Read {
-        let storeKey = Self.prefix + key
-        let entries: [StoreEntry]
-        if recurse {
-            entries = try await store.list(prefix: storeKey).entries
-        } else {
-            entries = try await store.get(storeKey).map { [$0] } ?? []
-        }
-        let converted = entries.map {
-            Entry(key: String($0.key.dropFirst(Self.prefix.count)), value: $0.value, flags: $0.flags, createIndex: $0.createIndex, modifyIndex: $0.modifyIndex)
-        }
+        let converted = try await entries(key, recurse: recurse)
         return Read(entries: converted, index: index(of: key, recurse: recurse, entries: converted))
+    }
+
+    /// The entries at `key` (or under it), with their locks.
+    func entries(_ key: String, recurse: Bool) async throws -> [Entry] {
+        let storeKey = Self.prefix + key
+        let values: [StoreEntry]
+        let locks: [StoreEntry]
+        if recurse {
+            values = try await store.list(prefix: storeKey).entries
+            locks = values.isEmpty ? [] : try await store.list(prefix: Self.lockPrefix + key).entries
+        } else {
+            values = try await store.get(storeKey).map { [$0] } ?? []
+            locks = values.isEmpty ? [] : try await store.get(Self.lockPrefix + key).map { [$0] } ?? []
+        }
+        var lockStates: [String: LockState] = [:]
+        for lock in locks { lockStates[String(lock.key.dropFirst(Self.lockPrefix.count))] = try? StateCodec.decode(LockState.self, from: lock.value) }
+        return values.map {
+            let key = String($0.key.dropFirst(Self.prefix.count))
+            let lock = lockStates[key]
+            return Entry(
+                key: key, value: $0.value, flags: $0.flags, createIndex: $0.createIndex, modifyIndex: $0.modifyIndex,
+                lockIndex: lock?.lockIndex ?? 0, session: lock?.session)
+        }
     }
 
     /// A blocking read: returns when the key's (or prefix's) index passes `after`, or after `wait`.
@@ -104,20 +132,29 @@ public final class KeyValueStore: Sendable {
         let storeKey = Self.prefix + key
         var preconditions: [StorePrecondition] = []
         if let cas, !recurse { preconditions.append(.modifyIndex(storeKey, equals: cas)) }
+        let lockKey = Self.lockPrefix + key
         do {
             let index = try await store.commit(
-                StoreTransaction(preconditions: preconditions, mutations: [recurse ? .deletePrefix(storeKey) : .delete(storeKey)]))
-            tombstones.withLock { state in
-                state.entries.append((key, index))
-                if state.entries.count > Self.tombstoneLimit {
-                    let dropped = state.entries.prefix(state.entries.count - Self.tombstoneLimit / 2)
-                    state.floor = max(state.floor, dropped.map(\.index).max() ?? state.floor)
-                    state.entries.removeFirst(dropped.count)
-                }
-            }
+                StoreTransaction(
+                    preconditions: preconditions,
+                    mutations: recurse ? [.deletePrefix(storeKey), .deletePrefix(lockKey)] : [.delete(storeKey), .delete(lockKey)]))
+            recordDeletes([key], at: index)
             return true
         } catch StoreError.preconditionFailed {
             return false
+        }
+    }
+
+    /// Remembers deletes so the index of a key or prefix they touched moves past them.
+    func recordDeletes(_ keys: [String], at index: UInt64) {
+        guard !keys.isEmpty else { return }
+        tombstones.withLock { state in
+            for key in keys { state.entries.append((key, index)) }
+            if state.entries.count > Self.tombstoneLimit {
+                let dropped = state.entries.prefix(state.entries.count - Self.tombstoneLimit / 2)
+                state.floor = max(state.floor, dropped.map(\.index).max() ?? state.floor)
+                state.entries.removeFirst(dropped.count)
+            }
         }
     }
 

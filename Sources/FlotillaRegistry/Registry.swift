@@ -102,13 +102,16 @@ public actor Registry: Service {
     private var releasedEarly: Set<UInt64> = []
     private var checkTasks: [String: Task<Void, Never>] = [:]
     private var loaded = false
+    /// Every app's service ports become TCP routes (not only labelled apps).
+    private let routeServicePorts: Bool
 
     public static let externalPrefix = "registry/services/"
 
     public init(
         store: any StateStore, source: any RegistrySource, prober: (any CheckProber)?, datacenter: String, localNode: String,
-        localAddress: String, logger: Logger, onViewChange: (@Sendable (RegistryView) -> Void)? = nil
+        localAddress: String, logger: Logger, routeServicePorts: Bool = false, onViewChange: (@Sendable (RegistryView) -> Void)? = nil
     ) {
+        self.routeServicePorts = routeServicePorts
         self.onViewChange = onViewChange
         self.store = store
         self.source = source
@@ -245,7 +248,7 @@ public actor Registry: Service {
     private func rebuild(_ input: RegistryInput) async {
         let now = Date()
         let index = max(input.index, view.floorIndex)
-        var services = input.instances.flatMap(CatalogBuilder.services(of:))
+        var services = input.instances.flatMap { CatalogBuilder.services(of: $0, routeServicePorts: routeServicePorts) }
         services += external.values.map { CatalogBuilder.services(of: $0, now: now) }
         // Stamp each entry: created when first seen, modified when its content changes.
         var stamps: [String: (create: UInt64, modify: UInt64, content: CatalogService)] = [:]
@@ -318,7 +321,7 @@ public actor Registry: Service {
         topicContent = content
         var declared: [String: [String]] = [:]
         for app in input.apps {
-            for service in CatalogBuilder.declaredServices(of: app) { declared[service.name, default: []] += service.tags }
+            for service in CatalogBuilder.declaredServices(of: app, routeServicePorts: routeServicePorts) { declared[service.name, default: []] += service.tags }
         }
         var newView = RegistryView(
             nodes: nodes, services: services, datacenter: datacenter, localNode: localNode, topicIndexes: topicIndexes,

@@ -37,6 +37,11 @@ public struct FlotillaServer {
         public var proxyDrainTimeout: Duration = .seconds(5)
         /// The proxy's access log (`-`: standard output); nil for none.
         public var proxyAccessLog: String?
+        /// Where apps' port-0 service ports come from.
+        public var servicePortRange: ClosedRange<Int> = 10_000...20_000
+        /// Route every app's service ports as TCP routes, not only those labelled
+        /// `FLOTILLA_SERVICE_PORT_ROUTE=true`.
+        public var routeServicePorts = false
 
         public init(
             dataDirectory: String, bindAddress: String, apiPort: Int, node: NodeInfo, stopInstancesOnExit: Bool,
@@ -69,7 +74,7 @@ public struct FlotillaServer {
             throw ServerError("cannot open the state database \(databasePath): \(error)")
         }
         let events = EventBus()
-        let control = ControlPlane(store: store, events: events, logger: logger)
+        let control = ControlPlane(store: store, events: events, logger: logger, servicePortRange: configuration.servicePortRange)
         // Instance cgroups live under a name derived from the data directory, so two agents on one
         // host (tests, or a second node for experiments) never touch each other's instances.
         let digest = String(fnv1a(configuration.dataDirectory), radix: 16)
@@ -97,9 +102,10 @@ public struct FlotillaServer {
         let registry = Registry(
             store: store, source: ControlPlaneSource(control: control), prober: RegistryProber(probe: networkProbe),
             datacenter: configuration.datacenter, localNode: configuration.node.name, localAddress: configuration.node.host, logger: logger,
-            onViewChange: { view in proxy.install(RouteTableBuilder.build(from: view, index: view.index(of: .checks))) })
+            routeServicePorts: configuration.routeServicePorts, onViewChange: { view in proxy.install(RouteTableBuilder.build(from: view, index: view.index(of: .checks))) })
         let keyValues = KeyValueStore(store: store)
         try await keyValues.start()
+        let sessions = SessionStore(store: store, kv: keyValues, registry: registry, logger: logger)
         let dns = DNSServer(
             host: configuration.bindAddress, port: configuration.dnsPort,
             resolver: DNSResolver(domain: configuration.dnsDomain, ttl: configuration.dnsTTL, view: registry.viewBox), logger: logger)
@@ -108,11 +114,13 @@ public struct FlotillaServer {
         let leader = "\(configuration.bindAddress == "0.0.0.0" ? configuration.node.host : configuration.bindAddress):\(configuration.apiPort)"
         MarathonRoutes(
             control: control, events: events,
-            info: .init(version: configuration.version, leader: leader, nodeName: configuration.node.name, httpPort: configuration.apiPort)
+            info: .init(
+                version: configuration.version, leader: leader, nodeName: configuration.node.name, httpPort: configuration.apiPort,
+                servicePortRange: configuration.servicePortRange)
         ).add(to: router)
         LogRoutes(control: control, sandboxRoot: agent.sandboxRoot).add(to: router)
         FlotillaRoutes(control: control).add(to: router)
-        ConsulRoutes(registry: registry, kv: keyValues, serverAddress: "\(configuration.node.host):8300", version: configuration.version)
+        ConsulRoutes(registry: registry, kv: keyValues, sessions: sessions, serverAddress: "\(configuration.node.host):8300", version: configuration.version)
             .add(to: router)
         OperationsRoutes(
             routes: { proxy.currentRoutes },
@@ -135,6 +143,7 @@ public struct FlotillaServer {
                 services: [
                     .init(service: control),
                     .init(service: registry),
+                    .init(service: sessions),
                     .init(service: dns),
                     .init(service: proxy),
                     .init(service: agent),
@@ -148,6 +157,7 @@ public struct FlotillaServer {
         // Everything the API serves is loaded before it listens: `/ping` answering means ready.
         try await control.load()
         try await registry.load()
+        try await sessions.load()
         do {
             try await group.run()
         } catch {

@@ -79,8 +79,24 @@ import Testing
     }
 
     @Test func healthChecksNeedAPortToCheck() {
-        #expect(details(of: #"{"id": "/web", "cmd": "x", "healthChecks": [{"protocol": "HTTP"}]}"#).first?.path == "/healthChecks(0)/portIndex")
+        #expect(
+            details(of: #"{"id": "/web", "cmd": "x", "portDefinitions": [], "healthChecks": [{"protocol": "HTTP"}]}"#).first?.path
+                == "/healthChecks(0)/portIndex")
+        // An app that names no ports has Marathon's default one, so port index 0 is there.
+        #expect(details(of: #"{"id": "/web", "cmd": "x", "healthChecks": [{"protocol": "HTTP"}]}"#).isEmpty)
         #expect(details(of: #"{"id": "/web", "cmd": "x", "healthChecks": [{"protocol": "COMMAND", "command": {"value": "true"}}]}"#).isEmpty)
+    }
+
+    @Test func appsWithoutPortsGetMarathonsDefaultPort() throws {
+        #expect(try decode(#"{"id": "/web", "cmd": "serve"}"#).portDefinitions == [PortDefinition(port: 0, name: "default")])
+        #expect(try decode(#"{"id": "/web", "cmd": "serve", "portDefinitions": []}"#).portDefinitions.isEmpty)
+        #expect(try decode(#"{"id": "/web", "cmd": "serve", "ports": []}"#).portDefinitions.isEmpty)
+    }
+
+    @Test func healthCheckTimeoutMayExceedTheIntervalButAProbeNeverOutlivesIt() throws {
+        let app = try decode(#"{"id": "/web", "cmd": "x", "healthChecks": [{"intervalSeconds": 10, "timeoutSeconds": 20}]}"#)
+        #expect(app.healthChecks[0].timeoutSeconds == 20)
+        #expect(app.healthChecks[0].effectiveTimeoutSeconds == 10)
     }
 
     @Test func scalingIsNotAConfigChange() throws {

@@ -174,3 +174,51 @@ def test_logs_follow(shared_agent, app_ids):
             follower.wait()
             pytest.fail("flotilla logs -f ignored SIGTERM")
         shared_agent.delete(f"/v2/apps{app_id}", params={"force": "true"})
+
+
+def deployments_of(agent, app_id):
+    return [d for d in agent.deployments() if app_id in d["affectedApps"]]
+
+
+def test_changes_follow_their_deployment_so_the_next_command_never_meets_409(shared_agent, app_ids, tmp_path):
+    # The README's sequence, run back to back with no waiting in between: each command returns only
+    # once its deployment has finished (drainSeconds makes the scale-down take a while).
+    agent = shared_agent
+    app_id = app_ids.new()
+    definition = tmp_path / "app.yaml"
+    definition.write_text(yaml_app(app_id, color="blue") + "drainSeconds: 1\n")
+    succeeded(agent.cli("deploy", definition, "--timeout", "30"), "deploy")
+
+    scaled = succeeded(agent.cli("scale", app_id, 3, "--timeout", "30"), "scale")
+    assert "succeeded" in scaled.stdout and "ready" in scaled.stdout, scaled.stdout
+    assert deployments_of(agent, app_id) == [], "scale returned before its deployment ended"
+    restarted = succeeded(agent.cli("restart", app_id, "--timeout", "30"), "restart")
+    assert "succeeded" in restarted.stdout, restarted.stdout
+    down = json_of(agent, "scale", app_id, 1, "--timeout", "30")
+    assert down["status"] == "succeeded" and down["deploymentId"], down
+    assert len(agent.wait_for_running(app_id, 1)) == 1
+    rolled = succeeded(agent.cli("rollback", app_id, "--timeout", "30"), "rollback")
+    assert "succeeded" in rolled.stdout, rolled.stdout
+    destroyed = succeeded(agent.cli("destroy", app_id, "--timeout", "30"), "destroy")
+    assert "succeeded" in destroyed.stdout, destroyed.stdout
+    assert not any(task["appId"] == app_id for task in agent.get("/v2/tasks").json()["tasks"]), \
+        "destroy returned while instances were still running"
+
+
+def test_detach_returns_at_once_and_force_overrides(shared_agent, app_ids, tmp_path):
+    agent = shared_agent
+    app_id = app_ids.new()
+    definition = tmp_path / "app.yaml"
+    definition.write_text(yaml_app(app_id, color="blue") + "drainSeconds: 5\n")
+    succeeded(agent.cli("deploy", definition, "--timeout", "30"), "deploy")
+    succeeded(agent.cli("scale", app_id, 2, "--timeout", "30"), "scale")
+
+    detached = json_of(agent, "scale", app_id, 1, "--detach")
+    assert detached["deploymentId"] and "status" not in detached, detached
+    assert [d["id"] for d in deployments_of(agent, app_id)] == [detached["deploymentId"]], "the scale-down drains for 5 s"
+
+    blocked = agent.cli("restart", app_id)
+    assert blocked.returncode != 0 and "locked" in blocked.stderr, blocked.stderr
+    forced = json_of(agent, "restart", app_id, "--force", "--detach")
+    assert forced["deploymentId"] != detached["deploymentId"]
+    succeeded(agent.cli("destroy", app_id, "--force", "--timeout", "30"), "destroy --force")
