@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -84,6 +85,11 @@ pid_t flotilla_spawn(const flotilla_spawn_request *request, int *error_stage, in
             pipe_fd = moved;
         }
         close_all_except(pipe_fd);
+        if (request->set_user) {
+            if (setgroups((size_t)request->group_count, request->groups) != 0) report_and_exit(pipe_fd, 7);
+            if (setgid(request->gid) != 0) report_and_exit(pipe_fd, 7);
+            if (setuid(request->uid) != 0) report_and_exit(pipe_fd, 7);
+        }
         if (request->working_directory && chdir(request->working_directory) != 0) report_and_exit(pipe_fd, 5);
         execve(request->path, request->argv, request->envp);
         report_and_exit(pipe_fd, 6);

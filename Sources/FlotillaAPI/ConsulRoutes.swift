@@ -12,6 +12,7 @@ public struct ConsulRoutes: Sendable {
     let registry: Registry
     let kv: KeyValueStore
     let sessions: SessionStore
+    let events = UserEvents()
     let serverAddress: String
     let version: String
 
@@ -42,6 +43,15 @@ public struct ConsulRoutes: Sendable {
         router.get("/v1/agent/checks") { request, _ in await handle { try await agentChecks(request) } }
         router.put("/v1/agent/service/register") { request, _ in await handle { try await register(request) } }
         router.put("/v1/agent/service/deregister/**") { request, _ in await handle { try await deregister(request) } }
+        router.get("/v1/agent/service/**") { request, _ in await handle { try await agentService(request) } }
+        router.put("/v1/agent/service/maintenance/**") { request, _ in await handle { try await maintenance(request, service: true) } }
+        router.put("/v1/agent/maintenance") { request, _ in await handle { try await maintenance(request, service: false) } }
+        router.put("/v1/agent/check/register") { request, _ in await handle { try await registerCheck(request) } }
+        router.put("/v1/agent/check/deregister/**") { request, _ in await handle { try await deregisterCheck(request) } }
+        router.put("/v1/catalog/register") { request, _ in await handle { try await catalogRegister(request) } }
+        router.put("/v1/catalog/deregister") { request, _ in await handle { try await catalogDeregister(request) } }
+        router.put("/v1/event/fire/**") { request, _ in await handle { try await fireEvent(request) } }
+        router.get("/v1/event/list") { request, _ in await handle { try await listEvents(request) } }
         for action in ["pass", "warn", "fail", "update"] {
             router.put("/v1/agent/check/\(action)/**") { request, _ in await handle { try await updateCheck(request, action: action) } }
         }
@@ -75,6 +85,8 @@ public struct ConsulRoutes: Sendable {
             case .unavailable: status = .serviceUnavailable
             }
             return text(status, error.message)
+        } catch let error as CatalogError {
+            return text(.internalServerError, error.description)
         } catch let error as SessionError {
             return text(.internalServerError, error.description)
         } catch let error as KeyValueStore.LockError {
@@ -212,11 +224,11 @@ public struct ConsulRoutes: Sendable {
         let passingOnly = try request.flag("passing")
         let nodes = Dictionary(view.nodes.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
         let entries = view.services(named: name).filter { entry in
-            tags.allSatisfy(entry.tags.contains) && (!passingOnly || entry.status == .passing)
+            tags.allSatisfy(entry.tags.contains) && (!passingOnly || view.status(of: entry) == .passing)
         }
         let body = JSONValue.array(entries.map { entry in
             let node = nodes[entry.node] ?? CatalogNode(name: entry.node, address: entry.address, meta: [:])
-            let checks = [view.nodeCheck(node)] + entry.checks
+            let checks = view.checks(ofNode: node) + entry.checks
             return .object([
                 "Node": .object(nodeFields(node, datacenter: view.datacenter)),
                 "Service": serviceFields(entry),
@@ -239,7 +251,7 @@ public struct ConsulRoutes: Sendable {
             throw FlotillaError.badRequest("Invalid state '\(state)': use any, passing, warning or critical")
         }
         let view = try await blocking(request, topic: .checks)
-        let checks = view.nodes.map(view.nodeCheck) + view.services.flatMap(\.checks)
+        let checks = view.allChecks
         let selected = checks.filter { state == "any" || $0.status.rawValue == state }
         return json(.array(selected.map(checkFields)), index: view.index(of: .checks))
     }
@@ -248,7 +260,7 @@ public struct ConsulRoutes: Sendable {
         let name = try requireName(request, after: "/v1/health/node/", what: "node")
         let view = try await blocking(request, topic: .node(name))
         guard let node = view.node(named: name) else { return json(.array([]), index: view.index(of: .node(name))) }
-        let checks = [view.nodeCheck(node)] + view.services.filter { $0.node == node.name }.flatMap(\.checks)
+        let checks = view.checks(ofNode: node) + view.services.filter { $0.node == node.name }.flatMap(\.checks)
         return json(.array(checks.map(checkFields)), index: view.index(of: .node(name)))
     }
 
@@ -277,8 +289,8 @@ public struct ConsulRoutes: Sendable {
         ])
     }
 
+    /// Not a blocking query in Consul (its docs say so): `index` and `wait` are ignored.
     private func agentServices(_ request: Request) async throws -> Response {
-        _ = try options(request)
         let view = await registry.currentView()
         var services: [String: JSONValue] = [:]
         for entry in view.services where entry.node == registry.localNode {
@@ -289,11 +301,12 @@ public struct ConsulRoutes: Sendable {
         return json(.object(services), index: view.index(of: .services))
     }
 
+    /// Not a blocking query in Consul either.
     private func agentChecks(_ request: Request) async throws -> Response {
-        _ = try options(request)
         let view = await registry.currentView()
         var checks: [String: JSONValue] = [:]
-        for check in view.services.filter({ $0.node == registry.localNode }).flatMap(\.checks) {
+        let nodeChecks = view.node(named: registry.localNode).map(view.checks(ofNode:)) ?? []
+        for check in nodeChecks + view.services.filter({ $0.node == registry.localNode }).flatMap(\.checks) {
             checks[check.checkID] = checkFields(check)
         }
         return json(.object(checks), index: view.index(of: .checks))
@@ -322,6 +335,163 @@ public struct ConsulRoutes: Sendable {
             try await registry.register(service)
         }
         return Response(status: .ok)
+    }
+
+    /// `GET /v1/agent/service/<id>`, with Consul's hash-based blocking: `?hash=` waits until the
+    /// service's content hash differs (or `wait` passes).
+    private func agentService(_ request: Request) async throws -> Response {
+        let id = try requireName(request, after: "/v1/agent/service/", what: "service ID")
+        let options = try options(request)
+        let seenHash = request.formValue("hash")
+        let deadline = ContinuousClock.now + options.wait
+        var view = await registry.currentView()
+        while true {
+            guard let entry = view.services.first(where: { $0.id == id && $0.node == registry.localNode }) else {
+                return text(.notFound, "unknown service ID: \(id)")
+            }
+            var object = serviceFields(entry).objectValue ?? [:]
+            object["Datacenter"] = .string(view.datacenter)
+            object["Kind"] = .string("")
+            let hash = String(fnv1a(JSONValue.object(object).serialized()), radix: 16)
+            let left = deadline - ContinuousClock.now
+            if let seenHash, seenHash == hash, left > .zero {
+                view = await registry.view(waitingFor: .node(registry.localNode), after: view.index(of: .node(registry.localNode)), wait: left)
+                continue
+            }
+            object["ContentHash"] = .string(hash)
+            return APIResponse.json(.object(object), headers: [HTTPField.Name("X-Consul-ContentHash")!: hash])
+        }
+    }
+
+    private func maintenance(_ request: Request, service: Bool) async throws -> Response {
+        let id = service ? try requireName(request, after: "/v1/agent/service/maintenance/", what: "service ID") : nil
+        guard let text = request.formValue("enable") else { throw FlotillaError.badRequest("Missing value for enable") }
+        let enabled: Bool
+        switch text.lowercased() {
+        case "1", "t", "true": enabled = true
+        case "0", "f", "false": enabled = false
+        default: throw FlotillaError.badRequest("Invalid value for enable: \"\(text)\"")
+        }
+        try await registry.setMaintenance(serviceID: id, enabled: enabled, reason: request.formValue("reason"))
+        return Response(status: .ok)
+    }
+
+    private func registerCheck(_ request: Request) async throws -> Response {
+        let (check, serviceID) = try ServiceRegistration.parseCheckRegistration(try await bodyObject(request))
+        try await registry.registerCheck(check, serviceID: serviceID)
+        return Response(status: .ok)
+    }
+
+    private func deregisterCheck(_ request: Request) async throws -> Response {
+        let id = try requireName(request, after: "/v1/agent/check/deregister/", what: "check ID")
+        try await registry.deregisterCheck(id)
+        return Response(status: .ok)
+    }
+
+    /// `PUT /v1/catalog/register`: `{Node, Address, NodeMeta, Service, Check, Checks, SkipNodeUpdate}`.
+    private func catalogRegister(_ request: Request) async throws -> Response {
+        let body = try await bodyObject(request)
+        let fields = Dictionary(body.map { ($0.key.lowercased(), $0.value) }, uniquingKeysWith: { first, _ in first })
+        if let datacenter = fields["datacenter"]?.stringValue, !datacenter.isEmpty, datacenter != registry.datacenter {
+            throw FlotillaError.notFound("No path to datacenter '\(datacenter)'")
+        }
+        guard let node = fields["node"]?.stringValue, !node.isEmpty else { throw CatalogError("Must provide node") }
+        let skipNodeUpdate = fields["skipnodeupdate"] == .bool(true)
+        let address = fields["address"]?.stringValue ?? ""
+        if address.isEmpty && !skipNodeUpdate && node != registry.localNode {
+            throw CatalogError("Must provide address if SkipNodeUpdate is not set")
+        }
+        var meta: [String: String] = [:]
+        if case .object(let object)? = fields["nodemeta"] { for (key, value) in object { meta[key] = value.stringValue ?? "" } }
+        // py-consul sends node meta as `?node-meta=key:value`.
+        for pair in request.formValues("node-meta") {
+            let parts = pair.split(separator: ":", maxSplits: 1).map(String.init)
+            if parts.count == 2 { meta[parts[0]] = parts[1] }
+        }
+        var service: ExternalService?
+        if case .object(let object)? = fields["service"] {
+            var definition = object
+            let serviceFields = Dictionary(object.map { ($0.key.lowercased(), $0.value) }, uniquingKeysWith: { first, _ in first })
+            if serviceFields["name"] == nil, let name = serviceFields["service"] { definition["Name"] = name }
+            definition.removeValue(forKey: "Service")
+            definition.removeValue(forKey: "service")
+            service = try ServiceRegistration.parse(definition, node: node, address: address.isEmpty ? registry.localAddress : address)
+        }
+        var checkBodies: [[String: JSONValue]] = []
+        if case .object(let object)? = fields["check"] { checkBodies.append(object) }
+        if case .array(let items)? = fields["checks"] { checkBodies += items.compactMap(\.objectValue) }
+        var checks: [(check: ExternalCheck, serviceID: String?)] = []
+        for raw in checkBodies {
+            let check = Dictionary(raw.map { ($0.key.lowercased(), $0.value) }, uniquingKeysWith: { first, _ in first })
+            guard let name = check["name"]?.stringValue, !name.isEmpty else { throw CatalogError("Missing check name") }
+            let id = check["checkid"]?.stringValue ?? check["id"]?.stringValue ?? name
+            var status = CheckStatus.critical
+            if let text = check["status"]?.stringValue, !text.isEmpty {
+                guard let parsed = CheckStatus(rawValue: text) else { throw FlotillaError.badRequest("Bad check status") }
+                status = parsed
+            }
+            let catalogCheck = ExternalCheck.reported(
+                id: id, name: name, status: status, notes: check["notes"]?.stringValue ?? "", output: check["output"]?.stringValue ?? "")
+            checks.append((catalogCheck, check["serviceid"]?.stringValue.flatMap { $0.isEmpty ? nil : $0 }))
+        }
+        try await registry.catalogRegister(
+            node: ExternalNode(name: node, address: address, meta: meta), skipNodeUpdate: skipNodeUpdate, service: service, checks: checks)
+        return APIResponse.json(.bool(true))
+    }
+
+    private func catalogDeregister(_ request: Request) async throws -> Response {
+        let body = try await bodyObject(request)
+        let fields = Dictionary(body.map { ($0.key.lowercased(), $0.value) }, uniquingKeysWith: { first, _ in first })
+        guard let node = fields["node"]?.stringValue, !node.isEmpty else { throw CatalogError("Must provide node") }
+        try await registry.catalogDeregister(
+            node: node, serviceID: fields["serviceid"]?.stringValue.flatMap { $0.isEmpty ? nil : $0 },
+            checkID: fields["checkid"]?.stringValue.flatMap { $0.isEmpty ? nil : $0 })
+        return APIResponse.json(.bool(true))
+    }
+
+    // MARK: - Events
+
+    private func fireEvent(_ request: Request) async throws -> Response {
+        let name = try requireName(request, after: "/v1/event/fire/", what: "")
+        let service = request.formValue("service") ?? ""
+        let tag = request.formValue("tag") ?? ""
+        let node = request.formValue("node") ?? ""
+        if !tag.isEmpty && service.isEmpty { throw CatalogError("Cannot provide tag filter without service filter") }
+        if !node.isEmpty, (try? NSRegularExpression(pattern: node)) == nil { throw CatalogError("Invalid node filter: '\(node)'") }
+        var request = request
+        let buffer = try await request.collectBody(upTo: 100 * 1024)
+        let event = await events.fire(
+            name: name, payload: buffer.readableBytes > 0 ? Data(buffer.readableBytesView) : nil, nodeFilter: node, serviceFilter: service,
+            tagFilter: tag)
+        var fields = eventFields(event).objectValue ?? [:]
+        fields["LTime"] = .number(0)
+        return APIResponse.json(.object(fields))
+    }
+
+    private func listEvents(_ request: Request) async throws -> Response {
+        let options = try options(request)
+        let name = request.formValue("name")
+        await events.waitForChange(name: name, seen: options.index, wait: options.wait)
+        let list = await events.list(name: name)
+        return json(.array(list.map(eventFields)), index: await events.index(name: name))
+    }
+
+    private func eventFields(_ event: UserEvents.Event) -> JSONValue {
+        .object([
+            "ID": .string(event.id), "Name": .string(event.name), "Payload": event.payload.map { .string($0.base64EncodedString()) } ?? .null,
+            "NodeFilter": .string(event.nodeFilter), "ServiceFilter": .string(event.serviceFilter), "TagFilter": .string(event.tagFilter),
+            "Version": .number(1), "LTime": .unsigned(event.lamportTime),
+        ])
+    }
+
+    private func bodyObject(_ request: Request) async throws -> [String: JSONValue] {
+        var request = request
+        let buffer = try await request.collectBody(upTo: 1 << 20)
+        guard buffer.readableBytes > 0 else { return [:] }
+        guard case .object(let object) = try JSONValue.parse(Data(buffer.readableBytesView)) else {
+            throw FlotillaError.badRequest("Request decode failed: the body must be a JSON object")
+        }
+        return object
     }
 
     private func deregister(_ request: Request) async throws -> Response {
@@ -589,4 +759,18 @@ public struct ConsulRoutes: Sendable {
             "Definition": .object([:]), "CreateIndex": .number(Double(check.createIndex)), "ModifyIndex": .number(Double(check.modifyIndex)),
         ])
     }
+}
+
+
+/// A catalog or event request Consul answers with 500 and this text.
+struct CatalogError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// FNV-1a, 64 bits: the content hash of hash-based blocking queries.
+func fnv1a(_ bytes: [UInt8]) -> UInt64 {
+    var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+    for byte in bytes { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+    return hash
 }

@@ -56,7 +56,7 @@ public enum MarathonJSON {
             "maxLaunchDelaySeconds": .number(app.maxLaunchDelaySeconds),
             "container": .null,
             "healthChecks": .array(app.healthChecks.compactMap { try? JSONValue(encoding: $0) }),
-            "readinessChecks": .array([]),
+            "readinessChecks": .array(app.readinessChecks.compactMap { try? JSONValue(encoding: $0) }),
             "dependencies": .array(app.dependencies.map(JSONValue.string)),
             "upgradeStrategy": upgradeStrategy(app.upgradeStrategy),
             "labels": .object(app.labels.mapValues(JSONValue.string)),
@@ -186,10 +186,10 @@ public enum MarathonJSON {
         ])
     }
 
-    public static func deployment(_ deployment: Deployment) -> JSONValue {
+    public static func deployment(_ deployment: Deployment, in snapshot: ControlSnapshot? = nil) -> JSONValue {
         func action(_ action: Deployment.Action, readiness: Bool) -> JSONValue {
             var object: [String: JSONValue] = ["action": .string(action.action.rawValue), "app": .string(action.app.path)]
-            if readiness { object["readinessCheckResults"] = .array([]) }
+            if readiness { object["readinessCheckResults"] = .array(readinessResults(of: action.app, in: deployment, snapshot: snapshot)) }
             return .object(object)
         }
         return .object([
@@ -202,6 +202,23 @@ public enum MarathonJSON {
             "currentStep": .number(Double(deployment.currentStep)),
             "totalSteps": .number(Double(deployment.totalSteps)),
         ])
+    }
+
+    /// The readiness of the new instances a deployment brings, while they are checked.
+    static func readinessResults(of app: AppID, in deployment: Deployment, snapshot: ControlSnapshot?) -> [JSONValue] {
+        guard let snapshot else { return [] }
+        return snapshot.instances(of: app).filter { deployment.tracks($0.spec) && !$0.state.isTerminal }.compactMap { instance in
+            guard let result = instance.status?.readiness else { return nil }
+            var object: [String: JSONValue] = [
+                "name": .string(result.name), "taskId": .string(instance.id), "ready": .bool(result.ready),
+            ]
+            if let response = result.lastResponse {
+                object["lastResponse"] = .object([
+                    "status": .number(Double(response.status)), "contentType": .string(response.contentType), "body": .string(response.body),
+                ])
+            }
+            return .object(object)
+        }
     }
 
     public static func queueItem(_ entry: QueueEntry, app record: AppRecord, in snapshot: ControlSnapshot, withOffers: Bool) -> JSONValue {

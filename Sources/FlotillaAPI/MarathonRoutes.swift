@@ -260,7 +260,7 @@ public struct MarathonRoutes: Sendable {
 
     private func listDeployments() async throws -> Response {
         let snapshot = await control.snapshot()
-        let deployments = snapshot.deployments.values.sorted { $0.version < $1.version }.map(MarathonJSON.deployment)
+        let deployments = snapshot.deployments.values.sorted { $0.version < $1.version }.map { MarathonJSON.deployment($0, in: snapshot) }
         return APIResponse.json(.array(deployments))
     }
 

@@ -72,10 +72,15 @@ struct ExecDriver: Sendable {
         guard let program = arguments.first, let path = Self.resolve(program, searchPath: environment["PATH"] ?? "") else {
             throw AgentError.launch("cannot find the program '\(arguments.first ?? "")' on PATH \(environment["PATH"] ?? "")")
         }
+        let account = try spec.definition.user.flatMap { $0.isEmpty ? nil : $0 }.map { try UserAccount.lookUp($0) }
         let logFiles = try logs(of: spec.id).openForProcess()
         defer {
             close(logFiles.stdout)
             close(logFiles.stderr)
+        }
+        if let account {
+            // The instance writes its own sandbox (the log files are opened by the agent).
+            chown(sandbox, account.uid, account.gid)
         }
         let cgroupFiles: [String]
         do {
@@ -92,11 +97,16 @@ struct ExecDriver: Sendable {
                     path.withCString { pathPointer in
                         sandbox.withCString { sandboxPointer in
                             cgroupList.withMemoryRebound(to: UnsafePointer<CChar>?.self) { cgroupPointer in
-                                var request = flotilla_spawn_request(
-                                    path: pathPointer, argv: argv.baseAddress, envp: envp.baseAddress,
-                                    working_directory: sandboxPointer, cgroup_procs_files: cgroupPointer.baseAddress,
-                                    cgroup_count: Int32(cgroupFiles.count), stdout_fd: logFiles.stdout, stderr_fd: logFiles.stderr)
-                                return flotilla_spawn(&request, &stage, &number)
+                                let groups = account?.groups ?? []
+                                return groups.withUnsafeBufferPointer { groupPointer in
+                                    var request = flotilla_spawn_request(
+                                        path: pathPointer, argv: argv.baseAddress, envp: envp.baseAddress,
+                                        working_directory: sandboxPointer, cgroup_procs_files: cgroupPointer.baseAddress,
+                                        cgroup_count: Int32(cgroupFiles.count), stdout_fd: logFiles.stdout, stderr_fd: logFiles.stderr,
+                                        set_user: account == nil ? 0 : 1, uid: account?.uid ?? 0, gid: account?.gid ?? 0,
+                                        groups: groupPointer.baseAddress, group_count: Int32(groups.count))
+                                    return flotilla_spawn(&request, &stage, &number)
+                                }
                             }
                         }
                     }
@@ -105,9 +115,16 @@ struct ExecDriver: Sendable {
         }
         guard pid > 0 else {
             cgroups.remove(instanceID: spec.id)
-            let what = ["", "fork", "setsid", "joining the cgroup", "redirecting output", "entering the sandbox", "exec of \(path)"]
+            let what = [
+                "", "fork", "setsid", "joining the cgroup", "redirecting output", "entering the sandbox", "exec of \(path)",
+                "switching to user '\(spec.definition.user ?? "")'",
+            ]
+            var hint = ""
+            if stage == 5, number == EACCES, let account {
+                hint = "; user '\(account.name)' needs to reach \(sandbox): let others traverse the data directory and its parents (chmod o+x)"
+            }
             throw AgentError.launch(
-                "\(what[safe: Int(stage)] ?? "spawn") failed: \(String(cString: strerror(number)))")
+                "\(what[safe: Int(stage)] ?? "spawn") failed: \(String(cString: strerror(number)))\(hint)")
         }
         let signalFD = flotilla_pidfd_open(pid)
         return RunningProcess(pid: pid, startTicks: ProcFS.startTicks(of: pid) ?? 0, signalFD: signalFD)
@@ -167,4 +184,33 @@ func withCStringArray<Result>(_ strings: [String], _ body: (UnsafeMutableBufferP
     pointers.append(nil)
     defer { for pointer in pointers { free(pointer) } }
     return pointers.withUnsafeMutableBufferPointer { body($0) }
+}
+
+
+/// A user an instance runs as (`user` in the app definition), with its groups.
+struct UserAccount {
+    var name: String
+    var uid: uid_t
+    var gid: gid_t
+    var groups: [gid_t]
+
+    /// Looks the user up in the node's user database.
+    static func lookUp(_ name: String) throws -> UserAccount {
+        guard let account = find(name) else { throw AgentError.launch("there is no user '\(name)' on this node") }
+        return account
+    }
+
+    static func find(_ name: String) -> UserAccount? {
+        var entry = passwd()
+        var result: UnsafeMutablePointer<passwd>?
+        var buffer = [CChar](repeating: 0, count: 16_384)
+        guard getpwnam_r(name, &entry, &buffer, buffer.count, &result) == 0, result != nil else { return nil }
+        var count: Int32 = 64
+        var groups = [gid_t](repeating: 0, count: Int(count))
+        if getgrouplist(name, entry.pw_gid, &groups, &count) < 0 {
+            groups = [gid_t](repeating: 0, count: Int(count))
+            _ = getgrouplist(name, entry.pw_gid, &groups, &count)
+        }
+        return UserAccount(name: name, uid: entry.pw_uid, gid: entry.pw_gid, groups: Array(groups.prefix(Int(max(0, count)))))
+    }
 }

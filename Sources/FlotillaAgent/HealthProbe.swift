@@ -8,6 +8,11 @@ import NIOHTTP1
 import NIOPosix
 import NIOSSL
 
+/// Why a probe got no answer.
+struct ProbeFailure: Error, Sendable {
+    var cause: String
+}
+
 /// What one health check said.
 struct ProbeOutcome: Sendable {
     var passed: Bool
@@ -39,9 +44,11 @@ struct HealthProbe: Sendable {
         }
     }
 
-    /// Health checks follow no redirects and, like Marathon's, do not verify certificates.
-    static func makeHTTPClient() -> HTTPClient {
-        var configuration = HTTPClient.Configuration(certificateVerification: .none, redirectConfiguration: .disallow)
+    /// Health checks follow no redirects and, like Marathon's, do not verify certificates (Consul's
+    /// checks verify them unless `TLSSkipVerify`: `verifying`).
+    static func makeHTTPClient(verifying: Bool = false) -> HTTPClient {
+        var configuration = HTTPClient.Configuration(
+            certificateVerification: verifying ? .fullVerification : .none, redirectConfiguration: .disallow)
         configuration.connectionPool = .init(idleTimeout: .seconds(5), concurrentHTTP1ConnectionsPerHostSoftLimit: 2)
         return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
     }
@@ -52,20 +59,49 @@ struct HealthProbe: Sendable {
         return spec.ports.indices.contains(index) ? spec.ports[index] : nil
     }
 
-    func http(_ url: String, timeout: Double, ignore1xx: Bool) async -> ProbeOutcome {
+    func http(
+        _ url: String, timeout: Double, ignore1xx: Bool, method: String = "GET", headers: [String: [String]] = [:], body: String? = nil,
+        client: HTTPClient? = nil
+    ) async -> ProbeOutcome {
         var request = HTTPClientRequest(url: url)
-        request.method = .GET
+        request.method = HTTPMethod(rawValue: method)
         request.headers.add(name: "User-Agent", value: "flotilla-health-check")
+        for (name, values) in headers {
+            if name.lowercased() == "user-agent" { request.headers.remove(name: name) }
+            for value in values { request.headers.add(name: name, value: value) }
+        }
+        if let body { request.body = .bytes(ByteBuffer(string: body)) }
         do {
-            let response = try await httpClient.execute(request, timeout: .milliseconds(Int64(timeout * 1000)))
+            let response = try await (client ?? httpClient).execute(request, timeout: .milliseconds(Int64(timeout * 1000)))
             let status = Int(response.status.code)
             _ = try? await response.body.collect(upTo: 64 * 1024)
             if (200..<400).contains(status) || (ignore1xx && (100..<200).contains(status)) {
                 return ProbeOutcome(passed: true)
             }
-            return ProbeOutcome(passed: false, cause: "GET \(url) answered \(status)")
+            return ProbeOutcome(passed: false, cause: "\(method) \(url) answered \(status)")
         } catch {
-            return ProbeOutcome(passed: false, cause: "GET \(url) failed: \(Self.describe(error, timeout: timeout))")
+            return ProbeOutcome(passed: false, cause: "\(method) \(url) failed: \(Self.describe(error, timeout: timeout))")
+        }
+    }
+
+    /// One readiness request: the answer's status, content type and (first 16 KiB of) body, or why
+    /// there was none.
+    func readiness(_ check: ReadinessCheck, for spec: InstanceSpec) async -> Result<ReadinessResult.Response, ProbeFailure> {
+        guard let index = spec.definition.portDefinitions.firstIndex(where: { $0.name == check.portName }), spec.ports.indices.contains(index)
+        else { return .failure(ProbeFailure(cause: "the app has no port named \(check.portName)")) }
+        var path = check.path
+        if !path.hasPrefix("/") { path = "/" + path }
+        let url = "\(check.protocol == .https ? "https" : "http")://\(spec.host):\(spec.ports[index])\(path)"
+        var request = HTTPClientRequest(url: url)
+        request.headers.add(name: "User-Agent", value: "flotilla-readiness-check")
+        let timeout = max(0.001, check.timeoutSeconds)
+        do {
+            let response = try await httpClient.execute(request, timeout: .milliseconds(Int64(timeout * 1000)))
+            var body = (try? await response.body.collect(upTo: 1 << 20)) ?? ByteBuffer()
+            let text = body.readString(length: min(body.readableBytes, 16 * 1024)) ?? ""
+            return .success(.init(status: Int(response.status.code), contentType: response.headers.first(name: "Content-Type") ?? "", body: text))
+        } catch {
+            return .failure(ProbeFailure(cause: "GET \(url) failed: \(Self.describe(error, timeout: timeout))"))
         }
     }
 
@@ -105,6 +141,13 @@ final class CommandRunner: Sendable {
     func stop() { watcher.stop() }
 
     func run(_ command: String, environment: [String: String], directory: String, timeout: Double) async -> ProbeOutcome {
+        await run(arguments: ["/bin/sh", "-c", command], environment: environment, directory: directory, timeout: timeout)
+    }
+
+    /// Runs a program (found on `PATH` unless the first argument is a path) with its arguments.
+    func run(arguments program: [String], environment: [String: String], directory: String, timeout: Double) async -> ProbeOutcome {
+        guard let first = program.first, !first.isEmpty else { return ProbeOutcome(passed: false, cause: "the check has no command") }
+        let arguments = first.contains("/") ? program : ["/usr/bin/env", "--"] + program
         let outputPath = directory + "/.health-check-\(UUID().uuidString.prefix(8))"
         let output = open(outputPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard output >= 0 else { return ProbeOutcome(passed: false, cause: "cannot create \(outputPath): \(String(cString: strerror(errno)))") }
@@ -113,15 +156,15 @@ final class CommandRunner: Sendable {
             unlink(outputPath)
         }
         var stage: Int32 = 0, number: Int32 = 0
-        let arguments = ["/bin/sh", "-c", command]
         let environmentList = environment.map { "\($0.key)=\($0.value)" }
         let pid = withCStringArray(arguments) { argv in
             withCStringArray(environmentList) { envp in
                 directory.withCString { directoryPointer in
-                    "/bin/sh".withCString { shell in
+                    arguments[0].withCString { shell in
                         var request = flotilla_spawn_request(
                             path: shell, argv: argv.baseAddress, envp: envp.baseAddress, working_directory: directoryPointer,
-                            cgroup_procs_files: nil, cgroup_count: 0, stdout_fd: output, stderr_fd: output)
+                            cgroup_procs_files: nil, cgroup_count: 0, stdout_fd: output, stderr_fd: output, set_user: 0, uid: 0, gid: 0,
+                            groups: nil, group_count: 0)
                         return flotilla_spawn(&request, &stage, &number)
                     }
                 }
@@ -192,14 +235,32 @@ actor WaiterTable {
 /// Consul agent API): the same rules as app health checks.
 public struct NetworkProbe: Sendable {
     private let probe: HealthProbe
+    /// For Consul checks, which verify certificates unless told not to.
+    private let verifyingClient: HTTPClient
+    /// Where command checks run.
+    private let directory: String
 
-    public init() {
+    public init(directory: String = "/tmp") {
         probe = HealthProbe(httpClient: HealthProbe.makeHTTPClient(), commands: CommandRunner())
+        verifyingClient = HealthProbe.makeHTTPClient(verifying: true)
+        self.directory = directory
     }
 
-    public func http(url: String, timeoutSeconds: Double) async -> (passed: Bool, output: String) {
-        let outcome = await probe.http(url, timeout: timeoutSeconds, ignore1xx: false)
-        return (outcome.passed, outcome.passed ? "HTTP GET \(url): OK" : outcome.cause ?? "failed")
+    public func http(
+        url: String, method: String = "GET", headers: [String: [String]] = [:], body: String? = nil, verifyCertificate: Bool = false,
+        timeoutSeconds: Double
+    ) async -> (passed: Bool, output: String) {
+        let outcome = await probe.http(
+            url, timeout: timeoutSeconds, ignore1xx: false, method: method, headers: headers, body: body,
+            client: verifyCertificate ? verifyingClient : nil)
+        return (outcome.passed, outcome.passed ? "HTTP \(method) \(url): OK" : outcome.cause ?? "failed")
+    }
+
+    /// A command check: passes on exit 0; the output says why it failed.
+    public func command(_ arguments: [String], timeoutSeconds: Double) async -> (passed: Bool, output: String) {
+        let outcome = await probe.commands.run(
+            arguments: arguments, environment: ProcessInfo.processInfo.environment, directory: directory, timeout: timeoutSeconds)
+        return (outcome.passed, outcome.passed ? "\(arguments.joined(separator: " ")): exit status 0" : outcome.cause ?? "failed")
     }
 
     public func tcp(host: String, port: Int, timeoutSeconds: Double) async -> (passed: Bool, output: String) {
@@ -210,6 +271,7 @@ public struct NetworkProbe: Sendable {
     /// Releases the HTTP client and the command watcher; call once, when nothing probes any more.
     public func shutdown() async {
         try? await probe.httpClient.shutdown()
+        try? await verifyingClient.shutdown()
         probe.commands.stop()
     }
 }

@@ -41,6 +41,8 @@ public actor NodeAgent: Service {
     private var stopping: [String: String] = [:]
     /// One task per running instance that runs its health checks.
     private var healthTasks: [String: Task<Void, Never>] = [:]
+    /// One task per instance whose readiness check has not passed yet.
+    private var readinessTasks: [String: Task<Void, Never>] = [:]
     /// Made in `run()` and shut down when it ends: an agent that never runs owns no client.
     private var httpClient: HTTPClient?
     private let commands = CommandRunner()
@@ -182,9 +184,14 @@ public actor NodeAgent: Service {
             }
             logger.info("started \(spec.id) (pid \(process.pid))")
             startHealthChecks(spec, startedAt: Date())
-            return InstanceStatus(
+            var status = InstanceStatus(
                 id: spec.id, state: .running, pid: process.pid, processStartTicks: process.startTicks, startedAt: now, updatedAt: now,
                 health: spec.definition.healthChecks.map { _ in HealthResult() })
+            if let readiness = spec.definition.readinessChecks.first {
+                status.readiness = ReadinessResult(name: readiness.name, ready: false)
+                startReadinessCheck(readiness, spec: spec)
+            }
+            return status
         } catch {
             logger.warning("could not start \(spec.id): \(error)")
             return InstanceStatus(id: spec.id, state: .failed, message: "\(error)", updatedAt: now)
@@ -249,11 +256,53 @@ public actor NodeAgent: Service {
 
     private func stopHealthChecks(_ id: String) {
         healthTasks.removeValue(forKey: id)?.cancel()
+        readinessTasks.removeValue(forKey: id)?.cancel()
+    }
+
+    /// Asks the readiness check every interval until the first ready answer, then stops.
+    private func startReadinessCheck(_ check: ReadinessCheck, spec: InstanceSpec) {
+        guard readinessTasks[spec.id] == nil, let httpClient else { return }
+        let probe = HealthProbe(httpClient: httpClient, commands: commands)
+        readinessTasks[spec.id] = Task {
+            while !Task.isCancelled {
+                let began = ContinuousClock.now
+                let answer = await probe.readiness(check, for: spec)
+                if Task.isCancelled { return }
+                if await self.recordReadiness(answer, check: check, spec: spec) { return }
+                try? await Task.sleep(until: began + .milliseconds(Int64(check.intervalSeconds * 1000)))
+            }
+        }
+    }
+
+    /// Writes a readiness answer when it changes what others see. Returns true once ready.
+    private func recordReadiness(_ answer: Result<ReadinessResult.Response, ProbeFailure>, check: ReadinessCheck, spec: InstanceSpec) async -> Bool {
+        guard processes[spec.id] != nil, stopping[spec.id] == nil, var status = written[spec.id] else { return true }
+        var result = ReadinessResult(name: check.name, ready: false)
+        switch answer {
+        case .success(let response):
+            result.ready = check.httpStatusCodesForReady.contains(response.status)
+            if check.preserveLastResponse { result.lastResponse = response }
+            if !result.ready { status.message = "readiness check \(check.name): answered \(response.status), not one of \(check.httpStatusCodesForReady)" }
+        case .failure(let failure):
+            status.message = "readiness check \(check.name): \(failure.cause)"
+        }
+        if result.ready { status.message = nil }
+        let changed = status.readiness != result
+        status.readiness = result
+        written[spec.id] = status
+        if changed {
+            status.updatedAt = Timestamp.format(Date())
+            do { try await write([status]) } catch { logger.error("could not record the readiness of \(spec.id): \(error)") }
+        }
+        if result.ready { readinessTasks[spec.id] = nil }
+        return result.ready
     }
 
     private func stopAllHealthChecks() {
         for task in healthTasks.values { task.cancel() }
         healthTasks.removeAll()
+        for task in readinessTasks.values { task.cancel() }
+        readinessTasks.removeAll()
     }
 
     /// Folds one check result into the instance's status; writes it when health changed or a
@@ -408,6 +457,9 @@ public actor NodeAgent: Service {
                 adopt(id: spec.id, pid: leader, ticks: ticks)
                 let started = status?.startedAt.flatMap(Timestamp.parse) ?? Date()
                 startHealthChecks(spec, startedAt: started)
+                if let readiness = spec.definition.readinessChecks.first, status?.readiness?.ready != true {
+                    startReadinessCheck(readiness, spec: spec)
+                }
                 if status?.state != .running || status?.pid != leader {
                     updates.append(
                         InstanceStatus(id: spec.id, state: .running, pid: leader, processStartTicks: ticks, startedAt: status?.startedAt ?? now, updatedAt: now))

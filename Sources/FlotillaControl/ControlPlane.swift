@@ -15,6 +15,8 @@ public actor ControlPlane: Service {
     private let lock = AsyncLock()
     /// Where `portDefinitions[].port: 0` service ports come from (Marathon's local_port_min/max).
     public nonisolated let servicePortRange: ClosedRange<Int>
+    /// Whether a user an app asks to run as exists where it will run.
+    private let userExists: @Sendable (String) -> Bool
 
     // Everything a read shows; each change bumps `generation`, so readers can cache what they
     // render from a snapshot until the state moves.
@@ -44,8 +46,12 @@ public actor ControlPlane: Service {
 
     private let (wakeups, wakeupContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
 
-    public init(store: any StateStore, events: EventBus, logger: Logger, servicePortRange: ClosedRange<Int> = 10_000...20_000) {
+    public init(
+        store: any StateStore, events: EventBus, logger: Logger, servicePortRange: ClosedRange<Int> = 10_000...20_000,
+        userExists: (@Sendable (String) -> Bool)? = nil
+    ) {
         self.servicePortRange = servicePortRange
+        self.userExists = userExists ?? { getpwnam($0) != nil }
         self.store = store
         self.events = events
         self.logger = logger
@@ -247,6 +253,9 @@ public actor ControlPlane: Service {
                     ])
                 }
                 preconditions.append(.absent(StateKeys.app(id)))
+            }
+            if let user = changes[index].definition.user, !user.isEmpty, !userExists(user) {
+                throw FlotillaError.invalid([FieldError("/user", "there is no user '\(user)' on this node; create it, or leave 'user' out to run as the agent's user")])
             }
             changes[index].definition = try withServicePorts(changes[index].definition, previous: changes[index].current?.definition, alsoTaken: assigned)
             assigned[id] = changes[index].definition

@@ -17,6 +17,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
     public var labels: [String: String]
     public var constraints: [Constraint]
     public var healthChecks: [HealthCheck]
+    public var readinessChecks: [ReadinessCheck]
     public var backoffSeconds: Double
     public var backoffFactor: Double
     public var maxLaunchDelaySeconds: Double
@@ -46,6 +47,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         self.labels = [:]
         self.constraints = []
         self.healthChecks = []
+        self.readinessChecks = []
         self.backoffSeconds = Defaults.backoffSeconds
         self.backoffFactor = Defaults.backoffFactor
         self.maxLaunchDelaySeconds = Defaults.maxLaunchDelaySeconds
@@ -72,7 +74,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case id, cmd, args, env, instances, cpus, mem, disk, gpus, portDefinitions, ports, requirePorts, labels
-        case constraints, healthChecks, backoffSeconds, backoffFactor, maxLaunchDelaySeconds
+        case constraints, healthChecks, readinessChecks, backoffSeconds, backoffFactor, maxLaunchDelaySeconds
         case taskKillGracePeriodSeconds, drainSeconds, upgradeStrategy, killSelection, user, dependencies, uris
         case acceptedResourceRoles, container
     }
@@ -102,6 +104,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         labels = try container.decodeIfPresent([String: String].self, forKey: .labels) ?? [:]
         constraints = try container.decodeIfPresent([Constraint].self, forKey: .constraints) ?? []
         healthChecks = try container.decodeIfPresent([HealthCheck].self, forKey: .healthChecks) ?? []
+        readinessChecks = try container.decodeIfPresent([ReadinessCheck].self, forKey: .readinessChecks) ?? []
         backoffSeconds = try container.decodeIfPresent(Double.self, forKey: .backoffSeconds) ?? Defaults.backoffSeconds
         backoffFactor = try container.decodeIfPresent(Double.self, forKey: .backoffFactor) ?? Defaults.backoffFactor
         maxLaunchDelaySeconds =
@@ -137,6 +140,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         try container.encode(labels, forKey: .labels)
         try container.encode(constraints, forKey: .constraints)
         try container.encode(healthChecks, forKey: .healthChecks)
+        try container.encode(readinessChecks, forKey: .readinessChecks)
         try container.encode(backoffSeconds, forKey: .backoffSeconds)
         try container.encode(backoffFactor, forKey: .backoffFactor)
         try container.encode(maxLaunchDelaySeconds, forKey: .maxLaunchDelaySeconds)
@@ -167,7 +171,7 @@ extension AppDefinition {
     public static let knownFields: Set<String> = Set(CodingKeys.allCases.map(\.rawValue)).union([
         // Read-only fields clients echo back from a GET; accepted and ignored.
         "version", "versionInfo", "tasksStaged", "tasksRunning", "tasksHealthy", "tasksUnhealthy", "deployments",
-        "tasks", "lastTaskFailure", "taskStats", "readinessChecks", "readinessCheckResults", "fetch", "storeUrls",
+        "tasks", "lastTaskFailure", "taskStats", "readinessCheckResults", "fetch", "storeUrls",
         "executor", "secrets", "unreachableStrategy", "networks", "residency", "role", "ipAddress", "counts",
     ])
 
@@ -229,7 +233,11 @@ extension AppDefinition {
             upgradeStrategy.progressDeadlineSeconds > 0, "/upgradeStrategy/progressDeadlineSeconds", "must be more than zero")
         check(upgradeStrategy.maxConsecutiveCrashes >= 1, "/upgradeStrategy/maxConsecutiveCrashes", "must be 1 or more")
         check(upgradeStrategy.keepOldSeconds >= 0, "/upgradeStrategy/keepOldSeconds", "must be zero or more")
-        check(user == nil || user == "", "/user", "running as another user is not supported yet; leave 'user' out")
+        if let user, !user.isEmpty {
+            check(
+                user.utf8.count <= 32 && user.unicodeScalars.allSatisfy { CharacterSet.alphanumerics.contains($0) || "._-$".unicodeScalars.contains($0) },
+                "/user", "'\(user)' is not a user name")
+        }
         for (name, _) in env {
             check(!name.isEmpty && !name.contains("=") && !name.contains("\0"), "/env/\(name)", "not a valid variable name")
         }
@@ -254,6 +262,12 @@ extension AppDefinition {
         for (index, check) in healthChecks.enumerated() {
             for problem in check.problems(portCount: portDefinitions.count) {
                 problems.append(FieldError("/healthChecks(\(index))" + problem.path, problem.errors.joined(separator: "; ")))
+            }
+        }
+        check(readinessChecks.count <= 1, "/readinessChecks", "an app may have at most one readiness check")
+        for (index, readiness) in readinessChecks.enumerated() {
+            for problem in readiness.problems(portNames: portDefinitions.map(\.name)) {
+                problems.append(FieldError("/readinessChecks(\(index))" + problem.path, problem.errors.joined(separator: "; ")))
             }
         }
         return problems

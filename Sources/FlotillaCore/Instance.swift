@@ -130,6 +130,8 @@ public struct InstanceStatus: Sendable, Hashable, Codable {
     public var draining: Bool
     /// Set when the agent killed the instance for failing its health checks.
     public var killedUnhealthy: Bool
+    /// The app's readiness check, while it is checked and once it passed; nil for apps without one.
+    public var readiness: ReadinessResult?
 
     public init(
         id: String, state: TaskState, pid: Int32? = nil, processStartTicks: UInt64? = nil, startedAt: String? = nil,
@@ -153,6 +155,7 @@ public struct InstanceStatus: Sendable, Hashable, Codable {
 
     enum CodingKeys: String, CodingKey {
         case id, state, pid, processStartTicks, startedAt, exitCode, signal, oomKilled, message, updatedAt, health, draining, killedUnhealthy
+        case readiness
     }
 
     public init(from decoder: any Decoder) throws {
@@ -170,6 +173,7 @@ public struct InstanceStatus: Sendable, Hashable, Codable {
         health = try container.decodeIfPresent([HealthResult].self, forKey: .health) ?? []
         draining = try container.decodeIfPresent(Bool.self, forKey: .draining) ?? false
         killedUnhealthy = try container.decodeIfPresent(Bool.self, forKey: .killedUnhealthy) ?? false
+        readiness = try container.decodeIfPresent(ReadinessResult.self, forKey: .readiness)
     }
 
     /// Healthy when every check has passed since its last failure; nil while a check has no result yet.
@@ -221,6 +225,7 @@ public struct Instance: Sendable, Hashable {
     /// it is in service (see `isInService`).
     public var isReady: Bool {
         guard state == .running, spec.goal == .run, status?.draining != true else { return false }
+        if !spec.definition.readinessChecks.isEmpty && status?.readiness?.ready != true { return false }
         if spec.definition.healthChecks.isEmpty { return true }
         return status?.isHealthy == true
     }

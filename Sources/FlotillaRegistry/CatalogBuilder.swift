@@ -110,6 +110,14 @@ public enum CatalogBuilder {
                           type: healthCheck.protocol.rawValue.lowercased()))
             }
         }
+        if let readiness = spec.definition.readinessChecks.first {
+            // Until its readiness check passes, a new instance takes no traffic.
+            let ready = instance.status?.readiness?.ready == true
+            checks.append(
+                check(
+                    "readiness:\(serviceID)", "Readiness check \(readiness.name)", ready ? .passing : .critical,
+                    output: ready ? "ready" : (instance.status?.message ?? "not ready yet"), type: "http"))
+        }
         let draining = instance.status?.draining == true || spec.goal == .stop || instance.state == .killing
         if draining || spec.standby {
             let reason = draining ? "draining before stop" : "blue-green standby: not live"
@@ -121,21 +129,25 @@ public enum CatalogBuilder {
 
     /// Catalog entries of services registered through the agent API, with TTLs applied at `now`.
     public static func services(of external: ExternalService, now: Date) -> CatalogService {
-        let checks = external.checks.map { check -> CatalogCheck in
-            var status = check.status
-            var output = check.output
-            if let ttl = check.ttlSeconds, let updated = Timestamp.parse(check.updatedAt), now.timeIntervalSince(updated) > ttl {
-                status = .critical
-                output = "TTL expired: no update for \(Int(ttl)) s"
-            }
+        let checks = external.checks.map { original -> CatalogCheck in
+            let check = applyTTL(original, now: now)
             return CatalogCheck(
-                node: external.node, checkID: check.id, name: check.name, status: status, notes: check.notes, output: output,
+                node: external.node, checkID: check.id, name: check.name, status: check.status, notes: check.notes, output: check.output,
                 serviceID: external.id, serviceName: external.name, serviceTags: external.tags, type: check.type, createIndex: 0,
                 modifyIndex: 0)
         }
         return CatalogService(
             id: external.id, name: external.name, tags: external.tags, address: external.address, port: external.port, meta: external.meta,
             node: external.node, checks: checks, createIndex: 0, modifyIndex: 0)
+    }
+
+    /// A TTL check not updated within its TTL reads as critical.
+    static func applyTTL(_ check: ExternalCheck, now: Date) -> ExternalCheck {
+        guard let ttl = check.ttlSeconds, let updated = Timestamp.parse(check.updatedAt), now.timeIntervalSince(updated) > ttl else { return check }
+        var expired = check
+        expired.status = .critical
+        expired.output = "TTL expired: no update for \(Int(ttl)) s"
+        return expired
     }
 
     static func tags(_ text: String?) -> [String] {

@@ -44,6 +44,7 @@ public struct DNSRecord: Sendable, Hashable {
         case srv(priority: UInt16, weight: UInt16, port: UInt16, target: String)
         case soa(primary: String, mailbox: String, serial: UInt32, refresh: UInt32, retry: UInt32, expire: UInt32, minimum: UInt32)
         case cname(String)
+        case ptr(String)
     }
 
     public var name: String
@@ -56,6 +57,7 @@ public struct DNSRecord: Sendable, Hashable {
         case .srv: return DNSType.srv.rawValue
         case .soa: return DNSType.soa.rawValue
         case .cname: return DNSType.cname.rawValue
+        case .ptr: return DNSType.ptr.rawValue
         }
     }
 }
@@ -175,7 +177,7 @@ public enum DNSMessage {
                 u16(priority); u16(weight); u16(port); name(target)
             case .soa(let primary, let mailbox, let serial, let refresh, let retry, let expire, let minimum):
                 name(primary); name(mailbox); u32(serial); u32(refresh); u32(retry); u32(expire); u32(minimum)
-            case .cname(let target): name(target)
+            case .cname(let target), .ptr(let target): name(target)
             }
             let length = out.count - lengthAt - 2
             out[lengthAt] = UInt8(length >> 8)

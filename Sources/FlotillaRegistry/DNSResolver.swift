@@ -5,8 +5,10 @@ import Synchronization
 /// `<svc>.service.<domain>` (A of passing instances, shuffled), `<tag>.<svc>.service.<domain>`,
 /// RFC 2782 `_<svc>._<tag>.service.<domain>` (SRV; `_tcp` means any tag), SRV with node targets
 /// and their addresses as additionals, and `<node>.node.<domain>`; the datacenter may appear
-/// before the domain. Unknown names are NXDOMAIN; known services without a passing instance
-/// answer NOERROR with no records.
+/// before the domain. Instances whose checks are passing or warning are answered (Consul's default,
+/// `only_passing = false`); critical ones are not. Unknown names, and services with no instance
+/// left to answer, are NXDOMAIN, as in Consul. `d.c.b.a.in-addr.arpa` PTR names a node (or else a
+/// service) at that address.
 public struct DNSResolver: Sendable {
     public let domain: String
     public let ttl: UInt32
@@ -46,6 +48,7 @@ public struct DNSResolver: Sendable {
     }
 
     func answer(_ question: DNSQuestion, in view: RegistryView) -> (DNSResponseCode, [DNSRecord], [DNSRecord]) {
+        if question.name.hasSuffix(".in-addr.arpa") || question.name == "in-addr.arpa" { return reverse(question, in: view) }
         var labels = question.name.split(separator: ".").map(String.init)
         let domainLabels = domain.split(separator: ".").map(String.init)
         guard labels.count > domainLabels.count, Array(labels.suffix(domainLabels.count)) == domainLabels else { return (.refused, [], []) }
@@ -85,8 +88,9 @@ public struct DNSResolver: Sendable {
             let all = view.services.filter { $0.name.lowercased() == service }
             guard !all.isEmpty else { return (.nameError, [], []) }
             let passing = all.filter { entry in
-                entry.status == .passing && (tag == nil || entry.tags.contains { $0.lowercased() == tag })
+                view.status(of: entry) != .critical && (tag == nil || entry.tags.contains { $0.lowercased() == tag })
             }.shuffled()
+            guard !passing.isEmpty else { return (.nameError, [], []) }
             let nodes = Dictionary(view.nodes.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
             if question.type == DNSType.srv.rawValue {
                 var answers: [DNSRecord] = []
@@ -123,6 +127,23 @@ public struct DNSResolver: Sendable {
         default:
             return (.nameError, [], [])
         }
+    }
+
+    /// PTR for an IPv4 address: the node there, or else a service registered at it.
+    func reverse(_ question: DNSQuestion, in view: RegistryView) -> (DNSResponseCode, [DNSRecord], [DNSRecord]) {
+        let octets = question.name.split(separator: ".").dropLast(2).reversed().map(String.init)
+        guard octets.count == 4, let address = Self.ipv4(octets.joined(separator: ".")) else { return (.nameError, [], []) }
+        let dc = view.datacenter.lowercased()
+        let target: String
+        if let node = view.nodes.first(where: { Self.ipv4($0.address) == address }) {
+            target = "\(node.name.lowercased()).node.\(dc).\(domain)"
+        } else if let service = view.services.first(where: { Self.ipv4($0.address) == address }) {
+            target = "\(service.name.lowercased()).service.\(dc).\(domain)"
+        } else {
+            return (.nameError, [], [])
+        }
+        guard question.type == DNSType.ptr.rawValue || question.type == DNSType.any.rawValue else { return (.noError, [], []) }
+        return (.noError, [DNSRecord(name: question.name, ttl: ttl, data: .ptr(target))], [])
     }
 
     static func hex(_ address: [UInt8]) -> String {

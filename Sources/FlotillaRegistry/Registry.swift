@@ -31,10 +31,22 @@ public struct RegistryInput: Sendable {
     }
 }
 
-/// Runs the checks of externally registered services (HTTP and TCP); the agent provides it.
+/// An HTTP check as Consul describes it.
+public struct HTTPCheckRequest: Sendable {
+    public var url: String
+    public var method: String
+    public var headers: [String: [String]]
+    public var body: String?
+    /// False (Consul's default): the instance's certificate is verified.
+    public var tlsSkipVerify: Bool
+}
+
+/// Runs the checks of externally registered services and of the node (HTTP, TCP and commands);
+/// the agent provides it.
 public protocol CheckProber: Sendable {
-    func probeHTTP(url: String, timeoutSeconds: Double) async -> (passed: Bool, output: String)
+    func probeHTTP(_ request: HTTPCheckRequest, timeoutSeconds: Double) async -> (passed: Bool, output: String)
     func probeTCP(host: String, port: Int, timeoutSeconds: Double) async -> (passed: Bool, output: String)
+    func probeCommand(_ arguments: [String], timeoutSeconds: Double) async -> (passed: Bool, output: String)
 }
 
 /// What a blocking query waits on; each has its own index, which moves only when what that query
@@ -64,12 +76,29 @@ public struct RegistryView: Sendable {
     public func services(named name: String) -> [CatalogService] { services.filter { $0.name == name } }
     public func node(named name: String) -> CatalogNode? { nodes.first { $0.name == name } }
 
+    /// Checks on nodes beyond `serfHealth`: registered without a service, and node maintenance.
+    public var extraNodeChecks: [String: [CatalogCheck]] = [:]
+
     /// `serfHealth` for each node: a node the registry knows is alive (its agent registered it).
     public func nodeCheck(_ node: CatalogNode) -> CatalogCheck {
         CatalogCheck(
             node: node.name, checkID: CatalogBuilder.nodeCheckID, name: "Serf Health Status", status: .passing, notes: "",
             output: "Agent alive and reachable", serviceID: "", serviceName: "", serviceTags: [], type: "", createIndex: 1, modifyIndex: 1)
     }
+
+    /// Every check of a node: `serfHealth`, then the node's own checks.
+    public func checks(ofNode node: CatalogNode) -> [CatalogCheck] {
+        [nodeCheck(node)] + (extraNodeChecks[node.name] ?? [])
+    }
+
+    /// A service entry's health as Consul's health endpoints judge it: the worst of its own checks
+    /// and its node's.
+    public func status(of entry: CatalogService) -> CheckStatus {
+        max(entry.status, (extraNodeChecks[entry.node] ?? []).map(\.status).max() ?? .passing)
+    }
+
+    /// Every check anywhere, node checks first.
+    public var allChecks: [CatalogCheck] { nodes.flatMap(checks(ofNode:)) + services.flatMap(\.checks) }
 }
 
 /// The service registry: builds the Consul-shaped catalog from running instances and services
@@ -94,6 +123,12 @@ public actor Registry: Service {
     /// The latest view for readers that cannot await (DNS).
     public nonisolated let viewBox: RegistryViewBox
     private var external: [String: ExternalService] = [:]
+    /// Checks registered on a node rather than a service, by check id.
+    private var nodeChecks: [String: NodeCheckRecord] = [:]
+    /// Nodes registered through the catalog API.
+    private var externalNodes: [String: ExternalNode] = [:]
+    /// Services in maintenance mode (by service id), and the node's (key "").
+    private var maintenance: [String: MaintenanceRecord] = [:]
     private var entryStamps: [String: (create: UInt64, modify: UInt64, content: CatalogService)] = [:]
     private var topicContent: [RegistryTopic: Int] = [:]
     private var waiters: [UInt64: (topic: RegistryTopic, after: UInt64, continuation: CheckedContinuation<Void, Never>)] = [:]
@@ -106,6 +141,11 @@ public actor Registry: Service {
     private let routeServicePorts: Bool
 
     public static let externalPrefix = "registry/services/"
+    static let nodeChecksPrefix = "registry/checks/"
+    static let externalNodesPrefix = "registry/nodes/"
+    static let maintenancePrefix = "registry/maintenance/"
+    public static let nodeMaintenanceCheckID = "_node_maintenance"
+    public static func serviceMaintenanceCheckID(_ serviceID: String) -> String { "_service_maintenance:\(serviceID)" }
 
     public init(
         store: any StateStore, source: any RegistrySource, prober: (any CheckProber)?, datacenter: String, localNode: String,
@@ -141,10 +181,20 @@ public actor Registry: Service {
         guard !loaded else { return }
         let listing = try await store.list(prefix: Self.externalPrefix)
         for service in StateCodec.decodeAll(ExternalService.self, from: listing.entries) { external[service.id] = service }
+        for record in StateCodec.decodeAll(NodeCheckRecord.self, from: try await store.list(prefix: Self.nodeChecksPrefix).entries) {
+            nodeChecks[record.check.id] = record
+        }
+        for node in StateCodec.decodeAll(ExternalNode.self, from: try await store.list(prefix: Self.externalNodesPrefix).entries) {
+            externalNodes[node.name] = node
+        }
+        for record in StateCodec.decodeAll(MaintenanceRecord.self, from: try await store.list(prefix: Self.maintenancePrefix).entries) {
+            maintenance[record.serviceID ?? ""] = record
+        }
         view.floorIndex = max(1, listing.index)
         loaded = true
         await rebuild(await source.registryInput())
         for service in external.values { startChecks(of: service) }
+        for record in nodeChecks.values { startProbe(owner: nil, check: record.check) }
     }
 
     private func followSource() async {
@@ -188,12 +238,24 @@ public actor Registry: Service {
             }
             if dirty { changed.append(updated) }
         }
+        var expiredNodeChecks: [NodeCheckRecord] = []
+        for record in nodeChecks.values {
+            let check = record.check
+            if let ttl = check.ttlSeconds, check.status != .critical, let at = Timestamp.parse(check.updatedAt), now.timeIntervalSince(at) > ttl {
+                var updated = record
+                updated.check.status = .critical
+                updated.check.output = "TTL expired: no update for \(Int(ttl)) s"
+                updated.check.criticalSince = Timestamp.format(now)
+                expiredNodeChecks.append(updated)
+            }
+        }
         do {
             for id in Set(doomed) {
                 logger.info("deregistering \(id): critical for longer than DeregisterCriticalServiceAfter")
                 try await deregister(id)
             }
             for service in changed where !doomed.contains(service.id) { try await save(service) }
+            for record in expiredNodeChecks { try await saveNodeCheck(record) }
         } catch {
             logger.error("registry reaper: \(error)")
         }
@@ -250,6 +312,17 @@ public actor Registry: Service {
         let index = max(input.index, view.floorIndex)
         var services = input.instances.flatMap { CatalogBuilder.services(of: $0, routeServicePorts: routeServicePorts) }
         services += external.values.map { CatalogBuilder.services(of: $0, now: now) }
+        // Maintenance mode set through the agent API: a critical check on the service.
+        for (position, service) in services.enumerated() {
+            guard let record = maintenance[service.id] else { continue }
+            let checkID = Self.serviceMaintenanceCheckID(service.id)
+            guard !service.checks.contains(where: { $0.checkID == checkID }) else { continue }
+            services[position].checks.append(
+                CatalogCheck(
+                    node: service.node, checkID: checkID, name: "Service Maintenance Mode", status: .critical, notes: record.reason,
+                    output: record.reason, serviceID: service.id, serviceName: service.name, serviceTags: service.tags, type: "maintenance",
+                    createIndex: 0, modifyIndex: 0))
+        }
         // Stamp each entry: created when first seen, modified when its content changes.
         var stamps: [String: (create: UInt64, modify: UInt64, content: CatalogService)] = [:]
         for service in services {
@@ -277,6 +350,24 @@ public actor Registry: Service {
         if !nodes.contains(where: { $0.name == localNode }) {
             nodes.append(CatalogNode(name: localNode, address: localAddress, meta: [:]))
         }
+        for node in externalNodes.values.sorted(by: { $0.name < $1.name }) where !nodes.contains(where: { $0.name == node.name }) {
+            nodes.append(CatalogNode(name: node.name, address: node.address, meta: node.meta))
+        }
+        var extraNodeChecks: [String: [CatalogCheck]] = [:]
+        for record in nodeChecks.values.sorted(by: { $0.check.id < $1.check.id }) {
+            let check = CatalogBuilder.applyTTL(record.check, now: now)
+            extraNodeChecks[record.node, default: []].append(
+                CatalogCheck(
+                    node: record.node, checkID: check.id, name: check.name, status: check.status, notes: check.notes, output: check.output,
+                    serviceID: "", serviceName: "", serviceTags: [], type: check.type, createIndex: index, modifyIndex: index))
+        }
+        if let record = maintenance[""] {
+            extraNodeChecks[localNode, default: []].append(
+                CatalogCheck(
+                    node: localNode, checkID: Self.nodeMaintenanceCheckID, name: "Node Maintenance Mode", status: .critical, notes: record.reason,
+                    output: record.reason, serviceID: "", serviceName: "", serviceTags: [], type: "maintenance", createIndex: index,
+                    modifyIndex: index))
+        }
 
         // Which topics changed: compare a digest of each topic's answer with the last one.
         var content: [RegistryTopic: Int] = [:]
@@ -291,9 +382,17 @@ public actor Registry: Service {
             }
             return hasher.finalize()
         }()
+        var nodeChecksHasher = Hasher()
+        for name in extraNodeChecks.keys.sorted() {
+            nodeChecksHasher.combine(name)
+            nodeChecksHasher.combine(extraNodeChecks[name]!.map { [$0.checkID, $0.status.rawValue, $0.output, $0.notes] })
+        }
+        let nodeChecksDigest = nodeChecksHasher.finalize()
         for (name, entries) in byName {
             var serviceHasher = Hasher()
             serviceHasher.combine(entries)
+            // Health answers carry the node's checks too.
+            if entries.contains(where: { extraNodeChecks[$0.node] != nil }) { serviceHasher.combine(nodeChecksDigest) }
             content[.service(name)] = serviceHasher.finalize()
         }
         hasher.combine(nodes)
@@ -302,11 +401,13 @@ public actor Registry: Service {
             var nodeHasher = Hasher()
             nodeHasher.combine(node)
             nodeHasher.combine(services.filter { $0.node == node.name })
+            if extraNodeChecks[node.name] != nil { nodeHasher.combine(nodeChecksDigest) }
             content[.node(node.name)] = nodeHasher.finalize()
         }
         var checksHasher = Hasher()
         checksHasher.combine(services.map(\.checks))
         checksHasher.combine(nodes)
+        checksHasher.combine(nodeChecksDigest)
         content[.checks] = checksHasher.finalize()
 
         var topicIndexes = view.topicIndexes
@@ -327,6 +428,7 @@ public actor Registry: Service {
             nodes: nodes, services: services, datacenter: datacenter, localNode: localNode, topicIndexes: topicIndexes,
             floorIndex: view.floorIndex)
         newView.declaredTags = declared
+        newView.extraNodeChecks = extraNodeChecks
         view = newView
         for (id, waiter) in waiters where view.index(of: waiter.topic) > waiter.after {
             waiters.removeValue(forKey: id)
@@ -336,34 +438,160 @@ public actor Registry: Service {
 
     // MARK: - Agent API: registration
 
-    /// `PUT /v1/agent/service/register`: adds or replaces a service on this node.
+    /// `PUT /v1/agent/service/register` (and services from `/v1/catalog/register`): adds or
+    /// replaces a service.
     public func register(_ service: ExternalService) async throws {
         try await save(service)
-        checkTasks.removeValue(forKey: service.id)?.cancel()
+        stopProbes(ofService: service.id)
         startChecks(of: service)
     }
 
     public func deregister(_ id: String) async throws {
         guard external[id] != nil else { throw FlotillaError.notFound("Unknown service ID \"\(id)\". Ensure that the service ID is passed, not the service name.") }
-        let index = try await store.commit(StoreTransaction(mutations: [.delete(Self.externalPrefix + id)]))
+        let index = try await store.commit(
+            StoreTransaction(mutations: [.delete(Self.externalPrefix + id), .delete(Self.maintenancePrefix + "service/" + id)]))
         external[id] = nil
-        checkTasks.removeValue(forKey: id)?.cancel()
+        maintenance[id] = nil
+        stopProbes(ofService: id)
         await rebuildAfterLocalWrite(index)
     }
 
     public func externalServices() -> [ExternalService] { external.values.sorted { $0.id < $1.id } }
 
-    /// `PUT /v1/agent/check/pass|warn|fail|update/<id>`.
+    /// `PUT /v1/agent/check/register`: a check on one of the services registered here, or on the
+    /// node when `serviceID` is nil. A check with the same id is replaced.
+    public func registerCheck(_ check: ExternalCheck, serviceID: String?) async throws {
+        if let serviceID {
+            guard var service = external[serviceID] else { throw FlotillaError.notFound("ServiceID \"\(serviceID)\" does not exist") }
+            service.checks.removeAll { $0.id == check.id }
+            service.checks.append(check)
+            try await register(service)
+            return
+        }
+        if nodeChecks[check.id] == nil, let owner = external.values.first(where: { $0.checks.contains { $0.id == check.id } }) {
+            throw FlotillaError.badRequest("check \"\(check.id)\" belongs to service \"\(owner.id)\"; deregister it first")
+        }
+        let record = NodeCheckRecord(node: localNode, check: check)
+        try await saveNodeCheck(record)
+        checkTasks.removeValue(forKey: Self.probeKey(serviceID: nil, checkID: check.id))?.cancel()
+        startProbe(owner: nil, check: check)
+    }
+
+    /// `PUT /v1/agent/check/deregister/<id>`.
+    public func deregisterCheck(_ checkID: String) async throws {
+        if nodeChecks[checkID] != nil {
+            let index = try await store.commit(StoreTransaction(mutations: [.delete(Self.nodeChecksPrefix + checkID)]))
+            nodeChecks[checkID] = nil
+            checkTasks.removeValue(forKey: Self.probeKey(serviceID: nil, checkID: checkID))?.cancel()
+            await rebuildAfterLocalWrite(index)
+            return
+        }
+        guard var service = external.values.first(where: { $0.checks.contains { $0.id == checkID } }) else {
+            throw FlotillaError.notFound("Unknown check ID \"\(checkID)\". Ensure that the check ID is passed, not the check name.")
+        }
+        service.checks.removeAll { $0.id == checkID }
+        try await register(service)
+    }
+
+    /// `PUT /v1/agent/service/maintenance/<id>` (a service of any kind: an app's instance or one
+    /// registered here) and `PUT /v1/agent/maintenance` (`serviceID` nil: the node). Enabling
+    /// twice keeps the first reason, as Consul does.
+    public func setMaintenance(serviceID: String?, enabled: Bool, reason: String?) async throws {
+        let key = serviceID ?? ""
+        if let serviceID, !view.services.contains(where: { $0.id == serviceID }) {
+            throw FlotillaError.notFound("No service registered with ID \"\(serviceID)\"")
+        }
+        let storeKey = Self.maintenancePrefix + (serviceID.map { "service/" + $0 } ?? "node")
+        if enabled {
+            guard maintenance[key] == nil else { return }
+            let what = serviceID == nil ? "node" : "service"
+            let text = (reason ?? "").isEmpty
+                ? "Maintenance mode is enabled for this \(what), but no reason was provided. This is a default message." : reason!
+            let record = MaintenanceRecord(serviceID: serviceID, reason: text)
+            let index = try await store.commit(StoreTransaction(mutations: [.put(storeKey, try StateCodec.encode(record))]))
+            maintenance[key] = record
+            await rebuildAfterLocalWrite(index)
+        } else {
+            guard maintenance[key] != nil else { return }
+            let index = try await store.commit(StoreTransaction(mutations: [.delete(storeKey)]))
+            maintenance[key] = nil
+            await rebuildAfterLocalWrite(index)
+        }
+    }
+
+    /// `PUT /v1/catalog/register`: a node (created or updated unless `skipNodeUpdate`), and
+    /// optionally a service on it and checks (whose status is as given: no agent runs them).
+    public func catalogRegister(node: ExternalNode, skipNodeUpdate: Bool, service: ExternalService?, checks: [(check: ExternalCheck, serviceID: String?)]) async throws {
+        if node.name != localNode && (!skipNodeUpdate || externalNodes[node.name] == nil) {
+            let index = try await store.commit(
+                StoreTransaction(mutations: [.put(Self.externalNodesPrefix + node.name, try StateCodec.encode(node))]))
+            externalNodes[node.name] = node
+            await rebuildAfterLocalWrite(index)
+        }
+        var services: [String: ExternalService] = [:]
+        if let service { services[service.id] = service }
+        for (check, serviceID) in checks {
+            if let serviceID {
+                guard var owner = services[serviceID] ?? external[serviceID], owner.node == node.name else {
+                    throw FlotillaError.notFound("ServiceID \"\(serviceID)\" does not exist on node \"\(node.name)\"")
+                }
+                owner.checks.removeAll { $0.id == check.id }
+                owner.checks.append(check)
+                services[serviceID] = owner
+            } else {
+                try await saveNodeCheck(NodeCheckRecord(node: node.name, check: check))
+            }
+        }
+        for service in services.values { try await register(service) }
+    }
+
+    /// `PUT /v1/catalog/deregister`: one service, one check, or a whole external node with all it had.
+    public func catalogDeregister(node: String, serviceID: String?, checkID: String?) async throws {
+        if let serviceID {
+            guard external[serviceID]?.node == node else { throw FlotillaError.notFound("Unknown service \"\(serviceID)\" on node \"\(node)\"") }
+            try await deregister(serviceID)
+        } else if let checkID {
+            try await deregisterCheck(checkID)
+        } else {
+            guard node != localNode else { throw FlotillaError.badRequest("node \(node) runs this agent; deregister its services instead") }
+            guard externalNodes[node] != nil else { throw FlotillaError.notFound("Unknown node \"\(node)\"") }
+            var mutations: [StoreMutation] = [.delete(Self.externalNodesPrefix + node)]
+            for service in external.values where service.node == node {
+                mutations.append(.delete(Self.externalPrefix + service.id))
+                external[service.id] = nil
+                stopProbes(ofService: service.id)
+            }
+            for record in nodeChecks.values where record.node == node {
+                mutations.append(.delete(Self.nodeChecksPrefix + record.check.id))
+                nodeChecks[record.check.id] = nil
+            }
+            let index = try await store.commit(StoreTransaction(mutations: mutations))
+            externalNodes[node] = nil
+            await rebuildAfterLocalWrite(index)
+        }
+    }
+
+    /// `PUT /v1/agent/check/pass|warn|fail|update/<id>`, and the results of probes.
     public func updateCheck(_ checkID: String, status: CheckStatus, output: String) async throws {
+        func updated(_ check: ExternalCheck) -> ExternalCheck {
+            var check = check
+            let now = Timestamp.format(Date())
+            let wasCritical = check.status == .critical
+            check.status = status
+            check.output = output
+            check.updatedAt = now
+            check.criticalSince = status == .critical ? (wasCritical ? check.criticalSince : now) : nil
+            return check
+        }
+        if var record = nodeChecks[checkID] {
+            record.check = updated(record.check)
+            try await saveNodeCheck(record)
+            return
+        }
         guard var service = external.values.first(where: { $0.checks.contains { $0.id == checkID } }),
             let index = service.checks.firstIndex(where: { $0.id == checkID })
         else { throw FlotillaError.notFound("Unknown check ID \"\(checkID)\". Ensure that the check ID is passed, not the check name.") }
-        let now = Timestamp.format(Date())
-        let wasCritical = service.checks[index].status == .critical
-        service.checks[index].status = status
-        service.checks[index].output = output
-        service.checks[index].updatedAt = now
-        service.checks[index].criticalSince = status == .critical ? (wasCritical ? service.checks[index].criticalSince : now) : nil
+        service.checks[index] = updated(service.checks[index])
         try await save(service)
     }
 
@@ -373,42 +601,62 @@ public actor Registry: Service {
         await rebuildAfterLocalWrite(index)
     }
 
+    private func saveNodeCheck(_ record: NodeCheckRecord) async throws {
+        let index = try await store.commit(
+            StoreTransaction(mutations: [.put(Self.nodeChecksPrefix + record.check.id, try StateCodec.encode(record))]))
+        nodeChecks[record.check.id] = record
+        await rebuildAfterLocalWrite(index)
+    }
+
     private func rebuildAfterLocalWrite(_ index: UInt64) async {
         var input = await source.registryInput()
         input.index = max(input.index, index)
         await rebuild(input)
     }
 
-    // MARK: - Checks of external services
+    // MARK: - Checks the agent runs
+
+    static func probeKey(serviceID: String?, checkID: String) -> String {
+        serviceID.map { "service:\($0)/\(checkID)" } ?? "node/\(checkID)"
+    }
 
     private func startChecks(of service: ExternalService) {
-        guard let prober, service.checks.contains(where: { $0.http != nil || $0.tcp != nil }) else { return }
-        let serviceID = service.id
-        checkTasks[service.id] = Task {
-            await withDiscardingTaskGroup { group in
-                for check in service.checks where check.http != nil || check.tcp != nil {
-                    group.addTask {
-                        while !Task.isCancelled {
-                            let began = ContinuousClock.now
-                            let outcome: (passed: Bool, output: String)
-                            if let url = check.http {
-                                outcome = await prober.probeHTTP(url: url, timeoutSeconds: check.timeoutSeconds)
-                            } else {
-                                let (host, port) = Self.hostPort(check.tcp ?? "")
-                                outcome = await prober.probeTCP(host: host, port: port, timeoutSeconds: check.timeoutSeconds)
-                            }
-                            if Task.isCancelled { return }
-                            await self.recordProbe(serviceID: serviceID, checkID: check.id, outcome)
-                            try? await Task.sleep(until: began + .milliseconds(Int64(check.intervalSeconds * 1000)))
-                        }
-                    }
+        for check in service.checks { startProbe(owner: service.id, check: check) }
+    }
+
+    private func stopProbes(ofService serviceID: String) {
+        for key in checkTasks.keys where key.hasPrefix("service:\(serviceID)/") { checkTasks.removeValue(forKey: key)?.cancel() }
+    }
+
+    /// Runs one HTTP, TCP or command check every interval until it is cancelled.
+    private func startProbe(owner serviceID: String?, check: ExternalCheck) {
+        guard let prober, check.isProbed else { return }
+        let key = Self.probeKey(serviceID: serviceID, checkID: check.id)
+        checkTasks[key] = Task {
+            while !Task.isCancelled {
+                let began = ContinuousClock.now
+                let outcome: (passed: Bool, output: String)
+                if let url = check.http {
+                    let request = HTTPCheckRequest(
+                        url: url, method: check.method ?? "GET", headers: check.header ?? [:], body: check.body,
+                        tlsSkipVerify: check.tlsSkipVerify ?? false)
+                    outcome = await prober.probeHTTP(request, timeoutSeconds: check.timeoutSeconds)
+                } else if let arguments = check.args {
+                    outcome = await prober.probeCommand(arguments, timeoutSeconds: check.timeoutSeconds)
+                } else {
+                    let (host, port) = Self.hostPort(check.tcp ?? "")
+                    outcome = await prober.probeTCP(host: host, port: port, timeoutSeconds: check.timeoutSeconds)
                 }
+                if Task.isCancelled { return }
+                await self.recordProbe(checkID: check.id, outcome)
+                try? await Task.sleep(until: began + .milliseconds(Int64(check.intervalSeconds * 1000)))
             }
         }
     }
 
-    private func recordProbe(serviceID: String, checkID: String, _ outcome: (passed: Bool, output: String)) async {
-        guard let service = external[serviceID], let check = service.checks.first(where: { $0.id == checkID }) else { return }
+    private func recordProbe(checkID: String, _ outcome: (passed: Bool, output: String)) async {
+        let current = nodeChecks[checkID]?.check ?? external.values.lazy.flatMap(\.checks).first { $0.id == checkID }
+        guard let check = current else { return }
         let status: CheckStatus = outcome.passed ? .passing : .critical
         guard status != check.status || outcome.output != check.output else { return }
         try? await updateCheck(checkID, status: status, output: outcome.output)

@@ -19,7 +19,7 @@ public enum RouteTableBuilder {
                 let key = Key(host: rule.host, path: rule.path, tcpPort: rule.tcpPort)
                 if rules[key] == nil { rules[key] = rule }
                 services[key, default: []].insert(entry.name)
-                if entry.status == .passing { members[key, default: []].append((entry, rule.weight)) }
+                if view.status(of: entry) == .passing { members[key, default: []].append((entry, rule.weight)) }
             }
         }
         // Routes an app declares while none of its instances is registered: known, with no target.

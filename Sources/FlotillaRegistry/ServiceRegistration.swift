@@ -37,45 +37,81 @@ public enum ServiceRegistration {
             }
         }
         // The older flat form: TTL, HTTP, Interval at the top level.
-        if checkBodies.isEmpty, fields["ttl"] != nil || fields["http"] != nil || fields["tcp"] != nil {
+        if checkBodies.isEmpty, fields["ttl"] != nil || fields["http"] != nil || fields["tcp"] != nil || fields["args"] != nil {
             checkBodies.append(body)
         }
         let now = Timestamp.format(Date())
         var checks: [ExternalCheck] = []
         for (index, raw) in checkBodies.enumerated() {
-            let check = lowercased(raw)
             let defaultID = checkBodies.count == 1 ? "service:\(id)" : "service:\(id):\(index + 1)"
-            let checkID = check["checkid"]?.stringValue ?? check["id"]?.stringValue ?? defaultID
-            let ttl = try duration(check["ttl"], field: "TTL")
-            let http = check["http"]?.stringValue
-            let tcp = check["tcp"]?.stringValue
-            if check["args"] != nil || check["script"] != nil || check["grpc"] != nil || check["dockercontainerid"] != nil {
-                throw .badRequest("only TTL, HTTP and TCP checks are supported")
-            }
-            guard [ttl != nil, http != nil, tcp != nil].filter({ $0 }).count == 1 else {
-                throw .badRequest("a check needs exactly one of TTL, HTTP or TCP")
-            }
-            let interval = try duration(check["interval"], field: "Interval")
-            if ttl == nil && (interval ?? 0) <= 0 { throw .badRequest("Interval is required for HTTP and TCP checks") }
-            let timeout = try duration(check["timeout"], field: "Timeout") ?? 10
-            if let tcp, Registry.hostPort(tcp).1 == 0 { throw .badRequest("TCP must be host:port, got '\(tcp)'") }
-            if let http, URL(string: http)?.scheme == nil { throw .badRequest("HTTP must be a URL, got '\(http)'") }
-            let deregister = try duration(check["deregistercriticalserviceafter"], field: "DeregisterCriticalServiceAfter")
-            var status = CheckStatus.critical
-            if let text = check["status"]?.stringValue {
-                guard let parsed = CheckStatus(rawValue: text) else { throw .badRequest("Status must be passing, warning or critical") }
-                status = parsed
-            }
-            checks.append(
-                ExternalCheck(
-                    id: checkID, name: check["name"]?.stringValue ?? "Service '\(name)' check", ttlSeconds: ttl, http: http, tcp: tcp,
-                    intervalSeconds: interval ?? 10, timeoutSeconds: timeout, deregisterCriticalServiceAfterSeconds: deregister,
-                    notes: check["notes"]?.stringValue ?? "", status: status, output: "", updatedAt: now,
-                    criticalSince: status == .critical ? now : nil))
+            checks.append(try parseCheck(raw, defaultID: defaultID, defaultName: "Service '\(name)' check"))
         }
         return ExternalService(
             id: id, name: name, tags: tags, address: address.isEmpty ? defaultAddress : address, port: port, meta: meta, node: node,
             checks: checks, registeredAt: now)
+    }
+
+    /// `PUT /v1/agent/check/register`: a check, and the service it belongs to (nil: the node).
+    public static func parseCheckRegistration(_ body: [String: JSONValue]) throws(FlotillaError) -> (check: ExternalCheck, serviceID: String?) {
+        let fields = lowercased(body)
+        guard let name = fields["name"]?.stringValue, !name.isEmpty else { throw .badRequest("Missing check name") }
+        let serviceID = (fields["serviceid"] ?? fields["service_id"])?.stringValue.flatMap { $0.isEmpty ? nil : $0 }
+        return (try parseCheck(body, defaultID: name, defaultName: name), serviceID)
+    }
+
+    /// One check definition, as Consul reads it: exactly one of `TTL`, `HTTP`, `TCP`, `Args`
+    /// (or the older `Script`), with `Interval` for the ones the agent runs.
+    static func parseCheck(_ raw: [String: JSONValue], defaultID: String, defaultName: String) throws(FlotillaError) -> ExternalCheck {
+        let check = lowercased(raw)
+        let checkID = check["checkid"]?.stringValue ?? check["id"]?.stringValue ?? defaultID
+        let ttl = try duration(check["ttl"], field: "TTL")
+        let http = check["http"]?.stringValue
+        let tcp = check["tcp"]?.stringValue
+        var args = try strings(check["args"] ?? check["scriptargs"] ?? check["script_args"], field: "Args")
+        if args.isEmpty, let script = check["script"]?.stringValue, !script.isEmpty { args = ["/bin/sh", "-c", script] }
+        for unsupported in ["grpc", "h2ping", "udp", "dockercontainerid", "docker_container_id", "aliasnode", "aliasservice", "osservice"]
+        where check[unsupported] != nil && check[unsupported] != .null {
+            throw .badRequest("Invalid check: \(unsupported) checks are not supported here; use TTL, HTTP, TCP or Args")
+        }
+        let kinds = [ttl != nil, http != nil, tcp != nil, !args.isEmpty].filter { $0 }.count
+        guard kinds <= 1 else { throw .badRequest("Invalid check: give only one of TTL, HTTP, TCP and Args") }
+        guard kinds == 1 else { throw .badRequest("Invalid check: TTL must be > 0 for TTL checks") }
+        let interval = try duration(check["interval"], field: "Interval")
+        if ttl != nil && interval != nil { throw .badRequest("Invalid check: Interval and TTL cannot both be specified") }
+        if ttl == nil && (interval ?? 0) <= 0 { throw .badRequest("Invalid check: Interval must be > 0 for Script, HTTP or TCP checks") }
+        let timeout = try duration(check["timeout"], field: "Timeout") ?? 10
+        if let tcp, Registry.hostPort(tcp).1 == 0 { throw .badRequest("TCP must be host:port, got '\(tcp)'") }
+        if let http, URL(string: http)?.scheme == nil { throw .badRequest("HTTP must be a URL, got '\(http)'") }
+        var header: [String: [String]]?
+        if let value = check["header"], value != .null {
+            guard case .object(let object) = value else { throw .badRequest("Header must be an object of lists of strings") }
+            var parsed: [String: [String]] = [:]
+            for (name, values) in object { parsed[name] = try strings(values, field: "Header \(name)") }
+            header = parsed
+        }
+        var tlsSkipVerify: Bool?
+        if let value = check["tlsskipverify"] ?? check["tls_skip_verify"], value != .null {
+            guard case .bool(let flag) = value else { throw .badRequest("TLSSkipVerify must be true or false") }
+            tlsSkipVerify = flag
+        }
+        let deregister = try duration(
+            check["deregistercriticalserviceafter"] ?? check["deregister_critical_service_after"], field: "DeregisterCriticalServiceAfter")
+        var status = CheckStatus.critical
+        if let text = check["status"]?.stringValue, !text.isEmpty {
+            guard let parsed = CheckStatus(rawValue: text) else { throw .badRequest("Bad check status") }
+            status = parsed
+        }
+        let now = Timestamp.format(Date())
+        var result = ExternalCheck(
+            id: checkID, name: check["name"]?.stringValue ?? defaultName, ttlSeconds: ttl, http: http, tcp: tcp,
+            intervalSeconds: interval ?? 10, timeoutSeconds: timeout, deregisterCriticalServiceAfterSeconds: deregister,
+            notes: check["notes"]?.stringValue ?? "", status: status, output: "", updatedAt: now, criticalSince: status == .critical ? now : nil)
+        result.args = args.isEmpty ? nil : args
+        result.method = check["method"]?.stringValue.flatMap { $0.isEmpty ? nil : $0.uppercased() }
+        result.header = header
+        result.body = check["body"]?.stringValue
+        result.tlsSkipVerify = tlsSkipVerify
+        return result
     }
 
     static func lowercased(_ object: [String: JSONValue]) -> [String: JSONValue] {

@@ -233,7 +233,9 @@ public actor SessionStore: Service {
     /// A check's status as the session sees it: node checks by id on its node, service checks
     /// anywhere; nil when there is no such check.
     static func status(of checkID: String, node: String, in view: RegistryView) -> CheckStatus? {
-        if checkID == CatalogBuilder.nodeCheckID { return view.node(named: node).map { view.nodeCheck($0).status } }
+        if let known = view.node(named: node), let check = view.checks(ofNode: known).first(where: { $0.checkID == checkID }) {
+            return check.status
+        }
         return view.services.lazy.flatMap(\.checks).first { $0.checkID == checkID }?.status
     }
 

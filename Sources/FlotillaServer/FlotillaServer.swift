@@ -98,7 +98,9 @@ public struct FlotillaServer {
         } catch {
             throw ServerError("\(error.localizedDescription)")
         }
-        let networkProbe = NetworkProbe()
+        let checkDirectory = configuration.dataDirectory + "/checks"
+        try FileManager.default.createDirectory(atPath: checkDirectory, withIntermediateDirectories: true)
+        let networkProbe = NetworkProbe(directory: checkDirectory)
         let registry = Registry(
             store: store, source: ControlPlaneSource(control: control), prober: RegistryProber(probe: networkProbe),
             datacenter: configuration.datacenter, localNode: configuration.node.name, localAddress: configuration.node.host, logger: logger,
@@ -188,8 +190,14 @@ struct ControlPlaneSource: RegistrySource {
 struct RegistryProber: CheckProber {
     let probe: NetworkProbe
 
-    func probeHTTP(url: String, timeoutSeconds: Double) async -> (passed: Bool, output: String) {
-        await probe.http(url: url, timeoutSeconds: timeoutSeconds)
+    func probeHTTP(_ request: HTTPCheckRequest, timeoutSeconds: Double) async -> (passed: Bool, output: String) {
+        await probe.http(
+            url: request.url, method: request.method, headers: request.headers, body: request.body, verifyCertificate: !request.tlsSkipVerify,
+            timeoutSeconds: timeoutSeconds)
+    }
+
+    func probeCommand(_ arguments: [String], timeoutSeconds: Double) async -> (passed: Bool, output: String) {
+        await probe.command(arguments, timeoutSeconds: timeoutSeconds)
     }
 
     func probeTCP(host: String, port: Int, timeoutSeconds: Double) async -> (passed: Bool, output: String) {

@@ -46,15 +46,30 @@ import Testing
         #expect(reply.suffix(4) == [10, 0, 0, 2])
     }
 
-    @Test func unknownNamesAreNXDOMAINAndKnownEmptyOnesNOERROR() throws {
-        let dns = resolver(services: [service("web", address: "10.0.0.2", port: 1, status: .critical)])
+    @Test func unknownNamesAndServicesWithNothingHealthyAreNXDOMAIN() throws {
+        let dns = resolver(services: [service("web", address: "10.0.0.2", port: 1, status: .critical), service("warm", address: "10.0.0.3", port: 1, status: .warning)])
         let unknown = try #require(dns.respond(to: query("nope.service.flotilla"), udp: true))
         #expect(header(unknown).flags & 0x000F == 3)
+        // As Consul: nothing to answer with is NXDOMAIN; warning instances are answered.
         let empty = try #require(dns.respond(to: query("web.service.flotilla"), udp: true))
-        #expect(header(empty).flags & 0x000F == 0)
+        #expect(header(empty).flags & 0x000F == 3)
         #expect(header(empty).answers == 0)
+        let warning = try #require(dns.respond(to: query("warm.service.flotilla"), udp: true))
+        #expect(header(warning).answers == 1)
         let outside = try #require(dns.respond(to: query("example.com"), udp: true))
         #expect(header(outside).flags & 0x000F == 5)
+    }
+
+    @Test func reverseLookupsNameTheNodeOrTheService() throws {
+        let dns = resolver(services: [service("web", address: "10.0.0.2", port: 8080)])
+        let node = try #require(dns.respond(to: query("1.0.0.10.in-addr.arpa", type: 12), udp: true))
+        #expect(header(node).answers == 1)
+        #expect(String(decoding: node, as: UTF8.self).contains("node"))
+        let service = try #require(dns.respond(to: query("2.0.0.10.in-addr.arpa", type: 12), udp: true))
+        #expect(header(service).answers == 1)
+        #expect(String(decoding: service, as: UTF8.self).contains("web"))
+        #expect(header(try #require(dns.respond(to: query("9.9.9.9.in-addr.arpa", type: 12), udp: true))).flags & 0x000F == 3)
+        #expect(header(try #require(dns.respond(to: query("x.in-addr.arpa", type: 12), udp: true))).flags & 0x000F == 3)
     }
 
     @Test func srvAndTagsAndNodes() throws {

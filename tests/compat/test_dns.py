@@ -128,20 +128,25 @@ def test_unknown_names_are_nxdomain(agent):
             assert answer.records("authority", "SOA"), f"NXDOMAIN should carry the zone's SOA:\n{answer.output}"
 
 
-def test_a_answers_only_passing_instances(agent, consul_api):
+def test_a_answers_passing_and_warning_instances(agent, consul_api):
     name = unique("pick")
     for number in (1, 2, 3):
         assert consul_api.agent.service.register(
             name, service_id=f"{name}-{number}", address=f"127.0.0.{10 + number}", port=8000 + number,
             check=consul.Check.ttl("60s"),
         )
+    # Consul answers NXDOMAIN for a service with no instance left to answer (checks start critical).
     nothing = dig(agent.dns_port, f"{name}.service.{DOMAIN}", "A")
-    assert (nothing.status, nothing.answer) == ("NOERROR", []), f"checks start critical:\n{nothing.output}"
+    assert (nothing.status, nothing.answer) == ("NXDOMAIN", []), f"checks start critical:\n{nothing.output}"
+    assert nothing.records("authority", "SOA"), nothing.output
 
     assert consul_api.agent.check.ttl_pass(f"service:{name}-1")
     assert consul_api.agent.check.ttl_pass(f"service:{name}-2")
     assert dig_short(agent.dns_port, f"{name}.service.{DOMAIN}", "A") == ["127.0.0.11", "127.0.0.12"]
+    # Warning instances stay in the answers (Consul's only_passing = false); critical ones leave.
     assert consul_api.agent.check.ttl_warn(f"service:{name}-2")
+    assert dig_short(agent.dns_port, f"{name}.service.{DOMAIN}", "A") == ["127.0.0.11", "127.0.0.12"]
+    assert consul_api.agent.check.ttl_fail(f"service:{name}-2")
     assert dig_short(agent.dns_port, f"{name}.service.{DOMAIN}", "A") == ["127.0.0.11"]
     srv = dig(agent.dns_port, f"{name}.service.{DOMAIN}", "SRV")
     # A service away from its node's address gets a target of its own, as in Consul.
@@ -214,7 +219,7 @@ def test_unhealthy_marathon_instances_are_left_out(agent, client, app_ids):
     wait_until(lambda: dig_short(agent.dns_port, lookup, "SRV") == [], timeout=10, what=f"no instance of {name} in SRV")
     for rtype in ("A", "SRV"):
         answer = dig(agent.dns_port, lookup, rtype)
-        assert answer.status == "NOERROR", f"a known service with nothing passing is not NXDOMAIN:\n{answer.output}"
+        assert answer.status == "NXDOMAIN", f"a known service with nothing healthy is NXDOMAIN, as in Consul:\n{answer.output}"
         assert answer.answer == [], answer.output
         assert answer.records("authority", "SOA"), answer.output
     assert len(agent.tasks(app_id)) == 2, "maxConsecutiveFailures 0: the instances stay"
@@ -238,9 +243,20 @@ def test_draining_instances_are_left_out(agent, app_ids):
     wait_until(draining, timeout=5, what=f"the instance of {app_id} to drain")
     for rtype in ("A", "SRV"):
         answer = dig(agent.dns_port, lookup, rtype)
-        assert answer.status == "NOERROR", answer.output
+        assert answer.status == "NXDOMAIN", answer.output
         assert answer.answer == [], f"a draining instance must not be in DNS:\n{answer.output}"
     assert draining(), "the instance should still be draining (drainSeconds 10) when DNS left it out"
+
+
+def test_ptr_names_the_node_or_service_at_an_address(agent, consul_api):
+    answer = dig(agent.dns_port, "1.0.0.127.in-addr.arpa", "PTR")
+    assert answer.status == "NOERROR", answer.output
+    assert answer.data("PTR") == [f"{NODE}.node.dc1.{DOMAIN}."], answer.output
+    name = unique("reverse")
+    assert consul_api.agent.service.register(name, service_id=name, address="127.0.0.99", port=80)
+    assert dig_short(agent.dns_port, "99.0.0.127.in-addr.arpa", "PTR") == [f"{name}.service.dc1.{DOMAIN}."]
+    assert dig(agent.dns_port, "98.0.0.127.in-addr.arpa", "PTR").status == "NXDOMAIN"
+    consul_api.agent.service.deregister(name)
 
 
 def test_tcp(agent, web):

@@ -4,6 +4,7 @@ copied from published definitions, bulk updates and the small endpoints clients 
 """
 
 import json
+import time
 import socket
 
 import pytest
@@ -158,3 +159,48 @@ def test_small_endpoints_clients_call(client, agent, app_ids):
     reply = agent.delete(f"/v2/queue{app_id}/delay")
     assert reply.status_code == 204, reply.text
     client.reset_delay(app_id)
+
+
+READY_FILE_SERVER_CMD = 'exec python3 -m http.server "$PORT0" --bind 127.0.0.1 --directory "$MESOS_SANDBOX"'
+
+
+def test_readiness_check_gates_the_deployment_and_the_routes(client, agent, app_ids):
+    app_id = app_ids.new("ready")
+    readiness = {"name": "warm", "protocol": "HTTP", "path": "/ready", "portName": "http", "intervalSeconds": 1,
+                 "timeoutSeconds": 0.5, "httpStatusCodesForReady": [200], "preserveLastResponse": True}
+    definition = {"id": app_id, "cmd": READY_FILE_SERVER_CMD, **TASK_RESOURCES, "portDefinitions": [{"port": 0, "name": "http"}],
+                  "readinessChecks": [readiness], "labels": {"SERVICE_TAGS": f"urlprefix-/{app_id.rsplit('/', 1)[1]}"}}
+    reply = agent.post("/v2/apps", json=definition)
+    assert reply.status_code == 201, reply.text
+    assert reply.json()["readinessChecks"][0]["portName"] == "http"
+    [task] = wait_for_running_tasks(client, app_id, 1)
+
+    def results():
+        deployments = [d for d in agent.deployments() if app_id in d["affectedApps"]]
+        if not deployments:
+            return None
+        checked = [r for action in deployments[0]["currentActions"] for r in action.get("readinessCheckResults", [])]
+        return checked if checked and "lastResponse" in checked[0] else None
+
+    [result] = wait_until(results, timeout=10, what="readinessCheckResults with the instance's answer in the deployment")
+    assert result["name"] == "warm" and result["taskId"] == task.id and result["ready"] is False
+    assert result["lastResponse"]["status"] == 404, "preserveLastResponse keeps what the instance answered"
+    time.sleep(2)
+    assert [d for d in agent.deployments() if app_id in d["affectedApps"]], "the deployment waits for readiness"
+    name = app_id.strip("/").replace("/", "-")
+    assert agent.get(f"/v1/health/service/{name}", params={"passing": "1"}).json() == [], "not ready: out of service"
+
+    (agent.sandbox(task.id) / "ready").write_text("yes")
+    wait_until(lambda: not [d for d in agent.deployments() if app_id in d["affectedApps"]], timeout=10,
+               what="the deployment to finish once the instance is ready")
+    assert len(agent.get(f"/v1/health/service/{name}", params={"passing": "1"}).json()) == 1
+
+
+def test_readiness_checks_are_validated_as_marathon_does(agent, app_ids):
+    app_id = app_ids.new()
+    base = {"id": app_id, "cmd": SLEEP_CMD, **TASK_RESOURCES}
+    reply = agent.post("/v2/apps", json={**base, "readinessChecks": [{"intervalSeconds": 5, "timeoutSeconds": 1}]})
+    assert reply.status_code == 422 and "http-api" in reply.text, "the default portName must name a port"
+    reply = agent.post("/v2/apps", json={**base, "portDefinitions": [{"port": 0, "name": "http-api"}],
+                                         "readinessChecks": [{"intervalSeconds": 2, "timeoutSeconds": 2}]})
+    assert reply.status_code == 422 and "timeoutSeconds" in reply.text

@@ -1,5 +1,11 @@
 """What an instance sees (environment, ports) and what happens to its output (rotation)."""
 
+import os
+import pwd
+from pathlib import Path
+
+import pytest
+
 from support.flotilla import app_definition, wait_until
 
 MIB = 1024 * 1024
@@ -59,3 +65,28 @@ def test_output_is_rotated_past_the_size_limit(make_agent, app_ids):
 
     sizes = wait_until(rotated, timeout=10, what=f"{sandbox}/stdout to be rotated to stdout.1")
     assert sizes["stdout.1"] > MIB, f"stdout.1 holds {sizes['stdout.1']} bytes; a rotated file passed 1 MiB"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only an agent running as root can run instances as another user")
+def test_user_runs_the_instance_as_that_user(agent, app_ids):
+    app_id = app_ids.new()
+    nobody = pwd.getpwnam("nobody")
+    # The user must be able to reach its sandbox: the test's temporary directories are private.
+    for directory in [agent.sandbox_root, *agent.sandbox_root.parents]:
+        if directory == Path("/tmp"):
+            break
+        directory.chmod(directory.stat().st_mode | 0o011)
+    agent.create_app(app_definition(app_id, "id -u; touch $MESOS_SANDBOX/written; sleep 60", user="nobody"))
+    task = agent.wait_for_running(app_id, 1)[0]
+    wait_until(lambda: (agent.sandbox(task["id"]) / "written").exists(), timeout=10, what="the instance to write its own sandbox")
+    pid = agent.instance_leaders(app_id)[task["id"]]
+    uid_line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Uid:"))
+    assert uid_line.split()[1:3] == [str(nobody.pw_uid)] * 2, uid_line
+    assert agent.app(app_id)["user"] == "nobody"
+
+
+def test_user_that_does_not_exist_is_refused(agent, app_ids):
+    response = agent.post("/v2/apps", json=app_definition(app_ids.new(), "sleep 60", user="no-such-user-here"))
+    assert response.status_code == 422, response.text
+    assert response.json()["details"][0]["path"] == "/user"
+    assert "no-such-user-here" in response.text

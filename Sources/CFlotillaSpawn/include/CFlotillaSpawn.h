@@ -14,13 +14,19 @@ typedef struct {
     int cgroup_count;
     int stdout_fd;
     int stderr_fd;
+    int set_user;                   /* nonzero: switch to uid/gid/groups before exec */
+    uid_t uid;
+    gid_t gid;
+    const gid_t *groups;            /* supplementary groups; may be NULL */
+    int group_count;
 } flotilla_spawn_request;
 
 /// Forks a child that starts a new session (so it leads its own process group), joins the given
 /// cgroups (writing "0" moves the writer itself, so there is no window in which it runs outside
 /// them), resets signal dispositions, wires stdin to /dev/null and stdout/stderr to the given
 /// descriptors, closes every other descriptor, and execs.
-/// Returns the pid, or -1 with `*error_stage` (1 fork, 2 setsid, 3 cgroup, 4 stdio, 5 chdir, 6 exec)
+/// With `set_user`, it drops to that user (supplementary groups, then gid, then uid) before the chdir.
+/// Returns the pid, or -1 with `*error_stage` (1 fork, 2 setsid, 3 cgroup, 4 stdio, 5 chdir, 6 exec, 7 user)
 /// and `*error_number` set. A failure after fork is reported by the child through a close-on-exec pipe.
 pid_t flotilla_spawn(const flotilla_spawn_request *request, int *error_stage, int *error_number);
 
