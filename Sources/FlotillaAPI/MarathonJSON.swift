@@ -221,6 +221,65 @@ public enum MarathonJSON {
         }
     }
 
+    /// What `GET /v2/groups` shows of a group, Marathon's way: `embed` picks what is included
+    /// (by default subgroups and apps; any `embed` replaces that default), apps as plain
+    /// definitions unless app embeds (`group.apps.tasks`, `.counts`, …) ask for more.
+    public struct GroupEmbed: Sendable {
+        var groups: Bool
+        var apps: Bool
+        var app: Embed
+
+        public static func parse(_ values: [String]) -> GroupEmbed {
+            guard !values.isEmpty else { return GroupEmbed(groups: true, apps: true, app: []) }
+            var embed = GroupEmbed(groups: false, apps: false, app: [])
+            for value in values {
+                switch value {
+                case "group.groups": embed.groups = true
+                case "group.apps": embed.apps = true
+                case "group.pods": break
+                default:
+                    if value.hasPrefix("group.apps.") {
+                        let what = value.dropFirst("group.apps.".count)
+                        embed.app.formUnion(Embed.parse([String(what)]))
+                        if what == "tasks" { embed.app.insert(.deployments) }
+                    }
+                }
+            }
+            return embed
+        }
+    }
+
+    public static func group(_ group: ControlPlane.GroupView, in snapshot: ControlSnapshot, embed: GroupEmbed) -> JSONValue {
+        .object([
+            "id": .string(group.id.path),
+            "apps": .array(embed.apps ? group.apps.map { embed.app.isEmpty ? .object(definition($0)) : app($0, in: snapshot, embed: embed.app) } : []),
+            "groups": .array(embed.groups ? group.groups.map { self.group($0, in: snapshot, embed: embed) } : []),
+            "pods": .array([]),
+            "dependencies": .array(group.dependencies.map(JSONValue.string)),
+            "version": .string(group.version),
+        ])
+    }
+
+    /// A group as it was at one of its versions.
+    public static func group(version: GroupVersion) -> JSONValue {
+        func node(_ id: GroupID) -> JSONValue {
+            var children: Set<GroupID> = Set(version.groups.map(\.id).filter { $0.parent == id })
+            for app in version.apps where id.contains(app.id) && app.id.segments.count > id.segments.count + 1 {
+                children.insert(GroupID(segments: Array(app.id.segments.prefix(id.segments.count + 1))))
+            }
+            let apps = version.apps.filter { GroupID.parent(of: $0.id) == id }.map { definition in
+                JSONValue.object(Self.definition(AppRecord(definition: definition, version: version.version,
+                    versionInfo: VersionInfo(lastScalingAt: version.version, lastConfigChangeAt: version.version))))
+            }
+            return .object([
+                "id": .string(id.path), "apps": .array(apps), "groups": .array(children.sorted().map(node)), "pods": .array([]),
+                "dependencies": .array((version.groups.first { $0.id == id }?.dependencies ?? []).map(JSONValue.string)),
+                "version": .string(version.version),
+            ])
+        }
+        return node(version.id)
+    }
+
     public static func queueItem(_ entry: QueueEntry, app record: AppRecord, in snapshot: ControlSnapshot, withOffers: Bool) -> JSONValue {
         var rejections: [JSONValue] = []
         if let placement = entry.placement {

@@ -50,6 +50,10 @@ public struct MarathonRoutes: Sendable {
         for method in [HTTPRequest.Method.get, .put, .patch, .delete, .post] {
             router.on("/v2/apps/**", method: method) { request, _ in await self.handle { try await self.appResource(request) } }
         }
+        for method in [HTTPRequest.Method.get, .put, .post, .delete] {
+            router.on("/v2/groups", method: method) { request, _ in await self.handle { try await self.groupResource(request) } }
+            router.on("/v2/groups/**", method: method) { request, _ in await self.handle { try await self.groupResource(request) } }
+        }
         router.get("/v2/tasks") { request, _ in await self.handle { try await self.listTasks(request) } }
         router.post("/v2/tasks/delete") { request, _ in await self.handle { try await self.deleteTasks(request) } }
         router.get("/v2/queue") { request, _ in await self.handle { try await self.queue(request) } }
@@ -209,6 +213,62 @@ public struct MarathonRoutes: Sendable {
         APIResponse.json(
             .object(["version": .string(result.version), "deploymentId": .string(result.deploymentID)]),
             headers: [.marathonDeploymentID: result.deploymentID])
+    }
+
+    // MARK: - Groups
+
+    /// Everything under `/v2/groups`: the tree, one group, its versions; create, change, delete.
+    private func groupResource(_ request: Request) async throws -> Response {
+        var segments = request.uri.path.split(separator: "/").map(String.init)
+        segments.removeFirst(2)  // "v2", "groups"
+        enum Target { case group, versions, version(String) }
+        var target = Target.group
+        if segments.count >= 2, segments[segments.count - 2] == "versions" {
+            target = .version(segments.removeLast())
+            segments.removeLast()
+        } else if segments.last == "versions" {
+            target = .versions
+            segments.removeLast()
+        }
+        let id: GroupID
+        do {
+            id = try GroupID("/" + segments.joined(separator: "/"))
+        } catch {
+            throw FlotillaError.notFound("Group '/\(segments.joined(separator: "/"))' does not exist")
+        }
+        let force = try request.flag("force")
+        switch (target, request.method) {
+        case (.group, .get):
+            guard let group = await control.group(id) else { throw FlotillaError.notFound("Group '\(id)' does not exist") }
+            let snapshot = await control.snapshot()
+            return APIResponse.json(MarathonJSON.group(group, in: snapshot, embed: .parse(request.queryValues("embed"))))
+        case (.group, .post):
+            let result = try await control.createGroup(try await jsonObject(request), under: id, force: force)
+            var response = changeResponse(result)
+            response.status = .created
+            return response
+        case (.group, .put):
+            let (result, plan) = try await control.updateGroup(try await jsonObject(request), at: id, force: force, dryRun: try request.flag("dryRun"))
+            if let plan {
+                return APIResponse.json(.object(["steps": .array(plan.steps.map { step in
+                    .object(["actions": .array(step.map { .object(["action": .string($0.action.rawValue), "app": .string($0.app.path)]) })])
+                })]))
+            }
+            return changeResponse(result!)
+        case (.group, .delete):
+            return changeResponse(try await control.deleteGroup(id, force: force))
+        case (.versions, .get):
+            return APIResponse.json(.array(try await control.groupVersions(of: id).map(JSONValue.string)))
+        case (.version(let version), .get):
+            let snapshot = try await control.groupVersion(version, of: id)
+            return APIResponse.json(MarathonJSON.group(version: snapshot))
+        case (.version(let version), .put):
+            // marathon-python's rollback_group: PUT /v2/groups/{id}/versions/{version} with no body.
+            let (result, _) = try await control.updateGroup(["version": .string(version)], at: id, force: force, dryRun: false)
+            return changeResponse(result!)
+        default:
+            return APIResponse.json(.object(["message": .string("\(request.method) is not allowed on \(request.uri.path)")]), status: .methodNotAllowed)
+        }
     }
 
     // MARK: - Tasks, queue, deployments

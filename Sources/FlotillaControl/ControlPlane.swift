@@ -9,10 +9,10 @@ public import ServiceLifecycle
 /// change into a durable transaction and a deployment, and drives instances towards it through the
 /// pure `Reconciler` and `Placer`. Reads are served from memory; every write goes to the store first.
 public actor ControlPlane: Service {
-    private let store: any StateStore
-    private let events: EventBus
+    let store: any StateStore
+    let events: EventBus
     private let logger: Logger
-    private let lock = AsyncLock()
+    let lock = AsyncLock()
     /// Where `portDefinitions[].port: 0` service ports come from (Marathon's local_port_min/max).
     public nonisolated let servicePortRange: ClosedRange<Int>
     /// Whether a user an app asks to run as exists where it will run.
@@ -20,11 +20,13 @@ public actor ControlPlane: Service {
 
     // Everything a read shows; each change bumps `generation`, so readers can cache what they
     // render from a snapshot until the state moves.
-    private var apps: [AppID: AppRecord] = [:] { didSet { generation &+= 1 } }
+    var apps: [AppID: AppRecord] = [:] { didSet { generation &+= 1 } }
     private var specs: [String: InstanceSpec] = [:] { didSet { generation &+= 1 } }
     private var statuses: [String: InstanceStatus] = [:] { didSet { generation &+= 1 } }
     private var deployments: [String: Deployment] = [:] { didSet { generation &+= 1 } }
     private var deploymentResults: [String: DeploymentResult] = [:]
+    /// Groups with a record of their own (dependencies, version); others are implied by app ids.
+    var groupRecords: [GroupID: GroupRecord] = [:] { didSet { generation &+= 1 } }
     /// Failed deployments whose rollback is being started: still reported as running.
     private var rollingBack: [String: Deployment] = [:]
     private var failures: [AppID: TaskFailure] = [:] { didSet { generation &+= 1 } }
@@ -84,6 +86,7 @@ public actor ControlPlane: Service {
             try await all(DeploymentResult.self, StateKeys.deploymentResults).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
         failures = Dictionary(try await all(TaskFailure.self, StateKeys.failures).map { ($0.appID, $0) }, uniquingKeysWith: { $1 })
         nodes = Dictionary(try await all(NodeInfo.self, StateKeys.nodes).map { ($0.name, $0) }, uniquingKeysWith: { $1 })
+        groupRecords = Dictionary(try await all(GroupRecord.self, StateKeys.groups).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
         index = try await store.currentIndex()
         lastVersion = apps.values.map(\.version).max() ?? ""
         loaded = true
@@ -230,14 +233,20 @@ public actor ControlPlane: Service {
     /// gets its new version in the same transaction, or none does.
     /// - Parameter layers: the order in which apps start or change (Marathon's dependency order);
     ///   each layer is a deployment step that waits for the one before. Default: all at once.
-    private func applyLocked(
-        _ requestedChanges: [AppChange], layers: [[AppID]]? = nil, force: Bool, clientIP: String?, uri: String
+    func applyLocked(
+        _ requestedChanges: [AppChange], removals: [AppRecord] = [], layers: [[AppID]]? = nil, force: Bool, clientIP: String?, uri: String,
+        extraPuts: [(String, any Encodable & Sendable)] = [], extraDeletes: [String] = [], version chosenVersion: String? = nil,
+        publishPosts: Bool = true
     ) async throws -> ChangeResult {
         try requireLoaded()
         var changes = requestedChanges
+        guard !changes.isEmpty || !removals.isEmpty else {
+            throw FlotillaError.invalid([FieldError("/", "nothing to change")])
+        }
         var assigned: [AppID: AppDefinition] = [:]
         var preconditions: [StorePrecondition] = []
         var cancelled: Set<String> = []
+        for removed in removals { cancelled.formUnion(try conflictingDeployments(for: removed.id, force: force)) }
         for index in changes.indices {
             let id = changes[index].definition.id
             if let current = changes[index].current {
@@ -246,7 +255,7 @@ public actor ControlPlane: Service {
                 if apps[id] != nil {
                     throw FlotillaError.conflict(message: "An app with id [\(id)] already exists.", deploymentIDs: [])
                 }
-                let others = Set(apps.keys).union(changes.map(\.definition.id).filter { $0 != id })
+                let others = Set(apps.keys).subtracting(removals.map(\.id)).union(changes.map(\.definition.id).filter { $0 != id })
                 if let parent = others.first(where: { $0.contains(id) || id.contains($0) }) {
                     throw FlotillaError.invalid([
                         FieldError("/id", "'\(id)' would nest with the app '\(parent)'; an app id cannot be a group of another app")
@@ -260,7 +269,7 @@ public actor ControlPlane: Service {
             changes[index].definition = try withServicePorts(changes[index].definition, previous: changes[index].current?.definition, alsoTaken: assigned)
             assigned[id] = changes[index].definition
         }
-        let version = nextVersion()
+        let version = chosenVersion ?? nextVersion()
         var records: [AppRecord] = []
         var targets: [Deployment.Target] = []
         var configVersions: [AppID: String] = [:]
@@ -282,8 +291,12 @@ public actor ControlPlane: Service {
             configVersions[definition.id] = record.configVersion
             targets.append(.init(app: definition.id, targetVersion: version, previousVersion: change.current?.version))
         }
-        // A new app is started (with no instances) in the first step, then scaled in its layer.
+        for removed in removals {
+            targets.append(.init(app: removed.id, targetVersion: nil, previousVersion: removed.version))
+        }
+        // Removed apps stop first; a new app is started (with no instances), then scaled in its layer.
         var steps: [[Deployment.Action]] = []
+        if !removals.isEmpty { steps.append(removals.map { .init(action: .stopApplication, app: $0.id) }) }
         let created = changes.filter { $0.current == nil }.map(\.definition.id)
         if !created.isEmpty { steps.append(created.map { .init(action: .startApplication, app: $0) }) }
         for layer in layers ?? [changes.map(\.definition.id)] {
@@ -299,16 +312,28 @@ public actor ControlPlane: Service {
         }
         puts.append((StateKeys.deployment(deployment.id), deployment))
         puts += cancelledResults.map { (StateKeys.deploymentResult($0.id), $0) }
-        try await commit(preconditions: preconditions, puts: puts, deletes: cancelledIDs.map { StateKeys.deployment($0) })
+        puts += extraPuts
+        let removedKeys = removals.flatMap { [StateKeys.app($0.id), StateKeys.failure($0.id)] }
+        try await commit(
+            preconditions: preconditions, puts: puts, deletes: cancelledIDs.map { StateKeys.deployment($0) } + removedKeys + extraDeletes,
+            deletePrefixes: removals.map { StateKeys.versions(of: $0.id) })
         // Committed: now it is shown.
         finishCancelled(cancelledResults)
+        for removed in removals {
+            apps[removed.id] = nil
+            failures[removed.id] = nil
+            backoffs[removed.id] = nil
+            queue[removed.id] = nil
+        }
         for (change, record) in zip(changes, records) {
             apps[record.id] = record
             let configChanged = change.current == nil || record.configVersion != change.current?.configVersion
             if configChanged { backoffs[record.id] = nil }
         }
         deployments[deployment.id] = deployment
-        publishChange(records: records, deployment: deployment, original: changes.compactMap(\.current), clientIP: clientIP, uri: uri)
+        publishChange(
+            records: publishPosts ? records : [], deployment: deployment, original: changes.compactMap(\.current) + removals, target: records,
+            clientIP: clientIP, uri: uri)
         wake()
         return ChangeResult(version: version, deploymentID: deployment.id, app: records.count == 1 ? records[0] : nil)
     }
@@ -336,7 +361,7 @@ public actor ControlPlane: Service {
 
     /// `fields` merged over the app's current definition (or on their own when `partial` is false
     /// or the app is new), decoded and validated.
-    private func mergedDefinition(_ id: AppID, fields: [String: JSONValue], partial: Bool) throws -> AppDefinition {
+    func mergedDefinition(_ id: AppID, fields: [String: JSONValue], partial: Bool) throws -> AppDefinition {
         var object = partial ? ((apps[id]).flatMap { try? JSONValue(encoding: $0.definition).objectValue } ?? [:]) : [:]
         for (key, value) in fields where key != "version" { object[key] = value }
         // The legacy `ports` replaces the port definitions it stands for.
@@ -594,7 +619,9 @@ public actor ControlPlane: Service {
             puts.append((StateKeys.instance(id), spec))
             if let index = cluster.instances.firstIndex(where: { $0.id == id }) { cluster.instances[index].spec = spec }
         }
-        for appID in appIDs {
+        // Apps whose turn in a deployment has not come (their dependencies are not ready yet).
+        let heldBack = deployments.values.reduce(into: Set<AppID>()) { $0.formUnion(DeploymentSteps.heldBack($1)) }
+        for appID in appIDs where !heldBack.contains(appID) {
             let app = apps[appID]
             let plan = Reconciler.plan(app: app, instances: byApp[appID] ?? [], now: now)
             for stop in plan.stop {
@@ -657,6 +684,7 @@ public actor ControlPlane: Service {
         // Deployments that arrived, and deployments that failed.
         var succeeded: [Deployment] = []
         var failed: [(Deployment, String)] = []
+        var advancedSteps: [(Deployment, [Int])] = []
         for deployment in deployments.values.sorted(by: { $0.version < $1.version }) {
             let live = { (app: AppID) in self.specs.values.filter { $0.appID == app }.map { Instance(spec: $0, status: self.statuses[$0.id]) } }
             let done = deployment.targets.allSatisfy { target in
@@ -674,10 +702,17 @@ public actor ControlPlane: Service {
                 deletes.append(StateKeys.deployment(deployment.id))
                 continue
             }
-            if deployment.totalSteps > 1 && deployment.currentStep == 1 {
+            let progress = DeploymentSteps.advance(deployment) { action in
+                switch action.action {
+                case .startApplication: return true
+                case .stopApplication: return live(action.app).allSatisfy(\.state.isTerminal)
+                case .scaleApplication, .restartApplication: return Reconciler.isComplete(app: apps[action.app], instances: live(action.app))
+                }
+            }
+            if progress.currentStep != deployment.currentStep {
                 var advanced = deployment
-                advanced.currentStep = 2
-                deployments[deployment.id] = advanced
+                advanced.currentStep = progress.currentStep
+                advancedSteps.append((advanced, progress.finished))
                 puts.append((StateKeys.deployment(deployment.id), advanced))
             }
         }
@@ -691,6 +726,12 @@ public actor ControlPlane: Service {
         for result in results { puts.append((StateKeys.deploymentResult(result.id), result)) }
         if !puts.isEmpty || !deletes.isEmpty {
             try await commit(puts: puts, deletes: deletes)
+        }
+        // Committed: steps move on, and say so.
+        for (advanced, finished) in advancedSteps {
+            deployments[advanced.id] = advanced
+            for step in finished { events.publish(stepEvent("deployment_step_success", advanced, step: step)) }
+            events.publish(deploymentInfoEvent(advanced, original: [], target: []))
         }
         // Results become visible in the same step as the deployments leave, before any await. A
         // failed deployment that rolls back stays visible as running until its result can name
@@ -707,6 +748,7 @@ public actor ControlPlane: Service {
             deployments[deployment.id] = nil
             var result = results.first { $0.id == deployment.id }!
             logger.warning("deployment \(deployment.id) failed: \(reason)")
+            events.publish(stepEvent("deployment_step_failure", deployment, step: deployment.currentStep))
             events.publish(
                 FlotillaEvent(
                     type: "deployment_failed",
@@ -798,7 +840,7 @@ public actor ControlPlane: Service {
         return try ServicePorts.assign(definition, previous: previous, inUse: inUse, range: servicePortRange)
     }
 
-    private func requireLoaded() throws {
+    func requireLoaded() throws {
         if !loaded { throw FlotillaError.unavailable("the agent is still starting; try again in a moment") }
     }
 
@@ -827,7 +869,7 @@ public actor ControlPlane: Service {
     }
 
     /// App versions are timestamps; two changes in one millisecond still get distinct, ordered versions.
-    private func nextVersion() -> String {
+    func nextVersion() -> String {
         var date = Date()
         var version = Timestamp.format(date)
         while version <= lastVersion {
@@ -846,7 +888,7 @@ public actor ControlPlane: Service {
             targetConfigVersions: Dictionary(uniqueKeysWithValues: configVersions.map { ($0.key.path, $0.value) }))
     }
 
-    private func commit(
+    func commit(
         preconditions: [StorePrecondition] = [], puts: [(String, any Encodable & Sendable)] = [], deletes: [String] = [],
         deletePrefixes: [String] = []
     ) async throws {
@@ -866,7 +908,9 @@ public actor ControlPlane: Service {
 
     // MARK: - Events
 
-    private func publishChange(records: [AppRecord], deployment: Deployment, original: [AppRecord], clientIP: String?, uri: String) {
+    private func publishChange(
+        records: [AppRecord], deployment: Deployment, original: [AppRecord], target: [AppRecord]? = nil, clientIP: String?, uri: String
+    ) {
         for record in records {
             guard let definition = try? JSONValue(encoding: record.definition) else { continue }
             events.publish(
@@ -874,7 +918,7 @@ public actor ControlPlane: Service {
                     type: "api_post_event",
                     fields: ["clientIp": clientIP.map(JSONValue.string) ?? .null, "uri": .string(uri), "appDefinition": definition]))
         }
-        events.publish(deploymentInfoEvent(deployment, original: original, target: records))
+        events.publish(deploymentInfoEvent(deployment, original: original, target: target ?? records))
     }
 
     private func deploymentInfoEvent(_ deployment: Deployment, original: [AppRecord], target: [AppRecord]) -> FlotillaEvent {
@@ -894,6 +938,17 @@ public actor ControlPlane: Service {
             "original": group(original), "target": group(target),
             "steps": .array(deployment.steps.map { .object(["actions": .array($0.map(Self.actionJSON))]) }),
         ])
+    }
+
+    /// `deployment_step_success` / `deployment_step_failure`: the plan and the step (1-based) it is about.
+    private func stepEvent(_ type: String, _ deployment: Deployment, step: Int) -> FlotillaEvent {
+        let actions = deployment.steps.indices.contains(step - 1) ? deployment.steps[step - 1] : []
+        return FlotillaEvent(
+            type: type,
+            fields: [
+                "plan": planJSON(deployment, original: [], target: []),
+                "currentStep": .object(["actions": .array(actions.map(Self.actionJSON))]),
+            ])
     }
 
     static func actionJSON(_ action: Deployment.Action) -> JSONValue {

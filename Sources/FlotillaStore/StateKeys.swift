@@ -11,6 +11,8 @@ public enum StateKeys {
     public static let deploymentResults = "deployment-results/"
     public static let failures = "failures/"
     public static let nodes = "nodes/"
+    public static let groups = "groups/"
+    public static let groupVersions = "group-versions/"
 
     public static func app(_ id: AppID) -> String { apps + id.flatName }
     public static func versions(of id: AppID) -> String { versions + id.flatName + "/" }
@@ -21,6 +23,9 @@ public enum StateKeys {
     public static func deploymentResult(_ id: String) -> String { deploymentResults + id }
     public static func failure(_ id: AppID) -> String { failures + id.flatName }
     public static func node(_ name: String) -> String { nodes + name }
+    public static func group(_ id: GroupID) -> String { groups + id.flatName }
+    public static func groupVersions(of id: GroupID) -> String { groupVersions + id.flatName + "/" }
+    public static func groupVersion(_ version: String, of id: GroupID) -> String { groupVersions(of: id) + version }
 }
 
 /// JSON in and out of the store, with one encoder configuration for every record.

@@ -115,3 +115,26 @@ import Testing
         #expect(again == app)
     }
 }
+
+@Suite struct GroupUpdateTests {
+    func parse(_ text: String, base: GroupID = .root) throws -> GroupUpdate {
+        guard case .object(let object) = try JSONValue.parse(Data(text.utf8)) else { throw FlotillaError.malformed("not an object") }
+        return try GroupUpdate.parse(object, base: base)
+    }
+
+    @Test func relativeIdsResolveAgainstTheirGroup() throws {
+        let update = try parse(#"{"id": "shop", "apps": [{"id": "web", "cmd": "x", "dependencies": ["db", "/other"]}], "groups": [{"id": "back", "apps": [{"id": "db", "cmd": "y"}]}]}"#)
+        #expect(update.id.path == "/shop")
+        #expect(update.apps?.map(\.id.path) == ["/shop/web"])
+        #expect(update.apps?.first?.dependencies == ["/shop/db", "/other"])
+        #expect(update.groups?.first?.id.path == "/shop/back")
+        #expect(update.groups?.first?.apps?.map(\.id.path) == ["/shop/back/db"])
+    }
+
+    @Test func scaleByAndVersionStandAlone() throws {
+        #expect(try parse(#"{"scaleBy": 2}"#, base: GroupID("/a")).scaleBy == 2)
+        #expect(throws: FlotillaError.self) { try parse(#"{"scaleBy": 2, "id": "/a"}"#) }
+        #expect(throws: FlotillaError.self) { try parse(#"{"apps": [{"id": "/elsewhere/x", "cmd": "x"}]}"#, base: GroupID("/a")) }
+        #expect(throws: FlotillaError.self) { try parse(#"{"id": "/a", "colour": "blue"}"#) }
+    }
+}
