@@ -7,9 +7,12 @@ import NIOCore
 /// Marathon's REST API v2 over the control plane.
 public struct MarathonRoutes: Sendable {
     public static let maximumBodyBytes = 1 << 20
+    /// How often a quiet `/v2/events` stream gets a comment line.
+    static let eventStreamHeartbeat: Duration = .seconds(5)
 
     let control: ControlPlane
     let events: EventBus
+    let subscriptions: EventSubscriptions?
     let info: ServerInfo
     let cache = ResponseCache()
 
@@ -29,9 +32,10 @@ public struct MarathonRoutes: Sendable {
         }
     }
 
-    public init(control: ControlPlane, events: EventBus, info: ServerInfo) {
+    public init(control: ControlPlane, events: EventBus, info: ServerInfo, subscriptions: EventSubscriptions? = nil) {
         self.control = control
         self.events = events
+        self.subscriptions = subscriptions
         self.info = info
     }
 
@@ -62,7 +66,16 @@ public struct MarathonRoutes: Sendable {
         router.delete("/v2/deployments/:id") { request, context in
             await self.handle { try await self.deleteDeployment(request, id: context.parameters.get("id") ?? "") }
         }
-        router.get("/v2/events") { request, _ in self.eventStream(request) }
+        router.get("/v2/events") { request, context in self.eventStream(request, remoteAddress: context.remoteAddressText) }
+        router.get("/v2/eventSubscriptions") { _, _ in
+            await self.handle { APIResponse.json(.object(["callbackUrls": .array(await (try self.subscriptionsOrFail()).list().map(JSONValue.string))])) }
+        }
+        router.post("/v2/eventSubscriptions") { request, context in
+            await self.handle { try await self.changeSubscription(request, subscribe: true, clientIP: context.remoteAddressText) }
+        }
+        router.delete("/v2/eventSubscriptions") { request, context in
+            await self.handle { try await self.changeSubscription(request, subscribe: false, clientIP: context.remoteAddressText) }
+        }
     }
 
     private func handle(_ body: () async throws -> Response) async -> Response {
@@ -332,6 +345,27 @@ public struct MarathonRoutes: Sendable {
         return Response(status: .accepted)
     }
 
+    // MARK: - Event subscriptions
+
+    private func subscriptionsOrFail() throws -> EventSubscriptions {
+        guard let subscriptions else { throw FlotillaError.badRequest("http event callback system is not running on this agent") }
+        return subscriptions
+    }
+
+    /// `POST`/`DELETE /v2/eventSubscriptions?callbackUrl=`: answers with the subscribe or
+    /// unsubscribe event, which also goes out on the bus.
+    private func changeSubscription(_ request: Request, subscribe: Bool, clientIP: String) async throws -> Response {
+        let subscriptions = try subscriptionsOrFail()
+        guard let url = request.formValue("callbackUrl"), !url.isEmpty else {
+            throw FlotillaError.invalid([FieldError("/callbackUrl", "the callbackUrl query parameter is required")])
+        }
+        if subscribe { try await subscriptions.subscribe(url) } else { try await subscriptions.unsubscribe(url) }
+        let event = FlotillaEvent(
+            type: subscribe ? "subscribe_event" : "unsubscribe_event", fields: ["clientIp": .string(clientIP), "callbackUrl": .string(url)])
+        events.publish(event)
+        return APIResponse.json(.object(event.fields))
+    }
+
     // MARK: - Info and events
 
     private func infoResponse() -> Response {
@@ -355,16 +389,17 @@ public struct MarathonRoutes: Sendable {
                 ]),
                 "http_config": .object(["http_port": .number(Double(info.httpPort)), "https_port": .number(0)]),
                 "zookeeper_config": .object([:]),
-                "event_subscriber": .null,
+                "event_subscriber": subscriptions == nil ? .null : .object(["type": .string("http_callback"), "http_endpoints": .null]),
             ]))
     }
 
     /// `/v2/events`: server-sent events, one `data:` line per event, flushed as it happens.
-    private func eventStream(_ request: Request) -> Response {
+    private func eventStream(_ request: Request, remoteAddress: String) -> Response {
         let wanted = Set(request.queryValues("event_type"))
         let subscription = events.subscribe()
         let (stream, continuation) = AsyncStream.makeStream(of: ByteBuffer.self)
-        let attached = FlotillaEvent(type: "event_stream_attached", fields: ["remoteAddress": .string("")])
+        let attached = FlotillaEvent(type: "event_stream_attached", fields: ["remoteAddress": .string(remoteAddress)])
+        events.publish(attached)
         let task = Task {
             func send(_ event: FlotillaEvent) {
                 guard wanted.isEmpty || wanted.contains(event.type) else { return }
@@ -373,11 +408,25 @@ public struct MarathonRoutes: Sendable {
                 bytes.append(contentsOf: "\n\n".utf8)
                 continuation.yield(ByteBuffer(bytes: bytes))
             }
-            send(attached)
+            // `attached` arrives through the subscription (it went out on the bus), so it comes first.
             for await event in subscription { send(event) }
             continuation.finish()
         }
-        continuation.onTermination = { _ in task.cancel() }
+        // A comment line every few seconds: keeps proxies from closing a quiet stream, and finds
+        // clients that went away (the write fails), so their detach is reported.
+        let heartbeat = Task {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: Self.eventStreamHeartbeat)
+                if Task.isCancelled { return }
+                continuation.yield(ByteBuffer(string: ":\n"))
+            }
+        }
+        let events = events
+        continuation.onTermination = { _ in
+            task.cancel()
+            heartbeat.cancel()
+            events.publish(FlotillaEvent(type: "event_stream_detached", fields: ["remoteAddress": .string(remoteAddress)]))
+        }
         return Response(
             status: .ok,
             headers: [.contentType: "text/event-stream", .cacheControl: "no-cache"],

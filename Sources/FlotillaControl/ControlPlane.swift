@@ -545,6 +545,15 @@ public actor ControlPlane: Service {
                 events.publish(instanceChangedEvent(spec, condition: "Killing", draining: true))
             }
             publishHealthEvents(spec: spec, previous: previous?.health ?? [], current: status.health)
+            if let previous, previous.isHealthy != status.isHealthy, !spec.definition.healthChecks.isEmpty {
+                events.publish(
+                    FlotillaEvent(
+                        type: "instance_health_changed_event",
+                        fields: [
+                            "instanceId": .string(spec.id), "runSpecId": .string(spec.appID.path), "runSpecVersion": .string(spec.version),
+                            "healthy": status.isHealthy.map(JSONValue.bool) ?? .null,
+                        ]))
+            }
         }
         if fresh.count != statuses.count { changed = true }
         if changed { statuses = fresh }
@@ -730,7 +739,10 @@ public actor ControlPlane: Service {
         // Committed: steps move on, and say so.
         for (advanced, finished) in advancedSteps {
             deployments[advanced.id] = advanced
-            for step in finished { events.publish(stepEvent("deployment_step_success", advanced, step: step)) }
+            for step in finished {
+                events.publish(stepEvent("deployment_step_success", advanced, step: step))
+                for action in advanced.steps[step - 1] where action.action == .stopApplication { publishTerminated(action.app) }
+            }
             events.publish(deploymentInfoEvent(advanced, original: [], target: []))
         }
         // Results become visible in the same step as the deployments leave, before any await. A
@@ -741,6 +753,10 @@ public actor ControlPlane: Service {
         for result in results where !rollingBackIDs.contains(result.id) { deploymentResults[result.id] = result }
         for deployment in succeeded {
             deployments[deployment.id] = nil
+            if let last = deployment.steps.last, deployment.totalSteps == max(1, deployment.currentStep) {
+                for action in last where action.action == .stopApplication { publishTerminated(action.app) }
+            }
+            events.publish(stepEvent("deployment_step_success", deployment, step: deployment.totalSteps))
             events.publish(
                 FlotillaEvent(type: "deployment_success", fields: ["id": .string(deployment.id), "plan": planJSON(deployment, original: [], target: [])]))
         }
@@ -938,6 +954,11 @@ public actor ControlPlane: Service {
             "original": group(original), "target": group(target),
             "steps": .array(deployment.steps.map { .object(["actions": .array($0.map(Self.actionJSON))]) }),
         ])
+    }
+
+    /// `app_terminated_event`: every instance of a removed app has stopped.
+    private func publishTerminated(_ app: AppID) {
+        events.publish(FlotillaEvent(type: "app_terminated_event", fields: ["appId": .string(app.path)]))
     }
 
     /// `deployment_step_success` / `deployment_step_failure`: the plan and the step (1-based) it is about.

@@ -112,13 +112,15 @@ public struct FlotillaServer {
             host: configuration.bindAddress, port: configuration.dnsPort,
             resolver: DNSResolver(domain: configuration.dnsDomain, ttl: configuration.dnsTTL, view: registry.viewBox), logger: logger)
 
-        let router = Router()
+        let router = Router(context: FlotillaRequestContext.self)
+        let subscriptions = EventSubscriptions(store: store, events: events, logger: logger)
         let leader = "\(configuration.bindAddress == "0.0.0.0" ? configuration.node.host : configuration.bindAddress):\(configuration.apiPort)"
         MarathonRoutes(
             control: control, events: events,
             info: .init(
                 version: configuration.version, leader: leader, nodeName: configuration.node.name, httpPort: configuration.apiPort,
-                servicePortRange: configuration.servicePortRange)
+                servicePortRange: configuration.servicePortRange),
+            subscriptions: subscriptions
         ).add(to: router)
         LogRoutes(control: control, sandboxRoot: agent.sandboxRoot).add(to: router)
         FlotillaRoutes(control: control).add(to: router)
@@ -149,6 +151,7 @@ public struct FlotillaServer {
                     .init(service: dns),
                     .init(service: proxy),
                     .init(service: agent),
+                    .init(service: subscriptions),
                     .init(service: application),
                     // Shut down first (the group stops services in reverse): open event streams
                     // must end before the HTTP server can drain its connections.
@@ -160,6 +163,7 @@ public struct FlotillaServer {
         try await control.load()
         try await registry.load()
         try await sessions.load()
+        try await subscriptions.load()
         do {
             try await group.run()
         } catch {
