@@ -49,7 +49,7 @@ public enum MarathonJSON {
                 .array([.string(constraint.field), .string(constraint.op.rawValue)] + (constraint.value.map { [.string($0)] } ?? []))
             }),
             "uris": .array(app.uris.map(JSONValue.string)),
-            "fetch": .array(app.uris.map { .object(["uri": .string($0), "extract": .bool(true), "executable": .bool(false), "cache": .bool(false)]) }),
+            "fetch": .array(app.fetch.compactMap { try? JSONValue(encoding: $0) }),
             "storeUrls": .array([]),
             "backoffSeconds": .number(app.backoffSeconds),
             "backoffFactor": .number(app.backoffFactor),
@@ -78,10 +78,15 @@ public enum MarathonJSON {
                 return .object(port)
             }),
             "secrets": .object([:]),
-            "unreachableStrategy": .object(["inactiveAfterSeconds": .number(0), "expungeAfterSeconds": .number(0)]),
+            "unreachableStrategy": (try? JSONValue(encoding: app.unreachableStrategy)) ?? .null,
             "networks": .array([.object(["mode": .string("host")])]),
         ]
         if let grace = app.taskKillGracePeriodSeconds { object["taskKillGracePeriodSeconds"] = .number(grace) }
+        // Marathon 1.6+ fields, only when set: older clients (marathon-python among them) reject keys they do not know.
+        if let limits = app.resourceLimits { object["resourceLimits"] = try? JSONValue(encoding: limits) }
+        if let check = app.check { object["check"] = check }
+        if let resources = app.executorResources { object["executorResources"] = resources }
+        if let secrets = app.secrets { object["secrets"] = secrets }
         // Flotilla's own fields appear only when set away from their defaults, so Marathon clients
         // that reject unknown keys keep working with apps that do not use them.
         if app.drainSeconds != AppDefinition.Defaults.drainSeconds { object["drainSeconds"] = .number(app.drainSeconds) }

@@ -106,9 +106,15 @@ public struct Cgroups: Sendable {
 
     /// Creates the instance's cgroups with its limits and returns the `cgroup.procs` files the new
     /// process must join.
-    public func create(instanceID: String, memoryMiB: Double, cpus: Double) throws -> [String] {
-        let memoryBytes = memoryMiB > 0 ? Int64(memoryMiB * 1024 * 1024) : nil
+    /// - Parameters:
+    ///   - memoryMiB: the hard memory limit; nil for none (`resourceLimits.mem: "unlimited"`).
+    ///   - cpus: the CPU weight.
+    ///   - cpuLimit: a CFS quota in CPUs (`resourceLimits.cpus`); nil for none.
+    public func create(instanceID: String, memoryMiB: Double?, cpus: Double, cpuLimit: Double? = nil) throws -> [String] {
+        let memoryBytes = memoryMiB.flatMap { $0 > 0 ? Int64($0 * 1024 * 1024) : nil }
         let shares = max(2, Int(cpus * 1024))
+        let period = 100_000
+        let quota = cpuLimit.map { max(1000, Int($0 * Double(period))) }
         switch mode {
         case .disabled:
             return []
@@ -122,6 +128,7 @@ public struct Cgroups: Sendable {
             // cgroup v2 weight from v1 shares, the conversion runc and systemd use.
             let weight = min(10_000, max(1, 1 + ((shares - 2) * 9999) / 262_142))
             try? Self.write("\(weight)", to: directory + "/cpu.weight")
+            if let quota { try Self.write("\(quota) \(period)", to: directory + "/cpu.max") }
             return [directory + "/cgroup.procs"]
         case .v1(let parents):
             var procs: [String] = []
@@ -137,6 +144,10 @@ public struct Cgroups: Sendable {
                     }
                 case "cpu":
                     try? Self.write("\(shares)", to: directory + "/cpu.shares")
+                    if let quota {
+                        try Self.write("\(period)", to: directory + "/cpu.cfs_period_us")
+                        try Self.write("\(quota)", to: directory + "/cpu.cfs_quota_us")
+                    }
                 default:
                     break
                 }

@@ -84,7 +84,10 @@ struct ExecDriver: Sendable {
         }
         let cgroupFiles: [String]
         do {
-            cgroupFiles = try cgroups.create(instanceID: spec.id, memoryMiB: spec.definition.mem, cpus: spec.definition.cpus)
+            let limits = spec.definition.resourceLimits
+            let memory: Double? = limits?.mem == .unlimited ? nil : (limits?.mem).flatMap { if case .amount(let value) = $0 { value } else { nil } } ?? spec.definition.mem
+            let cpuLimit: Double? = (limits?.cpus).flatMap { if case .amount(let value) = $0 { value } else { nil } }
+            cgroupFiles = try cgroups.create(instanceID: spec.id, memoryMiB: memory, cpus: spec.definition.cpus, cpuLimit: cpuLimit)
         } catch {
             throw AgentError.launch("cannot create the instance's cgroup: \(error)")
         }

@@ -28,9 +28,20 @@ public struct AppDefinition: Sendable, Hashable, Codable {
     public var killSelection: KillSelection
     public var user: String?
     public var dependencies: [String]
-    /// Marathon fields Flotilla keeps and returns but does not act on.
-    public var uris: [String]
+    /// Artifacts to download into the sandbox (`fetch`, or the older `uris`): kept and returned;
+    /// downloading them comes with the container work.
+    public var fetch: [FetchURI]
     public var acceptedResourceRoles: [String]?
+    /// How far an instance may use more than `cpus` and `mem`.
+    public var resourceLimits: ResourceLimits?
+    public var unreachableStrategy: UnreachableStrategy
+    /// Marathon 1.6+ fields kept and returned as sent; see docs/api.md for what each does here.
+    public var check: JSONValue?
+    public var executorResources: JSONValue?
+    public var secrets: JSONValue?
+
+    /// The artifacts' URIs (Marathon's `uris`).
+    public var uris: [String] { fetch.map(\.uri) }
 
     public init(id: AppID, cmd: String? = nil, args: [String]? = nil, instances: Int = 1) {
         self.id = id
@@ -57,8 +68,10 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         self.killSelection = .youngestFirst
         self.user = nil
         self.dependencies = []
-        self.uris = []
+        self.fetch = []
         self.acceptedResourceRoles = nil
+        self.resourceLimits = nil
+        self.unreachableStrategy = .default
     }
 
     public enum Defaults {
@@ -75,8 +88,9 @@ public struct AppDefinition: Sendable, Hashable, Codable {
     enum CodingKeys: String, CodingKey, CaseIterable {
         case id, cmd, args, env, instances, cpus, mem, disk, gpus, portDefinitions, ports, requirePorts, labels
         case constraints, healthChecks, readinessChecks, backoffSeconds, backoffFactor, maxLaunchDelaySeconds
-        case taskKillGracePeriodSeconds, drainSeconds, upgradeStrategy, killSelection, user, dependencies, uris
-        case acceptedResourceRoles, container
+        case taskKillGracePeriodSeconds, drainSeconds, upgradeStrategy, killSelection, user, dependencies, uris, fetch
+        case acceptedResourceRoles, container, resourceLimits, unreachableStrategy, check, executorResources, secrets
+        case tty, networks, role, ipAddress, residency, executor
     }
 
     public init(from decoder: any Decoder) throws {
@@ -115,8 +129,43 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         killSelection = try container.decodeIfPresent(KillSelection.self, forKey: .killSelection) ?? .youngestFirst
         user = try container.decodeIfPresent(String.self, forKey: .user)
         dependencies = try container.decodeIfPresent([String].self, forKey: .dependencies) ?? []
-        uris = try container.decodeIfPresent([String].self, forKey: .uris) ?? []
+        let uris = try container.decodeIfPresent([String].self, forKey: .uris) ?? []
+        let fetched = try container.decodeIfPresent([FetchURI].self, forKey: .fetch) ?? []
+        if !uris.isEmpty && !fetched.isEmpty {
+            throw FlotillaError.invalid([FieldError("/uris", "give the artifacts in 'fetch' or in 'uris', not both")])
+        }
+        fetch = fetched.isEmpty ? uris.map { FetchURI(uri: $0) } : fetched
         acceptedResourceRoles = try container.decodeIfPresent([String].self, forKey: .acceptedResourceRoles)
+        resourceLimits = try container.decodeIfPresent(ResourceLimits.self, forKey: .resourceLimits)
+        unreachableStrategy = try container.decodeIfPresent(UnreachableStrategy.self, forKey: .unreachableStrategy) ?? .default
+        check = try container.decodeIfPresent(JSONValue.self, forKey: .check).flatMap { $0 == .null ? nil : $0 }
+        executorResources = try container.decodeIfPresent(JSONValue.self, forKey: .executorResources).flatMap { $0 == .null ? nil : $0 }
+        secrets = try container.decodeIfPresent(JSONValue.self, forKey: .secrets).flatMap { $0 == .null || $0 == .object([:]) ? nil : $0 }
+
+        // Fields whose other values need what this agent does not have: refused, saying so.
+        if try container.decodeIfPresent(Bool.self, forKey: .tty) == true {
+            throw FlotillaError.invalid([FieldError("/tty", "instances run without a terminal here; leave 'tty' out or false")])
+        }
+        if let networks = try container.decodeIfPresent([JSONValue].self, forKey: .networks),
+            networks.contains(where: { ($0["mode"]?.stringValue ?? "host") != "host" })
+        {
+            throw FlotillaError.invalid([FieldError("/networks", "only host networking is available to command apps; container networks come with the container driver")])
+        }
+        if let role = try container.decodeIfPresent(String.self, forKey: .role), role != "*" {
+            throw FlotillaError.invalid([FieldError("/role", "got \(role), expected one of: [*]; Flotilla has no resource roles")])
+        }
+        if let roles = acceptedResourceRoles, roles.contains(where: { $0 != "*" }) {
+            throw FlotillaError.invalid([FieldError("/acceptedResourceRoles", "acceptedResourceRoles can only contain * (Flotilla has no resource roles)")])
+        }
+        if let address = try container.decodeIfPresent(JSONValue.self, forKey: .ipAddress), address != .null {
+            throw FlotillaError.invalid([FieldError("/ipAddress", "an IP address per instance needs container networking; use host ports")])
+        }
+        if let residency = try container.decodeIfPresent(JSONValue.self, forKey: .residency), residency != .null {
+            throw FlotillaError.invalid([FieldError("/residency", "resident apps (persistent volumes) are not supported")])
+        }
+        if let executor = try container.decodeIfPresent(String.self, forKey: .executor), !["", "//cmd"].contains(executor) {
+            throw FlotillaError.invalid([FieldError("/executor", "custom executors are not supported; leave 'executor' out")])
+        }
         if let containerSpec = try container.decodeIfPresent(JSONValue.self, forKey: .container), containerSpec != .null {
             throw FlotillaError.invalid([
                 FieldError("/container", "containers need the oci or docker driver, which this agent does not have yet; run the process with 'cmd' or 'args'")
@@ -150,8 +199,13 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         try container.encode(killSelection, forKey: .killSelection)
         try container.encode(user, forKey: .user)
         try container.encode(dependencies, forKey: .dependencies)
-        try container.encode(uris, forKey: .uris)
+        try container.encode(fetch, forKey: .fetch)
         try container.encode(acceptedResourceRoles, forKey: .acceptedResourceRoles)
+        try container.encodeIfPresent(resourceLimits, forKey: .resourceLimits)
+        if unreachableStrategy != .default { try container.encode(unreachableStrategy, forKey: .unreachableStrategy) }
+        try container.encodeIfPresent(check, forKey: .check)
+        try container.encodeIfPresent(executorResources, forKey: .executorResources)
+        try container.encodeIfPresent(secrets, forKey: .secrets)
     }
 
     /// The grace period between SIGTERM and SIGKILL when an instance is stopped.
@@ -171,8 +225,7 @@ extension AppDefinition {
     public static let knownFields: Set<String> = Set(CodingKeys.allCases.map(\.rawValue)).union([
         // Read-only fields clients echo back from a GET; accepted and ignored.
         "version", "versionInfo", "tasksStaged", "tasksRunning", "tasksHealthy", "tasksUnhealthy", "deployments",
-        "tasks", "lastTaskFailure", "taskStats", "readinessCheckResults", "fetch", "storeUrls",
-        "executor", "secrets", "unreachableStrategy", "networks", "residency", "role", "ipAddress", "counts",
+        "tasks", "lastTaskFailure", "taskStats", "tasksStats", "readinessCheckResults", "storeUrls", "counts",
     ])
 
     /// Decodes a definition from a JSON object, turning decoder failures into Marathon-style field errors
@@ -209,7 +262,27 @@ extension AppDefinition {
         check(hasCommand || hasArgs, "/", "an app must have 'cmd' or 'args'")
         check(!(hasCommand && hasArgs), "/", "an app may have 'cmd' or 'args', not both")
         check(instances >= 0, "/instances", "must be zero or more, got \(instances)")
-        check(cpus >= 0 && cpus.isFinite, "/cpus", "must be zero or more")
+        check(cpus >= 0.001 && cpus.isFinite, "/cpus", "must be at least 0.001, got \(cpus)")
+        if let last = id.segments.last {
+            check(!["restart", "tasks", "versions"].contains(last), "/id",
+                  "must not end with any of the following reserved keywords: restart, tasks, versions")
+        }
+        if let cmd {
+            check(cmd.trimmingCharacters(in: .whitespaces).isEmpty || cmd.count > 1, "/cmd", "must be longer than one character")
+        }
+        // Refused rather than accepted and dropped at launch: the secrets engine is not there yet
+        // (Marathon refuses them too unless started with its secrets feature).
+        check(secrets == nil, "/secrets", "secrets are not available on this agent yet; pass the value through 'env'")
+        for (name, value) in env {
+            if case .secret = value {
+                problems.append(FieldError("/env/\(name)", "secret references in env need the secrets engine, which this agent does not have yet"))
+            }
+        }
+        if labels["MARATHON_SINGLE_INSTANCE_APP"]?.lowercased() == "true" {
+            check(instances <= 1, "/instances", "Single instance app may only have one instance")
+            check(upgradeStrategy.minimumHealthCapacity == 0 && upgradeStrategy.maximumOverCapacity == 0, "/upgradeStrategy",
+                  "Single instance app may only have an upgrade strategy of minimumHealthCapacity 0 and maximumOverCapacity 0")
+        }
         check(mem >= 0 && mem.isFinite, "/mem", "must be zero or more (MiB)")
         check(disk >= 0 && disk.isFinite, "/disk", "must be zero or more (MiB)")
         check(gpus == 0, "/gpus", "this agent has no GPUs to give")
@@ -265,6 +338,20 @@ extension AppDefinition {
             }
         }
         check(readinessChecks.count <= 1, "/readinessChecks", "an app may have at most one readiness check")
+        if case .amount(let limit)? = resourceLimits?.cpus {
+            check(limit >= cpus, "/resourceLimits/cpus", "must be at least cpus (\(cpus)), or \"unlimited\"")
+        }
+        if case .amount(let limit)? = resourceLimits?.mem {
+            check(limit >= mem, "/resourceLimits/mem", "must be at least mem (\(mem)), or \"unlimited\"")
+        }
+        if case .after(let inactive, let expunge) = unreachableStrategy {
+            check(inactive >= 0 && expunge >= 0, "/unreachableStrategy", "the seconds must be zero or more")
+            check(inactive <= expunge, "/unreachableStrategy/inactiveAfterSeconds",
+                  "inactiveAfterSeconds (\(Int(inactive))) must be less or equal to expungeAfterSeconds, which is \(Int(expunge))")
+        }
+        for (index, artifact) in fetch.enumerated() {
+            check(!artifact.uri.isEmpty, "/fetch(\(index))/uri", "must not be empty")
+        }
         for (index, readiness) in readinessChecks.enumerated() {
             for problem in readiness.problems(portNames: portDefinitions.map(\.name)) {
                 problems.append(FieldError("/readinessChecks(\(index))" + problem.path, problem.errors.joined(separator: "; ")))
@@ -335,9 +422,11 @@ public struct PortDefinition: Sendable, Hashable, Codable {
 }
 
 public struct UpgradeStrategy: Sendable, Hashable, Codable {
-    public enum Kind: String, Sendable, Hashable, Codable {
+    public enum Kind: String, Sendable, Hashable, Codable, CaseInsensitiveEnum {
         case rolling
         case blueGreen = "blue-green"
+
+        public init(from decoder: any Decoder) throws { self = try Self.decodeIgnoringCase(from: decoder) }
     }
 
     public var minimumHealthCapacity: Double
@@ -388,7 +477,25 @@ public struct UpgradeStrategy: Sendable, Hashable, Codable {
     }
 }
 
-public enum KillSelection: String, Sendable, Hashable, Codable {
+public enum KillSelection: String, Sendable, Hashable, Codable, CaseInsensitiveEnum {
     case youngestFirst = "YOUNGEST_FIRST"
     case oldestFirst = "OLDEST_FIRST"
+
+    public init(from decoder: any Decoder) throws { self = try Self.decodeIgnoringCase(from: decoder) }
+}
+
+/// Marathon reads enum values in any case (`Youngest_First`, `http`).
+public protocol CaseInsensitiveEnum: RawRepresentable, CaseIterable where RawValue == String {}
+
+extension CaseInsensitiveEnum {
+    static func decodeIgnoringCase(from decoder: any Decoder) throws -> Self {
+        let text = try decoder.singleValueContainer().decode(String.self)
+        guard let value = allCases.first(where: { $0.rawValue.lowercased() == text.lowercased() }) else {
+            throw DecodingError.dataCorrupted(
+                .init(
+                    codingPath: decoder.codingPath,
+                    debugDescription: "'\(text)' is not one of \(allCases.map(\.rawValue).joined(separator: ", "))"))
+        }
+        return value
+    }
 }

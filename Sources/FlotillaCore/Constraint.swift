@@ -48,7 +48,7 @@ public struct Constraint: Sendable, Hashable, Codable, CustomStringConvertible {
         if field.isEmpty { return "the field is empty" }
         switch op {
         case .unique:
-            return nil
+            return value == nil ? nil : "UNIQUE does not accept a value"
         case .cluster, .groupBy:
             if op == .groupBy, let value, Int(value) == nil { return "GROUP_BY takes an optional number of groups" }
             return nil

@@ -1,8 +1,10 @@
 /// A Marathon health check. Kept, validated and returned now; run by the health checker.
 public struct HealthCheck: Sendable, Hashable, Codable {
-    public enum CheckProtocol: String, Sendable, Hashable, Codable {
+    public enum CheckProtocol: String, Sendable, Hashable, Codable, CaseInsensitiveEnum {
         case http = "HTTP", https = "HTTPS", tcp = "TCP", command = "COMMAND"
         case mesosHTTP = "MESOS_HTTP", mesosHTTPS = "MESOS_HTTPS", mesosTCP = "MESOS_TCP"
+
+        public init(from decoder: any Decoder) throws { self = try Self.decodeIgnoringCase(from: decoder) }
     }
 
     public struct Command: Sendable, Hashable, Codable {

@@ -2,8 +2,10 @@
 /// `httpStatusCodesForReady` before a deployment counts it, and before it takes traffic. Checked
 /// from when the instance runs until its first ready answer, then no more.
 public struct ReadinessCheck: Sendable, Hashable, Codable {
-    public enum CheckProtocol: String, Sendable, Hashable, Codable {
+    public enum CheckProtocol: String, Sendable, Hashable, Codable, CaseInsensitiveEnum {
         case http = "HTTP", https = "HTTPS"
+
+        public init(from decoder: any Decoder) throws { self = try Self.decodeIgnoringCase(from: decoder) }
     }
 
     public var name: String

@@ -39,18 +39,32 @@ import Testing
         #expect(app.portDefinitions.map(\.port) == [0, 8080])
     }
 
-    @Test func readsConstraintsHealthChecksAndSecrets() throws {
+    @Test func readsConstraintsAndHealthChecksAndRefusesSecretsForNow() throws {
         let app = try decode(
             #"""
             {"id": "/web", "cmd": "serve", "constraints": [["hostname", "UNIQUE"], ["rack", "LIKE", "r[12]"]],
              "portDefinitions": [{"port": 0}],
-             "healthChecks": [{"protocol": "HTTP", "path": "/health", "intervalSeconds": 5, "timeoutSeconds": 2}],
-             "env": {"A": "1", "DB": {"secret": "db"}}}
+             "healthChecks": [{"protocol": "http", "path": "/health", "intervalSeconds": 5, "timeoutSeconds": 2}],
+             "killSelection": "Oldest_First", "env": {"A": "1"}}
             """#)
         #expect(app.constraints == [Constraint(field: "hostname", op: .unique), Constraint(field: "rack", op: .like, value: "r[12]")])
         #expect(app.healthChecks.first?.path == "/health")
         #expect(app.healthChecks.first?.gracePeriodSeconds == 300)
-        #expect(app.env["DB"] == .secret("db"))
+        #expect(app.killSelection == .oldestFirst, "enum values in any case, as Marathon reads them")
+        #expect(details(of: #"{"id": "/web", "cmd": "serve", "env": {"DB": {"secret": "db"}}}"#).map(\.path) == ["/env/DB"])
+        #expect(details(of: #"{"id": "/web", "cmd": "serve", "secrets": {"db": {"source": "x"}}}"#).map(\.path) == ["/secrets"])
+    }
+
+    @Test func refusesWhatMarathonRefuses() {
+        #expect(details(of: #"{"id": "/web", "cmd": "serve", "cpus": 0}"#).map(\.path) == ["/cpus"])
+        #expect(details(of: #"{"id": "/web/restart", "cmd": "serve"}"#).map(\.path) == ["/id"])
+        #expect(details(of: #"{"id": "/web", "cmd": "serve", "constraints": [["hostname", "UNIQUE", "x"]]}"#).map(\.path) == ["/constraints(0)"])
+        #expect(!details(of: #"{"id": "/web", "cmd": "x", "labels": {"MARATHON_SINGLE_INSTANCE_APP": "true"}, "instances": 2}"#).isEmpty)
+        #expect(details(of: #"{"id": "/web", "cmd": "serve", "tty": true}"#).map(\.path) == ["/tty"])
+        #expect(details(of: #"{"id": "/web", "cmd": "serve", "role": "slave_public"}"#).map(\.path) == ["/role"])
+        #expect(details(of: #"{"id": "/web", "cmd": "serve", "unreachableStrategy": {"inactiveAfterSeconds": 600, "expungeAfterSeconds": 60}}"#)
+            .map(\.path) == ["/unreachableStrategy/inactiveAfterSeconds"])
+        #expect(details(of: #"{"id": "/web", "cmd": "serve", "resourceLimits": {"cpus": "unlimited", "mem": 256}, "unreachableStrategy": "disabled"}"#).isEmpty)
     }
 
     @Test func namesEveryInvalidField() {

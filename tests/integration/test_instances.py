@@ -90,3 +90,39 @@ def test_user_that_does_not_exist_is_refused(agent, app_ids):
     assert response.status_code == 422, response.text
     assert response.json()["details"][0]["path"] == "/user"
     assert "no-such-user-here" in response.text
+
+
+def cgroup_file(pid, controller, v1_name, v2_name):
+    """The text of a cgroup control file of the process (cgroup v1 or v2), or None."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        number, controllers, path = line.split(":", 2)
+        if number == "0" and controllers == "":
+            candidate = Path("/sys/fs/cgroup") / path.lstrip("/") / v2_name
+        elif controller in controllers.split(","):
+            candidate = Path("/sys/fs/cgroup") / controllers / path.lstrip("/") / v1_name
+        else:
+            continue
+        if candidate.exists():
+            return candidate.read_text().strip()
+    return None
+
+
+def test_resource_limits_set_the_cgroup_limits(agent, app_ids):
+    app_id = app_ids.new()
+    agent.create_app(app_definition(app_id, "sleep 60", mem=32, cpus=0.1, resourceLimits={"mem": 48, "cpus": 0.5}))
+    task = agent.wait_for_running(app_id, 1)[0]
+    pid = agent.instance_leaders(app_id)[task["id"]]
+    memory = cgroup_file(pid, "memory", "memory.limit_in_bytes", "memory.max")
+    if memory is None:
+        pytest.skip("this agent runs without cgroups (no permission to create them)")
+    assert int(memory) == 48 * 1024 * 1024, "resourceLimits.mem is the hard limit, above mem"
+    quota = cgroup_file(pid, "cpu", "cpu.cfs_quota_us", "cpu.max")
+    assert quota.split()[0] == "50000", f"resourceLimits.cpus 0.5 is a CFS quota of half a period: {quota}"
+    assert agent.app(app_id)["resourceLimits"] == {"mem": 48, "cpus": 0.5}
+
+    unlimited = app_ids.new()
+    agent.create_app(app_definition(unlimited, "sleep 60", mem=32, resourceLimits={"mem": "unlimited"}))
+    task = agent.wait_for_running(unlimited, 1)[0]
+    pid = agent.instance_leaders(unlimited)[task["id"]]
+    memory = cgroup_file(pid, "memory", "memory.limit_in_bytes", "memory.max")
+    assert memory == "max" or int(memory) > 1 << 40, f"no memory limit: {memory}"
