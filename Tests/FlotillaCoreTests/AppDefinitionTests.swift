@@ -59,7 +59,7 @@ import Testing
         #expect(details(of: #"{"id": "/web", "cmd": "serve", "cpus": 0}"#).map(\.path) == ["/cpus"])
         #expect(details(of: #"{"id": "/web/restart", "cmd": "serve"}"#).map(\.path) == ["/id"])
         #expect(details(of: #"{"id": "/web", "cmd": "serve", "constraints": [["hostname", "UNIQUE", "x"]]}"#).map(\.path) == ["/constraints(0)"])
-        #expect(!details(of: #"{"id": "/web", "cmd": "x", "labels": {"MARATHON_SINGLE_INSTANCE_APP": "true"}, "instances": 2}"#).isEmpty)
+        #expect(!details(of: #"{"id": "/web", "cmd": "run", "labels": {"MARATHON_SINGLE_INSTANCE_APP": "true"}, "instances": 2}"#).isEmpty)
         #expect(details(of: #"{"id": "/web", "cmd": "serve", "tty": true}"#).map(\.path) == ["/tty"])
         #expect(details(of: #"{"id": "/web", "cmd": "serve", "role": "slave_public"}"#).map(\.path) == ["/role"])
         #expect(details(of: #"{"id": "/web", "cmd": "serve", "unreachableStrategy": {"inactiveAfterSeconds": 600, "expungeAfterSeconds": 60}}"#)
@@ -68,37 +68,37 @@ import Testing
     }
 
     @Test func namesEveryInvalidField() {
-        let problems = details(of: #"{"id": "/web", "cmd": "x", "instances": -1, "cpus": -2, "backoffFactor": 0.5}"#)
+        let problems = details(of: #"{"id": "/web", "cmd": "run", "instances": -1, "cpus": -2, "backoffFactor": 0.5}"#)
         #expect(Set(problems.map(\.path)) == ["/instances", "/cpus", "/backoffFactor"])
     }
 
     @Test func typeErrorsCarryTheirPath() {
-        #expect(details(of: #"{"id": "/web", "cmd": "x", "instances": "three"}"#).map(\.path) == ["/instances"])
-        #expect(details(of: #"{"id": "/web", "cmd": "x", "portDefinitions": [{"port": "x"}]}"#).first?.path == "/portDefinitions(0)/port")
+        #expect(details(of: #"{"id": "/web", "cmd": "run", "instances": "three"}"#).map(\.path) == ["/instances"])
+        #expect(details(of: #"{"id": "/web", "cmd": "run", "portDefinitions": [{"port": "x"}]}"#).first?.path == "/portDefinitions(0)/port")
     }
 
     @Test func rejectsUnknownFieldsAndBadConstraints() {
-        #expect(details(of: #"{"id": "/web", "cmd": "x", "instanz": 2}"#).map(\.path) == ["/instanz"])
-        #expect(!details(of: #"{"id": "/web", "cmd": "x", "constraints": [["hostname", "SOMETIMES"]]}"#).isEmpty)
-        #expect(!details(of: #"{"id": "/web", "cmd": "x", "constraints": [["rack", "LIKE", "("]]}"#).isEmpty)
-        #expect(!details(of: #"{"id": "/web", "cmd": "x", "constraints": [["rack", "MAX_PER", "zero"]]}"#).isEmpty)
+        #expect(details(of: #"{"id": "/web", "cmd": "run", "instanz": 2}"#).map(\.path) == ["/instanz"])
+        #expect(!details(of: #"{"id": "/web", "cmd": "run", "constraints": [["hostname", "SOMETIMES"]]}"#).isEmpty)
+        #expect(!details(of: #"{"id": "/web", "cmd": "run", "constraints": [["rack", "LIKE", "("]]}"#).isEmpty)
+        #expect(!details(of: #"{"id": "/web", "cmd": "run", "constraints": [["rack", "MAX_PER", "zero"]]}"#).isEmpty)
     }
 
     @Test func needsACommandAndAValidStrategy() {
         #expect(details(of: #"{"id": "/web"}"#).map(\.path) == ["/"])
         #expect(
-            details(of: #"{"id": "/web", "cmd": "x", "upgradeStrategy": {"minimumHealthCapacity": 1, "maximumOverCapacity": 0}}"#)
+            details(of: #"{"id": "/web", "cmd": "run", "upgradeStrategy": {"minimumHealthCapacity": 1, "maximumOverCapacity": 0}}"#)
                 .map(\.path) == ["/upgradeStrategy"])
-        #expect(!details(of: #"{"id": "/web", "cmd": "x", "container": {"type": "DOCKER"}}"#).isEmpty)
+        #expect(!details(of: #"{"id": "/web", "cmd": "run", "container": {"type": "DOCKER"}}"#).isEmpty)
     }
 
     @Test func healthChecksNeedAPortToCheck() {
         #expect(
-            details(of: #"{"id": "/web", "cmd": "x", "portDefinitions": [], "healthChecks": [{"protocol": "HTTP"}]}"#).first?.path
+            details(of: #"{"id": "/web", "cmd": "run", "portDefinitions": [], "healthChecks": [{"protocol": "HTTP"}]}"#).first?.path
                 == "/healthChecks(0)/portIndex")
         // An app that names no ports has Marathon's default one, so port index 0 is there.
-        #expect(details(of: #"{"id": "/web", "cmd": "x", "healthChecks": [{"protocol": "HTTP"}]}"#).isEmpty)
-        #expect(details(of: #"{"id": "/web", "cmd": "x", "healthChecks": [{"protocol": "COMMAND", "command": {"value": "true"}}]}"#).isEmpty)
+        #expect(details(of: #"{"id": "/web", "cmd": "run", "healthChecks": [{"protocol": "HTTP"}]}"#).isEmpty)
+        #expect(details(of: #"{"id": "/web", "cmd": "run", "healthChecks": [{"protocol": "COMMAND", "command": {"value": "true"}}]}"#).isEmpty)
     }
 
     @Test func appsWithoutPortsGetMarathonsDefaultPort() throws {
@@ -108,7 +108,7 @@ import Testing
     }
 
     @Test func healthCheckTimeoutMayExceedTheIntervalButAProbeNeverOutlivesIt() throws {
-        let app = try decode(#"{"id": "/web", "cmd": "x", "healthChecks": [{"intervalSeconds": 10, "timeoutSeconds": 20}]}"#)
+        let app = try decode(#"{"id": "/web", "cmd": "run", "healthChecks": [{"intervalSeconds": 10, "timeoutSeconds": 20}]}"#)
         #expect(app.healthChecks[0].timeoutSeconds == 20)
         #expect(app.healthChecks[0].effectiveTimeoutSeconds == 10)
     }
@@ -137,7 +137,7 @@ import Testing
     }
 
     @Test func relativeIdsResolveAgainstTheirGroup() throws {
-        let update = try parse(#"{"id": "shop", "apps": [{"id": "web", "cmd": "x", "dependencies": ["db", "/other"]}], "groups": [{"id": "back", "apps": [{"id": "db", "cmd": "y"}]}]}"#)
+        let update = try parse(#"{"id": "shop", "apps": [{"id": "web", "cmd": "run", "dependencies": ["db", "/other"]}], "groups": [{"id": "back", "apps": [{"id": "db", "cmd": "run"}]}]}"#)
         #expect(update.id.path == "/shop")
         #expect(update.apps?.map(\.id.path) == ["/shop/web"])
         #expect(update.apps?.first?.dependencies == ["/shop/db", "/other"])
@@ -148,7 +148,7 @@ import Testing
     @Test func scaleByAndVersionStandAlone() throws {
         #expect(try parse(#"{"scaleBy": 2}"#, base: GroupID("/a")).scaleBy == 2)
         #expect(throws: FlotillaError.self) { try parse(#"{"scaleBy": 2, "id": "/a"}"#) }
-        #expect(throws: FlotillaError.self) { try parse(#"{"apps": [{"id": "/elsewhere/x", "cmd": "x"}]}"#, base: GroupID("/a")) }
+        #expect(throws: FlotillaError.self) { try parse(#"{"apps": [{"id": "/elsewhere/x", "cmd": "run"}]}"#, base: GroupID("/a")) }
         #expect(throws: FlotillaError.self) { try parse(#"{"id": "/a", "colour": "blue"}"#) }
     }
 }
