@@ -15,6 +15,7 @@ public struct MarathonRoutes: Sendable {
     let subscriptions: EventSubscriptions?
     let info: ServerInfo
     let cache = ResponseCache()
+    let startedAt = Date()
 
     public struct ServerInfo: Sendable {
         public var version: String
@@ -44,6 +45,7 @@ public struct MarathonRoutes: Sendable {
             Response(status: .ok, headers: [.contentType: "text/plain; charset=utf-8"], body: ResponseBody(byteBuffer: ByteBuffer(string: "pong\n")))
         }
         router.get("/v2/info") { _, _ in self.infoResponse() }
+        router.get("/v2/metrics") { _, _ in await self.metricsResponse() }
         router.get("/v2/leader") { _, _ in APIResponse.json(.object(["leader": .string(self.info.leader)])) }
         // One node is its own leader: abdicating elects it again at once, as a lone Marathon does.
         router.delete("/v2/leader") { _, _ in APIResponse.json(.object(["message": .string("Leadership abdicated")])) }
@@ -343,6 +345,29 @@ public struct MarathonRoutes: Sendable {
             return changeResponse(result)
         }
         return Response(status: .accepted)
+    }
+
+    // MARK: - Metrics
+
+    /// Marathon 1.8+'s JSON metrics (`/metrics` there; `/metrics` here is Prometheus' text, so
+    /// Marathon's JSON shape lives at `/v2/metrics`): gauges of what the control plane holds.
+    private func metricsResponse() async -> Response {
+        let snapshot = await control.snapshot()
+        let live = snapshot.instances.values.filter { !$0.state.isTerminal }
+        func gauge(_ value: Int) -> JSONValue { .object(["value": .number(Double(value))]) }
+        let gauges: [String: JSONValue] = [
+            "marathon.apps.active.gauge": gauge(snapshot.apps.count),
+            "marathon.deployments.active.gauge": gauge(snapshot.deployments.count),
+            "marathon.instances.running.gauge": gauge(live.filter { $0.state == .running }.count),
+            "marathon.instances.staged.gauge": gauge(live.filter { $0.state == .staging || $0.state == .starting }.count),
+            "marathon.instances.launch-overdue.gauge": gauge(snapshot.queue.values.reduce(0) { $0 + $1.count }),
+            "marathon.uptime.gauge": .object(["value": .number((Date().timeIntervalSince(startedAt) * 1000).rounded())]),
+        ]
+        return APIResponse.json(
+            .object([
+                "version": .string("4.0.0"), "gauges": .object(gauges), "counters": .object([:]), "histograms": .object([:]),
+                "meters": .object([:]), "timers": .object([:]),
+            ]))
     }
 
     // MARK: - Event subscriptions

@@ -204,3 +204,16 @@ def test_readiness_checks_are_validated_as_marathon_does(agent, app_ids):
     reply = agent.post("/v2/apps", json={**base, "portDefinitions": [{"port": 0, "name": "http-api"}],
                                          "readinessChecks": [{"intervalSeconds": 2, "timeoutSeconds": 2}]})
     assert reply.status_code == 422 and "timeoutSeconds" in reply.text
+
+
+def test_marathon_json_metrics_and_prometheus_text(client, agent, app_ids):
+    app_id = app_ids.new()
+    create_app(client, app_id, cmd=SLEEP_CMD, instances=1)
+    wait_for_running_tasks(client, app_id, 1)
+    metrics = agent.get("/v2/metrics").json()
+    assert metrics["version"] == "4.0.0"
+    assert metrics["gauges"]["marathon.apps.active.gauge"]["value"] >= 1
+    assert metrics["gauges"]["marathon.instances.running.gauge"]["value"] >= 1
+    assert set(metrics) == {"version", "gauges", "counters", "histograms", "meters", "timers"}
+    text = agent.get("/metrics")
+    assert text.headers["Content-Type"].startswith("text/plain"), "Prometheus keeps its text format at /metrics"
