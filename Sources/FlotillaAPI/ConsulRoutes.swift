@@ -318,8 +318,11 @@ public struct ConsulRoutes: Sendable {
         let value = try JSONValue.parse(Data(buffer.readableBytesView))
         guard case .object(let raw) = value else { throw FlotillaError.badRequest("the body must be a JSON object") }
         let service = try ServiceRegistration.parse(raw, node: registry.localNode, address: registry.localAddress)
-        if try !request.flag("replace-existing-checks"), let existing = await registry.externalServices().first(where: { $0.id == service.id }) {
-            // Keep the state of checks that survive the re-registration.
+        // Consul turns `replace-existing-checks` on only for an empty value or "true".
+        let replace = request.formValues("replace-existing-checks").first.map { $0.isEmpty || $0 == "true" } ?? false
+        if !replace, let existing = await registry.externalServices().first(where: { $0.id == service.id }) {
+            // Checks that survive the re-registration keep their state, and the service's checks
+            // the body leaves out stay (as in Consul, unless replace-existing-checks).
             var merged = service
             merged.checks = service.checks.map { check in
                 guard let old = existing.checks.first(where: { $0.id == check.id }) else { return check }
@@ -330,6 +333,7 @@ public struct ConsulRoutes: Sendable {
                 kept.criticalSince = old.criticalSince
                 return kept
             }
+            merged.checks += existing.checks.filter { old in !service.checks.contains { $0.id == old.id } }
             try await registry.register(merged)
         } else {
             try await registry.register(service)

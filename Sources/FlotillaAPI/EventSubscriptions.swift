@@ -46,12 +46,16 @@ public actor EventSubscriptions: Service {
         let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
         self.client = client
         await withDiscardingTaskGroup { group in
-            group.addTask { await self.fanOut() }
+            // When the bus ends (shutdown), every queue ends too, and with it its delivery task
+            // (those of URLs subscribed later run unstructured; they end the same way).
+            group.addTask {
+                await self.fanOut()
+                await self.finishQueues()
+            }
             for url in urls { startQueue(url, in: &group) }
-            // Queues for URLs subscribed later run as unstructured tasks (below); they end with the bus.
         }
-        for queue in queues.values { queue.finish() }
-        queues.removeAll()
+        // The bus can end before this service is told to stop (the event streams close first).
+        try? await gracefulShutdown()
         try? await client.shutdown()
     }
 
@@ -64,6 +68,12 @@ public actor EventSubscriptions: Service {
         let (stream, continuation) = AsyncStream.makeStream(of: FlotillaEvent.self, bufferingPolicy: .bufferingNewest(Self.queueLimit))
         queues[url] = continuation
         return stream
+    }
+
+    private func finishQueues() {
+        for queue in queues.values { queue.finish() }
+        queues.removeAll()
+        client = nil
     }
 
     private func fanOut() async {
@@ -115,6 +125,7 @@ public actor EventSubscriptions: Service {
         try await store.commit(StoreTransaction(mutations: [.put(Self.key(url), Data(url.utf8))]))
         urls.insert(url)
         if client != nil {
+            // Running: a queue of its own now (before, run() starts the queues of loaded URLs).
             let stream = openQueue(url)
             Task { await self.deliver(stream, to: url) }
         }

@@ -72,7 +72,9 @@ struct ExecDriver: Sendable {
         guard let program = arguments.first, let path = Self.resolve(program, searchPath: environment["PATH"] ?? "") else {
             throw AgentError.launch("cannot find the program '\(arguments.first ?? "")' on PATH \(environment["PATH"] ?? "")")
         }
+        // The agent's own user needs no switch (and an agent that is not root could not make one).
         let account = try spec.definition.user.flatMap { $0.isEmpty ? nil : $0 }.map { try UserAccount.lookUp($0) }
+            .flatMap { $0.uid == geteuid() && $0.gid == getegid() ? nil : $0 }
         let logFiles = try logs(of: spec.id).openForProcess()
         defer {
             close(logFiles.stdout)

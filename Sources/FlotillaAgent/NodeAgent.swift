@@ -43,6 +43,7 @@ public actor NodeAgent: Service {
     private var healthTasks: [String: Task<Void, Never>] = [:]
     /// One task per instance whose readiness check has not passed yet.
     private var readinessTasks: [String: Task<Void, Never>] = [:]
+    private let writeLock = AsyncLock()
     /// Made in `run()` and shut down when it ends: an agent that never runs owns no client.
     private var httpClient: HTTPClient?
     private let commands = CommandRunner()
@@ -419,10 +420,16 @@ public actor NodeAgent: Service {
         return names[signal] ?? "\(signal)"
     }
 
+    /// Writes statuses. Several writers (launch, exits, health, readiness) update one instance's
+    /// status; each records its newest version first, and commits go one at a time taking the
+    /// newest, so a write that waited for the store never puts an older status back.
     private func write(_ statuses: [InstanceStatus]) async throws {
-        let mutations = try statuses.map { StoreMutation.put(StateKeys.status($0.id), try StateCodec.encode($0)) }
-        _ = try await store.commit(StoreTransaction(mutations: mutations))
         for status in statuses { written[status.id] = status }
+        await writeLock.acquire()
+        defer { writeLock.release() }
+        let newest = statuses.map { written[$0.id] ?? $0 }
+        let mutations = try newest.map { StoreMutation.put(StateKeys.status($0.id), try StateCodec.encode($0)) }
+        _ = try await store.commit(StoreTransaction(mutations: mutations))
     }
 
     // MARK: - Recovery after a restart

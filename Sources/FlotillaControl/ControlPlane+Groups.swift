@@ -127,20 +127,24 @@ extension ControlPlane {
         let records = groupRecords.keys.filter { id.contains($0) && $0 != .root }
         let version = Timestamp.format(Date())
         var puts: [(String, any Encodable & Sendable)] = []
+        var parentRecord: GroupRecord?
         if id != .root, let parent = id.parent {
             // The parent changed: its version moves.
-            puts.append((StateKeys.group(parent), GroupRecord(id: parent, dependencies: groupRecords[parent]?.dependencies ?? [], version: version)))
+            parentRecord = GroupRecord(id: parent, dependencies: groupRecords[parent]?.dependencies ?? [], version: version)
+            puts.append((StateKeys.group(parent), parentRecord!))
         }
         guard !removals.isEmpty else {
             // An empty group: only its records go.
             try await commit(puts: puts, deletes: records.map { StateKeys.group($0) })
             for record in records { groupRecords[record] = nil }
+            if let parentRecord { groupRecords[parentRecord.id] = parentRecord }
             return ChangeResult(version: version, deploymentID: "", app: nil)
         }
         let result = try await applyLocked(
             [], removals: removals, force: force, clientIP: nil, uri: "/v2/groups\(id)", extraPuts: puts,
             extraDeletes: records.map { StateKeys.group($0) }, publishPosts: false)
         for record in records { groupRecords[record] = nil }
+        if let parentRecord { groupRecords[parentRecord.id] = parentRecord }
         publishGroupChange(id, version: result.version)
         return result
     }
@@ -195,11 +199,13 @@ extension ControlPlane {
             }
         }
         // Changes and removals.
-        for (id, definition) in target.sorted(by: { $0.key < $1.key }) {
+        for (id, requested) in target.sorted(by: { $0.key < $1.key }) {
             if let current = apps[id] {
+                // Compared as it would be stored: port-0 service ports keep the app's own.
+                let definition = try withServicePorts(requested, previous: current.definition)
                 if current.definition != definition { plan.changes.append(AppChange(current: current, definition: definition)) }
             } else {
-                plan.changes.append(AppChange(current: nil, definition: definition))
+                plan.changes.append(AppChange(current: nil, definition: requested))
             }
         }
         plan.removals = apps.values.filter { target[$0.id] == nil }.sorted { $0.id < $1.id }

@@ -255,6 +255,8 @@ public actor ControlPlane: Service {
                 if apps[id] != nil {
                     throw FlotillaError.conflict(message: "An app with id [\(id)] already exists.", deploymentIDs: [])
                 }
+                // A deployment still stopping an app of that id holds it, as in Marathon.
+                cancelled.formUnion(try conflictingDeployments(for: id, force: force))
                 let others = Set(apps.keys).subtracting(removals.map(\.id)).union(changes.map(\.definition.id).filter { $0 != id })
                 if let parent = others.first(where: { $0.contains(id) || id.contains($0) }) {
                     throw FlotillaError.invalid([
@@ -263,7 +265,7 @@ public actor ControlPlane: Service {
                 }
                 preconditions.append(.absent(StateKeys.app(id)))
             }
-            if let user = changes[index].definition.user, !user.isEmpty, !userExists(user) {
+            if let user = changes[index].definition.user, !user.isEmpty, user != changes[index].current?.definition.user, !userExists(user) {
                 throw FlotillaError.invalid([FieldError("/user", "there is no user '\(user)' on this node; create it, or leave 'user' out to run as the agent's user")])
             }
             changes[index].definition = try withServicePorts(changes[index].definition, previous: changes[index].current?.definition, alsoTaken: assigned)
@@ -313,10 +315,12 @@ public actor ControlPlane: Service {
         puts.append((StateKeys.deployment(deployment.id), deployment))
         puts += cancelledResults.map { (StateKeys.deploymentResult($0.id), $0) }
         puts += extraPuts
+        // Removed apps are kept beside the deployment until it ends: cancelling it brings them back.
+        puts += removals.map { (StateKeys.removedApp($0.id, by: deployment.id), $0) }
         let removedKeys = removals.flatMap { [StateKeys.app($0.id), StateKeys.failure($0.id)] }
         try await commit(
             preconditions: preconditions, puts: puts, deletes: cancelledIDs.map { StateKeys.deployment($0) } + removedKeys + extraDeletes,
-            deletePrefixes: removals.map { StateKeys.versions(of: $0.id) })
+            deletePrefixes: removals.map { StateKeys.versions(of: $0.id) } + cancelledIDs.map { StateKeys.removedApps(of: $0) })
         // Committed: now it is shown.
         finishCancelled(cancelledResults)
         for removed in removals {
@@ -376,25 +380,7 @@ public actor ControlPlane: Service {
         defer { lock.release() }
         try self.requireLoaded()
         guard let current = self.apps[id] else { throw FlotillaError.notFound("App '\(id)' does not exist") }
-        let cancelled = try self.conflictingDeployments(for: id, force: force)
-        let version = self.nextVersion()
-        let deployment = self.newDeployment(
-            version: version, targets: [.init(app: id, targetVersion: nil, previousVersion: current.version)],
-            steps: [[.init(action: .stopApplication, app: id)]])
-        let cancelledResults = cancellationResults(cancelled, reason: "the app was deleted (deployment \(deployment.id))")
-        try await self.commit(
-            puts: [(StateKeys.deployment(deployment.id), deployment)] + cancelledResults.map { (StateKeys.deploymentResult($0.id), $0) },
-            deletes: cancelled.map { StateKeys.deployment($0) } + [StateKeys.app(id), StateKeys.failure(id)],
-            deletePrefixes: [StateKeys.versions(of: id)])
-        finishCancelled(cancelledResults)
-        self.apps[id] = nil
-        self.failures[id] = nil
-        self.backoffs[id] = nil
-        self.queue[id] = nil
-        self.deployments[deployment.id] = deployment
-        self.events.publish(self.deploymentInfoEvent(deployment, original: [current], target: []))
-        self.wake()
-        return ChangeResult(version: version, deploymentID: deployment.id, app: nil)
+        return try await applyLocked([], removals: [current], force: force, clientIP: nil, uri: "/v2/apps\(id)", publishPosts: false)
     }
 
     /// Kills instances; with `scale`, lowers the app's `instances` by as many so they are not replaced.
@@ -437,14 +423,21 @@ public actor ControlPlane: Service {
         guard let deployment = self.deployments[id] else { throw FlotillaError.notFound("DeploymentPlan \(id) does not exist") }
         let reason = force ? "cancelled with force: the apps stay as they are" : "cancelled: the previous version is being restored"
         let cancelledResults = cancellationResults([id], reason: reason)
-        try await self.commit(puts: cancelledResults.map { (StateKeys.deploymentResult($0.id), $0) }, deletes: [StateKeys.deployment(id)])
+        // The removed apps it kept are read before they go.
+        var removed: [AppID: AppRecord] = [:]
+        for entry in try await store.list(prefix: StateKeys.removedApps(of: id)).entries {
+            if let record = try? StateCodec.decode(AppRecord.self, from: entry.value) { removed[record.id] = record }
+        }
+        try await self.commit(
+            puts: cancelledResults.map { (StateKeys.deploymentResult($0.id), $0) }, deletes: [StateKeys.deployment(id)],
+            deletePrefixes: [StateKeys.removedApps(of: id)])
         finishCancelled(cancelledResults)
         if force { return nil }
         var result: ChangeResult?
         for target in deployment.targets {
             if let previous = target.previousVersion {
                 let entry = try await self.store.get(StateKeys.version(previous, of: target.app))
-                let restored = try entry.map { try StateCodec.decode(AppRecord.self, from: $0.value) }
+                let restored = try entry.map { try StateCodec.decode(AppRecord.self, from: $0.value) } ?? removed[target.app]
                 if let restored, let current = self.apps[target.app] {
                     result = try await self.changeLocked(
                         current, to: restored.definition, restart: false, force: true, clientIP: nil, uri: "/v2/deployments/\(id)",
@@ -734,7 +727,7 @@ public actor ControlPlane: Service {
         }
         for result in results { puts.append((StateKeys.deploymentResult(result.id), result)) }
         if !puts.isEmpty || !deletes.isEmpty {
-            try await commit(puts: puts, deletes: deletes)
+            try await commit(puts: puts, deletes: deletes, deletePrefixes: results.map { StateKeys.removedApps(of: $0.id) })
         }
         // Committed: steps move on, and say so.
         for (advanced, finished) in advancedSteps {
@@ -844,7 +837,7 @@ public actor ControlPlane: Service {
     // MARK: - Helpers
 
     /// The definition with its port-0 service ports assigned, keeping the ones `previous` had.
-    private func withServicePorts(
+    func withServicePorts(
         _ definition: AppDefinition, previous: AppDefinition?, alsoTaken: [AppID: AppDefinition] = [:]
     ) throws(FlotillaError) -> AppDefinition {
         var inUse: Set<Int> = []

@@ -58,30 +58,43 @@ extension KeyValueStore {
         return false
     }
 
-    /// What invalidating a session does to the keys it holds: with `release` each lock is given
-    /// up (the value stays, its index moves), with `delete` each key is deleted.
-    /// - Returns: the mutations, and the keys that are deleted.
-    func invalidationMutations(session: String, deleteKeys: Bool) async throws -> (mutations: [StoreMutation], deleted: [String], held: [String]) {
-        var mutations: [StoreMutation] = []
-        var deleted: [String] = []
-        var held: [String] = []
-        for entry in try await store.list(prefix: Self.lockPrefix).entries {
-            guard let lock = try? StateCodec.decode(LockState.self, from: entry.value), lock.session == session else { continue }
-            let key = String(entry.key.dropFirst(Self.lockPrefix.count))
-            held.append(key)
-            if deleteKeys {
-                mutations += [.delete(Self.prefix + key), .delete(entry.key)]
-                deleted.append(key)
-            } else if let value = try await store.get(Self.prefix + key) {
-                mutations += [
+    /// The keys whose lock `session` holds.
+    func keysHeld(by session: String) async throws -> [String] {
+        try await store.list(prefix: Self.lockPrefix).entries.compactMap { entry in
+            guard let lock = try? StateCodec.decode(LockState.self, from: entry.value), lock.session == session else { return nil }
+            return String(entry.key.dropFirst(Self.lockPrefix.count))
+        }
+    }
+
+    /// What invalidating a session does to one key it held: with `deleteKey` the key goes,
+    /// otherwise its lock does (the value stays, its index moves). Nothing happens when the lock
+    /// is no longer that session's.
+    func loseLock(_ key: String, session: String, deleteKey: Bool) async throws {
+        for _ in 0..<Self.lockRetries {
+            let (lockEntry, lock) = try await currentLock(key)
+            guard let lockEntry, let lock, lock.session == session else { return }
+            let value = try await store.get(Self.prefix + key)
+            var preconditions = [lockPrecondition(key, lockEntry)]
+            var mutations: [StoreMutation]
+            if deleteKey {
+                mutations = [.delete(Self.prefix + key), .delete(lockEntry.key)]
+            } else if let value {
+                preconditions.append(.modifyIndex(value.key, equals: value.modifyIndex))
+                mutations = [
                     .put(value.key, value.value, flags: value.flags),
-                    .put(entry.key, try StateCodec.encode(LockState(session: nil, lockIndex: lock.lockIndex))),
+                    .put(lockEntry.key, try StateCodec.encode(LockState(session: nil, lockIndex: lock.lockIndex))),
                 ]
             } else {
-                mutations.append(.delete(entry.key))
+                mutations = [.delete(lockEntry.key)]
+            }
+            do {
+                let committed = try await store.commit(StoreTransaction(preconditions: preconditions, mutations: mutations))
+                if deleteKey { recordDeletes([key], at: committed) }
+                return
+            } catch StoreError.preconditionFailed {
+                continue
             }
         }
-        return (mutations, deleted, held)
     }
 
     /// Starts the lock-delay of keys whose session was invalidated (at most 60 s, as in Consul).

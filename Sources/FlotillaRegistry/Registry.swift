@@ -146,6 +146,8 @@ public actor Registry: Service {
     static let maintenancePrefix = "registry/maintenance/"
     public static let nodeMaintenanceCheckID = "_node_maintenance"
     public static func serviceMaintenanceCheckID(_ serviceID: String) -> String { "_service_maintenance:\(serviceID)" }
+    /// Node checks are one node's: two nodes may each have a check of the same id.
+    static func nodeCheckKey(_ node: String, _ checkID: String) -> String { node + "/" + checkID }
 
     public init(
         store: any StateStore, source: any RegistrySource, prober: (any CheckProber)?, datacenter: String, localNode: String,
@@ -182,7 +184,7 @@ public actor Registry: Service {
         let listing = try await store.list(prefix: Self.externalPrefix)
         for service in StateCodec.decodeAll(ExternalService.self, from: listing.entries) { external[service.id] = service }
         for record in StateCodec.decodeAll(NodeCheckRecord.self, from: try await store.list(prefix: Self.nodeChecksPrefix).entries) {
-            nodeChecks[record.check.id] = record
+            nodeChecks[Self.nodeCheckKey(record.node, record.check.id)] = record
         }
         for node in StateCodec.decodeAll(ExternalNode.self, from: try await store.list(prefix: Self.externalNodesPrefix).entries) {
             externalNodes[node.name] = node
@@ -194,7 +196,7 @@ public actor Registry: Service {
         loaded = true
         await rebuild(await source.registryInput())
         for service in external.values { startChecks(of: service) }
-        for record in nodeChecks.values { startProbe(owner: nil, check: record.check) }
+        for record in nodeChecks.values where record.node == localNode { startProbe(owner: nil, check: record.check) }
     }
 
     private func followSource() async {
@@ -468,7 +470,7 @@ public actor Registry: Service {
             try await register(service)
             return
         }
-        if nodeChecks[check.id] == nil, let owner = external.values.first(where: { $0.checks.contains { $0.id == check.id } }) {
+        if nodeChecks[Self.nodeCheckKey(localNode, check.id)] == nil, let owner = external.values.first(where: { $0.node == localNode && $0.checks.contains { $0.id == check.id } }) {
             throw FlotillaError.badRequest("check \"\(check.id)\" belongs to service \"\(owner.id)\"; deregister it first")
         }
         let record = NodeCheckRecord(node: localNode, check: check)
@@ -478,15 +480,16 @@ public actor Registry: Service {
     }
 
     /// `PUT /v1/agent/check/deregister/<id>`.
-    public func deregisterCheck(_ checkID: String) async throws {
-        if nodeChecks[checkID] != nil {
-            let index = try await store.commit(StoreTransaction(mutations: [.delete(Self.nodeChecksPrefix + checkID)]))
-            nodeChecks[checkID] = nil
+    public func deregisterCheck(_ checkID: String, node: String? = nil) async throws {
+        let key = Self.nodeCheckKey(node ?? localNode, checkID)
+        if nodeChecks[key] != nil {
+            let index = try await store.commit(StoreTransaction(mutations: [.delete(Self.nodeChecksPrefix + key)]))
+            nodeChecks[key] = nil
             checkTasks.removeValue(forKey: Self.probeKey(serviceID: nil, checkID: checkID))?.cancel()
             await rebuildAfterLocalWrite(index)
             return
         }
-        guard var service = external.values.first(where: { $0.checks.contains { $0.id == checkID } }) else {
+        guard var service = external.values.first(where: { $0.node == (node ?? localNode) && $0.checks.contains { $0.id == checkID } }) else {
             throw FlotillaError.notFound("Unknown check ID \"\(checkID)\". Ensure that the check ID is passed, not the check name.")
         }
         service.checks.removeAll { $0.id == checkID }
@@ -551,28 +554,30 @@ public actor Registry: Service {
             guard external[serviceID]?.node == node else { throw FlotillaError.notFound("Unknown service \"\(serviceID)\" on node \"\(node)\"") }
             try await deregister(serviceID)
         } else if let checkID {
-            try await deregisterCheck(checkID)
+            try await deregisterCheck(checkID, node: node)
         } else {
             guard node != localNode else { throw FlotillaError.badRequest("node \(node) runs this agent; deregister its services instead") }
             guard externalNodes[node] != nil else { throw FlotillaError.notFound("Unknown node \"\(node)\"") }
+            let services = external.values.filter { $0.node == node }.map(\.id)
+            let checks = nodeChecks.filter { $0.value.node == node }.map(\.key)
             var mutations: [StoreMutation] = [.delete(Self.externalNodesPrefix + node)]
-            for service in external.values where service.node == node {
-                mutations.append(.delete(Self.externalPrefix + service.id))
-                external[service.id] = nil
-                stopProbes(ofService: service.id)
-            }
-            for record in nodeChecks.values where record.node == node {
-                mutations.append(.delete(Self.nodeChecksPrefix + record.check.id))
-                nodeChecks[record.check.id] = nil
-            }
+            mutations += services.flatMap { [.delete(Self.externalPrefix + $0), .delete(Self.maintenancePrefix + "service/" + $0)] }
+            mutations += checks.map { .delete(Self.nodeChecksPrefix + $0) }
             let index = try await store.commit(StoreTransaction(mutations: mutations))
+            // Committed: now it is gone from what readers see.
+            for id in services {
+                external[id] = nil
+                maintenance[id] = nil
+                stopProbes(ofService: id)
+            }
+            for key in checks { nodeChecks[key] = nil }
             externalNodes[node] = nil
             await rebuildAfterLocalWrite(index)
         }
     }
 
     /// `PUT /v1/agent/check/pass|warn|fail|update/<id>`, and the results of probes.
-    public func updateCheck(_ checkID: String, status: CheckStatus, output: String) async throws {
+    public func updateCheck(_ checkID: String, status: CheckStatus, output: String, serviceID: String? = nil) async throws {
         func updated(_ check: ExternalCheck) -> ExternalCheck {
             var check = check
             let now = Timestamp.format(Date())
@@ -583,12 +588,13 @@ public actor Registry: Service {
             check.criticalSince = status == .critical ? (wasCritical ? check.criticalSince : now) : nil
             return check
         }
-        if var record = nodeChecks[checkID] {
+        if serviceID == nil, var record = nodeChecks[Self.nodeCheckKey(localNode, checkID)] {
             record.check = updated(record.check)
             try await saveNodeCheck(record)
             return
         }
-        guard var service = external.values.first(where: { $0.checks.contains { $0.id == checkID } }),
+        let owner = serviceID.flatMap { external[$0] } ?? external.values.first { $0.node == localNode && $0.checks.contains { $0.id == checkID } }
+        guard var service = owner,
             let index = service.checks.firstIndex(where: { $0.id == checkID })
         else { throw FlotillaError.notFound("Unknown check ID \"\(checkID)\". Ensure that the check ID is passed, not the check name.") }
         service.checks[index] = updated(service.checks[index])
@@ -602,9 +608,9 @@ public actor Registry: Service {
     }
 
     private func saveNodeCheck(_ record: NodeCheckRecord) async throws {
-        let index = try await store.commit(
-            StoreTransaction(mutations: [.put(Self.nodeChecksPrefix + record.check.id, try StateCodec.encode(record))]))
-        nodeChecks[record.check.id] = record
+        let key = Self.nodeCheckKey(record.node, record.check.id)
+        let index = try await store.commit(StoreTransaction(mutations: [.put(Self.nodeChecksPrefix + key, try StateCodec.encode(record))]))
+        nodeChecks[key] = record
         await rebuildAfterLocalWrite(index)
     }
 
@@ -648,18 +654,18 @@ public actor Registry: Service {
                     outcome = await prober.probeTCP(host: host, port: port, timeoutSeconds: check.timeoutSeconds)
                 }
                 if Task.isCancelled { return }
-                await self.recordProbe(checkID: check.id, outcome)
+                await self.recordProbe(serviceID: serviceID, checkID: check.id, outcome)
                 try? await Task.sleep(until: began + .milliseconds(Int64(check.intervalSeconds * 1000)))
             }
         }
     }
 
-    private func recordProbe(checkID: String, _ outcome: (passed: Bool, output: String)) async {
-        let current = nodeChecks[checkID]?.check ?? external.values.lazy.flatMap(\.checks).first { $0.id == checkID }
+    private func recordProbe(serviceID: String?, checkID: String, _ outcome: (passed: Bool, output: String)) async {
+        let current = serviceID.map { external[$0]?.checks.first { $0.id == checkID } } ?? nodeChecks[Self.nodeCheckKey(localNode, checkID)]?.check
         guard let check = current else { return }
         let status: CheckStatus = outcome.passed ? .passing : .critical
         guard status != check.status || outcome.output != check.output else { return }
-        try? await updateCheck(checkID, status: status, output: outcome.output)
+        try? await updateCheck(checkID, status: status, output: outcome.output, serviceID: serviceID)
     }
 
     static func hostPort(_ text: String) -> (String, Int) {

@@ -4,8 +4,29 @@ import Foundation
 /// Reads the body of `PUT /v1/agent/service/register` as Consul does: field names in any case,
 /// `Check` or `Checks`, TTL / HTTP / TCP checks with Go durations.
 public enum ServiceRegistration {
+    /// Fields of a registration beyond the ones read here: kept by Consul, accepted and ignored here
+    /// (documented in docs/api.md).
+    static let ignoredFields: Set<String> = [
+        "enabletagoverride", "enable_tag_override", "weights", "taggedaddresses", "tagged_addresses", "namespace", "partition", "token",
+        "locality",
+    ]
+    /// What a registration may hold: the service's own fields and the flat form of one check.
+    static let serviceFields: Set<String> = [
+        "name", "id", "tags", "address", "port", "meta", "check", "checks", "kind", "proxy", "connect", "socketpath",
+        "ttl", "http", "tcp", "args", "script", "interval", "timeout", "notes", "status", "deregistercriticalserviceafter",
+    ]
+
     public static func parse(_ body: [String: JSONValue], node: String, address defaultAddress: String) throws(FlotillaError) -> ExternalService {
         let fields = lowercased(body)
+        if let unknown = fields.keys.sorted().first(where: { !serviceFields.contains($0) && !ignoredFields.contains($0) }) {
+            throw .badRequest("Request decode failed: json: unknown field \"\(unknown)\"")
+        }
+        if let kind = fields["kind"]?.stringValue, !kind.isEmpty {
+            throw .badRequest("Kind '\(kind)' is not supported: Connect proxies and gateways are not available here")
+        }
+        for connect in ["proxy", "connect", "socketpath"] where fields[connect] != nil && fields[connect] != .null {
+            throw .badRequest("\(connect == "socketpath" ? "SocketPath" : connect == "proxy" ? "Proxy" : "Connect") is not supported here")
+        }
         guard let name = fields["name"]?.stringValue, !name.isEmpty else { throw .badRequest("Missing service name") }
         guard isValidName(name) else { throw .badRequest("Invalid service name '\(name)': use letters, digits, '-' and '_' (DNS needs them)") }
         let id = fields["id"]?.stringValue.flatMap { $0.isEmpty ? nil : $0 } ?? name

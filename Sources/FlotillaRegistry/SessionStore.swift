@@ -211,15 +211,26 @@ public actor SessionStore: Service {
         }
     }
 
+    /// Ends a session: first the session itself goes (so no acquire with it can succeed any more),
+    /// then the lock delay starts on the keys it held, then each key is released or deleted, each
+    /// guarded by its lock's index so a lock taken meanwhile by someone else is never touched.
     private func invalidate(_ session: ConsulSession, why: String) async throws {
-        let effect = try await kv.invalidationMutations(session: session.id, deleteKeys: session.behavior == .delete)
-        let committed = try await store.commit(StoreTransaction(mutations: effect.mutations + [.delete(Self.storeKey(session.id))]))
-        sessions[session.id] = nil
+        // Gone from reads and sweeps before the first await: a second invalidation cannot start.
+        guard sessions.removeValue(forKey: session.id) != nil else { return }
         deadlines[session.id] = nil
-        kv.recordDeletes(effect.deleted, at: committed)
-        kv.startLockDelay(effect.held, seconds: Double(session.lockDelayNanoseconds) / 1e9)
+        let committed: UInt64
+        do {
+            committed = try await store.commit(StoreTransaction(mutations: [.delete(Self.storeKey(session.id))]))
+        } catch {
+            sessions[session.id] = session
+            arm(session)
+            throw error
+        }
         changed(at: committed)
-        logger.info("session \(session.id) (\(session.name)) invalidated: \(why); \(effect.held.count) lock(s) \(session.behavior == .delete ? "deleted" : "released")")
+        let held = try await kv.keysHeld(by: session.id)
+        kv.startLockDelay(held, seconds: Double(session.lockDelayNanoseconds) / 1e9)
+        for key in held { try await kv.loseLock(key, session: session.id, deleteKey: session.behavior == .delete) }
+        logger.info("session \(session.id) (\(session.name)) invalidated: \(why); \(held.count) lock(s) \(session.behavior == .delete ? "deleted" : "released")")
     }
 
     private func changed(at committed: UInt64) {

@@ -13,6 +13,8 @@ public enum StateKeys {
     public static let nodes = "nodes/"
     public static let groups = "groups/"
     public static let groupVersions = "group-versions/"
+    /// Apps a running deployment removes, kept until it ends so cancelling it can bring them back.
+    public static let removedApps = "removed-apps/"
 
     public static func app(_ id: AppID) -> String { apps + id.flatName }
     public static func versions(of id: AppID) -> String { versions + id.flatName + "/" }
@@ -24,6 +26,8 @@ public enum StateKeys {
     public static func failure(_ id: AppID) -> String { failures + id.flatName }
     public static func node(_ name: String) -> String { nodes + name }
     public static func group(_ id: GroupID) -> String { groups + id.flatName }
+    public static func removedApps(of deployment: String) -> String { removedApps + deployment + "/" }
+    public static func removedApp(_ id: AppID, by deployment: String) -> String { removedApps(of: deployment) + id.flatName }
     public static func groupVersions(of id: GroupID) -> String { groupVersions + id.flatName + "/" }
     public static func groupVersion(_ version: String, of id: GroupID) -> String { groupVersions(of: id) + version }
 }

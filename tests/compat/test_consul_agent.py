@@ -229,3 +229,31 @@ def test_user_events_fire_and_list(consul_api):
     assert [e["Payload"] for e in events] == [b"v2", b"v3"]
     with pytest.raises(consul.ConsulException):
         consul_api.event.fire(name, "x", tag="only-with-service")
+
+
+def test_reregistration_keeps_or_replaces_checks_as_consul_does(consul_api, agent):
+    service = unique("rereg")
+    first = {"Name": service, "ID": service, "Port": 1, "Checks": [{"CheckID": "a", "TTL": "30s"}]}
+    second = {"Name": service, "ID": service, "Port": 1, "Checks": [{"CheckID": "b", "TTL": "30s"}]}
+    assert agent.put("/v1/agent/service/register", json=first).status_code == 200
+    assert consul_api.agent.check.ttl_pass("a")
+    assert agent.put("/v1/agent/service/register", json=second).status_code == 200
+    checks = {c["CheckID"]: c["Status"] for c in consul_api.health.checks(service)[1]}
+    assert checks == {"a": "passing", "b": "critical"}, "without replace-existing-checks the old check stays, with its state"
+    reply = agent.put("/v1/agent/service/register", params={"replace-existing-checks": "1"}, json=second)
+    assert reply.status_code == 200
+    assert set(c["CheckID"] for c in consul_api.health.checks(service)[1]) == {"a", "b"}, "only '' or 'true' turns it on, as in Consul"
+    assert agent.put("/v1/agent/service/register", params={"replace-existing-checks": "true"}, json=second).status_code == 200
+    assert {c["CheckID"] for c in consul_api.health.checks(service)[1]} == {"b"}
+    consul_api.agent.service.deregister(service)
+
+
+def test_registration_fields_are_read_or_refused(agent):
+    name = unique("fields")
+    reply = agent.put("/v1/agent/service/register", json={"Name": name, "Weights": {"Passing": 3, "Warning": 1}, "EnableTagOverride": True})
+    assert reply.status_code == 200, "fields kept by Consul and documented as ignored here are accepted"
+    reply = agent.put("/v1/agent/service/register", json={"Name": name, "Colour": "blue"})
+    assert reply.status_code == 400 and "unknown field" in reply.text
+    reply = agent.put("/v1/agent/service/register", json={"Name": name, "Kind": "connect-proxy", "Proxy": {}})
+    assert reply.status_code == 400 and "not supported" in reply.text
+    agent.put(f"/v1/agent/service/deregister/{name}")

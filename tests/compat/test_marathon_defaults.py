@@ -217,3 +217,18 @@ def test_marathon_json_metrics_and_prometheus_text(client, agent, app_ids):
     assert set(metrics) == {"version", "gauges", "counters", "histograms", "meters", "timers"}
     text = agent.get("/metrics")
     assert text.headers["Content-Type"].startswith("text/plain"), "Prometheus keeps its text format at /metrics"
+
+
+def test_kill_selection_chooses_which_instances_a_scale_down_stops(client, agent, app_ids):
+    for selection, keeps in (("OLDEST_FIRST", "youngest"), ("YOUNGEST_FIRST", "oldest")):
+        app_id = app_ids.new(selection.lower().replace("_", "-"))
+        reply = agent.post("/v2/apps", json={"id": app_id, "cmd": SLEEP_CMD, "instances": 1, "killSelection": selection,
+                                             **TASK_RESOURCES})
+        assert reply.status_code == 201, reply.text
+        [first] = wait_for_running_tasks(client, app_id, 1)
+        client.scale_app(app_id, instances=2)
+        tasks = wait_for_running_tasks(client, app_id, 2)
+        [second] = [task for task in tasks if task.id != first.id]
+        client.scale_app(app_id, instances=1)
+        [left] = wait_for_running_tasks(client, app_id, 1)
+        assert left.id == (second.id if keeps == "youngest" else first.id), f"{selection} keeps the {keeps} instance"
