@@ -15,6 +15,8 @@ cd "$(dirname "$0")/.."
 readonly VENV=.venv
 readonly REQUIREMENTS=tests/compat/requirements.txt  # for every Python suite
 readonly PYTHON_SUITES=(tests/compat tests/integration)
+# The load balancer's tests measure behaviour under load: they run alone, after the others.
+readonly ALONE_SUITE=tests/integration/test_proxy.py
 readonly VENV_MARKER=$VENV/.requirements.sha256
 
 usage() {
@@ -165,10 +167,37 @@ if [[ $run_swift_tests -eq 1 ]]; then
     run_tests "swift test" swift test
 fi
 
+# The Python suites: tests/compat and tests/integration (without the load balancer's tests) side
+# by side, each agent on its own ports and directories; then the load balancer's tests alone.
+# Each part's output is printed whole when it ends; the last line adds them up.
+run_python_suites() {
+    local logs status=0 part
+    logs=$(mktemp -d)
+    local pytest=(env FLOTILLA_BIN="$flotilla_bin" "$VENV/bin/python" -m pytest -v -p no:cacheprovider)
+    "${pytest[@]}" tests/compat >"$logs/compat.log" 2>&1 &
+    local compat=$!
+    "${pytest[@]}" tests/integration --ignore="$ALONE_SUITE" >"$logs/integration.log" 2>&1 &
+    local integration=$!
+    wait "$compat" || status=1
+    wait "$integration" || status=1
+    "${pytest[@]}" "$ALONE_SUITE" >"$logs/proxy.log" 2>&1 || status=1
+    local passed=0 failed=0 skipped=0
+    for part in compat integration proxy; do
+        printf '\n--- %s ---\n' "$part"
+        cat "$logs/$part.log"
+        local last count
+        last=$(grep -E '^=+ .*(passed|failed|error)' "$logs/$part.log" | tail -n 1 || true)
+        for count in $(grep -oE '[0-9]+ passed' <<<"$last" | grep -oE '[0-9]+' || true); do passed=$((passed + count)); done
+        for count in $(grep -oE '[0-9]+ (failed|errors?)' <<<"$last" | grep -oE '[0-9]+' || true); do failed=$((failed + count)); done
+        for count in $(grep -oE '[0-9]+ skipped' <<<"$last" | grep -oE '[0-9]+' || true); do skipped=$((skipped + count)); done
+    done
+    rm -rf "$logs"
+    printf '\npython: %d passed, %d failed, %d skipped\n' "$passed" "$failed" "$skipped"
+    return $status
+}
+
 if [[ $run_python_tests -eq 1 ]]; then
-    run_tests "python tests (${PYTHON_SUITES[*]})" \
-        env FLOTILLA_BIN="$flotilla_bin" \
-        "$VENV/bin/python" -m pytest -v -p no:cacheprovider "${PYTHON_SUITES[@]}"
+    run_tests "python tests (${PYTHON_SUITES[*]})" run_python_suites
 fi
 
 section "summary"

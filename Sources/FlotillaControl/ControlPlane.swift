@@ -360,7 +360,20 @@ public actor ControlPlane: Service {
                 throw FlotillaError.invalid(message: message, details: details.map { FieldError("/\(index)" + $0.path, $0.errors.joined(separator: "; ")) })
             }
         }
-        return try await applyLocked(changes, force: force, clientIP: clientIP, uri: "/v2/apps")
+        // The apps' dependencies order the deployment, as in a group.
+        var graph: [AppID: Set<AppID>] = [:]
+        var all = apps.mapValues(\.definition)
+        for change in changes { all[change.definition.id] = change.definition }
+        for (id, definition) in all {
+            graph[id] = Set(definition.dependencies.flatMap { path -> [AppID] in
+                guard let group = try? GroupID(path) else { return [] }
+                return all.keys.filter { $0.path == path || group.contains($0) }
+            }).subtracting([id])
+        }
+        guard let layers = DeploymentSteps.layers(of: Set(changes.map(\.definition.id)), dependencies: graph) else {
+            throw FlotillaError.invalid([FieldError("/", "Dependency graph has cyclic dependencies.")])
+        }
+        return try await applyLocked(changes, layers: layers, force: force, clientIP: clientIP, uri: "/v2/apps")
     }
 
     /// `fields` merged over the app's current definition (or on their own when `partial` is false

@@ -246,9 +246,19 @@ extension AppDefinition {
         } catch {
             throw .invalid([FieldError("/", "\(error)")])
         }
-        let problems = definition.validate()
+        var problems = definition.validate()
+        // Dependencies are paths relative to the app's group, as Marathon resolves them.
+        var resolved = definition
+        resolved.dependencies = []
+        for (index, dependency) in definition.dependencies.enumerated() {
+            do {
+                resolved.dependencies.append(try GroupID(dependency, relativeTo: GroupID.parent(of: definition.id)).path)
+            } catch {
+                problems.append(FieldError("/dependencies(\(index))", "'\(dependency)' is not a path"))
+            }
+        }
         if !problems.isEmpty { throw .invalid(problems) }
-        return definition
+        return resolved
     }
 
     /// Every semantic rule a definition must satisfy; empty when it is valid.

@@ -232,3 +232,18 @@ def test_kill_selection_chooses_which_instances_a_scale_down_stops(client, agent
         client.scale_app(app_id, instances=1)
         [left] = wait_for_running_tasks(client, app_id, 1)
         assert left.id == (second.id if keeps == "youngest" else first.id), f"{selection} keeps the {keeps} instance"
+
+
+def test_bulk_update_orders_apps_by_their_dependencies(client, agent, app_ids):
+    db, web = app_ids.new("db"), app_ids.new("web")
+    relative = db.rsplit("/", 1)[1]  # a sibling, named relative to the group both are in
+    reply = agent.put("/v2/apps", json=[
+        {"id": web, "cmd": SLEEP_CMD, **TASK_RESOURCES, "dependencies": [relative]},
+        {"id": db, "cmd": SLEEP_CMD, **TASK_RESOURCES},
+    ])
+    assert reply.status_code == 200, reply.text
+    assert raw_app(agent, web)["dependencies"] == [db], "a relative dependency resolves against the app's group"
+    result = agent.get(f"/flotilla/v1/deployments/{reply.json()['deploymentId']}").json()
+    steps = [[(a["action"], a["app"]) for a in step["actions"]] for step in result.get("steps", [])]
+    assert steps[1:] == [[("ScaleApplication", db)], [("ScaleApplication", web)]], result
+    wait_for_running_tasks(client, web, 1)
