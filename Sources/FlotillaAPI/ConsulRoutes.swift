@@ -396,6 +396,13 @@ public struct ConsulRoutes: Sendable {
     private func catalogRegister(_ request: Request) async throws -> Response {
         let body = try await bodyObject(request)
         let fields = Dictionary(body.map { ($0.key.lowercased(), $0.value) }, uniquingKeysWith: { first, _ in first })
+        let known: Set<String> = [
+            "datacenter", "id", "node", "address", "taggedaddresses", "tagged_addresses", "nodemeta", "service", "check", "checks",
+            "skipnodeupdate",
+        ]
+        if let unknown = fields.keys.sorted().first(where: { !known.contains($0) }) {
+            throw FlotillaError.badRequest("Request decode failed: json: unknown field \"\(unknown)\"")
+        }
         if let datacenter = fields["datacenter"]?.stringValue, !datacenter.isEmpty, datacenter != registry.datacenter {
             throw FlotillaError.notFound("No path to datacenter '\(datacenter)'")
         }

@@ -58,6 +58,37 @@ extension KeyValueStore {
         return false
     }
 
+    /// What invalidating `session` does to the keys it holds, as one guarded change: with
+    /// `deleteKeys` they go, otherwise their locks do (values stay, their indexes move).
+    func invalidation(of session: String, deleteKeys: Bool) async throws -> (
+        mutations: [StoreMutation], preconditions: [StorePrecondition], deleted: [String], held: [String]
+    ) {
+        var mutations: [StoreMutation] = []
+        var preconditions: [StorePrecondition] = []
+        var deleted: [String] = []
+        var held: [String] = []
+        for entry in try await store.list(prefix: Self.lockPrefix).entries {
+            guard let lock = try? StateCodec.decode(LockState.self, from: entry.value), lock.session == session else { continue }
+            let key = String(entry.key.dropFirst(Self.lockPrefix.count))
+            held.append(key)
+            preconditions.append(.modifyIndex(entry.key, equals: entry.modifyIndex))
+            let value = try await store.get(Self.prefix + key)
+            if deleteKeys {
+                mutations += [.delete(Self.prefix + key), .delete(entry.key)]
+                deleted.append(key)
+            } else if let value {
+                preconditions.append(.modifyIndex(value.key, equals: value.modifyIndex))
+                mutations += [
+                    .put(value.key, value.value, flags: value.flags),
+                    .put(entry.key, try StateCodec.encode(LockState(session: nil, lockIndex: lock.lockIndex))),
+                ]
+            } else {
+                mutations.append(.delete(entry.key))
+            }
+        }
+        return (mutations, preconditions, deleted, held)
+    }
+
     /// The keys whose lock `session` holds.
     func keysHeld(by session: String) async throws -> [String] {
         try await store.list(prefix: Self.lockPrefix).entries.compactMap { entry in

@@ -211,26 +211,46 @@ public actor SessionStore: Service {
         }
     }
 
-    /// Ends a session: first the session itself goes (so no acquire with it can succeed any more),
-    /// then the lock delay starts on the keys it held, then each key is released or deleted, each
-    /// guarded by its lock's index so a lock taken meanwhile by someone else is never touched.
+    /// Ends a session in one transaction: the session goes and every key it holds is released
+    /// (or deleted), each guarded by its lock's index, so a lock that changed meanwhile makes the
+    /// whole attempt start over instead of being overwritten. A lock taken with the session in the
+    /// instant before it went is released right after.
     private func invalidate(_ session: ConsulSession, why: String) async throws {
         // Gone from reads and sweeps before the first await: a second invalidation cannot start.
         guard sessions.removeValue(forKey: session.id) != nil else { return }
         deadlines[session.id] = nil
-        let committed: UInt64
+        let deleteKeys = session.behavior == .delete
+        var held: [String] = []
+        var committed: UInt64?
         do {
-            committed = try await store.commit(StoreTransaction(mutations: [.delete(Self.storeKey(session.id))]))
+            for _ in 0..<KeyValueStore.lockRetries {
+                let effect = try await kv.invalidation(of: session.id, deleteKeys: deleteKeys)
+                held = effect.held
+                // The lock delay starts before the locks go, so a woken contender meets it.
+                kv.startLockDelay(held, seconds: Double(session.lockDelayNanoseconds) / 1e9)
+                do {
+                    committed = try await store.commit(
+                        StoreTransaction(preconditions: effect.preconditions, mutations: effect.mutations + [.delete(Self.storeKey(session.id))]))
+                    kv.recordDeletes(effect.deleted, at: committed!)
+                    break
+                } catch StoreError.preconditionFailed {
+                    continue
+                }
+            }
+            if committed == nil {
+                // The keys kept changing: the session goes first, then each lock on its own.
+                committed = try await store.commit(StoreTransaction(mutations: [.delete(Self.storeKey(session.id))]))
+            }
         } catch {
             sessions[session.id] = session
             arm(session)
             throw error
         }
-        changed(at: committed)
-        let held = try await kv.keysHeld(by: session.id)
-        kv.startLockDelay(held, seconds: Double(session.lockDelayNanoseconds) / 1e9)
-        for key in held { try await kv.loseLock(key, session: session.id, deleteKey: session.behavior == .delete) }
-        logger.info("session \(session.id) (\(session.name)) invalidated: \(why); \(held.count) lock(s) \(session.behavior == .delete ? "deleted" : "released")")
+        changed(at: committed!)
+        for key in try await kv.keysHeld(by: session.id) {
+            try await kv.loseLock(key, session: session.id, deleteKey: deleteKeys)
+        }
+        logger.info("session \(session.id) (\(session.name)) invalidated: \(why); \(held.count) lock(s) \(deleteKeys ? "deleted" : "released")")
     }
 
     private func changed(at committed: UInt64) {

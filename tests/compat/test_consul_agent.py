@@ -209,6 +209,8 @@ def test_catalog_register_and_deregister_an_external_node(consul_api, agent):
     assert consul_api.catalog.service(service)[1] == []
     reply = agent.put("/v1/catalog/register", json={"Address": "1.2.3.4"})
     assert reply.status_code == 500 and "Must provide node" in reply.text
+    reply = agent.put("/v1/catalog/register", json={"Node": node, "Address": "127.0.0.77", "Bogus": 1})
+    assert reply.status_code == 400 and "unknown field" in reply.text
 
 
 def test_user_events_fire_and_list(consul_api):
@@ -257,3 +259,39 @@ def test_registration_fields_are_read_or_refused(agent):
     reply = agent.put("/v1/agent/service/register", json={"Name": name, "Kind": "connect-proxy", "Proxy": {}})
     assert reply.status_code == 400 and "not supported" in reply.text
     agent.put(f"/v1/agent/service/deregister/{name}")
+
+
+def test_https_checks_verify_certificates_unless_told_not_to(consul_api, tmp_path):
+    import ssl
+    import trustme
+
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    certificate.configure_cert(context)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/"
+    strict, lenient = unique("tls-strict"), unique("tls-skip")
+    try:
+        assert consul_api.agent.check.register("strict", check=consul.Check.http(url, "1s"), check_id=strict)
+        assert consul_api.agent.check.register("lenient", check={**consul.Check.http(url, "1s"), "TLSSkipVerify": True}, check_id=lenient)
+        wait_until(lambda: node_checks(consul_api)[lenient]["Status"] == "passing", timeout=10, what="the TLSSkipVerify check to pass")
+        wait_until(lambda: node_checks(consul_api)[strict]["Output"] != "", timeout=10, what="the verifying check to run")
+        assert node_checks(consul_api)[strict]["Status"] == "critical", "a certificate no CA vouches for fails, as in Consul"
+    finally:
+        consul_api.agent.check.deregister(strict)
+        consul_api.agent.check.deregister(lenient)
+        server.shutdown()
+        server.server_close()

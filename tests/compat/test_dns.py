@@ -21,7 +21,7 @@ import dns.rdatatype
 import pytest
 
 from support.dns import dig, dig_short
-from support.flotilla import app_definition, wait_until
+from support.flotilla import app_definition, flotilla_binary, start_agent, wait_until
 
 NODE = "test-node"
 DOMAIN = "flotilla"
@@ -334,3 +334,17 @@ def test_dnspython_over_udp_and_tcp(agent, web):
 
     missing = dns.query.tcp(dns.message.make_query(f"{unique('nope')}.service.{DOMAIN}", "A"), "127.0.0.1", port=agent.dns_port, timeout=2)
     assert missing.rcode() == dns.rcode.NXDOMAIN
+
+
+def test_consul_domain_makes_a_drop_in(tmp_path_factory):
+    agent = start_agent(flotilla_binary(), tmp_path_factory.mktemp("consul-domain"), extra_args=["--dns-domain", "consul"])
+    try:
+        name = unique("dropin")
+        api = consul.Consul(host="127.0.0.1", port=agent.api_port)
+        assert api.agent.service.register(name, service_id=name, address="127.0.0.42", port=80)
+        assert dig_short(agent.dns_port, f"{name}.service.consul", "A") == ["127.0.0.42"]
+        assert dig(agent.dns_port, f"{name}.service.flotilla", "A").status == "REFUSED"
+        api.agent.service.deregister(name)
+    finally:
+        agent.stop()
+        agent.assert_no_leftovers()
