@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from support.flotilla import wait_until
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "marathon_apps"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
 CONTAINER_NEEDS = {"container-docker", "container-mesos", "networks-container"}
@@ -65,3 +67,7 @@ def test_marathon_gives_the_same_verdict(agent, entry):
             else:
                 app_id = definition["id"] if definition["id"].startswith("/") else "/" + definition["id"]
                 agent.delete(f"/v2/apps{app_id}", params={"force": "true"})
+                # Several definitions share an id: the next one may come once this one has stopped
+                # (while its deployment runs, a new app of that id is locked, as in Marathon).
+                wait_until(lambda: not [d for d in agent.deployments() if app_id in d["affectedApps"]], timeout=30,
+                           what=f"{app_id} to be gone")

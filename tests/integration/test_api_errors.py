@@ -124,3 +124,39 @@ def test_rollback_to_an_unknown_version_is_404(shared_agent, app_ids):
     created = shared_agent.create_app(app_definition(app_id, SLEEP_CMD, instances=0))
     assert_error(shared_agent.put(f"/v2/apps{app_id}", json={"version": UNKNOWN_VERSION}), 404)
     assert shared_agent.app(app_id)["version"] == created["version"], "a failed rollback must change nothing"
+
+
+# Bodies a client might send by mistake (or on purpose): wrong types at every level, deep nesting,
+# huge numbers, strings where objects belong.
+HOSTILE_BODIES = [
+    b"", b"null", b"[]", b"{}", b"[1,2,3]", b'"text"', b"{\"id\": {}}", b"{\"apps\": 7}", b"{\"groups\": [null]}",
+    b"{\"groups\": [{\"id\": \"a\", \"groups\": [{\"id\": \"b\", \"groups\": [{\"id\": \"..\"}]}]}]}",
+    b"[{\"KV\": {\"Verb\": \"set\", \"Key\": 5}}]", b"[{\"KV\": {\"Verb\": \"lock\", \"Key\": \"k\", \"Session\": 1e309}}]",
+    b"[{\"KV\": {\"Verb\": \"cas\", \"Key\": \"k\", \"Index\": -1}}]", b"[{\"Node\": {}}]", b"[{\"KV\": {\"Verb\": \"get\"}}]",
+    b"{\"TTL\": 12, \"LockDelay\": \"forever\"}", b"{\"NodeChecks\": \"serfHealth\"}", b"{\"ServiceChecks\": [7]}",
+    b"{\"Name\": \"x\", \"HTTP\": \"not a url\", \"Interval\": \"1s\"}", b"{\"Name\": \"x\", \"Args\": \"sh\", \"Interval\": \"1s\"}",
+    b"{\"Node\": \"n\", \"Address\": \"a\", \"Service\": \"s\"}", b"{\"Node\": \"n\", \"Address\": \"a\", \"Checks\": [1, {}]}",
+    b"[" * 5000 + b"]" * 5000, b"{\"a\":" * 3000 + b"1" + b"}" * 3000, b"\xff\xfe\x00garbage", b"{\"id\": \"/x\", \"scaleBy\": 1e400}",
+]
+HOSTILE_TARGETS = [
+    ("PUT", "/v1/txn"), ("PUT", "/v1/session/create"), ("POST", "/v2/groups"), ("PUT", "/v2/groups/hostile"),
+    ("PUT", "/v1/catalog/register"), ("PUT", "/v1/catalog/deregister"), ("PUT", "/v1/agent/check/register"),
+    ("PUT", "/v2/apps"), ("PUT", "/v1/agent/service/register"), ("POST", "/v2/eventSubscriptions?callbackUrl=x"),
+]
+# Consul answers these with 500 and a sentence clients match; anything else 5xx is a crash.
+CONSUL_500S = ("Must provide node", "Missing check", "Missing node", "Invalid Session TTL", "Session TTL", "invalid session", "Invalid Behavior")
+
+
+@pytest.mark.parametrize("method,path", HOSTILE_TARGETS)
+def test_hostile_bodies_get_a_4xx_and_change_nothing(shared_agent, method, path):
+    def group_ids():
+        return sorted(group["id"] for group in shared_agent.get("/v2/groups").json()["groups"])
+
+    before = group_ids()
+    for body in HOSTILE_BODIES:
+        response = shared_agent.request(method, path, data=body, headers={"Content-Type": "application/json"})
+        assert response.status_code < 500 or any(text in response.text for text in CONSUL_500S), (
+            f"{method} {path} with {body[:60]!r}: {response.status_code} {response.text[:200]}")
+    # `PUT /v2/groups/hostile` with `{}` creates the empty group, as Marathon's does; nothing else may.
+    shared_agent.delete("/v2/groups/hostile", params={"force": "true"})
+    assert group_ids() == before, "a refused body made a group"
