@@ -258,9 +258,11 @@ public struct MarathonRoutes: Sendable {
             let snapshot = await control.snapshot()
             return APIResponse.json(MarathonJSON.group(group, in: snapshot, embed: .parse(request.queryValues("embed"))))
         case (.group, .post):
-            let result = try await control.createGroup(try await jsonObject(request), under: id, force: force)
+            let body = try await jsonObject(request)
+            let result = try await control.createGroup(body, under: id, force: force)
             var response = changeResponse(result)
             response.status = .created
+            if let created = try? GroupUpdate.parse(body, base: id).id { response.headers[.location] = created.path }
             return response
         case (.group, .put):
             let (result, plan) = try await control.updateGroup(try await jsonObject(request), at: id, force: force, dryRun: try request.flag("dryRun"))

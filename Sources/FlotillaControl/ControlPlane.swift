@@ -446,35 +446,24 @@ public actor ControlPlane: Service {
             deletePrefixes: [StateKeys.removedApps(of: id)])
         finishCancelled(cancelledResults)
         if force { return nil }
-        var result: ChangeResult?
+        // Every app back where it was, in one deployment: changed apps to their previous version,
+        // removed apps recreated, created apps removed.
+        var changes: [AppChange] = []
+        var removals: [AppRecord] = []
         for target in deployment.targets {
             if let previous = target.previousVersion {
                 let entry = try await self.store.get(StateKeys.version(previous, of: target.app))
-                let restored = try entry.map { try StateCodec.decode(AppRecord.self, from: $0.value) } ?? removed[target.app]
-                if let restored, let current = self.apps[target.app] {
-                    result = try await self.changeLocked(
-                        current, to: restored.definition, restart: false, force: true, clientIP: nil, uri: "/v2/deployments/\(id)",
-                        configVersion: restored.configVersion)
-                } else if let restored {
-                    result = try await self.createLocked(restored.definition, clientIP: nil)
+                guard let restored = try entry.map({ try StateCodec.decode(AppRecord.self, from: $0.value) }) ?? removed[target.app] else {
+                    continue
                 }
-            } else if self.apps[target.app] != nil {
-                // The deployment created the app: reverting it removes the app.
-                let version = self.nextVersion()
-                let stop = self.newDeployment(
-                    version: version, targets: [.init(app: target.app, targetVersion: nil, previousVersion: nil)],
-                    steps: [[.init(action: .stopApplication, app: target.app)]])
-                try await self.commit(
-                    puts: [(StateKeys.deployment(stop.id), stop)],
-                    deletes: [StateKeys.app(target.app), StateKeys.failure(target.app)],
-                    deletePrefixes: [StateKeys.versions(of: target.app)])
-                self.apps[target.app] = nil
-                self.deployments[stop.id] = stop
-                result = ChangeResult(version: version, deploymentID: stop.id, app: nil)
+                changes.append(
+                    AppChange(current: apps[target.app], definition: restored.definition, restoredConfig: apps[target.app] == nil ? nil : restored.configVersion))
+            } else if let current = self.apps[target.app] {
+                removals.append(current)
             }
         }
-        self.wake()
-        return result
+        guard !changes.isEmpty || !removals.isEmpty else { return nil }
+        return try await applyLocked(changes, removals: removals, force: true, clientIP: nil, uri: "/v2/deployments/\(id)", publishPosts: false)
     }
 
     /// `DELETE /v2/queue/{id}/delay`: forget the crash backoff so the app launches now.

@@ -38,6 +38,7 @@ def app(app_id, **fields):
 def test_create_list_get_scale_and_delete_a_group(client, agent, group_id):
     reply = agent.post("/v2/groups", json={"id": group_id, "apps": [app("web", instances=1)]})
     assert reply.status_code == 201, reply.text
+    assert reply.headers["Location"] == group_id
     result = reply.json()
     assert result["deploymentId"] and result["version"]
     wait_for_running_tasks(client, f"{group_id}/web", 1)
@@ -144,3 +145,23 @@ def test_group_versions_and_rollback(client, agent, group_id):
     assert reply.status_code == 422
     reply = agent.put(f"/v2/groups{group_id}", json={"scaleBy": 2, "id": group_id})
     assert reply.status_code == 422 and "not allowed in conjunction" in reply.text
+
+
+def test_cancelling_a_group_deployment_reverts_every_app_in_one_deployment(client, agent, group_id):
+    reply = agent.post("/v2/groups", json={"id": group_id, "apps": [app("a", instances=0), app("b", instances=0)]})
+    assert reply.status_code == 201, reply.text
+    wait_until(lambda: not [d for d in agent.deployments() if f"{group_id}/a" in d["affectedApps"]], timeout=20, what="the first deployment")
+    # A change that cannot finish (the instances are never ready: their checks never pass) ...
+    never = {"protocol": "COMMAND", "command": {"value": "false"}, "gracePeriodSeconds": 0, "intervalSeconds": 1,
+             "timeoutSeconds": 0.5, "maxConsecutiveFailures": 0}
+    reply = agent.put(f"/v2/groups{group_id}", json={"apps": [app("a", instances=1, healthChecks=[never]), app("c", instances=0)]})
+    assert reply.status_code == 200, reply.text
+    # ... cancelled: a back to 0 instances, b (removed by the change) back, c (created by it) gone.
+    reverted = agent.delete(f"/v2/deployments/{reply.json()['deploymentId']}")
+    assert reverted.status_code == 200, reverted.text
+    assert reverted.json()["deploymentId"]
+    assert client.get_app(f"{group_id}/a").instances == 0
+    assert client.get_app(f"{group_id}/b").instances == 0
+    with pytest.raises(NotFoundError):
+        client.get_app(f"{group_id}/c")
+    assert client.get_app(f"{group_id}/a").version == client.get_app(f"{group_id}/b").version, "one deployment for all"
