@@ -26,6 +26,7 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
     ],
     targets: [
         // Domain value types, their validation and errors. Foundation only.
@@ -52,11 +53,28 @@ let package = Package(
         .target(name: "CFlotillaSpawn"),
         .target(name: "CFlotillaIO"),
 
-        // Node side: the exec driver, cgroups, log files, the process reaper.
+        // Streaming gzip (zlib) and zstd (libzstd, loaded at run time) for image layers.
+        .target(name: "CFlotillaArchive", linkerSettings: [.linkedLibrary("z")]),
+
+        // OCI images: references, the registry client, layer unpacking, the image store.
+        .target(
+            name: "FlotillaImage",
+            dependencies: [
+                "CFlotillaArchive",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+
+        // Node side: the exec and OCI drivers, cgroups, log files, the process reaper.
         .target(
             name: "FlotillaAgent",
             dependencies: [
-                "FlotillaCore", "FlotillaStore", "CFlotillaSpawn",
+                "FlotillaCore", "FlotillaStore", "CFlotillaSpawn", "FlotillaImage",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -171,6 +189,15 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(name: "FlotillaAgentTests", dependencies: ["FlotillaCore", "FlotillaAgent"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "FlotillaImageTests",
+            dependencies: [
+                "FlotillaImage", "CFlotillaArchive",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "FlotillaAPITests",
             dependencies: [

@@ -79,8 +79,9 @@ public enum MarathonJSON {
             }),
             "secrets": .object([:]),
             "unreachableStrategy": (try? JSONValue(encoding: app.unreachableStrategy)) ?? .null,
-            "networks": .array([.object(["mode": .string("host")])]),
+            "networks": .array([.object(["mode": .string(app.network.rawValue)])]),
         ]
+        if let container = app.container { object["container"] = try? JSONValue(encoding: container) }
         if let grace = app.taskKillGracePeriodSeconds { object["taskKillGracePeriodSeconds"] = .number(grace) }
         // Marathon 1.6+ fields, only when set: older clients (marathon-python among them) reject keys they do not know.
         if let limits = app.resourceLimits { object["resourceLimits"] = try? JSONValue(encoding: limits) }
@@ -149,7 +150,8 @@ public enum MarathonJSON {
             "host": .string(spec.host),
             "ports": .array(spec.ports.map { .number(Double($0)) }),
             "servicePorts": .array(spec.ports.enumerated().map { index, port in
-                let requested = spec.definition.portDefinitions.indices.contains(index) ? spec.definition.portDefinitions[index].port : 0
+                let appPorts = spec.definition.ports
+                let requested = appPorts.indices.contains(index) ? appPorts[index].servicePort : 0
                 return .number(Double(requested != 0 ? requested : port))
             }),
             "slaveId": .string(spec.node),

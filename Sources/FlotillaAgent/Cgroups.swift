@@ -175,10 +175,11 @@ public struct Cgroups: Sendable {
         return false
     }
 
-    /// Every process still in the instance's cgroup.
+    /// Every process still in the instance's cgroup, or in a cgroup below it (a container runtime
+    /// puts the container in a child cgroup of the instance's).
     public func processes(instanceID: String) -> [Int32] {
         var pids: Set<Int32> = []
-        for directory in directories(instanceID: instanceID) {
+        for directory in directories(instanceID: instanceID).flatMap(Self.tree) {
             if let text = try? String(contentsOfFile: directory + "/cgroup.procs", encoding: .utf8) {
                 pids.formUnion(text.split(separator: "\n").compactMap { Int32($0) })
             }
@@ -188,7 +189,41 @@ public struct Cgroups: Sendable {
 
     /// Removes the instance's cgroups; a cgroup with processes left in it cannot be removed.
     public func remove(instanceID: String) {
-        for directory in directories(instanceID: instanceID) { rmdir(directory) }
+        for directory in directories(instanceID: instanceID) {
+            // Children first: a cgroup with child cgroups cannot be removed either.
+            for path in Self.tree(directory).reversed() { rmdir(path) }
+        }
+    }
+
+    /// A cgroup directory and every cgroup below it, parents before children.
+    static func tree(_ directory: String) -> [String] {
+        var result = [directory]
+        var index = 0
+        while index < result.count {
+            let current = result[index]
+            index += 1
+            for entry in (try? FileManager.default.contentsOfDirectory(atPath: current)) ?? [] {
+                var isDirectory: ObjCBool = false
+                let path = current + "/" + entry
+                if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue { result.append(path) }
+            }
+        }
+        return result
+    }
+
+    /// The instance's cgroup as a path below the hierarchy's root (what an OCI runtime's
+    /// `cgroupsPath` names), taken from the memory hierarchy on v1.
+    public func relativePath(instanceID: String) -> String? {
+        let mounts = CgroupMounts.read()
+        switch mode {
+        case .disabled: return nil
+        case .v2(let parent):
+            guard let mount = mounts.unified, parent.hasPrefix(mount) else { return nil }
+            return Self.join(String(parent.dropFirst(mount.count)), instanceID)
+        case .v1(let parents):
+            guard let memory = parents["memory"], let mount = mounts.v1["memory"], memory.hasPrefix(mount) else { return nil }
+            return Self.join(String(memory.dropFirst(mount.count)), instanceID)
+        }
     }
 
     /// Instance ids that have a cgroup, for finding leftovers after a crash.

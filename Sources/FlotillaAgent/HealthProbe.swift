@@ -87,7 +87,7 @@ struct HealthProbe: Sendable {
     /// One readiness request: the answer's status, content type and (first 16 KiB of) body, or why
     /// there was none.
     func readiness(_ check: ReadinessCheck, for spec: InstanceSpec) async -> Result<ReadinessResult.Response, ProbeFailure> {
-        guard let index = spec.definition.portDefinitions.firstIndex(where: { $0.name == check.portName }), spec.ports.indices.contains(index)
+        guard let index = spec.definition.ports.firstIndex(where: { $0.name == check.portName }), spec.ports.indices.contains(index)
         else { return .failure(ProbeFailure(cause: "the app has no port named \(check.portName)")) }
         var path = check.path
         if !path.hasPrefix("/") { path = "/" + path }

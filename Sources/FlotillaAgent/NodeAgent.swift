@@ -32,11 +32,16 @@ public actor NodeAgent: Service {
     private let configuration: Configuration
     private let store: any StateStore
     private let logger: Logger
-    private let driver: ExecDriver
+    private let cgroups: Cgroups
+    /// Every driver this agent has, by name; `exec` always.
+    private let drivers: [String: any InstanceDriver]
+    public nonisolated let sandboxRoot: String
     private let watcher = ProcessWatcher()
     private let agentEnvironment = ProcessInfo.processInfo.environment
 
-    private var processes: [String: RunningProcess] = [:]
+    private var processes: [String: SupervisedProcess] = [:]
+    /// Instances whose driver is still preparing them (pulling an image), not yet started.
+    private var preparing: [String: Task<Void, Never>] = [:]
     /// Instances being stopped, with the reason the exit will be reported with.
     private var stopping: [String: String] = [:]
     /// One task per running instance that runs its health checks.
@@ -55,12 +60,21 @@ public actor NodeAgent: Service {
         self.configuration = configuration
         self.store = store
         self.logger = logger
-        self.driver = ExecDriver(
-            cgroups: cgroups, sandboxRoot: configuration.dataDirectory + "/sandboxes", logMaxBytes: configuration.logMaxBytes,
-            logKeep: configuration.logKeep)
+        self.cgroups = cgroups
+        self.sandboxRoot = configuration.dataDirectory + "/sandboxes"
+        let exec = ExecDriver(cgroups: cgroups)
+        self.drivers = [exec.name: exec]
     }
 
-    public nonisolated var sandboxRoot: String { driver.sandboxRoot }
+    func sandbox(of instanceID: String) -> String { sandboxRoot + "/" + instanceID }
+
+    func logs(of instanceID: String) -> InstanceLogs {
+        InstanceLogs(directory: sandbox(of: instanceID), maxBytes: configuration.logMaxBytes, keep: configuration.logKeep)
+    }
+
+    private func driver(for spec: InstanceSpec) -> (any InstanceDriver)? { drivers[spec.definition.driver] }
+
+    private func driver(named name: String?) -> any InstanceDriver { drivers[name ?? "exec"] ?? drivers["exec"]! }
 
     public func run() async throws {
         let client = HealthProbe.makeHTTPClient()
@@ -75,7 +89,7 @@ public actor NodeAgent: Service {
     }
 
     private func runAgent() async throws {
-        try FileManager.default.createDirectory(atPath: driver.sandboxRoot, withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: sandboxRoot, withIntermediateDirectories: true)
         try await store.put(StateKeys.node(configuration.node.name), StateCodec.encode(configuration.node))
         try await recover()
         await withDiscardingTaskGroup { group in
@@ -102,13 +116,13 @@ public actor NodeAgent: Service {
         for id in ids {
             stopping[id] = "stopped with the agent"
             stopHealthChecks(id)
-            if let process = processes[id] { driver.signal(process, instanceID: id, SIGTERM) }
+            if let process = processes[id] { driver(named: written[id]?.driver).signal(process, instanceID: id, SIGTERM) }
         }
         let deadline = Date().addingTimeInterval(graces.values.max() ?? AppDefinition.Defaults.taskKillGracePeriodSeconds)
         while !processes.isEmpty && Date() < deadline {
             try? await Task.sleep(for: .milliseconds(50))
         }
-        for (id, process) in processes { driver.signal(process, instanceID: id, SIGKILL) }
+        for (id, process) in processes { driver(named: written[id]?.driver).signal(process, instanceID: id, SIGKILL) }
         let killDeadline = Date().addingTimeInterval(2)
         while !processes.isEmpty && Date() < killDeadline {
             try? await Task.sleep(for: .milliseconds(20))
@@ -163,10 +177,11 @@ public actor NodeAgent: Service {
             if let status, status.state.isTerminal { continue }
             switch spec.goal {
             case .run:
-                if status == nil || status?.state == .staging {
-                    updates.append(launch(spec))
+                if preparing[spec.id] == nil, status == nil || status?.state == .staging {
+                    if let update = await launch(spec) { updates.append(update) }
                 }
             case .stop:
+                preparing.removeValue(forKey: spec.id)?.cancel()
                 updates.append(InstanceStatus(id: spec.id, state: .killed, message: spec.stopReason, updatedAt: now))
             }
         }
@@ -175,27 +190,80 @@ public actor NodeAgent: Service {
         return listing.index
     }
 
-    private func launch(_ spec: InstanceSpec) -> InstanceStatus {
+    /// Starts an instance, or begins preparing it (an image pull) in the background. Returns the
+    /// status to write now, or nil when a preparation will write it.
+    private func launch(_ spec: InstanceSpec) async -> InstanceStatus? {
+        let now = Timestamp.format(Date())
+        guard let driver = driver(for: spec) else {
+            return InstanceStatus(
+                id: spec.id, state: .failed, message: "this node has no '\(spec.definition.driver)' driver; see 'flotilla nodes'", updatedAt: now)
+        }
+        if let reason = driver.unavailableReason() {
+            return InstanceStatus(id: spec.id, state: .failed, message: "the \(driver.name) driver cannot run here: \(reason)", updatedAt: now)
+        }
+        if driver.needsPreparation(spec) {
+            let id = spec.id
+            let staging = InstanceStatus(id: id, state: .staging, driver: driver.name, message: "preparing", updatedAt: now)
+            written[id] = staging
+            preparing[id] = Task {
+                do {
+                    try await driver.prepare(spec) { message in Task { await self.recordProgress(id, message) } }
+                } catch {
+                    await self.finishPreparing(spec, failure: error)
+                    return
+                }
+                await self.finishPreparing(spec, failure: nil)
+            }
+            return staging
+        }
+        return await start(spec, driver: driver)
+    }
+
+    /// Shows what a preparation is doing (`pulling registry/app:1: 12.5 of 48.0 MB`) in the status message.
+    private func recordProgress(_ id: String, _ message: String) async {
+        guard preparing[id] != nil, var status = written[id], status.state == .staging, status.message != message else { return }
+        status.message = message
+        status.updatedAt = Timestamp.format(Date())
+        do { try await write([status]) } catch { logger.debug("could not record the progress of \(id): \(error)") }
+    }
+
+    private func finishPreparing(_ spec: InstanceSpec, failure: (any Error)?) async {
+        guard preparing.removeValue(forKey: spec.id) != nil, !Task.isCancelled else { return }
+        let status: InstanceStatus
+        if let failure {
+            logger.warning("could not prepare \(spec.id): \(failure)")
+            status = InstanceStatus(id: spec.id, state: .failed, driver: spec.definition.driver, message: "\(failure)", updatedAt: Timestamp.format(Date()))
+        } else if let driver = driver(for: spec), let started = await start(spec, driver: driver) {
+            status = started
+        } else {
+            return
+        }
+        do { try await write([status]) } catch { logger.error("could not record the start of \(spec.id): \(error)") }
+    }
+
+    private func start(_ spec: InstanceSpec, driver: any InstanceDriver) async -> InstanceStatus? {
         let now = Timestamp.format(Date())
         do {
-            let process = try driver.launch(spec, agentEnvironment: agentEnvironment)
+            let context = LaunchContext(sandbox: sandbox(of: spec.id), logs: logs(of: spec.id), agentEnvironment: agentEnvironment)
+            try FileManager.default.createDirectory(atPath: context.sandbox, withIntermediateDirectories: true)
+            let process = try await driver.start(spec, context: context)
             processes[spec.id] = process
-            if let pidfd = Optional(CFlotillaSpawnBridge.pidfd(for: process.pid)), pidfd >= 0 {
-                watcher.watch(pidfd: pidfd, key: spec.id)
-            }
-            logger.info("started \(spec.id) (pid \(process.pid))")
-            startHealthChecks(spec, startedAt: Date())
+            let pidfd = CFlotillaSpawnBridge.pidfd(for: process.pid)
+            if pidfd >= 0 { watcher.watch(pidfd: pidfd, key: spec.id) }
+            logger.info("started \(spec.id) with \(driver.name) (pid \(process.pid))")
             var status = InstanceStatus(
-                id: spec.id, state: .running, pid: process.pid, processStartTicks: process.startTicks, startedAt: now, updatedAt: now,
+                id: spec.id, state: .running, driver: driver.name, driverState: process.state, startedAt: now, updatedAt: now,
                 health: spec.definition.healthChecks.map { _ in HealthResult() })
             if let readiness = spec.definition.readinessChecks.first {
                 status.readiness = ReadinessResult(name: readiness.name, ready: false)
-                startReadinessCheck(readiness, spec: spec)
             }
+            written[spec.id] = status
+            startHealthChecks(spec, startedAt: Date())
+            if let readiness = spec.definition.readinessChecks.first { startReadinessCheck(readiness, spec: spec) }
             return status
         } catch {
             logger.warning("could not start \(spec.id): \(error)")
-            return InstanceStatus(id: spec.id, state: .failed, message: "\(error)", updatedAt: now)
+            return InstanceStatus(id: spec.id, state: .failed, driver: driver.name, message: "\(error)", updatedAt: now)
         }
     }
 
@@ -217,7 +285,7 @@ public actor NodeAgent: Service {
 
     private func terminate(_ id: String, grace: Double) async {
         guard let process = processes[id] else { return }
-        driver.signal(process, instanceID: id, SIGTERM)
+        driver(named: written[id]?.driver).signal(process, instanceID: id, SIGTERM)
         try? await Task.sleep(for: .milliseconds(Int64(grace * 1000)))
         escalate(id)
     }
@@ -225,7 +293,7 @@ public actor NodeAgent: Service {
     private func escalate(_ id: String) {
         guard let process = processes[id] else { return }
         logger.info("\(id) outlived its grace period; sending SIGKILL")
-        driver.signal(process, instanceID: id, SIGKILL)
+        driver(named: written[id]?.driver).signal(process, instanceID: id, SIGKILL)
     }
 
     // MARK: - Health
@@ -233,8 +301,8 @@ public actor NodeAgent: Service {
     private func startHealthChecks(_ spec: InstanceSpec, startedAt: Date) {
         guard !spec.definition.healthChecks.isEmpty, healthTasks[spec.id] == nil, let httpClient else { return }
         let probe = HealthProbe(httpClient: httpClient, commands: commands)
-        let environment = driver.environment(for: spec, agentEnvironment: agentEnvironment)
-        let sandbox = driver.sandbox(of: spec.id)
+        let sandbox = sandbox(of: spec.id)
+        let environment = InstanceEnvironment.build(for: spec, sandbox: sandbox, agentEnvironment: agentEnvironment)
         healthTasks[spec.id] = Task {
             await withDiscardingTaskGroup { group in
                 for (index, check) in spec.definition.healthChecks.enumerated() {
@@ -346,7 +414,7 @@ public actor NodeAgent: Service {
         }
         if !outcome.passed && significant {
             // What an operator needs at 3 a.m.: the check's verdict and what the instance said last.
-            let tail = InstanceLogs.tail(of: driver.logs(of: spec.id).stderrPath, lines: 3)
+            let tail = InstanceLogs.tail(of: logs(of: spec.id).stderrPath, lines: 3)
             let message = "health check failed: \(outcome.cause ?? "failed")" + (tail.isEmpty ? "" : "; stderr: \(tail.suffix(400))")
             if !shouldKill { status.message = message } else { status.message = (status.message ?? "") + (tail.isEmpty ? "" : "; stderr: \(tail.suffix(400))") }
         } else if outcome.passed && before.alive != true {
@@ -375,10 +443,10 @@ public actor NodeAgent: Service {
         guard let process = processes.removeValue(forKey: id) else { return }
         let stopReason = stopping.removeValue(forKey: id)
         stopHealthChecks(id)
-        let oomKilled = driver.cgroups.wasOOMKilled(instanceID: id)
-        await driver.cleanUp(instanceID: id, processGroup: process.pid)
+        let oomKilled = cgroups.wasOOMKilled(instanceID: id)
+        var status = written[id] ?? InstanceStatus(id: id, state: .running, driverState: process.state, updatedAt: "")
+        await driver(named: status.driver).cleanUp(instanceID: id, process: process, state: status.driverState)
         if process.signalFD >= 0 { close(process.signalFD) }
-        var status = written[id] ?? InstanceStatus(id: id, state: .running, pid: process.pid, updatedAt: "")
         status.updatedAt = Timestamp.format(Date())
         status.exitCode = exit.code
         status.signal = exit.signal
@@ -405,7 +473,7 @@ public actor NodeAgent: Service {
             } else {
                 status.message = "Command terminated by signal \(Self.signalName(exit.signal ?? 0))"
             }
-            let tail = InstanceLogs.tail(of: driver.logs(of: id).stderrPath, lines: 3)
+            let tail = InstanceLogs.tail(of: logs(of: id).stderrPath, lines: 3)
             if !tail.isEmpty { status.message! += "; stderr: " + String(tail.suffix(400)) }
         }
         logger.info("\(id) ended: \(status.state.rawValue) \(status.message ?? "")")
@@ -446,9 +514,9 @@ public actor NodeAgent: Service {
 
         // Session leaders started by this agent's data directory, whatever the store says.
         var leaders: [String: Int32] = [:]
-        let sandboxPrefix = driver.sandboxRoot + "/"
+        let sandboxPrefix = sandboxRoot + "/"
         for pid in ProcFS.allPIDs() where ProcFS.sessionID(of: pid) == pid && ProcFS.isAlive(pid) {
-            guard let sandbox = ProcFS.environment(of: pid, variable: "FLOTILLA_SANDBOX"), sandbox.hasPrefix(sandboxPrefix) else { continue }
+            guard let sandbox = ProcFS.environment(of: pid, variable: ProcessSpawner.sandboxVariable), sandbox.hasPrefix(sandboxPrefix) else { continue }
             leaders[String(sandbox.dropFirst(sandboxPrefix.count))] = pid
         }
 
@@ -458,25 +526,34 @@ public actor NodeAgent: Service {
             let status = written[spec.id]
             if status?.state.isTerminal == true { continue }
             let leader = leaders.removeValue(forKey: spec.id)
+            let recordedPID = status?.driverState["pid"].flatMap { Int32($0) }
             if let leader, let ticks = ProcFS.startTicks(of: leader), spec.goal == .run,
-                status?.pid == nil || status?.pid == leader
+                recordedPID == nil || recordedPID == leader
             {
-                adopt(id: spec.id, pid: leader, ticks: ticks)
+                var state = status?.driverState ?? [:]
+                state["pid"] = String(leader)
+                state["startTicks"] = String(ticks)
+                adopt(id: spec.id, pid: leader, ticks: ticks, state: state)
                 let started = status?.startedAt.flatMap(Timestamp.parse) ?? Date()
                 startHealthChecks(spec, startedAt: started)
                 if let readiness = spec.definition.readinessChecks.first, status?.readiness?.ready != true {
                     startReadinessCheck(readiness, spec: spec)
                 }
-                if status?.state != .running || status?.pid != leader {
-                    updates.append(
-                        InstanceStatus(id: spec.id, state: .running, pid: leader, processStartTicks: ticks, startedAt: status?.startedAt ?? now, updatedAt: now))
+                if status?.state != .running || recordedPID != leader {
+                    var adopted = status ?? InstanceStatus(id: spec.id, state: .running, updatedAt: now)
+                    adopted.state = .running
+                    adopted.driver = adopted.driver ?? spec.definition.driver
+                    adopted.driverState = state
+                    adopted.startedAt = status?.startedAt ?? now
+                    adopted.updatedAt = now
+                    updates.append(adopted)
                 }
                 logger.info("adopted \(spec.id) (pid \(leader)) after restart")
             } else if let leader {
                 // Meant to stop, or not the process we recorded: end it as a stop would.
                 await killGroup(leader, instanceID: spec.id)
                 updates.append(InstanceStatus(id: spec.id, state: .killed, message: spec.stopReason ?? "stopped during agent restart", updatedAt: now))
-            } else if let status, status.pid != nil || status.state != .staging {
+            } else if let status, recordedPID != nil || status.state != .staging {
                 var lost = status
                 lost.state = .lost
                 lost.message = "the process was gone when the agent restarted"
@@ -489,13 +566,15 @@ public actor NodeAgent: Service {
             logger.warning("killing orphaned process \(pid) of unknown instance \(id)")
             await killGroup(pid, instanceID: id)
         }
-        for id in driver.cgroups.instanceIDs() where processes[id] == nil {
-            await driver.cleanUp(instanceID: id, processGroup: nil)
+        var leftovers = Set(cgroups.instanceIDs())
+        for driver in drivers.values { leftovers.formUnion(driver.leftoverInstanceIDs()) }
+        for id in leftovers.sorted() where processes[id] == nil {
+            for driver in drivers.values { await driver.cleanUp(instanceID: id, process: nil, state: written[id]?.driverState ?? [:]) }
         }
         if !updates.isEmpty { try await write(updates) }
     }
 
-    private func adopt(id: String, pid: Int32, ticks: UInt64) {
+    private func adopt(id: String, pid: Int32, ticks: UInt64, state: [String: String]) {
         let watchFD = CFlotillaSpawnBridge.pidfd(for: pid)
         let signalFD = CFlotillaSpawnBridge.pidfd(for: pid)
         // The pid could have been reused between reading its start time and opening the pidfd.
@@ -504,19 +583,22 @@ public actor NodeAgent: Service {
             if signalFD >= 0 { close(signalFD) }
             return
         }
-        processes[id] = RunningProcess(pid: pid, startTicks: ticks, signalFD: signalFD)
+        processes[id] = SupervisedProcess(pid: pid, startTicks: ticks, signalFD: signalFD, state: state)
         watcher.watch(pidfd: watchFD, key: id)
     }
 
     private func killGroup(_ pid: Int32, instanceID: String) async {
         kill(-pid, SIGKILL)
-        await driver.cleanUp(instanceID: instanceID, processGroup: pid)
+        let state = written[instanceID]?.driverState ?? [:]
+        for driver in drivers.values {
+            await driver.cleanUp(instanceID: instanceID, process: SupervisedProcess(pid: pid, startTicks: 0, signalFD: -1, state: state), state: state)
+        }
     }
 
     // MARK: - Housekeeping
 
     private func rotateLogs() {
-        for id in processes.keys { driver.logs(of: id).rotateIfNeeded() }
+        for id in processes.keys { logs(of: id).rotateIfNeeded() }
     }
 
     /// Removes sandboxes of instances the store no longer knows, an hour after their last write, so
@@ -527,8 +609,8 @@ public actor NodeAgent: Service {
         lastCollection = now
         written = written.filter { live.contains($0.key) }
         let manager = FileManager.default
-        for entry in (try? manager.contentsOfDirectory(atPath: driver.sandboxRoot)) ?? [] where !live.contains(entry) && processes[entry] == nil {
-            let path = driver.sandboxRoot + "/" + entry
+        for entry in (try? manager.contentsOfDirectory(atPath: sandboxRoot)) ?? [] where !live.contains(entry) && processes[entry] == nil {
+            let path = sandboxRoot + "/" + entry
             if let modified = (try? manager.attributesOfItem(atPath: path))?[.modificationDate] as? Date,
                 now.timeIntervalSince(modified) > 3600
             {

@@ -846,7 +846,7 @@ public actor ControlPlane: Service {
         var others = apps.mapValues(\.definition)
         others.merge(alsoTaken) { $1 }
         for (id, other) in others where id != definition.id {
-            for port in other.portDefinitions where port.port != 0 { inUse.insert(port.port) }
+            for port in other.ports where port.servicePort != 0 { inUse.insert(port.servicePort) }
         }
         return try ServicePorts.assign(definition, previous: previous, inUse: inUse, range: servicePortRange)
     }

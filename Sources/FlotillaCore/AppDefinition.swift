@@ -39,6 +39,10 @@ public struct AppDefinition: Sendable, Hashable, Codable {
     public var check: JSONValue?
     public var executorResources: JSONValue?
     public var secrets: JSONValue?
+    /// An OCI image to run (Marathon's `container`); nil for a command run as a plain process.
+    public var container: ContainerSpec?
+    /// `host`, or `container/bridge` for a container in its own network namespace.
+    public var network: NetworkMode
 
     /// The artifacts' URIs (Marathon's `uris`).
     public var uris: [String] { fetch.map(\.uri) }
@@ -72,7 +76,34 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         self.acceptedResourceRoles = nil
         self.resourceLimits = nil
         self.unreachableStrategy = .default
+        self.container = nil
+        self.network = .host
     }
+
+    /// The app's ports, whatever the networking: `portDefinitions` on the host network, the
+    /// container's `portMappings` on a bridge. Index i is `PORT<i>` and a health check's `portIndex`.
+    public var ports: [AppPort] {
+        if network == .bridge, let container {
+            return container.portMappings.map {
+                AppPort(hostPort: $0.hostPort, containerPort: $0.containerPort, servicePort: $0.servicePort, protocol: $0.protocol, name: $0.name, labels: $0.labels)
+            }
+        }
+        return portDefinitions.map {
+            AppPort(hostPort: requirePorts ? $0.port : 0, containerPort: nil, servicePort: $0.port, protocol: $0.protocol, name: $0.name, labels: $0.labels)
+        }
+    }
+
+    /// Sets the service port of `ports[index]` (in `portDefinitions` or in the port mappings).
+    public mutating func setServicePort(_ port: Int, at index: Int) {
+        if network == .bridge, container != nil {
+            container?.portMappings[index].servicePort = port
+        } else {
+            portDefinitions[index].port = port
+        }
+    }
+
+    /// Which driver runs the app's instances.
+    public var driver: String { container == nil ? "exec" : "oci" }
 
     public enum Defaults {
         public static let cpus = 1.0
@@ -96,6 +127,32 @@ public struct AppDefinition: Sendable, Hashable, Codable {
     public init(from decoder: any Decoder) throws {
         let container = try decoder.container(keyedBy: CodingKeys.self)
         id = try container.decode(AppID.self, forKey: .id)
+        self.container = try container.decodeIfPresent(ContainerSpec.self, forKey: .container)
+        let legacyNetwork = container.contains(.container) && self.container != nil
+            ? try ContainerSpec.legacyNetwork(from: try container.superDecoder(forKey: .container)) : nil
+        let networkModes = try (container.decodeIfPresent([JSONValue].self, forKey: .networks) ?? []).enumerated().map { index, network in
+            let mode = network["mode"]?.stringValue ?? "host"
+            switch mode {
+            case "host": return NetworkMode.host
+            case "container/bridge": return NetworkMode.bridge
+            default:
+                throw FlotillaError.invalid([
+                    FieldError("/networks(\(index))/mode", "'\(mode)' networking is not available; use host or container/bridge")
+                ])
+            }
+        }
+        if networkModes.count > 1 {
+            throw FlotillaError.invalid([FieldError("/networks", "an app joins one network here: host or container/bridge")])
+        }
+        if let legacyNetwork, let mode = networkModes.first, legacyNetwork != mode {
+            throw FlotillaError.invalid([
+                FieldError("/container/docker/network", "contradicts networks; give the network once (networks, Marathon 1.5+)")
+            ])
+        }
+        network = networkModes.first ?? legacyNetwork ?? .host
+        if network == .bridge && self.container == nil {
+            throw FlotillaError.invalid([FieldError("/networks", "container/bridge networking needs a container (an image); command apps use host networking")])
+        }
         cmd = try container.decodeIfPresent(String.self, forKey: .cmd)
         args = try container.decodeIfPresent([String].self, forKey: .args)
         env = try container.decodeIfPresent([String: EnvValue].self, forKey: .env) ?? [:]
@@ -104,7 +161,17 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         mem = try container.decodeIfPresent(Double.self, forKey: .mem) ?? Defaults.mem
         disk = try container.decodeIfPresent(Double.self, forKey: .disk) ?? 0
         gpus = try container.decodeIfPresent(Int.self, forKey: .gpus) ?? 0
-        if let definitions = try container.decodeIfPresent([PortDefinition].self, forKey: .portDefinitions) {
+        if network == .bridge {
+            // Marathon: a bridged app's ports are its portMappings.
+            let definitions = try container.decodeIfPresent([PortDefinition].self, forKey: .portDefinitions) ?? []
+            let ports = try container.decodeIfPresent([Int].self, forKey: .ports) ?? []
+            if !definitions.isEmpty || !ports.isEmpty {
+                throw FlotillaError.invalid([
+                    FieldError("/portDefinitions", "with container/bridge networking the ports are container.portMappings; leave portDefinitions out")
+                ])
+            }
+            portDefinitions = []
+        } else if let definitions = try container.decodeIfPresent([PortDefinition].self, forKey: .portDefinitions) {
             portDefinitions = definitions
         } else if let ports = try container.decodeIfPresent([Int].self, forKey: .ports) {
             // The legacy `ports` array: each number becomes a port definition.
@@ -146,11 +213,6 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         if try container.decodeIfPresent(Bool.self, forKey: .tty) == true {
             throw FlotillaError.invalid([FieldError("/tty", "instances run without a terminal here; leave 'tty' out or false")])
         }
-        if let networks = try container.decodeIfPresent([JSONValue].self, forKey: .networks),
-            networks.contains(where: { ($0["mode"]?.stringValue ?? "host") != "host" })
-        {
-            throw FlotillaError.invalid([FieldError("/networks", "only host networking is available to command apps; container networks come with the container driver")])
-        }
         if let role = try container.decodeIfPresent(String.self, forKey: .role), role != "*" {
             throw FlotillaError.invalid([FieldError("/role", "got \(role), expected one of: [*]; Flotilla has no resource roles")])
         }
@@ -158,18 +220,13 @@ public struct AppDefinition: Sendable, Hashable, Codable {
             throw FlotillaError.invalid([FieldError("/acceptedResourceRoles", "acceptedResourceRoles can only contain * (Flotilla has no resource roles)")])
         }
         if let address = try container.decodeIfPresent(JSONValue.self, forKey: .ipAddress), address != .null {
-            throw FlotillaError.invalid([FieldError("/ipAddress", "an IP address per instance needs container networking; use host ports")])
+            throw FlotillaError.invalid([FieldError("/ipAddress", "ipAddress (Marathon 1.4 IP-per-task) is not available; use networks: [{\"mode\": \"container/bridge\"}] with portMappings")])
         }
         if let residency = try container.decodeIfPresent(JSONValue.self, forKey: .residency), residency != .null {
             throw FlotillaError.invalid([FieldError("/residency", "resident apps (persistent volumes) are not supported")])
         }
         if let executor = try container.decodeIfPresent(String.self, forKey: .executor), !["", "//cmd"].contains(executor) {
             throw FlotillaError.invalid([FieldError("/executor", "custom executors are not supported; leave 'executor' out")])
-        }
-        if let containerSpec = try container.decodeIfPresent(JSONValue.self, forKey: .container), containerSpec != .null {
-            throw FlotillaError.invalid([
-                FieldError("/container", "containers need the oci or docker driver, which this agent does not have yet; run the process with 'cmd' or 'args'")
-            ])
         }
     }
 
@@ -206,6 +263,8 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         try container.encodeIfPresent(check, forKey: .check)
         try container.encodeIfPresent(executorResources, forKey: .executorResources)
         try container.encodeIfPresent(secrets, forKey: .secrets)
+        try container.encodeIfPresent(self.container, forKey: .container)
+        try container.encode([["mode": network.rawValue]], forKey: .networks)
     }
 
     /// The grace period between SIGTERM and SIGKILL when an instance is stopped.
@@ -269,7 +328,7 @@ extension AppDefinition {
         }
         let hasCommand = !(cmd ?? "").trimmingCharacters(in: .whitespaces).isEmpty
         let hasArgs = !(args ?? []).isEmpty
-        check(hasCommand || hasArgs, "/", "an app must have 'cmd' or 'args'")
+        check(hasCommand || hasArgs || container != nil, "/", "an app must have 'cmd' or 'args' (or a container image)")
         check(!(hasCommand && hasArgs), "/", "an app may have 'cmd' or 'args', not both")
         check(instances >= 0, "/instances", "must be zero or more, got \(instances)")
         check(cpus >= 0.001 && cpus.isFinite, "/cpus", "must be at least 0.001, got \(cpus)")
@@ -342,8 +401,12 @@ extension AppDefinition {
                 problems.append(FieldError("/constraints(\(index))", problem))
             }
         }
+        if let container { problems += container.problems(network: network) }
+        if network == .bridge && requirePorts {
+            problems.append(FieldError("/requirePorts", "requirePorts is for host networking; with container/bridge give hostPort in portMappings"))
+        }
         for (index, check) in healthChecks.enumerated() {
-            for problem in check.problems(portCount: portDefinitions.count) {
+            for problem in check.problems(portCount: ports.count) {
                 problems.append(FieldError("/healthChecks(\(index))" + problem.path, problem.errors.joined(separator: "; ")))
             }
         }
@@ -363,7 +426,7 @@ extension AppDefinition {
             check(!artifact.uri.isEmpty, "/fetch(\(index))/uri", "must not be empty")
         }
         for (index, readiness) in readinessChecks.enumerated() {
-            for problem in readiness.problems(portNames: portDefinitions.map(\.name)) {
+            for problem in readiness.problems(portNames: ports.map(\.name)) {
                 problems.append(FieldError("/readinessChecks(\(index))" + problem.path, problem.errors.joined(separator: "; ")))
             }
         }

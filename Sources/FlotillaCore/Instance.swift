@@ -114,10 +114,11 @@ public struct InstanceSpec: Sendable, Hashable, Codable {
 public struct InstanceStatus: Sendable, Hashable, Codable {
     public var id: String
     public var state: TaskState
-    public var pid: Int32?
-    /// The process start time in clock ticks since boot (`/proc/<pid>/stat` field 22): with the pid it
-    /// names one process for good, so a restarted agent never adopts a stranger that reused the pid.
-    public var processStartTicks: UInt64?
+    /// The driver that runs it (`exec`, `oci`); nil before one started it.
+    public var driver: String?
+    /// The driver's own notes about the instance (a process id and its start time, a container id):
+    /// only that driver reads them, to find the instance again after an agent restart.
+    public var driverState: [String: String]
     public var startedAt: String?
     public var exitCode: Int32?
     public var signal: Int32?
@@ -134,14 +135,14 @@ public struct InstanceStatus: Sendable, Hashable, Codable {
     public var readiness: ReadinessResult?
 
     public init(
-        id: String, state: TaskState, pid: Int32? = nil, processStartTicks: UInt64? = nil, startedAt: String? = nil,
+        id: String, state: TaskState, driver: String? = nil, driverState: [String: String] = [:], startedAt: String? = nil,
         exitCode: Int32? = nil, signal: Int32? = nil, oomKilled: Bool = false, message: String? = nil, updatedAt: String,
         health: [HealthResult] = [], draining: Bool = false, killedUnhealthy: Bool = false
     ) {
         self.id = id
         self.state = state
-        self.pid = pid
-        self.processStartTicks = processStartTicks
+        self.driver = driver
+        self.driverState = driverState
         self.startedAt = startedAt
         self.exitCode = exitCode
         self.signal = signal
@@ -154,16 +155,41 @@ public struct InstanceStatus: Sendable, Hashable, Codable {
     }
 
     enum CodingKeys: String, CodingKey {
-        case id, state, pid, processStartTicks, startedAt, exitCode, signal, oomKilled, message, updatedAt, health, draining, killedUnhealthy
+        case id, state, driver, driverState, startedAt, exitCode, signal, oomKilled, message, updatedAt, health, draining, killedUnhealthy
         case readiness
+        // Written before drivers had their own state: an exec instance's process.
+        case pid, processStartTicks
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(id, forKey: .id)
+        try container.encode(state, forKey: .state)
+        try container.encodeIfPresent(driver, forKey: .driver)
+        if !driverState.isEmpty { try container.encode(driverState, forKey: .driverState) }
+        try container.encodeIfPresent(startedAt, forKey: .startedAt)
+        try container.encodeIfPresent(exitCode, forKey: .exitCode)
+        try container.encodeIfPresent(signal, forKey: .signal)
+        try container.encode(oomKilled, forKey: .oomKilled)
+        try container.encodeIfPresent(message, forKey: .message)
+        try container.encode(updatedAt, forKey: .updatedAt)
+        try container.encode(health, forKey: .health)
+        try container.encode(draining, forKey: .draining)
+        try container.encode(killedUnhealthy, forKey: .killedUnhealthy)
+        try container.encodeIfPresent(readiness, forKey: .readiness)
     }
 
     public init(from decoder: any Decoder) throws {
         let container = try decoder.container(keyedBy: CodingKeys.self)
         id = try container.decode(String.self, forKey: .id)
         state = try container.decode(TaskState.self, forKey: .state)
-        pid = try container.decodeIfPresent(Int32.self, forKey: .pid)
-        processStartTicks = try container.decodeIfPresent(UInt64.self, forKey: .processStartTicks)
+        driver = try container.decodeIfPresent(String.self, forKey: .driver)
+        driverState = try container.decodeIfPresent([String: String].self, forKey: .driverState) ?? [:]
+        if let pid = try container.decodeIfPresent(Int32.self, forKey: .pid) {
+            driver = driver ?? "exec"
+            driverState["pid"] = String(pid)
+            if let ticks = try container.decodeIfPresent(UInt64.self, forKey: .processStartTicks) { driverState["startTicks"] = String(ticks) }
+        }
         startedAt = try container.decodeIfPresent(String.self, forKey: .startedAt)
         exitCode = try container.decodeIfPresent(Int32.self, forKey: .exitCode)
         signal = try container.decodeIfPresent(Int32.self, forKey: .signal)

@@ -20,7 +20,7 @@ public enum CatalogBuilder {
     /// The services an app declares (name and tags per registered port), whether or not any
     /// instance runs: a route stays known while its app exists, so the proxy can answer 503.
     public static func declaredServices(of definition: AppDefinition, routeServicePorts: Bool = false) -> [(name: String, tags: [String])] {
-        naming(of: definition, portCount: max(1, definition.portDefinitions.count), routeServicePorts: routeServicePorts).map { ($0.name, $0.tags) }
+        naming(of: definition, portCount: max(1, definition.ports.count), routeServicePorts: routeServicePorts).map { ($0.name, $0.tags) }
     }
 
     /// The label that asks for an app's service ports to be routed as TCP routes
@@ -42,18 +42,19 @@ public enum CatalogBuilder {
         let routed = routeServicePorts ? setting(servicePortRouteLabel)?.lowercased() != "false" : setting(servicePortRouteLabel)?.lowercased() == "true"
         var result: [(index: Int, name: String, tags: [String], portName: String?)] = []
         for index in 0..<portCount {
-            let portDefinition = definition.portDefinitions.indices.contains(index) ? definition.portDefinitions[index] : PortDefinition(port: 0)
+            let ports = definition.ports
+            let port = ports.indices.contains(index) ? ports[index] : AppPort(hostPort: 0, servicePort: 0)
             var keys = ["\(index)"]
-            if portDefinition.port != 0 { keys.insert("\(portDefinition.port)", at: 0) }
-            if let name = portDefinition.name { keys.append(name.uppercased()) }
+            if port.servicePort != 0 { keys.insert("\(port.servicePort)", at: 0) }
+            if let name = port.name { keys.append(name.uppercased()) }
             func portSetting(_ suffix: String) -> String? { keys.lazy.compactMap { setting("SERVICE_\($0)_\(suffix)") }.first }
             if let ignore = portSetting("IGNORE"), !ignore.isEmpty, ignore.lowercased() != "false" { continue }
             let name = portSetting("NAME") ?? (index == 0 || portCount == 1 ? baseName : "\(baseName)-\(index)")
             var portTags = portSetting("TAGS").map(tags) ?? baseTags
-            if routed, portDefinition.port != 0, portDefinition.protocol.contains("tcp") {
-                portTags.append("urlprefix-:\(portDefinition.port) proto=tcp")
+            if routed, port.servicePort != 0, port.protocol.contains("tcp") {
+                portTags.append("urlprefix-:\(port.servicePort) proto=tcp")
             }
-            result.append((index, name, portTags, portDefinition.name))
+            result.append((index, name, portTags, port.name))
         }
         return result
     }

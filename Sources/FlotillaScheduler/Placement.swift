@@ -91,6 +91,13 @@ public enum Placer {
         using generator: inout Generator
     ) -> Result<[Int], Rejection> {
         let epsilon = 1e-9
+        if !node.drivers.contains(definition.driver) {
+            // Marathon has no word for it; a node without the runtime is a constraint the app cannot meet there.
+            return .failure(
+                Rejection(
+                    reason: .unfulfilledConstraint,
+                    detail: "has no '\(definition.driver)' driver (it has \(node.drivers.joined(separator: ", ")))"))
+        }
         if usage.cpus + definition.cpus > node.cpus + epsilon {
             return .failure(
                 Rejection(
@@ -115,9 +122,9 @@ public enum Placer {
             }
         }
         guard let ports = allocatePorts(for: definition, on: node, inUse: usage.ports, using: &generator) else {
-            let wanted = definition.requirePorts
-                ? "ports \(definition.portDefinitions.map { String($0.port) }.joined(separator: ","))"
-                : "\(definition.portDefinitions.count) port(s)"
+            let wanted = definition.ports.contains(where: { $0.hostPort != 0 })
+                ? "ports \(definition.ports.map { String($0.hostPort) }.joined(separator: ","))"
+                : "\(definition.ports.count) port(s)"
             return .failure(
                 Rejection(reason: .insufficientPorts, detail: "needs \(wanted) from \(node.portRangeStart)-\(node.portRangeEnd)"))
         }
@@ -133,11 +140,11 @@ public enum Placer {
         var taken = inUse
         var ports: [Int] = []
         let range = node.portRange
-        for portDefinition in definition.portDefinitions {
-            if definition.requirePorts {
-                guard !taken.contains(portDefinition.port) else { return nil }
-                ports.append(portDefinition.port)
-                taken.insert(portDefinition.port)
+        for port in definition.ports {
+            if port.hostPort != 0 {
+                guard !taken.contains(port.hostPort) else { return nil }
+                ports.append(port.hostPort)
+                taken.insert(port.hostPort)
                 continue
             }
             let free = range.count - taken.lazy.filter { range.contains($0) }.count

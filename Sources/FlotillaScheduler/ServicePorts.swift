@@ -17,15 +17,16 @@ public enum ServicePorts {
         _ definition: AppDefinition, previous: AppDefinition?, inUse: Set<Int>, range: ClosedRange<Int> = defaultRange
     ) throws(FlotillaError) -> AppDefinition {
         var result = definition
-        var taken = inUse.union(definition.portDefinitions.map(\.port).filter { $0 != 0 })
-        let earlier = previous?.portDefinitions ?? []
+        let ports = definition.ports
+        var taken = inUse.union(ports.map(\.servicePort).filter { $0 != 0 })
+        let earlier = previous?.ports ?? []
         var next = range.lowerBound
-        for index in result.portDefinitions.indices where result.portDefinitions[index].port == 0 {
-            let name = result.portDefinitions[index].name
+        for index in ports.indices where ports[index].servicePort == 0 {
+            let name = ports[index].name
             let kept =
-                (name.flatMap { name in earlier.first { $0.name == name } } ?? (earlier.indices.contains(index) ? earlier[index] : nil))?.port
+                (name.flatMap { name in earlier.first { $0.name == name } } ?? (earlier.indices.contains(index) ? earlier[index] : nil))?.servicePort
             if let kept, kept != 0, !taken.contains(kept) {
-                result.portDefinitions[index].port = kept
+                result.setServicePort(kept, at: index)
                 taken.insert(kept)
                 continue
             }
@@ -33,11 +34,11 @@ public enum ServicePorts {
             guard next <= range.upperBound else {
                 throw .invalid([
                     FieldError(
-                        "/portDefinitions(\(index))/port",
+                        definition.network == .bridge ? "/container/portMappings(\(index))/servicePort" : "/portDefinitions(\(index))/port",
                         "no service port is free in \(range.lowerBound)-\(range.upperBound); give the port explicitly or widen --service-ports")
                 ])
             }
-            result.portDefinitions[index].port = next
+            result.setServicePort(next, at: index)
             taken.insert(next)
         }
         return result

@@ -16,9 +16,23 @@ import Testing
             node: "n", host: "127.0.0.1", ports: ports, stagedAt: "2026-01-01T00:00:00.000Z")
     }
 
-    func driver() -> ExecDriver {
-        ExecDriver(cgroups: Cgroups(mode: .disabled(reason: "unit test")), sandboxRoot: root, logMaxBytes: 1 << 20, logKeep: 2)
+    /// The exec driver beside the parts of the agent it relies on: a sandbox and its log files.
+    struct Harness {
+        let root: String
+        let exec = ExecDriver(cgroups: Cgroups(mode: .disabled(reason: "unit test")))
+
+        func logs(of id: String) -> InstanceLogs { InstanceLogs(directory: root + "/" + id, maxBytes: 1 << 20, keep: 2) }
+
+        func launch(_ spec: InstanceSpec, agentEnvironment: [String: String]) async throws -> SupervisedProcess {
+            let sandbox = root + "/" + spec.id
+            try FileManager.default.createDirectory(atPath: sandbox, withIntermediateDirectories: true)
+            return try await exec.start(spec, context: LaunchContext(sandbox: sandbox, logs: logs(of: spec.id), agentEnvironment: agentEnvironment))
+        }
+
+        func signal(_ process: SupervisedProcess, instanceID: String, _ signal: Int32) { exec.signal(process, instanceID: instanceID, signal) }
     }
+
+    func driver() -> Harness { Harness(root: root) }
 
     func waitForExit(_ watcher: ProcessWatcher) async -> (key: String, exit: ProcessExit)? {
         for await exit in watcher.exits { return exit }
@@ -31,7 +45,7 @@ import Testing
         let spec = try spec(cmd: "echo \"$PORT0 $PORT $PORTS $PORT_HTTP $HOST $GREETING $MARATHON_APP_ID\"; pwd", env: ["GREETING": "hi"])
         let watcher = ProcessWatcher()
         defer { watcher.stop() }
-        let process = try driver.launch(spec, agentEnvironment: ["PATH": "/usr/bin:/bin"])
+        let process = try await driver.launch(spec, agentEnvironment: ["PATH": "/usr/bin:/bin"])
         watcher.watch(pidfd: CFlotillaSpawnBridge.pidfd(for: process.pid), key: spec.id)
         let exit = await waitForExit(watcher)
         #expect(exit?.key == spec.id)
@@ -46,13 +60,13 @@ import Testing
         let watcher = ProcessWatcher()
         defer { watcher.stop() }
         let failing = try spec(cmd: "echo broken >&2; exit 3")
-        let failingProcess = try driver.launch(failing, agentEnvironment: [:])
+        let failingProcess = try await driver.launch(failing, agentEnvironment: [:])
         watcher.watch(pidfd: CFlotillaSpawnBridge.pidfd(for: failingProcess.pid), key: failing.id)
         #expect(await waitForExit(watcher)?.exit == ProcessExit(code: 3, signal: nil))
         #expect(InstanceLogs.tail(of: driver.logs(of: failing.id).stderrPath, lines: 1) == "broken")
 
         let sleeper = try spec(cmd: "sleep 30")
-        let sleeping = try driver.launch(sleeper, agentEnvironment: ["PATH": "/usr/bin:/bin"])
+        let sleeping = try await driver.launch(sleeper, agentEnvironment: ["PATH": "/usr/bin:/bin"])
         watcher.watch(pidfd: CFlotillaSpawnBridge.pidfd(for: sleeping.pid), key: sleeper.id)
         driver.signal(sleeping, instanceID: sleeper.id, SIGTERM)
         #expect(await waitForExit(watcher)?.exit == ProcessExit(code: nil, signal: SIGTERM))
@@ -65,7 +79,7 @@ import Testing
         defer { watcher.stop() }
         // The shell leads the group; its child must die with it.
         let spec = try spec(cmd: "sleep 30 & echo $! > child.pid; wait")
-        let process = try driver.launch(spec, agentEnvironment: ["PATH": "/usr/bin:/bin"])
+        let process = try await driver.launch(spec, agentEnvironment: ["PATH": "/usr/bin:/bin"])
         watcher.watch(pidfd: CFlotillaSpawnBridge.pidfd(for: process.pid), key: spec.id)
         let childFile = "\(root)/\(spec.id)/child.pid"
         var child: Int32?
@@ -85,14 +99,14 @@ import Testing
         #expect(gone)
     }
 
-    @Test func failsClearlyForAMissingProgram() throws {
+    @Test func failsClearlyForAMissingProgram() async throws {
         defer { try? FileManager.default.removeItem(atPath: root) }
         var definition = AppDefinition(id: try AppID("/missing"), args: ["no-such-program-here"])
         definition.portDefinitions = []
         let spec = InstanceSpec(
             id: InstanceSpec.newID(for: definition.id), appID: definition.id, version: "v1", configVersion: "v1", definition: definition,
             node: "n", host: "h", ports: [], stagedAt: "x")
-        #expect(throws: AgentError.self) { try driver().launch(spec, agentEnvironment: ["PATH": "/usr/bin:/bin"]) }
+        await #expect(throws: AgentError.self) { try await driver().launch(spec, agentEnvironment: ["PATH": "/usr/bin:/bin"]) }
     }
 }
 

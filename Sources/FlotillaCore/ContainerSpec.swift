@@ -1,0 +1,337 @@
+import Foundation
+
+/// Marathon's `container`: an OCI image to run instead of a bare command. `DOCKER` and `MESOS` both
+/// mean an OCI image here (run by runc); the fields keep Marathon's shapes, including the pre-1.5
+/// spellings inside `docker` (`network`, `portMappings`), which are read and then answered in the
+/// 1.5 shape, as Marathon does.
+public struct ContainerSpec: Sendable, Hashable, Codable {
+    public enum Kind: String, Sendable, Hashable, Codable, CaseInsensitiveEnum {
+        case docker = "DOCKER"
+        case mesos = "MESOS"
+
+        public init(from decoder: any Decoder) throws { self = try Self.decodeIgnoringCase(from: decoder) }
+    }
+
+    public var type: Kind
+    /// The image reference, as `docker pull` takes it (`registry:5000/shop/cart:1.4`, `busybox`, `…@sha256:…`).
+    public var image: String
+    /// Pull the image again before every start, even when the store has it.
+    public var forcePullImage: Bool
+    /// Docker's `--key value` options; only the ones with a meaning here are accepted.
+    public var parameters: [DockerParameter]
+    public var portMappings: [PortMapping]
+    public var volumes: [ContainerVolume]
+
+    public init(
+        type: Kind = .docker, image: String, forcePullImage: Bool = false, parameters: [DockerParameter] = [], portMappings: [PortMapping] = [],
+        volumes: [ContainerVolume] = []
+    ) {
+        self.type = type
+        self.image = image
+        self.forcePullImage = forcePullImage
+        self.parameters = parameters
+        self.portMappings = portMappings
+        self.volumes = volumes
+    }
+
+    /// The `docker.parameters` keys Flotilla honours (Docker's option names, without `--`).
+    public static let supportedParameters: Set<String> = ["user", "workdir", "env", "label", "read-only"]
+
+    /// What the parameters ask for, last value winning for single-valued keys, as Docker's CLI does.
+    public var user: String? { parameters.last { $0.key == "user" }?.value }
+    public var workingDirectory: String? { parameters.last { $0.key == "workdir" }?.value }
+    public var readOnlyRootFilesystem: Bool {
+        guard let value = parameters.last(where: { $0.key == "read-only" })?.value else { return false }
+        return value.isEmpty || value.lowercased() == "true"
+    }
+    /// `env` parameters (`KEY=value`), in order.
+    public var parameterEnvironment: [(String, String)] {
+        parameters.filter { $0.key == "env" }.compactMap { parameter in
+            guard let equals = parameter.value.firstIndex(of: "=") else { return nil }
+            return (String(parameter.value[..<equals]), String(parameter.value[parameter.value.index(after: equals)...]))
+        }
+    }
+    /// `label` parameters (`key=value`), in order.
+    public var parameterLabels: [String: String] {
+        var labels: [String: String] = [:]
+        for parameter in parameters where parameter.key == "label" {
+            let parts = parameter.value.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            labels[String(parts[0])] = parts.count > 1 ? String(parts[1]) : ""
+        }
+        return labels
+    }
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case type, docker, portMappings, volumes, linuxInfo }
+
+    enum DockerKeys: String, CodingKey, CaseIterable {
+        case image, forcePullImage, parameters, privileged, network, portMappings, pullConfig, credential
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        try Self.refuseUnknownKeys(in: decoder, known: CodingKeys.allCases.map(\.rawValue), path: "/container")
+        type = try container.decodeIfPresent(Kind.self, forKey: .type) ?? .docker
+        guard container.contains(.docker) else {
+            throw FlotillaError.invalid([FieldError("/container/docker/image", "a container needs an image: {\"docker\": {\"image\": \"…\"}}")])
+        }
+        let docker = try container.nestedContainer(keyedBy: DockerKeys.self, forKey: .docker)
+        try Self.refuseUnknownKeys(
+            in: try container.superDecoder(forKey: .docker), known: DockerKeys.allCases.map(\.rawValue), path: "/container/docker")
+        image = try docker.decode(String.self, forKey: .image)
+        forcePullImage = try docker.decodeIfPresent(Bool.self, forKey: .forcePullImage) ?? false
+        parameters = try docker.decodeIfPresent([DockerParameter].self, forKey: .parameters) ?? []
+        if try docker.decodeIfPresent(Bool.self, forKey: .privileged) == true {
+            throw FlotillaError.invalid([
+                FieldError("/container/docker/privileged", "privileged containers are not run here: they would own the node; grant what the app needs instead")
+            ])
+        }
+        for key in [DockerKeys.pullConfig, .credential] {
+            if let value = try docker.decodeIfPresent(JSONValue.self, forKey: key), value != .null {
+                throw FlotillaError.invalid([
+                    FieldError("/container/docker/\(key.rawValue)", "registry credentials come from the agent's --registry-auth-file, not from the app definition")
+                ])
+            }
+        }
+        if let linuxInfo = try container.decodeIfPresent(JSONValue.self, forKey: .linuxInfo), linuxInfo != .null, linuxInfo != .object([:]) {
+            throw FlotillaError.invalid([FieldError("/container/linuxInfo", "seccomp and IPC settings are not supported yet; remove linuxInfo")])
+        }
+        let legacyMappings = try docker.decodeIfPresent([PortMapping].self, forKey: .portMappings)
+        let mappings = try container.decodeIfPresent([PortMapping].self, forKey: .portMappings)
+        if legacyMappings != nil && mappings != nil {
+            throw FlotillaError.invalid([
+                FieldError("/container/docker/portMappings", "give portMappings once: in container (Marathon 1.5+) or in container.docker (older), not both")
+            ])
+        }
+        portMappings = mappings ?? legacyMappings ?? []
+        volumes = try container.decodeIfPresent([ContainerVolume].self, forKey: .volumes) ?? []
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(type, forKey: .type)
+        var docker = container.nestedContainer(keyedBy: DockerKeys.self, forKey: .docker)
+        try docker.encode(image, forKey: .image)
+        try docker.encode(forcePullImage, forKey: .forcePullImage)
+        try docker.encode(false, forKey: .privileged)
+        try docker.encode(parameters, forKey: .parameters)
+        try container.encode(portMappings, forKey: .portMappings)
+        try container.encode(volumes, forKey: .volumes)
+    }
+
+    /// The legacy `container.docker.network`, when given: `BRIDGE`, `HOST` (`USER`/`NONE` are refused).
+    static func legacyNetwork(from decoder: any Decoder) throws -> NetworkMode? {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        guard container.contains(.docker) else { return nil }
+        let docker = try container.nestedContainer(keyedBy: DockerKeys.self, forKey: .docker)
+        guard let network = try docker.decodeIfPresent(String.self, forKey: .network) else { return nil }
+        switch network.uppercased() {
+        case "BRIDGE": return .bridge
+        case "HOST": return .host
+        default:
+            throw FlotillaError.invalid([
+                FieldError("/container/docker/network", "'\(network)' networking is not available; use BRIDGE (container/bridge) or HOST")
+            ])
+        }
+    }
+
+    private static func refuseUnknownKeys(in decoder: any Decoder, known: [String], path: String) throws {
+        guard let object = try? decoder.singleValueContainer().decode(JSONValue.self).objectValue else { return }
+        let unknown = object.keys.filter { !known.contains($0) }.sorted()
+        if !unknown.isEmpty {
+            throw FlotillaError.invalid(unknown.map { FieldError("\(path)/\($0)", "unknown field; check its spelling against Marathon's container reference") })
+        }
+    }
+
+    /// Rules that need the whole definition; paths are Marathon's.
+    func problems(network: NetworkMode) -> [FieldError] {
+        var problems: [FieldError] = []
+        if image.trimmingCharacters(in: .whitespaces).isEmpty {
+            problems.append(FieldError("/container/docker/image", "must not be empty"))
+        }
+        for (index, parameter) in parameters.enumerated() where !Self.supportedParameters.contains(parameter.key) {
+            problems.append(
+                FieldError(
+                    "/container/docker/parameters(\(index))/key",
+                    "the docker option '\(parameter.key)' is not supported here; supported: \(Self.supportedParameters.sorted().joined(separator: ", "))"))
+        }
+        for (index, parameter) in parameters.enumerated() where parameter.key == "env" && !parameter.value.contains("=") {
+            problems.append(FieldError("/container/docker/parameters(\(index))/value", "an env parameter is KEY=value"))
+        }
+        if network == .host && !portMappings.isEmpty {
+            problems.append(
+                FieldError("/container/portMappings", "port mappings need container/bridge networking; with host networking use portDefinitions"))
+        }
+        var seenHostPorts: Set<Int> = []
+        var seenNames: Set<String> = []
+        for (index, mapping) in portMappings.enumerated() {
+            let path = "/container/portMappings(\(index))"
+            if !(0...65535).contains(mapping.containerPort) { problems.append(FieldError(path + "/containerPort", "must be between 0 and 65535")) }
+            if !(0...65535).contains(mapping.hostPort) { problems.append(FieldError(path + "/hostPort", "must be between 0 and 65535")) }
+            if !(0...65535).contains(mapping.servicePort) { problems.append(FieldError(path + "/servicePort", "must be between 0 and 65535")) }
+            if mapping.hostPort != 0 && !seenHostPorts.insert(mapping.hostPort).inserted {
+                problems.append(FieldError(path + "/hostPort", "host port \(mapping.hostPort) is mapped twice"))
+            }
+            if !["tcp", "udp", "udp,tcp", "tcp,udp"].contains(mapping.protocol) {
+                problems.append(FieldError(path + "/protocol", "must be tcp, udp or udp,tcp"))
+            }
+            if mapping.protocol != "tcp" {
+                problems.append(FieldError(path + "/protocol", "only tcp port mappings are forwarded for now"))
+            }
+            if let name = mapping.name, !seenNames.insert(name).inserted {
+                problems.append(FieldError(path + "/name", "port name '\(name)' is used twice"))
+            }
+        }
+        for (index, volume) in volumes.enumerated() {
+            problems += volume.problems(path: "/container/volumes(\(index))")
+        }
+        return problems
+    }
+}
+
+/// How an app's instances reach the network (Marathon's `networks[].mode`).
+public enum NetworkMode: String, Sendable, Hashable, Codable {
+    /// The node's own network: the instance binds the host ports it was given.
+    case host
+    /// Its own network namespace on the node's bridge; `portMappings` forward host ports to it.
+    case bridge = "container/bridge"
+}
+
+/// One of Docker's `--key value` options (`{"key": "user", "value": "nobody"}`).
+public struct DockerParameter: Sendable, Hashable, Codable {
+    public var key: String
+    public var value: String
+
+    public init(key: String, value: String) {
+        self.key = key
+        self.value = value
+    }
+}
+
+/// A host port forwarded to a port inside the container (`container/bridge` networking).
+public struct PortMapping: Sendable, Hashable, Codable {
+    /// The port the app listens on inside its container; 0 means the same number as the host port.
+    public var containerPort: Int
+    /// The node's port; 0 asks for a free port from the node's range.
+    public var hostPort: Int
+    /// The port load balancers know the app by (0: one from the service port range).
+    public var servicePort: Int
+    public var `protocol`: String
+    public var name: String?
+    public var labels: [String: String]
+
+    public init(
+        containerPort: Int, hostPort: Int = 0, servicePort: Int = 0, protocol: String = "tcp", name: String? = nil, labels: [String: String] = [:]
+    ) {
+        self.containerPort = containerPort
+        self.hostPort = hostPort
+        self.servicePort = servicePort
+        self.protocol = `protocol`
+        self.name = name
+        self.labels = labels
+    }
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case containerPort, hostPort, servicePort, `protocol`, name, labels, networkNames }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        containerPort = try container.decodeIfPresent(Int.self, forKey: .containerPort) ?? 0
+        hostPort = try container.decodeIfPresent(Int.self, forKey: .hostPort) ?? 0
+        servicePort = try container.decodeIfPresent(Int.self, forKey: .servicePort) ?? 0
+        `protocol` = try container.decodeIfPresent(String.self, forKey: .protocol) ?? "tcp"
+        name = try container.decodeIfPresent(String.self, forKey: .name)
+        labels = try container.decodeIfPresent([String: String].self, forKey: .labels) ?? [:]
+        if let networks = try container.decodeIfPresent([String].self, forKey: .networkNames), !networks.isEmpty {
+            throw DecodingError.dataCorrupted(
+                .init(codingPath: container.codingPath + [CodingKeys.networkNames], debugDescription: "named container networks are not available; leave networkNames out"))
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(containerPort, forKey: .containerPort)
+        try container.encode(hostPort, forKey: .hostPort)
+        try container.encode(servicePort, forKey: .servicePort)
+        try container.encode(`protocol`, forKey: .protocol)
+        try container.encodeIfPresent(name, forKey: .name)
+        try container.encode(labels, forKey: .labels)
+    }
+}
+
+/// A host directory bound into the container (Marathon's host volume). Persistent, external and
+/// secret volumes are refused when decoded: nothing here provides them yet.
+public struct ContainerVolume: Sendable, Hashable, Codable {
+    public enum Mode: String, Sendable, Hashable, Codable, CaseInsensitiveEnum {
+        case readWrite = "RW"
+        case readOnly = "RO"
+
+        public init(from decoder: any Decoder) throws { self = try Self.decodeIgnoringCase(from: decoder) }
+    }
+
+    public var containerPath: String
+    /// An absolute path on the node, or a path relative to the instance's sandbox (Marathon's rule).
+    public var hostPath: String
+    public var mode: Mode
+
+    public init(containerPath: String, hostPath: String, mode: Mode = .readWrite) {
+        self.containerPath = containerPath
+        self.hostPath = hostPath
+        self.mode = mode
+    }
+
+    enum CodingKeys: String, CodingKey { case containerPath, hostPath, mode, persistent, external, secret }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        for key in [CodingKeys.persistent, .external, .secret] where container.contains(key) {
+            throw DecodingError.dataCorrupted(
+                .init(
+                    codingPath: container.codingPath + [key],
+                    debugDescription: "\(key.rawValue) volumes are not available here; use a hostPath volume"))
+        }
+        containerPath = try container.decode(String.self, forKey: .containerPath)
+        hostPath = try container.decode(String.self, forKey: .hostPath)
+        mode = try container.decodeIfPresent(Mode.self, forKey: .mode) ?? .readWrite
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(containerPath, forKey: .containerPath)
+        try container.encode(hostPath, forKey: .hostPath)
+        try container.encode(mode, forKey: .mode)
+    }
+
+    func problems(path: String) -> [FieldError] {
+        var problems: [FieldError] = []
+        if !containerPath.hasPrefix("/") { problems.append(FieldError(path + "/containerPath", "must be an absolute path inside the container")) }
+        if containerPath.split(separator: "/").contains("..") || hostPath.split(separator: "/").contains("..") {
+            problems.append(FieldError(path, "paths must not contain '..'"))
+        }
+        if hostPath.isEmpty { problems.append(FieldError(path + "/hostPath", "must not be empty")) }
+        if containerPath == "/" { problems.append(FieldError(path + "/containerPath", "cannot replace the container's root")) }
+        return problems
+    }
+}
+
+/// One port of an app as every part of Flotilla sees it, whatever the networking: the host port the
+/// node gives it, the port inside the container (bridge only), the service port, its name and labels.
+public struct AppPort: Sendable, Hashable {
+    /// The host port asked for; 0 means any free port from the node's range.
+    public var hostPort: Int
+    /// Inside the container, with bridge networking; nil with host networking.
+    public var containerPort: Int?
+    public var servicePort: Int
+    public var `protocol`: String
+    public var name: String?
+    public var labels: [String: String]
+
+    public init(
+        hostPort: Int, containerPort: Int? = nil, servicePort: Int, protocol: String = "tcp", name: String? = nil, labels: [String: String] = [:]
+    ) {
+        self.hostPort = hostPort
+        self.containerPort = containerPort
+        self.servicePort = servicePort
+        self.protocol = `protocol`
+        self.name = name
+        self.labels = labels
+    }
+}
