@@ -129,7 +129,7 @@ let package = Package(
         .target(
             name: "FlotillaAPI",
             dependencies: [
-                "FlotillaCore", "FlotillaStore", "FlotillaScheduler", "FlotillaControl", "FlotillaRegistry",
+                "FlotillaCore", "FlotillaStore", "FlotillaScheduler", "FlotillaControl", "FlotillaRegistry", "FlotillaImage",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
@@ -144,7 +144,8 @@ let package = Package(
             name: "FlotillaServer",
             dependencies: [
                 "FlotillaCore", "FlotillaStore", "FlotillaScheduler", "FlotillaAgent", "FlotillaControl", "FlotillaAPI",
-                "FlotillaRegistry", "FlotillaProxy",
+                "FlotillaRegistry", "FlotillaProxy", "FlotillaImage",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Logging", package: "swift-log"),

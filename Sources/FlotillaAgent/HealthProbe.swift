@@ -27,7 +27,11 @@ struct HealthProbe: Sendable {
     let httpClient: HTTPClient
     let commands: CommandRunner
 
-    func run(_ check: HealthCheck, for spec: InstanceSpec, environment: [String: String], sandbox: String) async -> ProbeOutcome {
+    /// - Parameter shell: how the instance's driver runs a shell command for it (inside its container).
+    func run(
+        _ check: HealthCheck, for spec: InstanceSpec, environment: [String: String], sandbox: String,
+        shell: @Sendable (String) -> [String] = { ["/bin/sh", "-c", $0] }
+    ) async -> ProbeOutcome {
         let timeout = max(0.001, check.effectiveTimeoutSeconds)
         switch check.protocol {
         case .http, .https, .mesosHTTP, .mesosHTTPS:
@@ -40,7 +44,7 @@ struct HealthProbe: Sendable {
             guard let port = port(of: check, in: spec) else { return ProbeOutcome(passed: false, cause: "the app has no port \(check.portIndex ?? 0)") }
             return await tcp(host: spec.host, port: port, timeout: timeout)
         case .command:
-            return await commands.run(check.command?.value ?? "", environment: environment, directory: sandbox, timeout: timeout)
+            return await commands.run(arguments: shell(check.command?.value ?? ""), environment: environment, directory: sandbox, timeout: timeout)
         }
     }
 

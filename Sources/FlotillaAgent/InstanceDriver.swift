@@ -50,6 +50,9 @@ protocol InstanceDriver: Sendable {
     /// agent to clean up after a restart when no process of theirs is left.
     func leftoverInstanceIDs() -> [String]
 
+    /// The argument vector that runs a COMMAND health check's shell command for the instance.
+    func commandArguments(for command: String, instanceID: String) -> [String]
+
     /// Facts about a running instance for operators (`flotilla app`, the task JSON).
     func inspect(instanceID: String, state: [String: String]) -> [String: String]
 }
@@ -69,6 +72,7 @@ extension InstanceDriver {
     func inspect(instanceID: String, state: [String: String]) -> [String: String] { state }
     func needsPreparation(_ spec: InstanceSpec) -> Bool { false }
     func leftoverInstanceIDs() -> [String] { [] }
+    func commandArguments(for command: String, instanceID: String) -> [String] { ["/bin/sh", "-c", command] }
 }
 
 /// The environment every instance sees, whichever driver runs it: Marathon's variables, then the

@@ -1,5 +1,6 @@
 import AsyncHTTPClient
 public import FlotillaCore
+public import FlotillaImage
 public import FlotillaStore
 import Foundation
 import Glibc
@@ -56,14 +57,46 @@ public actor NodeAgent: Service {
     private var written: [String: InstanceStatus] = [:]
     private var lastCollection = Date.distantPast
 
-    public init(configuration: Configuration, store: any StateStore, cgroups: Cgroups, logger: Logger) {
+    /// - Parameters:
+    ///   - images: the node's image store; with it (and a runtime, `containers`) the agent runs OCI images.
+    public init(
+        configuration: Configuration, store: any StateStore, cgroups: Cgroups, images: ImageStore? = nil,
+        containers: ContainerOptions? = nil, logger: Logger
+    ) {
         self.configuration = configuration
         self.store = store
         self.logger = logger
         self.cgroups = cgroups
         self.sandboxRoot = configuration.dataDirectory + "/sandboxes"
         let exec = ExecDriver(cgroups: cgroups)
-        self.drivers = [exec.name: exec]
+        var drivers: [String: any InstanceDriver] = [exec.name: exec]
+        if let images, let containers {
+            let oci = OCIDriver(
+                configuration: .init(runtime: containers.runtime, containersDirectory: configuration.dataDirectory + "/containers"), images: images,
+                cgroups: cgroups, bridge: nil)
+            if let reason = oci.unavailableReason() {
+                logger.warning("OCI containers are off on this node: \(reason)")
+            } else {
+                logger.info("OCI containers with \((try? oci.runtimePath.get()) ?? containers.runtime), root filesystems by \(oci.overlayAvailable ? "overlayfs" : "copy")")
+            }
+            drivers[oci.name] = oci
+        }
+        self.drivers = drivers
+    }
+
+    /// What the OCI driver needs from the command line.
+    public struct ContainerOptions: Sendable {
+        /// `--oci-runtime`: runc, crun, or a path.
+        public var runtime: String
+
+        public init(runtime: String = "runc") {
+            self.runtime = runtime
+        }
+    }
+
+    /// The drivers that can run instances here, as the node record advertises them.
+    public nonisolated var availableDrivers: [String] {
+        drivers.values.filter { $0.unavailableReason() == nil }.map(\.name).sorted()
     }
 
     func sandbox(of instanceID: String) -> String { sandboxRoot + "/" + instanceID }
@@ -90,7 +123,9 @@ public actor NodeAgent: Service {
 
     private func runAgent() async throws {
         try FileManager.default.createDirectory(atPath: sandboxRoot, withIntermediateDirectories: true)
-        try await store.put(StateKeys.node(configuration.node.name), StateCodec.encode(configuration.node))
+        var node = configuration.node
+        node.drivers = availableDrivers
+        try await store.put(StateKeys.node(node.name), StateCodec.encode(node))
         try await recover()
         await withDiscardingTaskGroup { group in
             group.addTask { await self.consumeExits() }
@@ -303,6 +338,9 @@ public actor NodeAgent: Service {
         let probe = HealthProbe(httpClient: httpClient, commands: commands)
         let sandbox = sandbox(of: spec.id)
         let environment = InstanceEnvironment.build(for: spec, sandbox: sandbox, agentEnvironment: agentEnvironment)
+        let driver = driver(for: spec) ?? driver(named: nil)
+        let id = spec.id
+        let shell: @Sendable (String) -> [String] = { driver.commandArguments(for: $0, instanceID: id) }
         healthTasks[spec.id] = Task {
             await withDiscardingTaskGroup { group in
                 for (index, check) in spec.definition.healthChecks.enumerated() {
@@ -312,7 +350,7 @@ public actor NodeAgent: Service {
                         try? await Task.sleep(for: .milliseconds(Int64(jitter * 1000)))
                         while !Task.isCancelled {
                             let began = ContinuousClock.now
-                            let outcome = await probe.run(check, for: spec, environment: environment, sandbox: sandbox)
+                            let outcome = await probe.run(check, for: spec, environment: environment, sandbox: sandbox, shell: shell)
                             if Task.isCancelled { return }
                             await self.record(outcome, check: check, index: index, spec: spec, startedAt: startedAt)
                             try? await Task.sleep(until: began + .milliseconds(Int64(check.intervalSeconds * 1000)))

@@ -1,6 +1,7 @@
 import FlotillaCore
 import FlotillaImage
 import Foundation
+import Glibc
 
 /// The OCI runtime bundle's `config.json` for one instance (runtime-spec 1.0): the image's
 /// process defaults overridden by the app as Docker overrides them, Flotilla's environment,
@@ -124,7 +125,8 @@ struct OCIBundle {
             "env": .array(Self.environment(for: spec, image: image).map(JSONValue.string)),
             "cwd": .string(workingDirectory),
             "capabilities": .object(["bounding": capabilities, "effective": capabilities, "permitted": capabilities]),
-            "rlimits": .array([.object(["type": "RLIMIT_NOFILE", "hard": 1_048_576, "soft": 1_048_576])]),
+            // As many open files as the agent may have (Docker's containers inherit the daemon's limit).
+            "rlimits": .array([.object(["type": "RLIMIT_NOFILE", "hard": .number(Double(Self.openFileLimit)), "soft": .number(Double(Self.openFileLimit))])]),
             "noNewPrivileges": true,
         ]
         return .object([
@@ -141,6 +143,12 @@ struct OCIBundle {
     static func hostname(for instanceID: String) -> String {
         let allowed = instanceID.lowercased().map { $0.isLetter || $0.isNumber || $0 == "-" ? $0 : "-" }
         return String(String(allowed).suffix(63)).trimmingCharacters(in: CharacterSet(charactersIn: "-"))
+    }
+
+    static var openFileLimit: UInt64 {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return 1024 }
+        return UInt64(limit.rlim_max)
     }
 
     static func memoryLimit(_ definition: AppDefinition) -> Int64? {

@@ -88,10 +88,14 @@ struct APIClient {
         return text
     }
 
-    /// Streams a response body chunk by chunk (logs -f).
-    func stream(_ path: String, _ body: (ByteBuffer) -> Void) async throws {
+    /// Streams a response body chunk by chunk (logs -f, pull progress).
+    func stream(_ path: String, method: HTTPMethod = .GET, json: JSONValue? = nil, _ body: (ByteBuffer) -> Void) async throws {
         var request = HTTPClientRequest(url: base + path)
-        request.method = .GET
+        request.method = method
+        if let json {
+            request.headers.add(name: "Content-Type", value: "application/json")
+            request.body = .bytes(ByteBuffer(bytes: json.serialized()))
+        }
         let response: HTTPClientResponse
         do {
             response = try await HTTPClient.shared.execute(request, timeout: .hours(24))
@@ -103,6 +107,29 @@ struct APIClient {
             throw CLIError(Self.describeError(Reply(status: Int(response.status.code), body: Data(bytes.readableBytesView))))
         }
         for try await chunk in response.body { body(chunk) }
+    }
+
+    /// Sends a file as the body without reading it into memory (an image archive).
+    func upload(_ path: String, file: String, timeout: TimeAmount = .hours(1)) async throws -> Reply {
+        guard let handle = FileHandle(forReadingAtPath: file) else { throw CLIError("cannot read \(file)") }
+        defer { try? handle.close() }
+        let size = (try? FileManager.default.attributesOfItem(atPath: file)[.size] as? Int) ?? nil
+        let chunks = AsyncStream<ByteBuffer> { continuation in
+            while let data = try? handle.read(upToCount: 1 << 20), !data.isEmpty { continuation.yield(ByteBuffer(bytes: data)) }
+            continuation.finish()
+        }
+        var request = HTTPClientRequest(url: base + path)
+        request.method = .POST
+        request.headers.add(name: "Content-Type", value: "application/x-tar")
+        request.body = .stream(chunks, length: size.map { .known(Int64($0)) } ?? .unknown)
+        let response: HTTPClientResponse
+        do {
+            response = try await HTTPClient.shared.execute(request, timeout: timeout)
+        } catch {
+            throw CLIError("cannot reach the agent at \(base): \(error). Is `flotilla agent` running? Set --api or FLOTILLA_API.")
+        }
+        let bytes = try await response.body.collect(upTo: 64 << 20)
+        return Reply(status: Int(response.status.code), body: Data(bytes.readableBytesView))
     }
 
     /// `/v2/apps/shop/cart` for `/shop/cart` or `shop/cart`.

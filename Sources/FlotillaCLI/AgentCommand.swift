@@ -75,6 +75,15 @@ struct AgentCommand: AsyncParsableCommand {
     @Flag(help: "Route every app's service ports through the load balancer as TCP routes (without it, only apps labelled FLOTILLA_SERVICE_PORT_ROUTE=true).")
     var routeServicePorts = false
 
+    @Option(help: "The OCI runtime that runs container apps: runc, crun, or a path.")
+    var ociRuntime: String = "runc"
+
+    @Option(name: .customLong("insecure-registry"), help: "A registry (HOST:PORT) spoken to over plain HTTP; all others need HTTPS (repeatable).")
+    var insecureRegistries: [String] = []
+
+    @Option(help: "Registry credentials in Docker's config.json format ({\"auths\": {\"HOST:PORT\": {\"auth\": base64(user:password)}}}).")
+    var registryAuthFile: String?
+
     @Option(name: .customLong("attribute"), help: "A node attribute for constraints, key=value (repeatable).")
     var attributes: [String] = []
 
@@ -177,6 +186,9 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.proxyAccessLog = proxyAccessLog
             configuration.servicePortRange = Self.portRange(servicePorts)!
             configuration.routeServicePorts = routeServicePorts
+            configuration.ociRuntime = ociRuntime
+            configuration.insecureRegistries = insecureRegistries
+            configuration.registryAuthFile = registryAuthFile
             try await FlotillaServer.run(configuration, logger: logger)
         } catch {
             logger.critical("agent stopped: \(error)")

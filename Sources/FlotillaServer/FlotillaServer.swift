@@ -1,5 +1,7 @@
+import AsyncHTTPClient
 import FlotillaAgent
 import FlotillaAPI
+import FlotillaImage
 import FlotillaControl
 public import FlotillaProxy
 import FlotillaRegistry
@@ -42,6 +44,12 @@ public struct FlotillaServer {
         /// Route every app's service ports as TCP routes, not only those labelled
         /// `FLOTILLA_SERVICE_PORT_ROUTE=true`.
         public var routeServicePorts = false
+        /// The OCI runtime for container apps (`--oci-runtime`).
+        public var ociRuntime = "runc"
+        /// Registries spoken to over plain HTTP (`--insecure-registry`).
+        public var insecureRegistries: [String] = []
+        /// Docker `config.json` credentials (`--registry-auth-file`).
+        public var registryAuthFile: String?
 
         public init(
             dataDirectory: String, bindAddress: String, apiPort: Int, node: NodeInfo, stopInstancesOnExit: Bool,
@@ -79,11 +87,31 @@ public struct FlotillaServer {
         // host (tests, or a second node for experiments) never touch each other's instances.
         let digest = String(fnv1a(configuration.dataDirectory), radix: 16)
         let cgroups = Cgroups.detect(namespace: "flotilla-\(digest)", logger: logger)
+        var credentials = RegistryCredentials()
+        if let path = configuration.registryAuthFile {
+            do {
+                credentials = try RegistryCredentials(contentsOfFile: path)
+            } catch {
+                throw ServerError("cannot read the registry credentials \(path): \(error)")
+            }
+        }
+        let registryHTTP = HTTPClient(eventLoopGroupProvider: .singleton, configuration: RegistryClient.httpClientConfiguration())
+        let images: ImageStore
+        do {
+            images = try ImageStore(
+                root: configuration.dataDirectory + "/images",
+                client: RegistryClient(
+                    httpClient: registryHTTP, insecureRegistries: Set(configuration.insecureRegistries), credentials: credentials, logger: logger),
+                logger: logger)
+        } catch {
+            try? await registryHTTP.shutdown()
+            throw ServerError("cannot open the image store: \(error)")
+        }
         let agent = NodeAgent(
             configuration: .init(
                 node: configuration.node, dataDirectory: configuration.dataDirectory, logMaxBytes: configuration.logMaxBytes,
                 stopInstancesOnExit: configuration.stopInstancesOnExit),
-            store: store, cgroups: cgroups, logger: logger)
+            store: store, cgroups: cgroups, images: images, containers: .init(runtime: configuration.ociRuntime), logger: logger)
 
         let metrics = PrometheusCollectorRegistry()
         let proxy: ProxyServer
@@ -124,6 +152,7 @@ public struct FlotillaServer {
         ).add(to: router)
         LogRoutes(control: control, sandboxRoot: agent.sandboxRoot).add(to: router)
         FlotillaRoutes(control: control).add(to: router)
+        ImageRoutes(control: control, images: images, uploadDirectory: configuration.dataDirectory + "/images/tmp").add(to: router)
         ConsulRoutes(registry: registry, kv: keyValues, sessions: sessions, serverAddress: "\(configuration.node.host):8300", version: configuration.version)
             .add(to: router)
         OperationsRoutes(
@@ -168,9 +197,11 @@ public struct FlotillaServer {
             try await group.run()
         } catch {
             await networkProbe.shutdown()
+            try? await registryHTTP.shutdown()
             throw error
         }
         await networkProbe.shutdown()
+        try? await registryHTTP.shutdown()
     }
 }
 
