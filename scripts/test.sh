@@ -82,11 +82,27 @@ apt_install() {
 }
 
 ensure_system_packages() {
-    # package:command that proves it is installed
-    local wanted=(curl:curl procps:ps dnsutils:dig)
-    local missing=() entry
+    # package:proof that it is installed — a command on PATH, an absolute file, or "dpkg" (ask dpkg).
+    # The container tests need runc, the image tools (umoci, skopeo), a registry (docker-registry,
+    # htpasswd for its basic auth) and a static busybox to build images from; the bridge needs nft;
+    # the build needs zlib's header.
+    local wanted=(
+        curl:curl procps:ps dnsutils:dig zlib1g-dev:/usr/include/zlib.h
+        runc:runc umoci:umoci skopeo:skopeo docker-registry:docker-registry apache2-utils:htpasswd busybox-static:dpkg
+        nftables:nft iproute2:ip
+    )
+    local missing=() entry package proof
+    local PATH="$PATH:/usr/sbin:/sbin"
     for entry in "${wanted[@]}"; do
-        command -v "${entry#*:}" >/dev/null 2>&1 || missing+=("${entry%%:*}")
+        package=${entry%%:*}
+        proof=${entry#*:}
+        if [[ $proof == dpkg ]]; then
+            dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+        elif [[ $proof == /* ]]; then
+            [[ -e $proof ]] || missing+=("$package")
+        else
+            command -v "$proof" >/dev/null 2>&1 || missing+=("$package")
+        fi
     done
     if [[ ${#missing[@]} -eq 0 ]]; then
         echo "all present: ${wanted[*]%%:*}"
@@ -131,10 +147,10 @@ command -v python3 >/dev/null 2>&1 || die "python3 is not on PATH"
 section "system packages"
 ensure_system_packages || die "installing system packages"
 
-if [[ $run_python_tests -eq 1 ]]; then
-    section "python virtualenv ($VENV)"
-    ensure_venv || die "setting up $VENV"
-fi
+# The Swift tests use it too: their registry token server is Python with `cryptography`.
+section "python virtualenv ($VENV)"
+ensure_venv || die "setting up $VENV"
+export FLOTILLA_TEST_PYTHON=$PWD/$VENV/bin/python
 
 section "swift build"
 SECONDS=0

@@ -157,20 +157,27 @@ public struct Cgroups: Sendable {
         }
     }
 
-    /// Whether the kernel's OOM killer killed a process in the instance's cgroup.
+    /// Whether the kernel's OOM killer killed a process in the instance's cgroup, or in one below
+    /// it (a container's, whose own limit may be the one that was hit).
     public func wasOOMKilled(instanceID: String) -> Bool {
-        let file: String
+        let directory: String
+        let fileName: String
         switch mode {
         case .disabled: return false
-        case .v2(let parent): file = parent + "/" + instanceID + "/memory.events"
+        case .v2(let parent):
+            directory = parent + "/" + instanceID
+            fileName = "memory.events"
         case .v1(let parents):
             guard let memory = parents["memory"] else { return false }
-            file = memory + "/" + instanceID + "/memory.oom_control"
+            directory = memory + "/" + instanceID
+            fileName = "memory.oom_control"
         }
-        guard let text = try? String(contentsOfFile: file, encoding: .utf8) else { return false }
-        for line in text.split(separator: "\n") {
-            let parts = line.split(separator: " ")
-            if parts.count == 2, parts[0] == "oom_kill", let count = Int(parts[1]) { return count > 0 }
+        for cgroup in Self.tree(directory) {
+            guard let text = try? String(contentsOfFile: cgroup + "/" + fileName, encoding: .utf8) else { continue }
+            for line in text.split(separator: "\n") {
+                let parts = line.split(separator: " ")
+                if parts.count == 2, parts[0] == "oom_kill", let count = Int(parts[1]), count > 0 { return true }
+            }
         }
         return false
     }

@@ -253,7 +253,11 @@ public actor ImageStore {
             for layer in manifest.layers { _ = try copyBlob(from: layout, layer.digest, size: layer.size, maximum: nil) }
             for layer in manifest.layers { _ = try await unpackedLayer(layer) }
             let annotated = entry.annotations?["io.containerd.image.name"] ?? entry.annotations?["org.opencontainers.image.ref.name"]
-            let reference = try Self.importReference(annotated: annotated, name: name, origin: origin)
+            var reference = try Self.importReference(annotated: annotated, name: name, origin: origin)
+            // One name for a layout of several tagged images: each keeps its own tag under that name.
+            if let given = reference, name != nil, index.manifests.count > 1, let tag = annotated, !tag.contains("/"), !tag.contains(":") {
+                reference = try ImageReference(registry: given.registry, repository: given.repository, tag: tag)
+            }
             let image = StoredImage(
                 id: descriptor.digest, references: [], configDigest: manifest.config.digest, config: config, layers: manifest.layers,
                 size: manifest.layers.reduce(manifest.config.size) { $0 + $1.size }, storedAt: Self.now())

@@ -103,9 +103,9 @@ final class RegistryFixture: Sendable {
             // Python helpers first: the token registry reads the issuer's certificate at startup.
             try tokenServerSource.write(toFile: dir.file("tokenserver.py"), atomically: true, encoding: .utf8)
             try fakeRegistrySource.write(toFile: dir.file("fakeregistry.py"), atomically: true, encoding: .utf8)
-            let tokenServer = try RegistryTestDaemon(name: "token server", arguments: ["python3", dir.file("tokenserver.py"), dir.path, "\(tokenServerPort)"], logPath: dir.file("tokenserver.log"))
+            let tokenServer = try RegistryTestDaemon(name: "token server", arguments: [RegistryTestDaemon.python, dir.file("tokenserver.py"), dir.path, "\(tokenServerPort)"], logPath: dir.file("tokenserver.log"))
             daemons.append(tokenServer)
-            let fake = try RegistryTestDaemon(name: "fake registry", arguments: ["python3", dir.file("fakeregistry.py"), dir.path, "\(fakePort)", "\(storagePort)"], logPath: dir.file("fakeregistry.log"))
+            let fake = try RegistryTestDaemon(name: "fake registry", arguments: [RegistryTestDaemon.python, dir.file("fakeregistry.py"), dir.path, "\(fakePort)", "\(storagePort)"], logPath: dir.file("fakeregistry.log"))
             daemons.append(fake)
 
             let htpasswd = try runTool(["htpasswd", "-Bbn", user, password])

@@ -87,6 +87,10 @@ func isListeningOnLoopback(_ port: Int) -> Bool {
 
 /// A long-running child process (registry, token server) stopped by its PID.
 final class RegistryTestDaemon: @unchecked Sendable {
+    /// The Python the helper servers run on (they need `cryptography`): the test suite's
+    /// virtualenv when scripts/test.sh names it, else python3 on PATH.
+    static let python = ProcessInfo.processInfo.environment["FLOTILLA_TEST_PYTHON"] ?? "python3"
+
     let process = Process()
     let logPath: String
     let name: String

@@ -1,0 +1,330 @@
+"""Containers end to end: images built with umoci, pushed with skopeo to a real docker-registry with
+basic auth, pulled by the agent and run by runc; deployed through the Marathon client, health
+checked, routed by the proxy, rolled forward and back with no failed request, adopted after
+kill -9, OOM reported, and evil archives refused.
+
+Needs root (namespaces, mounts, cgroups), runc, umoci, skopeo, docker-registry, htpasswd and
+busybox-static: scripts/test.sh installs them.
+"""
+
+import collections
+import collections.abc
+import io
+import json
+import os
+import subprocess
+import tarfile
+import threading
+import time
+
+import pytest
+import requests
+
+from support.flotilla import wait_until
+from support.images import Registry, build_httpd_image, container_leftovers, run
+
+# marathon-python 0.13 serialises nested models with collections.Iterable, which Python 3.10 moved
+# to collections.abc; the alias lets the real client send container definitions unchanged.
+if not hasattr(collections, "Iterable"):
+    collections.Iterable = collections.abc.Iterable
+
+from marathon import MarathonClient, MarathonApp  # noqa: E402
+from marathon.models.container import MarathonContainer, MarathonDockerContainer  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="containers need root")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """An OCI layout with tags 1 and 2 of the httpd image, and the registry they are pushed to."""
+    base = tmp_path_factory.mktemp("images")
+    layout = base / "layout"
+    digests = {tag: build_httpd_image(layout, tag, f"served by tag {tag}\n") for tag in ("1", "2")}
+    registry = Registry(base / "registry").start()
+    try:
+        references = {tag: registry.push(layout, tag, "shop/web") for tag in ("1", "2")}
+        yield {"layout": layout, "digests": digests, "registry": registry, "references": references, "base": base}
+    finally:
+        registry.stop()
+
+
+@pytest.fixture
+def container_agent(make_agent, images, tmp_path):
+    registry = images["registry"]
+    auth = registry.auth_file(tmp_path / "auth.json")
+    agent = make_agent(extra_args=["--insecure-registry", registry.host, "--registry-auth-file", str(auth)])
+    yield agent
+    agent.stop()
+    assert container_leftovers(agent) == []
+
+
+def container_app(app_id, image, instances=1, **fields):
+    """The httpd image on the host network, listening on its PORT0, health checked over HTTP."""
+    definition = {
+        "id": app_id,
+        "instances": instances,
+        "cpus": 0.1,
+        "mem": 32,
+        "cmd": "ls / > /mnt/mesos/sandbox/root-listing; id -u > /mnt/mesos/sandbox/uid; exec httpd -f -p $PORT0 -h /www",
+        "container": {"type": "DOCKER", "docker": {"image": image}},
+        "portDefinitions": [{"port": 0, "name": "http"}],
+        "healthChecks": [{"protocol": "HTTP", "path": "/", "portIndex": 0, "intervalSeconds": 1, "gracePeriodSeconds": 10}],
+        "backoffSeconds": 0.2,
+        "backoffFactor": 1,
+    }
+    definition.update(fields)
+    return definition
+
+
+def wait_healthy(agent, app_id, count, timeout=60):
+    def healthy():
+        app = agent.app(app_id)
+        if app["tasksHealthy"] == count and app["tasksRunning"] == count and len(agent.tasks(app_id)) == count:
+            return agent.tasks(app_id)
+        return None
+
+    return wait_until(healthy, timeout=timeout, what=f"{count} healthy instances of {app_id}")
+
+
+def runc_containers(agent) -> list:
+    out = run("runc", "--root", str(agent.state_dir / "containers" / ".state"), "list", "--format", "json")
+    return json.loads(out) or []
+
+
+def test_pull_shows_progress_and_the_store_lists_the_image(container_agent, images):
+    reference = images["references"]["1"]
+    result = container_agent.cli("image", "pull", reference)
+    assert result.returncode == 0, result.stderr
+    assert "MB" in result.stderr and f"pulling {reference}" in result.stderr, result.stderr
+    listed = json.loads(container_agent.cli("images", "--json").stdout)
+    stored = [image for image in listed if reference in image["references"]]
+    assert len(stored) == 1, listed
+    # The registry and skopeo agree on the manifest digest; so must the store.
+    assert stored[0]["id"] == images["digests"]["1"]
+    # A second pull finds every blob there and downloads nothing new.
+    again = container_agent.cli("image", "pull", "--json", reference)
+    assert again.returncode == 0 and json.loads(again.stdout)["id"] == images["digests"]["1"]
+
+
+def test_a_registry_without_credentials_is_refused_clearly(make_agent, images):
+    registry = images["registry"]
+    agent = make_agent(extra_args=["--insecure-registry", registry.host])
+    result = agent.cli("image", "pull", images["references"]["1"])
+    assert result.returncode != 0
+    assert "registry-auth-file" in result.stderr or "credentials" in result.stderr, result.stderr
+
+
+def test_container_deploys_through_marathon_client_healthy_routed_and_isolated(container_agent, images, app_ids):
+    app_id = app_ids.new()
+    client = MarathonClient(container_agent.url, timeout=10)
+    app = MarathonApp(
+        instances=1,
+        cpus=0.1,
+        mem=32,
+        cmd=container_app(app_id, "")["cmd"],
+        container=MarathonContainer(type="DOCKER", docker=MarathonDockerContainer(image=images["references"]["1"], force_pull_image=False)),
+        labels={"SERVICE_TAGS": "urlprefix-/shop strip=/shop"},
+        port_definitions=[{"port": 0, "name": "http", "protocol": "tcp"}],
+    )
+    client.create_app(app_id, app)
+    # Health checks as raw JSON: marathon-python 0.13 cannot serialise them on this Python.
+    response = container_agent.put(
+        f"/v2/apps{app_id}?force=true",
+        json={"healthChecks": [{"protocol": "HTTP", "path": "/", "portIndex": 0, "intervalSeconds": 1, "gracePeriodSeconds": 10}]},
+    )
+    assert response.status_code == 200, response.text
+    tasks = wait_healthy(container_agent, app_id, 1)
+    fetched = client.get_app(app_id)
+    assert fetched.container.docker.image == images["references"]["1"]
+    assert fetched.container.type == "DOCKER"
+
+    body = wait_until(
+        lambda: (lambda r: r.text if r.status_code == 200 else None)(requests.get(f"{container_agent.proxy_url}/shop/", timeout=5)),
+        timeout=20, what="the proxy to route /shop to the container",
+    )
+    assert body == "served by tag 1\n"
+    sandbox = container_agent.sandbox(tasks[0]["id"])
+    listing = (sandbox / "root-listing").read_text().split()
+    # The image's filesystem and what the runtime mounts, nothing of the node's.
+    assert "only-in-image" in listing and "www" in listing, listing
+    assert "work" not in listing and "opt" not in listing and "usr" not in listing, listing
+    assert (sandbox / "uid").read_text().strip() == "0"
+    assert len(runc_containers(container_agent)) == 1
+
+
+def test_roll_to_a_new_tag_and_back_without_a_failed_request(container_agent, images, app_ids):
+    app_id = app_ids.new()
+    definition = container_app(
+        app_id, images["references"]["1"], instances=2, labels={"SERVICE_TAGS": "urlprefix-/roll strip=/roll"}, drainSeconds=1,
+        upgradeStrategy={"minimumHealthCapacity": 1, "maximumOverCapacity": 1},
+    )
+    container_agent.create_app(definition)
+    wait_healthy(container_agent, app_id, 2)
+    url = f"{container_agent.proxy_url}/roll/"
+    wait_until(lambda: requests.get(url, timeout=5).status_code == 200, timeout=20, what="the route")
+    first_version = container_agent.app(app_id)["version"]
+
+    failures, bodies, stop = [], collections.Counter(), threading.Event()
+
+    def load():
+        with requests.Session() as session:
+            while not stop.is_set():
+                try:
+                    response = session.get(url, timeout=5)
+                    if response.status_code != 200:
+                        failures.append(response.status_code)
+                    else:
+                        bodies[response.text.strip()] += 1
+                except requests.RequestException as error:
+                    failures.append(repr(error))
+
+    def roll(body, expect):
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+        stop.clear()
+        for thread in threads:
+            thread.start()
+        try:
+            response = container_agent.put(f"/v2/apps{app_id}", json=body)
+            assert response.status_code == 200, response.text
+            deployment = response.json()["deploymentId"]
+
+            def done():
+                status = container_agent.get(f"/flotilla/v1/deployments/{deployment}").json()
+                return status if status["status"] != "running" else None
+
+            status = wait_until(done, timeout=90, what="the deployment")
+            assert status["status"] == "succeeded", status
+            wait_until(lambda: requests.get(url, timeout=5).text.strip() == expect, timeout=20, what=f"only {expect} served")
+            time.sleep(1)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=10)
+
+    roll({"container": {"type": "DOCKER", "docker": {"image": images["references"]["2"]}}}, "served by tag 2")
+    assert not failures, f"{len(failures)} failed requests while rolling to tag 2: {failures[:5]}"
+    assert bodies["served by tag 1"] > 0 and bodies["served by tag 2"] > 0, bodies
+    assert sum(bodies.values()) >= 100, bodies
+
+    bodies.clear()
+    roll({"version": first_version}, "served by tag 1")
+    assert not failures, f"{len(failures)} failed requests while rolling back: {failures[:5]}"
+    assert bodies["served by tag 1"] > 0, bodies
+    assert len(runc_containers(container_agent)) == 2
+
+
+def test_kill_9_of_the_agent_adopts_the_containers(make_agent, images, tmp_path, app_ids):
+    registry = images["registry"]
+    auth = registry.auth_file(tmp_path / "auth.json")
+    agent = make_agent(on_exit="keep", extra_args=["--insecure-registry", registry.host, "--registry-auth-file", str(auth)])
+    app_id = app_ids.new()
+    agent.create_app(container_app(app_id, images["references"]["1"], instances=2))
+    before = sorted(task["id"] for task in wait_healthy(agent, app_id, 2))
+    containers = sorted(container["id"] for container in runc_containers(agent))
+    assert containers == before
+    agent.kill9()
+    # The containers outlive the agent.
+    assert sorted(container["id"] for container in runc_containers(agent) if container["status"] == "running") == before
+    agent.restart()
+    after = sorted(task["id"] for task in wait_healthy(agent, app_id, 2))
+    assert after == before
+    assert "adopted" in agent.log_text()
+    time.sleep(2)
+    assert sorted(container["id"] for container in runc_containers(agent)) == before, "a container was duplicated or lost"
+    agent.delete(f"/v2/apps{app_id}?force=true")
+    wait_until(lambda: runc_containers(agent) == [], timeout=30, what="the containers to be removed")
+    agent.stop()
+    agent.restart(on_exit="stop")
+    assert container_leftovers(agent) == []
+
+
+def test_an_oom_kill_inside_a_container_is_reported(container_agent, images, app_ids):
+    app_id = app_ids.new()
+    # tail keeps the whole newline-free stream in memory: far past 16 MiB.
+    container_agent.create_app(
+        container_app(app_id, images["references"]["1"], mem=16, cmd="head -c 200000000 /dev/zero | tail", healthChecks=[], portDefinitions=[])
+    )
+
+    def failure():
+        response = container_agent.get(f"/v2/apps{app_id}")
+        return response.json()["app"].get("lastTaskFailure")
+
+    last = wait_until(failure, timeout=60, what="the instance to fail")
+    assert "OOM" in last["message"], last
+
+
+def test_a_missing_image_fails_the_instance_with_the_registrys_answer(container_agent, images, app_ids):
+    app_id = app_ids.new()
+    container_agent.create_app(container_app(app_id, f"{images['registry'].host}/shop/none:404", healthChecks=[]))
+
+    def failure():
+        return container_agent.get(f"/v2/apps{app_id}").json()["app"].get("lastTaskFailure")
+
+    last = wait_until(failure, timeout=60, what="the instance to fail")
+    assert "not found" in last["message"], last
+
+
+def evil_archive(path, layer_entries):
+    """A `docker save` archive whose one layer holds `layer_entries` [(name, kind, target)]."""
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        for name, kind, target in layer_entries:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(b"evil\n")
+                tar.addfile(info, io.BytesIO(b"evil\n"))
+            elif kind == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, target
+                tar.addfile(info)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]}, "rootfs": {"type": "layers", "diff_ids": []}})
+    manifest = json.dumps([{"Config": "config.json", "RepoTags": ["evil/image:1"], "Layers": ["layer/layer.tar"]}])
+    with tarfile.open(path, mode="w") as tar:
+        for name, data in (("config.json", config.encode()), ("manifest.json", manifest.encode()), ("layer/layer.tar", layer.getvalue())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize(
+    "entries, what",
+    [
+        ([("../../../../tmp/flotilla-evil-dotdot", "file", None)], "climbs"),
+        ([("/tmp/flotilla-evil-absolute", "file", None)], "absolute"),
+        ([("escape", "symlink", "/tmp"), ("escape/flotilla-evil-through-link", "file", None)], "symlink"),
+    ],
+)
+def test_evil_layers_are_refused(container_agent, tmp_path, entries, what):
+    archive = tmp_path / "evil.tar"
+    evil_archive(archive, entries)
+    result = container_agent.cli("image", "import", str(archive))
+    assert result.returncode != 0
+    assert "refusing layer entry" in result.stderr, result.stderr
+    for leftover in ("/tmp/flotilla-evil-dotdot", "/tmp/flotilla-evil-absolute", "/tmp/flotilla-evil-through-link"):
+        assert not os.path.exists(leftover)
+    listed = json.loads(container_agent.cli("images", "--json").stdout)
+    assert not [image for image in listed if any("evil" in reference for reference in image["references"])]
+
+
+def test_import_of_an_oci_layout_runs_without_a_registry(make_agent, images, app_ids):
+    agent = make_agent()
+    result = agent.cli("image", "import", str(images["layout"]), "--name", "localhost/imported/web:2")
+    assert result.returncode == 0, result.stderr
+    app_id = app_ids.new()
+    agent.create_app(container_app(app_id, "localhost/imported/web:2"))
+    tasks = wait_healthy(agent, app_id, 1)
+    port = tasks[0]["ports"][0]
+    assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).text == "served by tag 2\n"
+    # Both tags of the layout came in under the given name.
+    listed = json.loads(agent.cli("images", "--json").stdout)
+    assert sorted(reference for image in listed for reference in image["references"]) == [
+        "localhost/imported/web:1", "localhost/imported/web:2"]
+    # Prune keeps what an app uses; once the app is gone, its image goes too.
+    pruned = json.loads(agent.cli("image", "prune", "--json").stdout)
+    assert [image["references"] for image in pruned["removed"]] == [["localhost/imported/web:1"]]
+    agent.delete(f"/v2/apps{app_id}?force=true")
+    wait_until(lambda: agent.get(f"/v2/apps{app_id}").status_code == 404 and runc_containers(agent) == [], timeout=30,
+               what="the app and its container to be gone")
+    pruned = json.loads(agent.cli("image", "prune", "--json").stdout)
+    # The app's versions are gone with it, so nothing references the image any more.
+    assert [image["references"] for image in pruned["removed"]] == [["localhost/imported/web:2"]]
+    assert pruned["bytesFreed"] > 0
