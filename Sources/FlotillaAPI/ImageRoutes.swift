@@ -44,7 +44,7 @@ public struct ImageRoutes: Sendable {
     }
 
     private func list() async throws -> Response {
-        let uses = try await referencedImages()
+        let uses = try await Self.referencedImages(control)
         let stored = await images.images()
         var result: [JSONValue] = []
         for image in stored {
@@ -134,7 +134,7 @@ public struct ImageRoutes: Sendable {
     }
 
     private func prune() async throws -> Response {
-        let uses = try await referencedImages()
+        let uses = try await Self.referencedImages(control)
         let (removed, bytes) = await images.prune(keeping: Set(uses.keys))
         return APIResponse.json([
             "removed": .array(removed.map { Self.json($0, usedBy: []) }), "bytesFreed": .number(Double(bytes)),
@@ -143,7 +143,7 @@ public struct ImageRoutes: Sendable {
 
     /// Canonical image references (and `sha256:` ids) that some app version or live instance
     /// names, with the apps that name them.
-    private func referencedImages() async throws -> [String: Set<String>] {
+    public static func referencedImages(_ control: ControlPlane) async throws -> [String: Set<String>] {
         let snapshot = await control.snapshot()
         var uses: [String: Set<String>] = [:]
         func note(_ image: String, _ app: AppID) {

@@ -81,6 +81,9 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(name: .customLong("insecure-registry"), help: "A registry (HOST:PORT) spoken to over plain HTTP; all others need HTTPS (repeatable).")
     var insecureRegistries: [String] = []
 
+    @Option(help: "Remove images no app version uses when the image store's filesystem is fuller than this many percent (0 turns it off; 'flotilla image prune' does it by hand).")
+    var imageGcThreshold: Double = 85
+
     @Option(help: "Registry credentials in Docker's config.json format ({\"auths\": {\"HOST:PORT\": {\"auth\": base64(user:password)}}}).")
     var registryAuthFile: String?
 
@@ -189,6 +192,7 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.ociRuntime = ociRuntime
             configuration.insecureRegistries = insecureRegistries
             configuration.registryAuthFile = registryAuthFile
+            configuration.imageGCThresholdPercent = imageGcThreshold > 0 ? imageGcThreshold : nil
             try await FlotillaServer.run(configuration, logger: logger)
         } catch {
             logger.critical("agent stopped: \(error)")

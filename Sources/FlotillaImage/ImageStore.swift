@@ -30,7 +30,7 @@ public struct StoredImage: Sendable, Hashable, Codable {
 /// Pulls of one reference share one download, whoever asks; blobs that are there are not fetched
 /// again, and a broken download resumes where it stopped.
 public actor ImageStore {
-    public let root: String
+    public nonisolated let root: String
     private let client: RegistryClient?
     private let logger: Logger
     private var inFlight: [String: Task<StoredImage, any Error>] = [:]

@@ -50,6 +50,8 @@ public struct FlotillaServer {
         public var insecureRegistries: [String] = []
         /// Docker `config.json` credentials (`--registry-auth-file`).
         public var registryAuthFile: String?
+        /// Prune unused images when their filesystem is fuller than this (percent); nil: only by hand.
+        public var imageGCThresholdPercent: Double? = 85
 
         public init(
             dataDirectory: String, bindAddress: String, apiPort: Int, node: NodeInfo, stopInstancesOnExit: Bool,
@@ -180,6 +182,10 @@ public struct FlotillaServer {
                     .init(service: dns),
                     .init(service: proxy),
                     .init(service: agent),
+                    .init(
+                        service: ImageCollector(
+                            control: control, images: images, thresholdPercent: configuration.imageGCThresholdPercent, interval: .seconds(300),
+                            logger: logger)),
                     .init(service: subscriptions),
                     .init(service: application),
                     // Shut down first (the group stops services in reverse): open event streams
