@@ -70,7 +70,7 @@ def serves(port):
 class Agent:
     """A release `flotilla agent` with its own data directory, API port and host-port range."""
 
-    def __init__(self, binary, work, log_level="warning"):
+    def __init__(self, binary, work, log_level="warning", extra_args=()):
         self.port = free_port()
         self.proxy_port = free_port()
         self.dns_port = free_port()
@@ -82,7 +82,7 @@ class Agent:
             [binary, "agent", "--data-dir", os.path.join(work, f"data-{self.port}"), "--api-port", str(self.port),
              "--ports", f"{first}-{first + 999}", "--cpus", "64", "--mem", "65536", "--on-exit", "stop",
              "--proxy-port", str(self.proxy_port), "--dns-port", str(self.dns_port),
-             "--log-level", log_level],
+             "--log-level", log_level, *extra_args],
             stdout=self.log, stderr=self.log)
         deadline = time.time() + 30
         while time.time() < deadline:

@@ -59,19 +59,19 @@ struct OCIDriver: InstanceDriver {
 
     /// Pulls the image unless the store has it (or `forcePullImage` asks for a fresh pull).
     func prepare(_ spec: InstanceSpec, progress: @escaping @Sendable (String) -> Void) async throws {
-        guard let container = spec.definition.container else { throw AgentError.launch("the app has no container") }
+        guard let container = spec.definition.container, let name = container.image else { throw AgentError.launch("the app has no image") }
         let reference: ImageReference
         do {
-            reference = try ImageReference(parsing: container.image)
+            reference = try ImageReference(parsing: name)
         } catch {
-            throw AgentError.launch("'\(container.image)' is not an image reference: \(error)")
+            throw AgentError.launch("'\(name)' is not an image reference: \(error)")
         }
-        if !container.forcePullImage, await images.image(named: container.image) != nil { return }
+        if !container.forcePullImage, await images.image(named: name) != nil { return }
         do {
             _ = try await images.pull(reference) { step in progress(step.summary) }
         } catch {
             // An image the store has is good enough when a forced pull cannot reach its registry.
-            if container.forcePullImage, await images.image(named: container.image) != nil {
+            if container.forcePullImage, await images.image(named: name) != nil {
                 progress("could not pull \(reference) again (\(error)); using the stored image")
                 return
             }
@@ -80,10 +80,10 @@ struct OCIDriver: InstanceDriver {
     }
 
     func start(_ spec: InstanceSpec, context: LaunchContext) async throws -> SupervisedProcess {
-        guard let container = spec.definition.container else { throw AgentError.launch("the app has no container") }
+        guard let container = spec.definition.container, let name = container.image else { throw AgentError.launch("the app has no image") }
         let runtime = try runtimePath.get()
-        guard let image = await images.image(named: container.image) else {
-            throw AgentError.launch("the image \(container.image) is not in the store; pull it with 'flotilla image pull'")
+        guard let image = await images.image(named: name) else {
+            throw AgentError.launch("the image \(name) is not in the store; pull it with 'flotilla image pull'")
         }
         let base = directory(of: spec.id)
         let rootfs = base + "/rootfs"

@@ -103,7 +103,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
     }
 
     /// Which driver runs the app's instances.
-    public var driver: String { container == nil ? "exec" : "oci" }
+    public var driver: String { container?.image == nil ? "exec" : "oci" }
 
     public enum Defaults {
         public static let cpus = 1.0
@@ -150,7 +150,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
             ])
         }
         network = networkModes.first ?? legacyNetwork ?? .host
-        if network == .bridge && self.container == nil {
+        if network == .bridge && self.container?.image == nil {
             throw FlotillaError.invalid([FieldError("/networks", "container/bridge networking needs a container (an image); command apps use host networking")])
         }
         cmd = try container.decodeIfPresent(String.self, forKey: .cmd)
@@ -163,9 +163,9 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         gpus = try container.decodeIfPresent(Int.self, forKey: .gpus) ?? 0
         if network == .bridge {
             // Marathon: a bridged app's ports are its portMappings.
+            // (The older `ports` is dropped there, as Marathon's normalisation drops it.)
             let definitions = try container.decodeIfPresent([PortDefinition].self, forKey: .portDefinitions) ?? []
-            let ports = try container.decodeIfPresent([Int].self, forKey: .ports) ?? []
-            if !definitions.isEmpty || !ports.isEmpty {
+            if !definitions.isEmpty {
                 throw FlotillaError.invalid([
                     FieldError("/portDefinitions", "with container/bridge networking the ports are container.portMappings; leave portDefinitions out")
                 ])

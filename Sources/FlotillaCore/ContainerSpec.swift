@@ -14,7 +14,9 @@ public struct ContainerSpec: Sendable, Hashable, Codable {
 
     public var type: Kind
     /// The image reference, as `docker pull` takes it (`registry:5000/shop/cart:1.4`, `busybox`, `…@sha256:…`).
-    public var image: String
+    /// Nil only for a `MESOS` container without an image, which runs its command on the node, as
+    /// Mesos' own containerizer does.
+    public var image: String?
     /// Pull the image again before every start, even when the store has it.
     public var forcePullImage: Bool
     /// Docker's `--key value` options; only the ones with a meaning here are accepted.
@@ -23,7 +25,7 @@ public struct ContainerSpec: Sendable, Hashable, Codable {
     public var volumes: [ContainerVolume]
 
     public init(
-        type: Kind = .docker, image: String, forcePullImage: Bool = false, parameters: [DockerParameter] = [], portMappings: [PortMapping] = [],
+        type: Kind = .docker, image: String?, forcePullImage: Bool = false, parameters: [DockerParameter] = [], portMappings: [PortMapping] = [],
         volumes: [ContainerVolume] = []
     ) {
         self.type = type
@@ -61,24 +63,43 @@ public struct ContainerSpec: Sendable, Hashable, Codable {
         return labels
     }
 
-    enum CodingKeys: String, CodingKey, CaseIterable { case type, docker, portMappings, volumes, linuxInfo }
+    /// `forcePullImage` here (beside `docker`) is how Marathon 0.x examples wrote it: honoured too.
+    enum CodingKeys: String, CodingKey, CaseIterable { case type, docker, portMappings, volumes, linuxInfo, forcePullImage }
 
+    /// `type` inside `docker` is a common slip that Marathon ignores; so does Flotilla.
     enum DockerKeys: String, CodingKey, CaseIterable {
-        case image, forcePullImage, parameters, privileged, network, portMappings, pullConfig, credential
+        case image, forcePullImage, parameters, privileged, network, portMappings, pullConfig, credential, type
     }
 
     public init(from decoder: any Decoder) throws {
         let container = try decoder.container(keyedBy: CodingKeys.self)
         try Self.refuseUnknownKeys(in: decoder, known: CodingKeys.allCases.map(\.rawValue), path: "/container")
         type = try container.decodeIfPresent(Kind.self, forKey: .type) ?? .docker
+        if let linuxInfo = try container.decodeIfPresent(JSONValue.self, forKey: .linuxInfo), linuxInfo != .null, linuxInfo != .object([:]) {
+            // No seccomp profile is applied here, so asking for none is what happens.
+            guard linuxInfo == ["seccomp": ["unconfined": true]] else {
+                throw FlotillaError.invalid([
+                    FieldError("/container/linuxInfo", "seccomp profiles and IPC settings are not supported yet; only {\"seccomp\": {\"unconfined\": true}} is")
+                ])
+            }
+        }
+        let outerForcePull = try container.decodeIfPresent(Bool.self, forKey: .forcePullImage) ?? false
         guard container.contains(.docker) else {
-            throw FlotillaError.invalid([FieldError("/container/docker/image", "a container needs an image: {\"docker\": {\"image\": \"…\"}}")])
+            guard type == .mesos else {
+                throw FlotillaError.invalid([FieldError("/container/docker/image", "a Docker container needs an image: {\"docker\": {\"image\": \"…\"}}")])
+            }
+            image = nil
+            forcePullImage = outerForcePull
+            parameters = []
+            portMappings = try container.decodeIfPresent([PortMapping].self, forKey: .portMappings) ?? []
+            volumes = try container.decodeIfPresent([ContainerVolume].self, forKey: .volumes) ?? []
+            return
         }
         let docker = try container.nestedContainer(keyedBy: DockerKeys.self, forKey: .docker)
         try Self.refuseUnknownKeys(
             in: try container.superDecoder(forKey: .docker), known: DockerKeys.allCases.map(\.rawValue), path: "/container/docker")
         image = try docker.decode(String.self, forKey: .image)
-        forcePullImage = try docker.decodeIfPresent(Bool.self, forKey: .forcePullImage) ?? false
+        forcePullImage = try docker.decodeIfPresent(Bool.self, forKey: .forcePullImage) ?? outerForcePull
         parameters = try docker.decodeIfPresent([DockerParameter].self, forKey: .parameters) ?? []
         if try docker.decodeIfPresent(Bool.self, forKey: .privileged) == true {
             throw FlotillaError.invalid([
@@ -91,9 +112,6 @@ public struct ContainerSpec: Sendable, Hashable, Codable {
                     FieldError("/container/docker/\(key.rawValue)", "registry credentials come from the agent's --registry-auth-file, not from the app definition")
                 ])
             }
-        }
-        if let linuxInfo = try container.decodeIfPresent(JSONValue.self, forKey: .linuxInfo), linuxInfo != .null, linuxInfo != .object([:]) {
-            throw FlotillaError.invalid([FieldError("/container/linuxInfo", "seccomp and IPC settings are not supported yet; remove linuxInfo")])
         }
         let legacyMappings = try docker.decodeIfPresent([PortMapping].self, forKey: .portMappings)
         let mappings = try container.decodeIfPresent([PortMapping].self, forKey: .portMappings)
@@ -109,11 +127,13 @@ public struct ContainerSpec: Sendable, Hashable, Codable {
     public func encode(to encoder: any Encoder) throws {
         var container = encoder.container(keyedBy: CodingKeys.self)
         try container.encode(type, forKey: .type)
-        var docker = container.nestedContainer(keyedBy: DockerKeys.self, forKey: .docker)
-        try docker.encode(image, forKey: .image)
-        try docker.encode(forcePullImage, forKey: .forcePullImage)
-        try docker.encode(false, forKey: .privileged)
-        try docker.encode(parameters, forKey: .parameters)
+        if let image {
+            var docker = container.nestedContainer(keyedBy: DockerKeys.self, forKey: .docker)
+            try docker.encode(image, forKey: .image)
+            try docker.encode(forcePullImage, forKey: .forcePullImage)
+            try docker.encode(false, forKey: .privileged)
+            try docker.encode(parameters, forKey: .parameters)
+        }
         try container.encode(portMappings, forKey: .portMappings)
         try container.encode(volumes, forKey: .volumes)
     }
@@ -145,8 +165,11 @@ public struct ContainerSpec: Sendable, Hashable, Codable {
     /// Rules that need the whole definition; paths are Marathon's.
     func problems(network: NetworkMode) -> [FieldError] {
         var problems: [FieldError] = []
-        if image.trimmingCharacters(in: .whitespaces).isEmpty {
+        if let image, image.trimmingCharacters(in: .whitespaces).isEmpty {
             problems.append(FieldError("/container/docker/image", "must not be empty"))
+        }
+        if image == nil && (!portMappings.isEmpty || !volumes.isEmpty) {
+            problems.append(FieldError("/container", "port mappings and volumes need an image (container.docker.image)"))
         }
         for (index, parameter) in parameters.enumerated() where !Self.supportedParameters.contains(parameter.key) {
             problems.append(
@@ -173,9 +196,6 @@ public struct ContainerSpec: Sendable, Hashable, Codable {
             }
             if !["tcp", "udp", "udp,tcp", "tcp,udp"].contains(mapping.protocol) {
                 problems.append(FieldError(path + "/protocol", "must be tcp, udp or udp,tcp"))
-            }
-            if mapping.protocol != "tcp" {
-                problems.append(FieldError(path + "/protocol", "only tcp port mappings are forwarded for now"))
             }
             if let name = mapping.name, !seenNames.insert(name).inserted {
                 problems.append(FieldError(path + "/name", "port name '\(name)' is used twice"))
