@@ -159,7 +159,8 @@ public enum MarathonJSON {
             "startedAt": instance.status?.startedAt.map(JSONValue.string) ?? .null,
             "version": .string(spec.version),
             "state": .string(state(of: instance).rawValue),
-            "ipAddresses": .array([.object(["ipAddress": .string(spec.host), "protocol": .string("IPv4")])]),
+            // A bridged container's own address (Marathon reports the task's IP there), else the node's.
+            "ipAddresses": .array([.object(["ipAddress": .string(instance.status?.driverState["address"] ?? spec.host), "protocol": .string("IPv4")])]),
             "localVolumes": .array([]),
         ]
         if !spec.definition.healthChecks.isEmpty {
