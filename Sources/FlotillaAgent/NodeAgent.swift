@@ -43,6 +43,8 @@ public actor NodeAgent: Service {
     private var processes: [String: SupervisedProcess] = [:]
     /// Instances whose driver is still preparing them (pulling an image), not yet started.
     private var preparing: [String: Task<Void, Never>] = [:]
+    /// Cleared when the agent begins to stop: nothing starts after that.
+    private var launching = true
     /// Instances being stopped, with the reason the exit will be reported with.
     private var stopping: [String: String] = [:]
     /// One task per running instance that runs its health checks.
@@ -71,9 +73,21 @@ public actor NodeAgent: Service {
         let exec = ExecDriver(cgroups: cgroups)
         var drivers: [String: any InstanceDriver] = [exec.name: exec]
         if let images, let containers {
+            var bridge: ContainerBridge?
+            if let options = containers.bridge {
+                do {
+                    bridge = ContainerBridge(
+                        network: try BridgeNetwork(
+                            configuration: BridgeNetworkConfiguration(
+                                stateDirectory: URL(fileURLWithPath: configuration.dataDirectory + "/bridge"), bridgeName: options.name,
+                                cidr: options.cidr, namePrefix: options.namePrefix)))
+                } catch {
+                    logger.error("container/bridge networking is off: \(error)")
+                }
+            }
             let oci = OCIDriver(
                 configuration: .init(runtime: containers.runtime, containersDirectory: configuration.dataDirectory + "/containers"), images: images,
-                cgroups: cgroups, bridge: nil)
+                cgroups: cgroups, bridge: bridge)
             if let reason = oci.unavailableReason() {
                 logger.warning("OCI containers are off on this node: \(reason)")
             } else {
@@ -88,9 +102,25 @@ public actor NodeAgent: Service {
     public struct ContainerOptions: Sendable {
         /// `--oci-runtime`: runc, crun, or a path.
         public var runtime: String
+        /// The bridge for `container/bridge` networking; nil turns it off.
+        public var bridge: BridgeOptions?
 
-        public init(runtime: String = "runc") {
+        public init(runtime: String = "runc", bridge: BridgeOptions? = nil) {
             self.runtime = runtime
+            self.bridge = bridge
+        }
+    }
+
+    /// `--bridge-name` and `--bridge-cidr`; the prefix names the agent's network namespaces and nft table.
+    public struct BridgeOptions: Sendable {
+        public var name: String
+        public var cidr: String
+        public var namePrefix: String
+
+        public init(name: String, cidr: String, namePrefix: String) {
+            self.name = name
+            self.cidr = cidr
+            self.namePrefix = namePrefix
         }
     }
 
@@ -131,6 +161,7 @@ public actor NodeAgent: Service {
             group.addTask { await self.consumeExits() }
             group.addTask {
                 await self.reconcileLoop()
+                await self.stopLaunching()
                 if self.configuration.stopInstancesOnExit { await self.stopAll() }
                 await self.stopAllHealthChecks()
                 self.watcher.stop()
@@ -262,8 +293,16 @@ public actor NodeAgent: Service {
         do { try await write([status]) } catch { logger.debug("could not record the progress of \(id): \(error)") }
     }
 
+    /// Ends preparations and refuses new starts: an instance that began starting before is stopped
+    /// with the rest (`start` checks again once its driver returns).
+    private func stopLaunching() {
+        launching = false
+        for task in preparing.values { task.cancel() }
+        preparing.removeAll()
+    }
+
     private func finishPreparing(_ spec: InstanceSpec, failure: (any Error)?) async {
-        guard preparing.removeValue(forKey: spec.id) != nil, !Task.isCancelled else { return }
+        guard preparing.removeValue(forKey: spec.id) != nil, !Task.isCancelled, launching else { return }
         let status: InstanceStatus
         if let failure {
             logger.warning("could not prepare \(spec.id): \(failure)")
@@ -281,7 +320,15 @@ public actor NodeAgent: Service {
         do {
             let context = LaunchContext(sandbox: sandbox(of: spec.id), logs: logs(of: spec.id), agentEnvironment: agentEnvironment)
             try FileManager.default.createDirectory(atPath: context.sandbox, withIntermediateDirectories: true)
+            guard launching else { return nil }
             let process = try await driver.start(spec, context: context)
+            guard launching else {
+                // The agent began stopping while the driver started it: undo the start.
+                driver.signal(process, instanceID: spec.id, SIGKILL)
+                await driver.cleanUp(instanceID: spec.id, process: process, state: process.state)
+                if process.signalFD >= 0 { close(process.signalFD) }
+                return nil
+            }
             processes[spec.id] = process
             let pidfd = CFlotillaSpawnBridge.pidfd(for: process.pid)
             if pidfd >= 0 { watcher.watch(pidfd: pidfd, key: spec.id) }

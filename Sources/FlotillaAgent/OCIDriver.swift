@@ -22,7 +22,7 @@ struct OCIDriver: InstanceDriver {
     let configuration: Configuration
     let images: ImageStore
     let cgroups: Cgroups
-    let bridge: BridgeNetwork?
+    let bridge: ContainerBridge?
     /// The runtime's resolved path, or why there is none.
     let runtimePath: Result<String, AgentError>
     /// Whether overlayfs mounts work here (root, and a kernel with overlay); else rootfs copies.
@@ -30,7 +30,7 @@ struct OCIDriver: InstanceDriver {
 
     var name: String { "oci" }
 
-    init(configuration: Configuration, images: ImageStore, cgroups: Cgroups, bridge: BridgeNetwork?) {
+    init(configuration: Configuration, images: ImageStore, cgroups: Cgroups, bridge: ContainerBridge?) {
         self.configuration = configuration
         self.images = images
         self.cgroups = cgroups
@@ -171,7 +171,7 @@ struct OCIDriver: InstanceDriver {
     func leftoverInstanceIDs() -> [String] {
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: configuration.containersDirectory)) ?? []
         let runtimeEntries = (try? FileManager.default.contentsOfDirectory(atPath: stateRoot)) ?? []
-        return Array(Set(entries + runtimeEntries).filter { !$0.hasPrefix(".") })
+        return Array(Set(entries + runtimeEntries + (bridge?.attachedInstanceIDs() ?? [])).filter { !$0.hasPrefix(".") })
     }
 
     func inspect(instanceID: String, state: [String: String]) -> [String: String] {
@@ -220,7 +220,7 @@ struct OCIDriver: InstanceDriver {
         var hosts = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
         hosts += "\(address ?? "127.0.1.1")\t\(hostname)\n"
         let resolver = (try? String(contentsOfFile: "/etc/resolv.conf", encoding: .utf8)) ?? ""
-        let resolv = bridged ? BridgeNetwork.containerResolvConf(hostResolvConf: resolver) : resolver
+        let resolv = bridged ? ContainerBridge.resolvConf(hostResolvConf: resolver) : resolver
         let files = ["/etc/hosts": hosts, "/etc/hostname": hostname + "\n", "/etc/resolv.conf": resolv]
         var paths: [String: String] = [:]
         for (destination, content) in files {

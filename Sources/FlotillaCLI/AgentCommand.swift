@@ -78,6 +78,12 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "The OCI runtime that runs container apps: runc, crun, or a path.")
     var ociRuntime: String = "runc"
 
+    @Option(help: "The bridge container/bridge apps attach to (made on first use; at most 15 characters).")
+    var bridgeName: String = "flotilla0"
+
+    @Option(help: "The bridge's IPv4 range (the first address is the bridge's own); it must not overlap a route the host has.")
+    var bridgeCidr: String = "172.31.0.0/16"
+
     @Option(name: .customLong("insecure-registry"), help: "A registry (HOST:PORT) spoken to over plain HTTP; all others need HTTPS (repeatable).")
     var insecureRegistries: [String] = []
 
@@ -192,6 +198,8 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.ociRuntime = ociRuntime
             configuration.insecureRegistries = insecureRegistries
             configuration.registryAuthFile = registryAuthFile
+            configuration.bridgeName = bridgeName
+            configuration.bridgeCIDR = bridgeCidr
             configuration.imageGCThresholdPercent = imageGcThreshold > 0 ? imageGcThreshold : nil
             try await FlotillaServer.run(configuration, logger: logger)
         } catch {

@@ -197,6 +197,9 @@ public struct ContainerSpec: Sendable, Hashable, Codable {
             if !["tcp", "udp", "udp,tcp", "tcp,udp"].contains(mapping.protocol) {
                 problems.append(FieldError(path + "/protocol", "must be tcp, udp or udp,tcp"))
             }
+            if mapping.protocol != "tcp" {
+                problems.append(FieldError(path + "/protocol", "only tcp port mappings are forwarded for now; udp ones are not"))
+            }
             if let name = mapping.name, !seenNames.insert(name).inserted {
                 problems.append(FieldError(path + "/name", "port name '\(name)' is used twice"))
             }

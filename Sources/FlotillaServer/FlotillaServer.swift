@@ -50,6 +50,9 @@ public struct FlotillaServer {
         public var insecureRegistries: [String] = []
         /// Docker `config.json` credentials (`--registry-auth-file`).
         public var registryAuthFile: String?
+        /// The bridge for `container/bridge` networking (`--bridge-name`, `--bridge-cidr`).
+        public var bridgeName = "flotilla0"
+        public var bridgeCIDR = "172.31.0.0/16"
         /// Prune unused images when their filesystem is fuller than this (percent); nil: only by hand.
         public var imageGCThresholdPercent: Double? = 85
 
@@ -113,7 +116,11 @@ public struct FlotillaServer {
             configuration: .init(
                 node: configuration.node, dataDirectory: configuration.dataDirectory, logMaxBytes: configuration.logMaxBytes,
                 stopInstancesOnExit: configuration.stopInstancesOnExit),
-            store: store, cgroups: cgroups, images: images, containers: .init(runtime: configuration.ociRuntime), logger: logger)
+            store: store, cgroups: cgroups, images: images,
+            containers: .init(
+                runtime: configuration.ociRuntime,
+                bridge: .init(name: configuration.bridgeName, cidr: configuration.bridgeCIDR, namePrefix: "flt\(digest.prefix(8))")),
+            logger: logger)
 
         let metrics = PrometheusCollectorRegistry()
         let proxy: ProxyServer

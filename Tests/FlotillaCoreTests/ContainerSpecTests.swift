@@ -50,7 +50,7 @@ import Testing
         let app = try decode(
             #"{"id": "/web", "networks": [{"mode": "container/bridge"}], "container": {"type": "MESOS", "docker": {"image": "busybox", "forcePullImage": true,"#
                 + #" "parameters": [{"key": "user", "value": "www"}, {"key": "env", "value": "A=1"}, {"key": "read-only", "value": "true"}]},"#
-                + #" "portMappings": [{"containerPort": 80, "protocol": "udp"}], "volumes": [{"containerPath": "/data", "hostPath": "data", "mode": "RO"}]}}"#)
+                + #" "portMappings": [{"containerPort": 80, "protocol": "tcp"}], "volumes": [{"containerPath": "/data", "hostPath": "data", "mode": "RO"}]}}"#)
         let again = try JSONDecoder().decode(AppDefinition.self, from: JSONEncoder().encode(app))
         #expect(again == app)
         #expect(app.container?.user == "www")

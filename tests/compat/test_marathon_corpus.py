@@ -19,6 +19,8 @@ CONTAINER_NEEDS = {"container-docker", "container-mesos", "networks-container"}
 
 # file: (Flotilla's verdict, why it differs from Marathon's)
 DELIBERATE = {
+    "49-bridged-webapp.json": ("refused", "udp port mappings are not forwarded yet, so they are refused (422) rather than dropped"),
+    "65-bridged-webapp-legacy.json": ("refused", "udp port mappings are not forwarded yet, so they are refused (422) rather than dropped"),
     "51-privileged-job.json": (
         "refused",
         "a privileged container owns the node it runs on; Flotilla refuses it (422 saying so) rather than run it",

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from support.flotilla import wait_until
-from support.images import Registry, build_httpd_image, container_leftovers, run
+from support.images import Registry, TestBridge, build_httpd_image, container_leftovers, run
 
 # marathon-python 0.13 serialises nested models with collections.Iterable, which Python 3.10 moved
 # to collections.abc; the alias lets the real client send container definitions unchanged.
@@ -29,7 +29,7 @@ if not hasattr(collections, "Iterable"):
     collections.Iterable = collections.abc.Iterable
 
 from marathon import MarathonClient, MarathonApp  # noqa: E402
-from marathon.models.container import MarathonContainer, MarathonDockerContainer  # noqa: E402
+from marathon.models.container import MarathonContainer, MarathonContainerPortMapping, MarathonDockerContainer  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="containers need root")
 
@@ -49,13 +49,42 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture
-def container_agent(make_agent, images, tmp_path):
+def bridge():
+    return TestBridge()
+
+
+@pytest.fixture
+def container_agent(make_agent, images, tmp_path, bridge):
     registry = images["registry"]
     auth = registry.auth_file(tmp_path / "auth.json")
-    agent = make_agent(extra_args=["--insecure-registry", registry.host, "--registry-auth-file", str(auth)])
+    agent = make_agent(extra_args=["--insecure-registry", registry.host, "--registry-auth-file", str(auth), *bridge.arguments()])
     yield agent
     agent.stop()
-    assert container_leftovers(agent) == []
+    try:
+        assert container_leftovers(agent) == []
+    finally:
+        bridge.remove(agent)
+
+
+def bridged_app(app_id, image, instances=1, **fields):
+    """The httpd image as it is, in its own network namespace: container port 8080 mapped to a host port."""
+    definition = {
+        "id": app_id,
+        "instances": instances,
+        "cpus": 0.1,
+        "mem": 32,
+        "networks": [{"mode": "container/bridge"}],
+        "container": {
+            "type": "DOCKER",
+            "docker": {"image": image},
+            "portMappings": [{"containerPort": 8080, "hostPort": 0, "name": "http"}],
+        },
+        "healthChecks": [{"protocol": "HTTP", "path": "/", "portIndex": 0, "intervalSeconds": 1, "gracePeriodSeconds": 10}],
+        "backoffSeconds": 0.2,
+        "backoffFactor": 1,
+    }
+    definition.update(fields)
+    return definition
 
 
 def container_app(app_id, image, instances=1, **fields):
@@ -84,6 +113,18 @@ def wait_healthy(agent, app_id, count, timeout=60):
         return None
 
     return wait_until(healthy, timeout=timeout, what=f"{count} healthy instances of {app_id}")
+
+
+def create_with_marathon_client(agent, client, app_id, app):
+    """Creates the app with marathon-python, adds an HTTP health check, waits for it to be healthy."""
+    client.create_app(app_id, app)
+    # Health checks as raw JSON: marathon-python 0.13 cannot serialise them on this Python.
+    response = agent.put(
+        f"/v2/apps{app_id}?force=true",
+        json={"healthChecks": [{"protocol": "HTTP", "path": "/", "portIndex": 0, "intervalSeconds": 1, "gracePeriodSeconds": 10}]},
+    )
+    assert response.status_code == 200, response.text
+    return wait_healthy(agent, app_id, app.instances)
 
 
 def runc_containers(agent) -> list:
@@ -126,14 +167,7 @@ def test_container_deploys_through_marathon_client_healthy_routed_and_isolated(c
         labels={"SERVICE_TAGS": "urlprefix-/shop strip=/shop"},
         port_definitions=[{"port": 0, "name": "http", "protocol": "tcp"}],
     )
-    client.create_app(app_id, app)
-    # Health checks as raw JSON: marathon-python 0.13 cannot serialise them on this Python.
-    response = container_agent.put(
-        f"/v2/apps{app_id}?force=true",
-        json={"healthChecks": [{"protocol": "HTTP", "path": "/", "portIndex": 0, "intervalSeconds": 1, "gracePeriodSeconds": 10}]},
-    )
-    assert response.status_code == 200, response.text
-    tasks = wait_healthy(container_agent, app_id, 1)
+    tasks = create_with_marathon_client(container_agent, client, app_id, app)
     fetched = client.get_app(app_id)
     assert fetched.container.docker.image == images["references"]["1"]
     assert fetched.container.type == "DOCKER"
@@ -152,9 +186,49 @@ def test_container_deploys_through_marathon_client_healthy_routed_and_isolated(c
     assert len(runc_containers(container_agent)) == 1
 
 
+def test_bridged_container_through_marathon_client_is_healthy_routed_and_reachable(container_agent, images, app_ids):
+    app_id = app_ids.new()
+    client = MarathonClient(container_agent.url, timeout=10)
+    app = MarathonApp(
+        instances=2,
+        cpus=0.1,
+        mem=32,
+        networks=[{"mode": "container/bridge"}],
+        container=MarathonContainer(
+            type="DOCKER",
+            docker=MarathonDockerContainer(image=images["references"]["1"]),
+            port_mappings=[MarathonContainerPortMapping(container_port=8080, host_port=0, name="http")],
+        ),
+        labels={"SERVICE_TAGS": "urlprefix-/bridged strip=/bridged"},
+    )
+    tasks = create_with_marathon_client(container_agent, client, app_id, app)
+    fetched = client.get_app(app_id)
+    assert fetched.container.port_mappings[0].container_port == 8080
+    assert container_agent.app(app_id)["networks"] == [{"mode": "container/bridge"}]
+    addresses = {task["ipAddresses"][0]["ipAddress"] for task in tasks}
+    assert len(addresses) == 2 and all(address.startswith(container_agent_bridge_prefix(tasks)) for address in addresses), tasks
+    for task in tasks:
+        # The host port maps to the container's 8080, on loopback too; the container's own address answers on 8080.
+        assert requests.get(f"http://127.0.0.1:{task['ports'][0]}/", timeout=5).text == "served by tag 1\n"
+        assert requests.get(f"http://{task['ipAddresses'][0]['ipAddress']}:8080/", timeout=5).text == "served by tag 1\n"
+        assert task["ports"][0] in container_agent.task_ports
+    body = wait_until(
+        lambda: (lambda r: r.text if r.status_code == 200 else None)(requests.get(f"{container_agent.proxy_url}/bridged/", timeout=5)),
+        timeout=20, what="the proxy to route /bridged")
+    assert body == "served by tag 1\n"
+    # Consul's view: the service at the host port.
+    service = container_agent.get(f"/v1/catalog/service/{app_id.strip('/').replace('/', '-')}").json()
+    assert sorted(entry["ServicePort"] for entry in service) == sorted(task["ports"][0] for task in tasks)
+
+
+def container_agent_bridge_prefix(tasks):
+    first = tasks[0]["ipAddresses"][0]["ipAddress"]
+    return first.rsplit(".", 1)[0] + "."
+
+
 def test_roll_to_a_new_tag_and_back_without_a_failed_request(container_agent, images, app_ids):
     app_id = app_ids.new()
-    definition = container_app(
+    definition = bridged_app(
         app_id, images["references"]["1"], instances=2, labels={"SERVICE_TAGS": "urlprefix-/roll strip=/roll"}, drainSeconds=1,
         upgradeStrategy={"minimumHealthCapacity": 1, "maximumOverCapacity": 1},
     )
@@ -201,7 +275,7 @@ def test_roll_to_a_new_tag_and_back_without_a_failed_request(container_agent, im
             for thread in threads:
                 thread.join(timeout=10)
 
-    roll({"container": {"type": "DOCKER", "docker": {"image": images["references"]["2"]}}}, "served by tag 2")
+    roll({"container": {**definition["container"], "docker": {"image": images["references"]["2"]}}}, "served by tag 2")
     assert not failures, f"{len(failures)} failed requests while rolling to tag 2: {failures[:5]}"
     assert bodies["served by tag 1"] > 0 and bodies["served by tag 2"] > 0, bodies
     assert sum(bodies.values()) >= 100, bodies
@@ -213,21 +287,29 @@ def test_roll_to_a_new_tag_and_back_without_a_failed_request(container_agent, im
     assert len(runc_containers(container_agent)) == 2
 
 
-def test_kill_9_of_the_agent_adopts_the_containers(make_agent, images, tmp_path, app_ids):
+def test_kill_9_of_the_agent_adopts_the_containers(make_agent, images, tmp_path, app_ids, bridge):
     registry = images["registry"]
     auth = registry.auth_file(tmp_path / "auth.json")
-    agent = make_agent(on_exit="keep", extra_args=["--insecure-registry", registry.host, "--registry-auth-file", str(auth)])
+    agent = make_agent(
+        on_exit="keep", extra_args=["--insecure-registry", registry.host, "--registry-auth-file", str(auth), *bridge.arguments()])
     app_id = app_ids.new()
-    agent.create_app(container_app(app_id, images["references"]["1"], instances=2))
-    before = sorted(task["id"] for task in wait_healthy(agent, app_id, 2))
+    agent.create_app(bridged_app(app_id, images["references"]["1"], instances=2))
+    tasks = wait_healthy(agent, app_id, 2)
+    before = sorted(task["id"] for task in tasks)
+    ports = sorted(task["ports"][0] for task in tasks)
     containers = sorted(container["id"] for container in runc_containers(agent))
     assert containers == before
     agent.kill9()
     # The containers outlive the agent.
     assert sorted(container["id"] for container in runc_containers(agent) if container["status"] == "running") == before
     agent.restart()
-    after = sorted(task["id"] for task in wait_healthy(agent, app_id, 2))
+    after_tasks = wait_healthy(agent, app_id, 2)
+    after = sorted(task["id"] for task in after_tasks)
     assert after == before
+    # The port mappings survived too.
+    assert sorted(task["ports"][0] for task in after_tasks) == ports
+    for port in ports:
+        assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).text == "served by tag 1\n"
     assert "adopted" in agent.log_text()
     time.sleep(2)
     assert sorted(container["id"] for container in runc_containers(agent)) == before, "a container was duplicated or lost"
@@ -235,7 +317,11 @@ def test_kill_9_of_the_agent_adopts_the_containers(make_agent, images, tmp_path,
     wait_until(lambda: runc_containers(agent) == [], timeout=30, what="the containers to be removed")
     agent.stop()
     agent.restart(on_exit="stop")
-    assert container_leftovers(agent) == []
+    try:
+        assert container_leftovers(agent) == []
+    finally:
+        agent.stop()
+        bridge.remove(agent)
 
 
 def test_an_oom_kill_inside_a_container_is_reported(container_agent, images, app_ids):

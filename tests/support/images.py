@@ -135,12 +135,47 @@ class Registry:
         return path
 
 
+class TestBridge:
+    """A bridge of one test's own: a unique name and a /24 in 10.200-254.x no host route covers,
+    removed (with its nft table) when the test ends."""
+
+    def __init__(self):
+        import random
+        routes = subprocess.run(["ip", "-4", "route", "show"], capture_output=True, text=True).stdout
+        while True:
+            self.name = "flt" + os.urandom(3).hex()
+            self.cidr = f"10.{random.randint(200, 254)}.{random.randint(0, 255)}.0/24"
+            if self.cidr.rsplit(".", 1)[0] + "." not in routes:
+                break
+
+    def arguments(self):
+        return ["--bridge-name", self.name, "--bridge-cidr", self.cidr]
+
+    def remove(self, agent):
+        subprocess.run(["ip", "link", "delete", self.name], capture_output=True)
+        subprocess.run(["nft", "delete", "table", "ip", nft_table(agent)], capture_output=True)
+
+
+def nft_table(agent) -> str:
+    """The agent's nft table: "flt" and the first 8 hex digits of its data directory's FNV-1a hash."""
+    value = 0xCBF29CE484222325
+    for byte in str(agent.state_dir).encode():
+        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return "flt" + format(value, "x")[:8]
+
+
 def container_leftovers(agent) -> list:
     """What an agent's containers left on the node: runtime records and mounts under its data dir."""
     left = []
     state = agent.state_dir / "containers" / ".state"
     if state.exists():
         left += [f"runc container {entry.name}" for entry in state.iterdir()]
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    prefix = nft_table(agent) + "-"
+    left += [f"network namespace {line.split()[0]}" for line in namespaces.splitlines() if line.startswith(prefix)]
+    mappings = subprocess.run(["nft", "list", "map", "ip", nft_table(agent), "tcp_ports"], capture_output=True, text=True).stdout
+    if "elements" in mappings:
+        left.append(f"port mappings {mappings.strip()}")
     with open("/proc/self/mountinfo") as mounts:
         for line in mounts:
             mount_point = line.split()[4]
