@@ -74,7 +74,7 @@ let package = Package(
         .target(
             name: "FlotillaAgent",
             dependencies: [
-                "FlotillaCore", "FlotillaStore", "CFlotillaSpawn", "FlotillaImage",
+                "FlotillaCore", "FlotillaStore", "CFlotillaSpawn", "FlotillaImage", "CFlotillaArchive",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -189,7 +189,15 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
-        .testTarget(name: "FlotillaAgentTests", dependencies: ["FlotillaCore", "FlotillaAgent"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "FlotillaAgentTests",
+            dependencies: [
+                "FlotillaCore", "FlotillaAgent",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "FlotillaImageTests",
             dependencies: [

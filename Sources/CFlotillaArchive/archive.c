@@ -87,7 +87,7 @@ static void set_error(flotilla_decoder *d, const char *prefix, const char *msg) 
 
 flotilla_decoder *flotilla_decoder_new(int format, char *errbuf, size_t errlen) {
     if (errbuf && errlen) errbuf[0] = 0;
-    if (format != FLOTILLA_FORMAT_GZIP && format != FLOTILLA_FORMAT_ZSTD) {
+    if (format != FLOTILLA_FORMAT_GZIP && format != FLOTILLA_FORMAT_ZSTD && format != FLOTILLA_FORMAT_DEFLATE) {
         if (errbuf && errlen) snprintf(errbuf, errlen, "unknown compression format %d", format);
         return NULL;
     }
@@ -112,6 +112,15 @@ flotilla_decoder *flotilla_decoder_new(int format, char *errbuf, size_t errlen) 
             return NULL;
         }
         d->z_ready = 1;
+    } else if (format == FLOTILLA_FORMAT_DEFLATE) {
+        /* -MAX_WBITS: raw deflate, maximum window (32 KiB). */
+        if (inflateInit2(&d->zs, -MAX_WBITS) != Z_OK) {
+            if (errbuf && errlen) snprintf(errbuf, errlen, "deflate: cannot initialise zlib");
+            free(d);
+            return NULL;
+        }
+        d->z_ready = 1;
+        d->in_member = 1;
     } else {
         d->ds = zstd_api.create();
         if (!d->ds) {
@@ -191,6 +200,42 @@ static int gzip_step(flotilla_decoder *d, const uint8_t *in, size_t in_len, size
     return 0;
 }
 
+static int deflate_step(flotilla_decoder *d, const uint8_t *in, size_t in_len, size_t *in_used,
+                        uint8_t *out, size_t out_len, size_t *out_made) {
+    size_t used = 0, made = 0;
+    while (made < out_len && d->in_member) {
+        size_t avail_in = in_len - used;
+        size_t avail_out = out_len - made;
+        if (avail_in > UINT_MAX) avail_in = UINT_MAX;
+        if (avail_out > UINT_MAX) avail_out = UINT_MAX;
+        d->zs.next_in = (Bytef *)(in + used);
+        d->zs.avail_in = (uInt)avail_in;
+        d->zs.next_out = (Bytef *)(out + made);
+        d->zs.avail_out = (uInt)avail_out;
+        int r = inflate(&d->zs, Z_NO_FLUSH);
+        size_t ci = avail_in - d->zs.avail_in;
+        size_t co = avail_out - d->zs.avail_out;
+        used += ci;
+        made += co;
+        if (r == Z_STREAM_END) {
+            d->in_member = 0;
+            d->members = 1;
+            break;
+        }
+        if (r == Z_OK) {
+            if (ci == 0 && co == 0) break;
+            continue;
+        }
+        if (r == Z_BUF_ERROR) break; /* needs more input (or output space) */
+        set_error(d, "deflate: ", d->zs.msg ? d->zs.msg : (r == Z_MEM_ERROR ? "out of memory" : "corrupt data"));
+        *in_used = used; *out_made = made;
+        return -1;
+    }
+    *in_used = used;
+    *out_made = made;
+    return 0;
+}
+
 static int zstd_step(flotilla_decoder *d, const uint8_t *in, size_t in_len, size_t *in_used,
                      uint8_t *out, size_t out_len, size_t *out_made) {
     ZSTD_inBuffer ib = { in, in_len, 0 };
@@ -224,12 +269,15 @@ int flotilla_decoder_step(flotilla_decoder *d,
     d->error[0] = 0;
     if (d->format == FLOTILLA_FORMAT_GZIP)
         return gzip_step(d, in, in_len, in_used, out, out_len, out_made);
+    if (d->format == FLOTILLA_FORMAT_DEFLATE)
+        return deflate_step(d, in, in_len, in_used, out, out_len, out_made);
     return zstd_step(d, in, in_len, in_used, out, out_len, out_made);
 }
 
 int flotilla_decoder_at_boundary(const flotilla_decoder *d) {
     if (!d) return 0;
-    if (d->format == FLOTILLA_FORMAT_GZIP) return !d->in_member && d->members > 0;
+    if (d->format == FLOTILLA_FORMAT_GZIP || d->format == FLOTILLA_FORMAT_DEFLATE)
+        return !d->in_member && d->members > 0;
     return d->zstd_seen && !d->frame_open;
 }
 
@@ -243,6 +291,17 @@ void flotilla_decoder_free(flotilla_decoder *d) {
     if (d->z_ready) inflateEnd(&d->zs);
     if (d->ds) zstd_api.free_stream(d->ds);
     free(d);
+}
+
+uint32_t flotilla_crc32(uint32_t crc, const uint8_t *buf, size_t len) {
+    uLong value = crc;
+    while (len > 0) {
+        uInt n = len > UINT_MAX ? UINT_MAX : (uInt)len;
+        value = crc32(value, buf, n);
+        buf += n;
+        len -= n;
+    }
+    return (uint32_t)value;
 }
 
 /* ---- libc wrappers ------------------------------------------------------ */

@@ -54,6 +54,8 @@ public actor NodeAgent: Service {
     private let writeLock = AsyncLock()
     /// Made in `run()` and shut down when it ends: an agent that never runs owns no client.
     private var httpClient: HTTPClient?
+    /// Downloads Marathon's `fetch` artifacts into sandboxes; made in `run()`.
+    private var fetcher: ArtifactFetcher?
     private let commands = CommandRunner()
     /// The last status this agent wrote per instance, to avoid rewriting what is already there.
     private var written: [String: InstanceStatus] = [:]
@@ -142,13 +144,18 @@ public actor NodeAgent: Service {
     public func run() async throws {
         let client = HealthProbe.makeHTTPClient()
         httpClient = client
+        // Artifacts follow redirects by the fetcher's own rules, so they get a client of their own.
+        let fetchClient = HTTPClient(eventLoopGroupProvider: .singleton, configuration: ArtifactFetcher.httpClientConfiguration())
+        fetcher = ArtifactFetcher(httpClient: fetchClient, cacheDirectory: configuration.dataDirectory + "/fetch-cache", logger: logger)
         do {
             try await runAgent()
         } catch {
             try? await client.shutdown()
+            try? await fetchClient.shutdown()
             throw error
         }
         try? await client.shutdown()
+        try? await fetchClient.shutdown()
     }
 
     private func runAgent() async throws {
@@ -267,13 +274,23 @@ public actor NodeAgent: Service {
         if let reason = driver.unavailableReason() {
             return InstanceStatus(id: spec.id, state: .failed, message: "the \(driver.name) driver cannot run here: \(reason)", updatedAt: now)
         }
-        if driver.needsPreparation(spec) {
+        let artifacts = spec.definition.fetch.map {
+            ArtifactRequest(uri: $0.uri, extract: $0.extract, executable: $0.executable, cache: $0.cache, outputFile: $0.outputFile, destPath: $0.destPath)
+        }
+        if driver.needsPreparation(spec) || !artifacts.isEmpty {
             let id = spec.id
             let staging = InstanceStatus(id: id, state: .staging, driver: driver.name, message: "preparing", updatedAt: now)
             written[id] = staging
+            let sandbox = sandbox(of: id)
+            let fetcher = fetcher
             preparing[id] = Task {
                 do {
-                    try await driver.prepare(spec) { message in Task { await self.recordProgress(id, message) } }
+                    let progress: @Sendable (String) -> Void = { message in Task { await self.recordProgress(id, message) } }
+                    if !artifacts.isEmpty, let fetcher {
+                        try FileManager.default.createDirectory(atPath: sandbox, withIntermediateDirectories: true)
+                        try await fetcher.fetch(artifacts, into: sandbox, progress: progress)
+                    }
+                    try await driver.prepare(spec, progress: progress)
                 } catch {
                     await self.finishPreparing(spec, failure: error)
                     return

@@ -76,17 +76,20 @@ public struct FetchURI: Sendable, Hashable, Codable {
     public var extract: Bool
     public var executable: Bool
     public var cache: Bool
+    /// Where in the sandbox to save it (Mesos' `output_file`); default: the URI's last path component.
+    public var outputFile: String?
     public var destPath: String?
 
-    public init(uri: String, extract: Bool = true, executable: Bool = false, cache: Bool = false, destPath: String? = nil) {
+    public init(uri: String, extract: Bool = true, executable: Bool = false, cache: Bool = false, outputFile: String? = nil, destPath: String? = nil) {
         self.uri = uri
         self.extract = extract
         self.executable = executable
         self.cache = cache
+        self.outputFile = outputFile
         self.destPath = destPath
     }
 
-    enum CodingKeys: String, CodingKey { case uri, extract, executable, cache, destPath }
+    enum CodingKeys: String, CodingKey { case uri, extract, executable, cache, outputFile, destPath }
 
     public init(from decoder: any Decoder) throws {
         let container = try decoder.container(keyedBy: CodingKeys.self)
@@ -94,6 +97,7 @@ public struct FetchURI: Sendable, Hashable, Codable {
         extract = try container.decodeIfPresent(Bool.self, forKey: .extract) ?? true
         executable = try container.decodeIfPresent(Bool.self, forKey: .executable) ?? false
         cache = try container.decodeIfPresent(Bool.self, forKey: .cache) ?? false
+        outputFile = try container.decodeIfPresent(String.self, forKey: .outputFile)
         destPath = try container.decodeIfPresent(String.self, forKey: .destPath)
     }
 }

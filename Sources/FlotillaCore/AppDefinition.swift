@@ -424,6 +424,11 @@ extension AppDefinition {
         }
         for (index, artifact) in fetch.enumerated() {
             check(!artifact.uri.isEmpty, "/fetch(\(index))/uri", "must not be empty")
+            for (field, path) in [("outputFile", artifact.outputFile), ("destPath", artifact.destPath)] {
+                guard let path else { continue }
+                check(!path.hasPrefix("/") && !path.split(separator: "/").contains(".."), "/fetch(\(index))/\(field)",
+                      "must be a path inside the sandbox (relative, without '..')")
+            }
         }
         for (index, readiness) in readinessChecks.enumerated() {
             for problem in readiness.problems(portNames: ports.map(\.name)) {

@@ -53,7 +53,8 @@ public final class Decompressor {
         try self.init(fileDescriptor: fileDescriptor, closeWhenDone: closeWhenDone, name: "descriptor \(fileDescriptor)")
     }
 
-    init(fileDescriptor: Int32, closeWhenDone: Bool, name: String) throws {
+    /// As ``init(fileDescriptor:closeWhenDone:)``, naming the stream `name` in errors.
+    public init(fileDescriptor: Int32, closeWhenDone: Bool, name: String) throws {
         self.fd = fileDescriptor
         self.ownsDescriptor = closeWhenDone
         self.name = name

@@ -7,9 +7,9 @@
  *
  * The decoder is a push API: the caller owns both buffers and the file
  * descriptor, so memory stays bounded no matter how large a layer is.
- * gzip goes through zlib (linked); zstd goes through libzstd.so.1, loaded
- * with dlopen on first use so that hosts without it can still run
- * gzip/plain layers.
+ * gzip (and raw deflate, for zip entries) goes through zlib (linked); zstd
+ * goes through libzstd.so.1, loaded with dlopen on first use so that hosts
+ * without it can still run gzip/plain layers.
  */
 
 #include <stddef.h>
@@ -23,6 +23,9 @@ extern "C" {
 enum {
     FLOTILLA_FORMAT_GZIP = 1,
     FLOTILLA_FORMAT_ZSTD = 2,
+    /* One raw deflate stream (RFC 1951, no header or trailer), as in zip
+     * entries. Input after the end of the stream is left unconsumed. */
+    FLOTILLA_FORMAT_DEFLATE = 3,
 };
 
 typedef struct flotilla_decoder flotilla_decoder;
@@ -48,6 +51,9 @@ int flotilla_decoder_at_boundary(const flotilla_decoder *d);
 const char *flotilla_decoder_error(const flotilla_decoder *d);
 
 void flotilla_decoder_free(flotilla_decoder *d);
+
+/* zlib's CRC-32 (as in gzip and zip): `crc` updated with `len` bytes. */
+uint32_t flotilla_crc32(uint32_t crc, const uint8_t *buf, size_t len);
 
 /* Thin wrappers: Swift's Glibc module lacks <sys/xattr.h> and makedev(). */
 int flotilla_fsetxattr(int fd, const char *name, const void *value, size_t size);
