@@ -139,6 +139,21 @@ flotilla_decoder *flotilla_decoder_new(int format, char *errbuf, size_t errlen) 
     return d;
 }
 
+/* One inflate() call over as much of in/out as zlib's 32-bit counters take; reports what it used and made. */
+static int inflate_chunk(flotilla_decoder *d, const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len,
+                         size_t *consumed, size_t *produced) {
+    size_t avail_in = in_len > UINT_MAX ? UINT_MAX : in_len;
+    size_t avail_out = out_len > UINT_MAX ? UINT_MAX : out_len;
+    d->zs.next_in = (Bytef *)in;
+    d->zs.avail_in = (uInt)avail_in;
+    d->zs.next_out = (Bytef *)out;
+    d->zs.avail_out = (uInt)avail_out;
+    int r = inflate(&d->zs, Z_NO_FLUSH);
+    *consumed = avail_in - d->zs.avail_in;
+    *produced = avail_out - d->zs.avail_out;
+    return r;
+}
+
 static int gzip_step(flotilla_decoder *d, const uint8_t *in, size_t in_len, size_t *in_used,
                      uint8_t *out, size_t out_len, size_t *out_made) {
     size_t used = 0, made = 0;
@@ -168,17 +183,8 @@ static int gzip_step(flotilla_decoder *d, const uint8_t *in, size_t in_len, size
             }
             d->in_member = 1;
         }
-        size_t avail_in = in_len - used;
-        size_t avail_out = out_len - made;
-        if (avail_in > UINT_MAX) avail_in = UINT_MAX;
-        if (avail_out > UINT_MAX) avail_out = UINT_MAX;
-        d->zs.next_in = (Bytef *)(in + used);
-        d->zs.avail_in = (uInt)avail_in;
-        d->zs.next_out = (Bytef *)(out + made);
-        d->zs.avail_out = (uInt)avail_out;
-        int r = inflate(&d->zs, Z_NO_FLUSH);
-        size_t ci = avail_in - d->zs.avail_in;
-        size_t co = avail_out - d->zs.avail_out;
+        size_t ci, co;
+        int r = inflate_chunk(d, in + used, in_len - used, out + made, out_len - made, &ci, &co);
         used += ci;
         made += co;
         if (r == Z_STREAM_END) {
@@ -204,17 +210,8 @@ static int deflate_step(flotilla_decoder *d, const uint8_t *in, size_t in_len, s
                         uint8_t *out, size_t out_len, size_t *out_made) {
     size_t used = 0, made = 0;
     while (made < out_len && d->in_member) {
-        size_t avail_in = in_len - used;
-        size_t avail_out = out_len - made;
-        if (avail_in > UINT_MAX) avail_in = UINT_MAX;
-        if (avail_out > UINT_MAX) avail_out = UINT_MAX;
-        d->zs.next_in = (Bytef *)(in + used);
-        d->zs.avail_in = (uInt)avail_in;
-        d->zs.next_out = (Bytef *)(out + made);
-        d->zs.avail_out = (uInt)avail_out;
-        int r = inflate(&d->zs, Z_NO_FLUSH);
-        size_t ci = avail_in - d->zs.avail_in;
-        size_t co = avail_out - d->zs.avail_out;
+        size_t ci, co;
+        int r = inflate_chunk(d, in + used, in_len - used, out + made, out_len - made, &ci, &co);
         used += ci;
         made += co;
         if (r == Z_STREAM_END) {
