@@ -31,7 +31,7 @@ def build_image(layout, size_mb):
     os.makedirs(os.path.join(rootfs, "www"))
     with open(os.path.join(rootfs, "www", "index.html"), "w") as page:
         page.write("ok\n")
-    with open(os.path.join(rootfs, "payload"), "wb") as payload:
+    with open(os.path.join(rootfs, "www", "payload"), "wb") as payload:
         payload.write(os.urandom(size_mb * 1_000_000))
     run("umoci", "repack", "--image", f"{layout}:big", bundle)
     run("umoci", "config", "--image", f"{layout}:big", "--config.cmd", "/bin/httpd", "--config.cmd", "-f")
@@ -134,6 +134,41 @@ def fifty_at_once(agent, reference, count=50):
     return elapsed
 
 
+def nft_table(data_dir):
+    """The agent's nft table: "flt" and the first 8 hex digits of its data directory's FNV-1a hash."""
+    value = 0xCBF29CE484222325
+    for byte in data_dir.encode():
+        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return "flt" + format(value, "x")[:8]
+
+
+def download_speed(port):
+    """MB/s of one GET of the 50 MB payload (curl, to /dev/null)."""
+    out = run("curl", "-sS", "-o", "/dev/null", "-w", "%{speed_download}", f"http://127.0.0.1:{port}/payload")
+    return float(out) / 1_000_000
+
+
+def throughput(agent, reference, bridged, bridge_runs):
+    app = "/bench/bridged" if bridged else "/bench/hosted"
+    definition = {"id": app, "instances": 1, "cpus": 0.5, "mem": 64,
+                  "container": {"type": "DOCKER", "docker": {"image": reference}},
+                  "healthChecks": [{"protocol": "TCP", "portIndex": 0, "intervalSeconds": 1}]}
+    if bridged:
+        definition["networks"] = [{"mode": "container/bridge"}]
+        definition["container"]["portMappings"] = [{"containerPort": 8080, "hostPort": 0}]
+        definition["cmd"] = "exec httpd -f -p 8080 -h /www"
+    else:
+        definition["cmd"] = "exec httpd -f -p $PORT0 -h /www"
+    result = call(agent.base, "POST", "/v2/apps", definition)
+    agent.wait_for_deployment(result["deployments"][0]["id"])
+    port = call(agent.base, "GET", f"/v2/apps{app}/tasks")["tasks"][0]["ports"][0]
+    wait_serving(port)
+    speeds = [download_speed(port) for _ in range(bridge_runs)]
+    call(agent.base, "DELETE", f"/v2/apps{app}?force=true")
+    time.sleep(3)
+    return statistics.median(speeds)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--binary", required=True)
@@ -157,7 +192,8 @@ def main():
               f"skopeo copy {statistics.median(skopeos):.2f} s, ratio {statistics.median(pulls) / statistics.median(skopeos):.2f}")
 
         run("podman", "pull", "--quiet", "--tls-verify=false", reference)
-        agent = Agent(arguments.binary, work, extra_args=["--insecure-registry", host])
+        bridge = f"fltb{os.getpid() % 100000}"
+        agent = Agent(arguments.binary, work, extra_args=["--insecure-registry", host, "--bridge-name", bridge, "--bridge-cidr", "10.250.77.0/24"])
         try:
             run(arguments.binary, "image", "pull", reference, "--api", agent.base)
             starts, podmans = [], []
@@ -169,8 +205,14 @@ def main():
                   f"ratio {statistics.median(starts) / statistics.median(podmans):.2f}")
             fifty = [fifty_at_once(agent, reference) for _ in range(max(1, arguments.runs // 2))]
             print(f"50 containers of one image at once, to all passing a TCP check: {statistics.median(fifty):.2f} s")
+            hosted = throughput(agent, reference, False, arguments.runs)
+            bridged = throughput(agent, reference, True, arguments.runs)
+            print(f"50 MB over HTTP from a container: host network {hosted:.0f} MB/s, bridge port mapping {bridged:.0f} MB/s, "
+                  f"ratio {bridged / hosted:.2f}")
         finally:
             agent.stop()
+            subprocess.run(["ip", "link", "delete", bridge], capture_output=True)
+            subprocess.run(["nft", "delete", "table", "ip", nft_table(os.path.realpath(os.path.join(work, f"data-{agent.port}")))], capture_output=True)
         subprocess.run(["podman", "rmi", "-f", reference], capture_output=True)
     finally:
         registry.send_signal(signal.SIGTERM)

@@ -66,6 +66,11 @@ public struct FlotillaRoutes: Sendable {
                 if let reason = instance.spec.stopReason { object["stopReason"] = .string(reason) }
                 if let healthy = instance.status?.isHealthy { object["healthy"] = .bool(healthy) }
                 if let message = instance.status?.message { object["message"] = .string(message) }
+                // Which driver runs it and what it made (a container id, an image, an address);
+                // process ids stay the agent's business.
+                object["driver"] = .string(instance.status?.driver ?? instance.spec.definition.driver)
+                let shown = (instance.status?.driverState ?? [:]).filter { ["container", "image", "address", "rootfs"].contains($0.key) }
+                if !shown.isEmpty { object["driverState"] = .object(shown.mapValues(JSONValue.string)) }
                 return .object(object)
             }
         return APIResponse.json(.object(["instances": .array(items)]))

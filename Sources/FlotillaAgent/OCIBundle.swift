@@ -129,8 +129,14 @@ struct OCIBundle {
             "rlimits": .array([.object(["type": "RLIMIT_NOFILE", "hard": .number(Double(Self.openFileLimit)), "soft": .number(Double(Self.openFileLimit))])]),
             "noNewPrivileges": true,
         ]
+        var annotations: [String: JSONValue] = ["org.opencontainers.image.ref.name": .string(definition.container?.image ?? "")]
+        annotations["io.flotilla.app"] = .string(spec.appID.path)
+        annotations["io.flotilla.instance"] = .string(spec.id)
+        // Docker's --label: the container's own annotations (runc state and `runc list` show them).
+        for (key, value) in definition.container?.parameterLabels ?? [:] { annotations[key] = .string(value) }
         return .object([
             "ociVersion": "1.0.2",
+            "annotations": .object(annotations),
             "process": .object(process),
             "root": .object(["path": .string(rootfs), "readonly": .bool(definition.container?.readOnlyRootFilesystem ?? false)]),
             "hostname": .string(Self.hostname(for: spec.id)),
