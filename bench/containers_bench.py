@@ -104,15 +104,27 @@ def flotilla_start(agent, reference, index):
     return elapsed
 
 
+# podman as this machine allows it: no systemd (cgroupfs, file events), and no raised rlimits
+# (Flotilla's containers keep the agent's; podman's defaults ask for more than the host lets it set).
+PODMAN = ["podman", "--cgroup-manager", "cgroupfs", "--events-backend", "file"]
+
+
+def podman_environment(work):
+    path = os.path.join(work, "containers.conf")
+    with open(path, "w") as conf:
+        conf.write("[containers]\ndefault_ulimits = []\n")
+    os.environ["CONTAINERS_CONF"] = path
+
+
 def podman_start(reference, index):
     port = free_port()
     name = f"flotilla-bench-{os.getpid()}-{index}"
     began = time.monotonic()
-    run("podman", "run", "--rm", "-d", "--name", name, "--network", "host", "--runtime", "runc", "--tls-verify=false", reference,
+    run(*PODMAN, "run", "--rm", "-d", "--name", name, "--network", "host", "--runtime", "runc", "--tls-verify=false", reference,
         "/bin/httpd", "-f", "-p", str(port), "-h", "/www")
     wait_serving(port)
     elapsed = time.monotonic() - began
-    subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True)
+    subprocess.run([*PODMAN, "rm", "-f", "-t", "0", name], capture_output=True)
     return elapsed
 
 
@@ -191,7 +203,8 @@ def main():
         print(f"pull 50 MB image: flotilla {statistics.median(pulls):.2f} s (with unpacking {statistics.median(unpacked):.2f} s), "
               f"skopeo copy {statistics.median(skopeos):.2f} s, ratio {statistics.median(pulls) / statistics.median(skopeos):.2f}")
 
-        run("podman", "pull", "--quiet", "--tls-verify=false", reference)
+        podman_environment(work)
+        run(*PODMAN, "pull", "--quiet", "--tls-verify=false", reference)
         bridge = f"fltb{os.getpid() % 100000}"
         agent = Agent(arguments.binary, work, extra_args=["--insecure-registry", host, "--bridge-name", bridge, "--bridge-cidr", "10.250.77.0/24"])
         try:
@@ -213,7 +226,7 @@ def main():
             agent.stop()
             subprocess.run(["ip", "link", "delete", bridge], capture_output=True)
             subprocess.run(["nft", "delete", "table", "ip", nft_table(os.path.realpath(os.path.join(work, f"data-{agent.port}")))], capture_output=True)
-        subprocess.run(["podman", "rmi", "-f", reference], capture_output=True)
+        subprocess.run([*PODMAN, "rmi", "-f", reference], capture_output=True)
     finally:
         registry.send_signal(signal.SIGTERM)
         registry.wait()

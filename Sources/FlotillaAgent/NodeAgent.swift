@@ -45,6 +45,8 @@ public actor NodeAgent: Service {
     private var preparing: [String: Task<Void, Never>] = [:]
     /// Cleared when the agent begins to stop: nothing starts after that.
     private var launching = true
+    /// Exits being handled (their clean-up awaited), so a stop waits for them.
+    private var exitsInFlight = 0
     /// Instances being stopped, with the reason the exit will be reported with.
     private var stopping: [String: String] = [:]
     /// One task per running instance that runs its health checks.
@@ -180,7 +182,12 @@ public actor NodeAgent: Service {
     /// Stops every instance (SIGTERM, then SIGKILL after its grace period) and records them killed.
     private func stopAll() async {
         let ids = Array(processes.keys)
-        guard !ids.isEmpty else { return }
+        guard !ids.isEmpty else {
+            // An exit may still be cleaning up after its instance: let it finish.
+            let deadline = Date().addingTimeInterval(5)
+            while exitsInFlight > 0 && Date() < deadline { try? await Task.sleep(for: .milliseconds(20)) }
+            return
+        }
         logger.info("stopping \(ids.count) instance(s) before exit")
         var graces: [String: Double] = [:]
         for entry in (try? await store.list(prefix: StateKeys.instances).entries) ?? [] {
@@ -192,12 +199,12 @@ public actor NodeAgent: Service {
             if let process = processes[id] { driver(named: written[id]?.driver).signal(process, instanceID: id, SIGTERM) }
         }
         let deadline = Date().addingTimeInterval(graces.values.max() ?? AppDefinition.Defaults.taskKillGracePeriodSeconds)
-        while !processes.isEmpty && Date() < deadline {
+        while (!processes.isEmpty || exitsInFlight > 0) && Date() < deadline {
             try? await Task.sleep(for: .milliseconds(50))
         }
         for (id, process) in processes { driver(named: written[id]?.driver).signal(process, instanceID: id, SIGKILL) }
         let killDeadline = Date().addingTimeInterval(2)
-        while !processes.isEmpty && Date() < killDeadline {
+        while (!processes.isEmpty || exitsInFlight > 0) && Date() < killDeadline {
             try? await Task.sleep(for: .milliseconds(20))
         }
     }
@@ -543,6 +550,9 @@ public actor NodeAgent: Service {
 
     private func handleExit(of id: String, _ exit: ProcessExit) async throws {
         guard let process = processes.removeValue(forKey: id) else { return }
+        // Until its clean-up (unmounts, runtime records, the bridge) is done, the agent does not exit.
+        exitsInFlight += 1
+        defer { exitsInFlight -= 1 }
         let stopReason = stopping.removeValue(forKey: id)
         stopHealthChecks(id)
         let oomKilled = cgroups.wasOOMKilled(instanceID: id)

@@ -132,7 +132,9 @@ struct OCIDriver: InstanceDriver {
             try encoder.encode(try configuration.configuration()).write(to: URL(fileURLWithPath: bundle + "/config.json"), options: .atomic)
             if let signal = image.config.config.stopSignal.flatMap(Self.signalNumber) { state["stopSignal"] = String(signal) }
             // A container of the same id left by a crash would make the runtime refuse to start.
-            _ = await Self.runQuietly([runtime, "--root", stateRoot, "delete", "--force", spec.id])
+            if FileManager.default.fileExists(atPath: stateRoot + "/" + spec.id) {
+                _ = await Self.runQuietly([runtime, "--root", stateRoot, "delete", "--force", spec.id])
+            }
             return try ProcessSpawner.spawn(
                 path: runtime, arguments: [runtime, "--root", stateRoot, "run", "--bundle", bundle, "--keep", spec.id],
                 environment: ["PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], workingDirectory: bundle,
