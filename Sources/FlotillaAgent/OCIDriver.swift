@@ -122,6 +122,9 @@ struct OCIDriver: InstanceDriver {
             let etc = try Self.writeEtcFiles(in: base + "/etc", hostname: hostname, address: address, bridged: namespacePath != nil)
             let user = try ContainerUser.resolve(
                 container.user ?? spec.definition.user.flatMap { $0.isEmpty ? nil : $0 } ?? image.config.config.user, rootfs: rootfs)
+            // The sandbox belongs to the container's user, as Mesos gives it to the task's user
+            // (the agent opened the log files, so they stay writable either way).
+            if user.uid != 0 || user.gid != 0 { chown(context.sandbox, user.uid, user.gid) }
             let cgroupFiles = try cgroups.createForInstance(spec)
             _ = cgroupFiles  // the runtime joins the container to a child of this cgroup itself
             let configuration = OCIBundle(

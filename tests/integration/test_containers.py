@@ -414,3 +414,21 @@ def test_import_of_an_oci_layout_runs_without_a_registry(make_agent, images, app
     # The app's versions are gone with it, so nothing references the image any more.
     assert [image["references"] for image in pruned["removed"]] == [["localhost/imported/web:2"]]
     assert pruned["bytesFreed"] > 0
+
+
+def test_read_only_root_filesystem_and_parameters(container_agent, images, app_ids):
+    app_id = app_ids.new()
+    container_agent.create_app(container_app(
+        app_id, images["references"]["1"],
+        cmd="(touch /written-to-root 2>/dev/null && echo root-writable || echo root-read-only) > /mnt/mesos/sandbox/root;"
+            " echo \"$GREETING $(id -u) $(pwd)\" > /mnt/mesos/sandbox/params; exec httpd -f -p $PORT0 -h /www",
+        container={"type": "DOCKER", "docker": {"image": images["references"]["1"], "parameters": [
+            {"key": "read-only", "value": "true"}, {"key": "env", "value": "GREETING=hello"},
+            {"key": "user", "value": "www"}, {"key": "workdir", "value": "/www"}]}},
+    ))
+    task = wait_healthy(container_agent, app_id, 1)[0]
+    sandbox = container_agent.sandbox(task["id"])
+    wait_until(lambda: (sandbox / "params").exists(), timeout=20, what="the container to write its sandbox")
+    assert (sandbox / "root").read_text() == "root-read-only\n"
+    # env, user (resolved in the image's /etc/passwd: www is 1000) and workdir parameters
+    assert (sandbox / "params").read_text() == "hello 1000 /www\n"
