@@ -55,7 +55,7 @@ actor ArtifactCache {
                 continue  // not kept (larger than the cache): download it ourselves
             }
             if let fd = openEntry(key) {
-                logger.debug("artifact cache hit", metadata: ["uri": "\(uri)", "key": "\(key)"])
+                logger.debug("artifact cache hit", metadata: ["uri": "\(ArtifactRequest.redacted(uri))", "key": "\(key)"])
                 return (fd, false)
             }
             let task = Task { try await self.fill(key: key, uri: uri, download: download) }
@@ -111,7 +111,7 @@ actor ArtifactCache {
         _ = futimens(fd, nil)
         evict(keeping: key)
         _ = lseek(fd, 0, SEEK_SET)
-        logger.debug("artifact cached", metadata: ["uri": "\(uri)", "key": "\(key)"])
+        logger.debug("artifact cached", metadata: ["uri": "\(ArtifactRequest.redacted(uri))", "key": "\(key)"])
         return fd
     }
 

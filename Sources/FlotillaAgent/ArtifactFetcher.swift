@@ -205,7 +205,7 @@ struct ArtifactFetcher: Sendable {
             throw error
         }
         logger.info("fetched artifact", metadata: [
-            "uri": "\(request.uri)", "path": "\(shown)", "bytes": "\(size)", "seconds": "\(ContinuousClock.now - started)",
+            "uri": "\(ArtifactRequest.redacted(request.uri))", "path": "\(shown)", "bytes": "\(size)", "seconds": "\(ContinuousClock.now - started)",
         ])
         progress("saved \(shown) (\(Self.describe(bytes: size)))")
 
@@ -305,7 +305,7 @@ struct ArtifactFetcher: Sendable {
                 if redirects > configuration.maxRedirects {
                     throw ArtifactError(.redirect, "more than \(configuration.maxRedirects) redirects")
                 }
-                logger.debug("following redirect", metadata: ["from": "\(current.absoluteString)", "to": "\(next.absoluteString)"])
+                logger.debug("following redirect", metadata: ["from": "\(ArtifactRequest.redacted(current.absoluteString))", "to": "\(ArtifactRequest.redacted(next.absoluteString))"])
                 visited.insert(next.absoluteString)
                 current = next
                 continue

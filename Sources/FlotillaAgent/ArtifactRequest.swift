@@ -17,3 +17,14 @@ struct ArtifactRequest: Sendable, Hashable {
     /// to save the URI's basename into.
     var destPath: String? = nil
 }
+
+import Foundation
+
+extension ArtifactRequest {
+    /// A URI fit for logs: a password in its user part (`https://user:pass@host/…`) is masked.
+    static func redacted(_ uri: String) -> String {
+        guard var components = URLComponents(string: uri), components.password != nil else { return uri }
+        components.password = "***"
+        return components.string ?? uri
+    }
+}

@@ -53,8 +53,6 @@ protocol InstanceDriver: Sendable {
     /// The argument vector that runs a COMMAND health check's shell command for the instance.
     func commandArguments(for command: String, instanceID: String) -> [String]
 
-    /// Facts about a running instance for operators (`flotilla app`, the task JSON).
-    func inspect(instanceID: String, state: [String: String]) -> [String: String]
 }
 
 /// What the agent hands a driver to start an instance with.
@@ -69,7 +67,6 @@ struct LaunchContext: Sendable {
 extension InstanceDriver {
     func unavailableReason() -> String? { nil }
     func prepare(_ spec: InstanceSpec, progress: @escaping @Sendable (String) -> Void) async throws {}
-    func inspect(instanceID: String, state: [String: String]) -> [String: String] { state }
     func needsPreparation(_ spec: InstanceSpec) -> Bool { false }
     func leftoverInstanceIDs() -> [String] { [] }
     func commandArguments(for command: String, instanceID: String) -> [String] { ["/bin/sh", "-c", command] }

@@ -125,8 +125,8 @@ struct OCIDriver: InstanceDriver {
             // The sandbox belongs to the container's user, as Mesos gives it to the task's user
             // (the agent opened the log files, so they stay writable either way).
             if user.uid != 0 || user.gid != 0 { chown(context.sandbox, user.uid, user.gid) }
-            let cgroupFiles = try cgroups.createForInstance(spec)
-            _ = cgroupFiles  // the runtime joins the container to a child of this cgroup itself
+            // The instance's cgroup carries the limits; the runtime puts the container in a child of it.
+            _ = try cgroups.createForInstance(spec)
             let configuration = OCIBundle(
                 spec: spec, image: image.config.config, rootfs: rootfs, sandbox: context.sandbox, etcFiles: etc, networkNamespace: namespacePath,
                 cgroupsPath: cgroups.relativePath(instanceID: spec.id).map { $0 + "/container" }, user: user)
@@ -177,10 +177,6 @@ struct OCIDriver: InstanceDriver {
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: configuration.containersDirectory)) ?? []
         let runtimeEntries = (try? FileManager.default.contentsOfDirectory(atPath: stateRoot)) ?? []
         return Array(Set(entries + runtimeEntries + (bridge?.attachedInstanceIDs() ?? [])).filter { !$0.hasPrefix(".") })
-    }
-
-    func inspect(instanceID: String, state: [String: String]) -> [String: String] {
-        state.filter { ["container", "image", "address", "rootfs"].contains($0.key) }
     }
 
     /// A command health check runs inside the container, as Mesos runs them.
