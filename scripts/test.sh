@@ -89,7 +89,7 @@ ensure_system_packages() {
     local wanted=(
         curl:curl procps:ps dnsutils:dig zlib1g-dev:/usr/include/zlib.h
         runc:runc umoci:umoci skopeo:skopeo docker-registry:docker-registry apache2-utils:htpasswd busybox-static:dpkg
-        nftables:nft iproute2:ip
+        nftables:nft iproute2:ip conntrack:conntrack
     )
     local missing=() entry package proof
     local PATH="$PATH:/usr/sbin:/sbin"
@@ -207,8 +207,10 @@ run_python_suites() {
         for count in $(grep -oE '[0-9]+ (failed|errors?)' <<<"$last" | grep -oE '[0-9]+' || true); do failed=$((failed + count)); done
         for count in $(grep -oE '[0-9]+ skipped' <<<"$last" | grep -oE '[0-9]+' || true); do skipped=$((skipped + count)); done
     done
-    rm -rf "$logs"
     printf '\npython: %d passed, %d failed, %d skipped\n' "$passed" "$failed" "$skipped"
+    # The failing tests again, last, where a reader of the tail of the output sees them.
+    grep -hE '^(FAILED|ERROR) ' "$logs"/*.log | cut -c1-300 || true
+    rm -rf "$logs"
     return $status
 }
 

@@ -5,10 +5,42 @@ import Glibc
 import Darwin
 #endif
 
-/// One published port: host TCP port → container TCP port.
+/// The transport of a published port.
+enum BridgeTransport: String, Codable, Hashable, Sendable, CaseIterable {
+    case tcp, udp
+
+    /// The nft map of this transport's published ports.
+    var mapName: String { "\(rawValue)_ports" }
+}
+
+/// One published port: host port → container port, of one transport.
 struct BridgePortMapping: Codable, Hashable, Sendable {
     var hostPort: Int
     var containerPort: Int
+    var transport: BridgeTransport
+
+    init(hostPort: Int, containerPort: Int, transport: BridgeTransport = .tcp) {
+        self.hostPort = hostPort
+        self.containerPort = containerPort
+        self.transport = transport
+    }
+
+    enum CodingKeys: String, CodingKey { case hostPort, containerPort, transport }
+
+    init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        hostPort = try container.decode(Int.self, forKey: .hostPort)
+        containerPort = try container.decode(Int.self, forKey: .containerPort)
+        // State files written before UDP mappings existed hold TCP ones only.
+        transport = try container.decodeIfPresent(BridgeTransport.self, forKey: .transport) ?? .tcp
+    }
+}
+
+/// One element of a port map as the kernel holds it.
+struct BridgePortMapElement: Hashable, Sendable {
+    var transport: BridgeTransport
+    var hostPort: Int
+    var tag: String?
 }
 
 /// What `BridgeNetwork.attach` set up for one instance.
@@ -115,7 +147,7 @@ struct BridgeNetworkState: Codable, Sendable {
 
 /// Docker-style `bridge` networking: a Linux bridge with a private subnet,
 /// one network namespace + veth pair per instance, nftables DNAT for
-/// published TCP ports (also from 127.0.0.1, like dockerd with
+/// published TCP and UDP ports (also from 127.0.0.1, like dockerd with
 /// `userland-proxy: false`) and masquerading for outgoing traffic.
 ///
 /// Every operation takes an exclusive flock on `<stateDirectory>/bridge-<name>.lock`,
@@ -125,7 +157,6 @@ final class BridgeNetwork: Sendable {
     static let defaultBridgeName = "flotilla0"
     static let defaultCIDR = "172.31.0.0/16"
     static let defaultNamePrefix = "flotilla"
-    static let portMapName = "tcp_ports"
     static let containerInterface = "eth0"
     static let namespaceDirectory = "/run/netns"
 
@@ -220,16 +251,25 @@ final class BridgeNetwork: Sendable {
             ("postrouting", "type nat hook postrouting priority 100; policy accept;"),
             ("forward", "type filter hook forward priority 0; policy accept;"),
         ]
-        var lines = ["add table \(t)",
-                     "add map \(t) \(Self.portMapName) { type inet_service : ipv4_addr . inet_service; }"]
+        var lines = ["add table \(t)"]
+        for transport in BridgeTransport.allCases {
+            lines.append("add map \(t) \(transport.mapName) { type inet_service : ipv4_addr . inet_service; }")
+        }
         for (name, spec) in chains { lines.append("add chain \(t) \(name) { \(spec) }") }
         for (name, _) in chains { lines.append("flush chain \(t) \(name)") }
         lines += [
             "add rule \(t) prerouting_raw iifname \(br) ip daddr 127.0.0.0/8 drop",
-            // Published ports, for packets from outside and from containers...
-            "add rule \(t) prerouting fib daddr type local dnat to tcp dport map @\(Self.portMapName)",
-            // ...and for locally generated packets to any local address, 127.0.0.1 included.
-            "add rule \(t) output fib daddr type local dnat to tcp dport map @\(Self.portMapName)",
+        ]
+        for transport in BridgeTransport.allCases {
+            let proto = transport.rawValue
+            lines += [
+                // Published ports, for packets from outside and from containers...
+                "add rule \(t) prerouting fib daddr type local dnat to \(proto) dport map @\(transport.mapName)",
+                // ...and for locally generated packets to any local address, 127.0.0.1 included.
+                "add rule \(t) output fib daddr type local dnat to \(proto) dport map @\(transport.mapName)",
+            ]
+        }
+        lines += [
             // Containers going out through other interfaces.
             "add rule \(t) postrouting ip saddr \(cidr) oifname != \(br) masquerade",
             // Host clients of 127.0.0.1:H: the container must answer the gateway, not 127.0.0.1.
@@ -248,7 +288,11 @@ final class BridgeNetwork: Sendable {
     /// via the gateway, and DNAT rules for its published ports. Undoes its work if
     /// a step fails. Attaching again with the same mappings returns the attachment.
     func attach(instanceID: String, portMappings: [(hostPort: Int, containerPort: Int)]) throws -> BridgeAttachment {
-        let mappings = portMappings.map { BridgePortMapping(hostPort: $0.hostPort, containerPort: $0.containerPort) }
+        try attach(instanceID: instanceID, mappings: portMappings.map { BridgePortMapping(hostPort: $0.hostPort, containerPort: $0.containerPort) })
+    }
+
+    /// `attach` with mappings of either transport; one host port may carry a TCP and a UDP mapping.
+    func attach(instanceID: String, mappings: [BridgePortMapping]) throws -> BridgeAttachment {
         try BridgeNetwork.validate(instanceID: instanceID, mappings: mappings)
         return try withLock {
             var state = try loadState()
@@ -269,13 +313,20 @@ final class BridgeNetwork: Sendable {
                 state.pool.release(owner: instanceID)
             }
             for mapping in mappings {
-                if let other = state.attachments.values.first(where: { $0.attachment.portMappings.contains { $0.hostPort == mapping.hostPort } }) {
-                    throw BridgeError.hostPortInUse(hostPort: mapping.hostPort, owner: "instance '\(other.attachment.instanceID)'")
+                if let other = state.attachments.values.first(where: { record in
+                    record.attachment.portMappings.contains { $0.hostPort == mapping.hostPort && $0.transport == mapping.transport }
+                }) {
+                    throw BridgeError.hostPortInUse(hostPort: mapping.hostPort, owner: "instance '\(other.attachment.instanceID)' (\(mapping.transport.rawValue))")
                 }
             }
-            let listening = BridgeNetwork.listeningTCPPorts()
-            if let busy = mappings.first(where: { listening.contains($0.hostPort) }) {
+            // The DNAT would take the port's packets from a socket on the host: refuse instead.
+            let tcpListening = BridgeNetwork.listeningTCPPorts()
+            if let busy = mappings.first(where: { $0.transport == .tcp && tcpListening.contains($0.hostPort) }) {
                 throw BridgeError.hostPortInUse(hostPort: busy.hostPort, owner: "a listening socket on the host")
+            }
+            let udpBound = BridgeNetwork.boundUDPPorts()
+            if let busy = mappings.first(where: { $0.transport == .udp && udpBound.contains($0.hostPort) }) {
+                throw BridgeError.hostPortInUse(hostPort: busy.hostPort, owner: "a bound UDP socket on the host")
             }
 
             let poolBefore = state.pool
@@ -364,7 +415,7 @@ final class BridgeNetwork: Sendable {
                         guard let tag = element.tag else { return false }
                         return tag.hasPrefix(namePrefix + "-") && !owned.contains(tag)
                     }
-                    try deletePortMapElements(stray.map(\.hostPort))
+                    try deletePortMapElements(stray)
                 }
             } catch {
                 firstError = firstError ?? error
@@ -445,20 +496,46 @@ final class BridgeNetwork: Sendable {
         try BridgeCommand.check(["ip", "-n", ns, "link", "set", "dev", a.containerVeth, "up"])
         try BridgeCommand.check(["ip", "-n", ns, "route", "add", "default", "via", a.gateway, "dev", a.containerVeth])
         if !a.portMappings.isEmpty {
-            // `create` (not `add`): fails if a host port is already mapped.
-            try BridgeCommand.nft("create element ip \(tableName) \(Self.portMapName) { \(portMapElements(of: a)) }\n")
+            // `create` (not `add`): fails if a host port is already mapped. One transaction for both maps.
+            try BridgeCommand.nft(elementScript(verb: "create", [a]))
+            forgetUDPFlows(a.portMappings.filter { $0.transport == .udp }.map(\.hostPort))
         }
     }
 
-    private func portMapElements(of a: BridgeAttachment) -> String {
-        a.portMappings.map { "\($0.hostPort) comment \"\(a.ruleTag)\" : \(a.address) . \($0.containerPort)" }
-            .joined(separator: ", ")
+    /// UDP has no connection to end: conntrack keeps steering a client's datagrams the way its
+    /// first one went (nowhere, before the mapping existed; to the old container, after it is
+    /// gone) until the entry idles out. Those entries are forgotten, as dockerd does. Best
+    /// effort: it needs the `conntrack` tool (Debian `conntrack`); without it a client that sent
+    /// before the mapping existed waits for the entry's timeout (30 s).
+    private func forgetUDPFlows(_ ports: [Int]) {
+        guard !ports.isEmpty, BridgeCommand.resolve("conntrack") != nil else { return }
+        for port in ports {
+            // Exit status 1 means no entry matched.
+            _ = try? BridgeCommand.run(["conntrack", "-D", "-p", "udp", "--orig-port-dst", String(port)])
+        }
+    }
+
+    /// `<verb> element` lines adding the attachments' mappings to their transports' maps.
+    private func elementScript(verb: String, _ attachments: [BridgeAttachment]) -> String {
+        var lines: [String] = []
+        for transport in BridgeTransport.allCases {
+            let elements = attachments.flatMap { a in
+                a.portMappings.filter { $0.transport == transport }
+                    .map { "\($0.hostPort) comment \"\(a.ruleTag)\" : \(a.address) . \($0.containerPort)" }
+            }
+            if !elements.isEmpty {
+                lines.append("\(verb) element ip \(tableName) \(transport.mapName) { \(elements.joined(separator: ", ")) }")
+            }
+        }
+        return lines.isEmpty ? "" : lines.joined(separator: "\n") + "\n"
     }
 
     /// Removes what exists of an instance's objects; absent objects are fine.
     private func removeKernelObjects(_ names: BridgeInstanceNames) throws {
         if let elements = try portMapElements() {
-            try deletePortMapElements(elements.filter { $0.tag == names.ruleTag }.map(\.hostPort))
+            let owned = elements.filter { $0.tag == names.ruleTag }
+            try deletePortMapElements(owned)
+            forgetUDPFlows(owned.filter { $0.transport == .udp }.map(\.hostPort))
         }
         let veth = "/sys/class/net/\(names.hostVeth)"
         if FileManager.default.fileExists(atPath: veth) {
@@ -484,9 +561,21 @@ final class BridgeNetwork: Sendable {
         return entries.filter { $0.hasPrefix(namePrefix + "-") }.sorted()
     }
 
-    /// Elements of the port map (host port, comment); nil if the table or map does not exist.
-    func portMapElements() throws -> [(hostPort: Int, tag: String?)]? {
-        let command = ["nft", "-j", "list", "map", "ip", tableName, Self.portMapName]
+    /// Elements of the port maps (transport, host port, comment); nil if the table does not exist.
+    func portMapElements() throws -> [BridgePortMapElement]? {
+        var all: [BridgePortMapElement] = []
+        for transport in BridgeTransport.allCases {
+            guard let elements = try portMapElements(transport) else {
+                // A table made before UDP mappings existed has no udp map until prepare() adds it.
+                if transport == .tcp { return nil } else { continue }
+            }
+            all += elements
+        }
+        return all
+    }
+
+    private func portMapElements(_ transport: BridgeTransport) throws -> [BridgePortMapElement]? {
+        let command = ["nft", "-j", "list", "map", "ip", tableName, transport.mapName]
         let result = try BridgeCommand.run(command)
         guard result.succeeded else {
             if result.stderrText.contains("No such file or directory") { return nil }
@@ -501,26 +590,32 @@ final class BridgeNetwork: Sendable {
             if let value = value as? NSNumber { return value.intValue }
             return nil
         }
-        var elements: [(hostPort: Int, tag: String?)] = []
+        var elements: [BridgePortMapElement] = []
         for case let item as [String: Any] in items {
             guard let map = item["map"] as? [String: Any] else { continue }
             for case let pair as [Any] in (map["elem"] as? [Any]) ?? [] {
                 guard let key = pair.first else { continue }
                 if let port = integer(key) {
-                    elements.append((port, nil))
+                    elements.append(BridgePortMapElement(transport: transport, hostPort: port, tag: nil))
                 } else if let wrapper = key as? [String: Any], let element = wrapper["elem"] as? [String: Any],
                           let port = integer(element["val"]) {
-                    elements.append((port, element["comment"] as? String))
+                    elements.append(BridgePortMapElement(transport: transport, hostPort: port, tag: element["comment"] as? String))
                 }
             }
         }
         return elements
     }
 
-    private func deletePortMapElements(_ ports: [Int]) throws {
-        guard !ports.isEmpty else { return }
-        let list = ports.map(String.init).joined(separator: ", ")
-        try BridgeCommand.nft("delete element ip \(tableName) \(Self.portMapName) { \(list) }\n")
+    private func deletePortMapElements(_ elements: [BridgePortMapElement]) throws {
+        var lines: [String] = []
+        for transport in BridgeTransport.allCases {
+            let ports = elements.filter { $0.transport == transport }.map { String($0.hostPort) }
+            if !ports.isEmpty {
+                lines.append("delete element ip \(tableName) \(transport.mapName) { \(ports.joined(separator: ", ")) }")
+            }
+        }
+        guard !lines.isEmpty else { return }
+        try BridgeCommand.nft(lines.joined(separator: "\n") + "\n")
     }
 
     /// Re-adds the port map entries of live attachments (e.g. after someone flushed the ruleset).
@@ -529,9 +624,9 @@ final class BridgeNetwork: Sendable {
             $0.complete && !$0.attachment.portMappings.isEmpty
                 && FileManager.default.fileExists(atPath: $0.attachment.namespacePath)
         }
-        guard !live.isEmpty else { return }
-        let elements = live.map { portMapElements(of: $0.attachment) }.joined(separator: ", ")
-        try BridgeCommand.nft("add element ip \(tableName) \(Self.portMapName) { \(elements) }\n")
+        let script = elementScript(verb: "add", live.map(\.attachment))
+        guard !script.isEmpty else { return }
+        try BridgeCommand.nft(script)
     }
 
     private func ensureBridge() throws {
@@ -602,12 +697,21 @@ final class BridgeNetwork: Sendable {
 
     /// TCP ports with a listening socket in this network namespace (/proc/net/tcp{,6}).
     static func listeningTCPPorts() -> Set<Int> {
+        localPorts(in: ["/proc/net/tcp", "/proc/net/tcp6"], state: "0A")  // TCP_LISTEN
+    }
+
+    /// UDP ports with a bound, unconnected socket in this network namespace (/proc/net/udp{,6}).
+    static func boundUDPPorts() -> Set<Int> {
+        localPorts(in: ["/proc/net/udp", "/proc/net/udp6"], state: "07")  // TCP_CLOSE: how the kernel shows them
+    }
+
+    private static func localPorts(in files: [String], state: Substring) -> Set<Int> {
         var ports = Set<Int>()
-        for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for file in files {
             guard let data = FileManager.default.contents(atPath: file) else { continue }
             for line in String(decoding: data, as: UTF8.self).split(separator: "\n").dropFirst() {
                 let fields = line.split(separator: " ")
-                guard fields.count > 3, fields[3] == "0A", let colon = fields[1].lastIndex(of: ":"),
+                guard fields.count > 3, fields[3] == state, let colon = fields[1].lastIndex(of: ":"),
                       let port = Int(fields[1][fields[1].index(after: colon)...], radix: 16) else { continue }
                 ports.insert(port)
             }
@@ -681,13 +785,13 @@ final class BridgeNetwork: Sendable {
         guard !instanceID.isEmpty, instanceID.utf8.count <= 1024, !instanceID.contains("\u{0}") else {
             throw BridgeError.invalidConfiguration("invalid instance ID '\(instanceID)'")
         }
-        var seen = Set<Int>()
+        var seen = Set<String>()
         for mapping in mappings {
             guard (1...65_535).contains(mapping.hostPort), (1...65_535).contains(mapping.containerPort) else {
                 throw BridgeError.invalidPortMapping("\(mapping.hostPort) → \(mapping.containerPort): ports must be 1...65535")
             }
-            guard seen.insert(mapping.hostPort).inserted else {
-                throw BridgeError.invalidPortMapping("host port \(mapping.hostPort) is mapped twice")
+            guard seen.insert("\(mapping.hostPort)/\(mapping.transport.rawValue)").inserted else {
+                throw BridgeError.invalidPortMapping("host port \(mapping.hostPort)/\(mapping.transport.rawValue) is mapped twice")
             }
         }
     }

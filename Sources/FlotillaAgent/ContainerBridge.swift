@@ -12,7 +12,7 @@ final class ContainerBridge: Sendable {
         self.network = network
     }
 
-    func attach(instanceID: String, portMappings: [(hostPort: Int, containerPort: Int)]) throws -> BridgeAttachment {
+    func attach(instanceID: String, mappings: [BridgePortMapping]) throws -> BridgeAttachment {
         try prepared.withLock { done in
             if !done {
                 try network.prepare()
@@ -20,7 +20,7 @@ final class ContainerBridge: Sendable {
             }
         }
         do {
-            return try network.attach(instanceID: instanceID, portMappings: portMappings)
+            return try network.attach(instanceID: instanceID, mappings: mappings)
         } catch {
             throw AgentError.launch("cannot attach the container to the bridge: \(error)")
         }

@@ -114,6 +114,7 @@ struct OCIBundle {
             "readonlyPaths": .array(["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"].map(JSONValue.string)),
         ]
         if let cgroupsPath { linux["cgroupsPath"] = .string(cgroupsPath) }
+        if !(definition.container?.seccompUnconfined ?? false) { linux["seccomp"] = OCISeccomp.defaultProfile() }
         let process: [String: JSONValue] = [
             // runc here needs no terminal: output goes to the instance's log files.
             "terminal": false,

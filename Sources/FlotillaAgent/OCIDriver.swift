@@ -110,10 +110,7 @@ struct OCIDriver: InstanceDriver {
             var address: String?
             if spec.definition.network == .bridge {
                 guard let bridge else { throw AgentError.launch("container/bridge networking is off on this agent (see --bridge-cidr)") }
-                let mappings = zip(spec.definition.ports, spec.ports).map { appPort, hostPort in
-                    (hostPort: hostPort, containerPort: (appPort.containerPort ?? 0) == 0 ? hostPort : appPort.containerPort!)
-                }
-                let attachment = try bridge.attach(instanceID: spec.id, portMappings: mappings)
+                let attachment = try bridge.attach(instanceID: spec.id, mappings: Self.bridgeMappings(spec))
                 namespacePath = attachment.namespacePath
                 address = attachment.address
                 state["address"] = attachment.address
@@ -186,6 +183,17 @@ struct OCIDriver: InstanceDriver {
     }
 
     // MARK: - Helpers
+
+    /// The instance's published ports: each port mapping's host port (assigned by placement) to
+    /// its container port (0: the host port, as Marathon does), once per transport it names.
+    static func bridgeMappings(_ spec: InstanceSpec) -> [BridgePortMapping] {
+        zip(spec.definition.ports, spec.ports).flatMap { appPort, hostPort in
+            let containerPort = (appPort.containerPort ?? 0) == 0 ? hostPort : appPort.containerPort!
+            return BridgeTransport.allCases
+                .filter { transport in appPort.protocol.split(separator: ",").contains { $0 == transport.rawValue } }
+                .map { BridgePortMapping(hostPort: hostPort, containerPort: containerPort, transport: $0) }
+        }
+    }
 
     static func mountOverlay(layers: [String], upper: String, work: String, target: String) throws {
         for path in [upper, work] { try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true) }

@@ -23,10 +23,13 @@ public struct ContainerSpec: Sendable, Hashable, Codable {
     public var parameters: [DockerParameter]
     public var portMappings: [PortMapping]
     public var volumes: [ContainerVolume]
+    /// `linuxInfo.seccomp.unconfined`: run without the default seccomp filter (as Docker's
+    /// `--security-opt seccomp=unconfined`, which the parameters may say too).
+    public var seccompUnconfinedField: Bool
 
     public init(
         type: Kind = .docker, image: String?, forcePullImage: Bool = false, parameters: [DockerParameter] = [], portMappings: [PortMapping] = [],
-        volumes: [ContainerVolume] = []
+        volumes: [ContainerVolume] = [], seccompUnconfined: Bool = false
     ) {
         self.type = type
         self.image = image
@@ -34,10 +37,18 @@ public struct ContainerSpec: Sendable, Hashable, Codable {
         self.parameters = parameters
         self.portMappings = portMappings
         self.volumes = volumes
+        self.seccompUnconfinedField = seccompUnconfined
     }
 
     /// The `docker.parameters` keys Flotilla honours (Docker's option names, without `--`).
-    public static let supportedParameters: Set<String> = ["user", "workdir", "env", "label", "read-only"]
+    public static let supportedParameters: Set<String> = ["user", "workdir", "env", "label", "read-only", "security-opt"]
+    /// The `security-opt` values Flotilla honours: its containers always have no-new-privileges.
+    public static let supportedSecurityOptions: Set<String> = ["seccomp=unconfined", "seccomp:unconfined", "no-new-privileges", "no-new-privileges=true", "no-new-privileges:true"]
+
+    /// Whether the container runs without the default seccomp filter.
+    public var seccompUnconfined: Bool {
+        seccompUnconfinedField || parameters.contains { $0.key == "security-opt" && $0.value.hasPrefix("seccomp") }
+    }
 
     /// What the parameters ask for, last value winning for single-valued keys, as Docker's CLI does.
     public var user: String? { parameters.last { $0.key == "user" }?.value }
@@ -75,14 +86,7 @@ public struct ContainerSpec: Sendable, Hashable, Codable {
         let container = try decoder.container(keyedBy: CodingKeys.self)
         try Self.refuseUnknownKeys(in: decoder, known: CodingKeys.allCases.map(\.rawValue), path: "/container")
         type = try container.decodeIfPresent(Kind.self, forKey: .type) ?? .docker
-        if let linuxInfo = try container.decodeIfPresent(JSONValue.self, forKey: .linuxInfo), linuxInfo != .null, linuxInfo != .object([:]) {
-            // No seccomp profile is applied here, so asking for none is what happens.
-            guard linuxInfo == ["seccomp": ["unconfined": true]] else {
-                throw FlotillaError.invalid([
-                    FieldError("/container/linuxInfo", "seccomp profiles and IPC settings are not supported yet; only {\"seccomp\": {\"unconfined\": true}} is")
-                ])
-            }
-        }
+        seccompUnconfinedField = try Self.decodeLinuxInfo(container.decodeIfPresent(JSONValue.self, forKey: .linuxInfo))
         let outerForcePull = try container.decodeIfPresent(Bool.self, forKey: .forcePullImage) ?? false
         guard container.contains(.docker) else {
             guard type == .mesos else {
@@ -124,9 +128,32 @@ public struct ContainerSpec: Sendable, Hashable, Codable {
         volumes = try container.decodeIfPresent([ContainerVolume].self, forKey: .volumes) ?? []
     }
 
+    /// `linuxInfo`: only `seccomp.unconfined` has a meaning here (true: no filter; false: the
+    /// default filter, which every container gets). Named profiles (files on a Mesos agent) and
+    /// IPC settings are refused rather than ignored.
+    static func decodeLinuxInfo(_ linuxInfo: JSONValue?) throws -> Bool {
+        guard let linuxInfo, linuxInfo != .null, linuxInfo != .object([:]) else { return false }
+        let refusal = "only {\"seccomp\": {\"unconfined\": true|false}} is supported: every container gets the default seccomp filter unless unconfined; named profiles and IPC settings are not supported"
+        guard case .object(let info) = linuxInfo, Set(info.keys).isSubset(of: ["seccomp"]) else {
+            throw FlotillaError.invalid([FieldError("/container/linuxInfo", refusal)])
+        }
+        guard let seccomp = info["seccomp"], seccomp != .null else { return false }
+        guard case .object(let fields) = seccomp, Set(fields.keys).isSubset(of: ["unconfined"]) else {
+            throw FlotillaError.invalid([FieldError("/container/linuxInfo/seccomp", refusal)])
+        }
+        switch fields["unconfined"] {
+        case nil, .null?: return false
+        case .bool(let unconfined)?: return unconfined
+        default: throw FlotillaError.invalid([FieldError("/container/linuxInfo/seccomp/unconfined", "must be true or false")])
+        }
+    }
+
     public func encode(to encoder: any Encoder) throws {
         var container = encoder.container(keyedBy: CodingKeys.self)
         try container.encode(type, forKey: .type)
+        if seccompUnconfinedField {
+            try container.encode(["seccomp": ["unconfined": true]] as JSONValue, forKey: .linuxInfo)
+        }
         if let image {
             var docker = container.nestedContainer(keyedBy: DockerKeys.self, forKey: .docker)
             try docker.encode(image, forKey: .image)
@@ -177,6 +204,13 @@ public struct ContainerSpec: Sendable, Hashable, Codable {
                     "/container/docker/parameters(\(index))/key",
                     "the docker option '\(parameter.key)' is not supported here; supported: \(Self.supportedParameters.sorted().joined(separator: ", "))"))
         }
+        for (index, parameter) in parameters.enumerated()
+        where parameter.key == "security-opt" && !Self.supportedSecurityOptions.contains(parameter.value) {
+            problems.append(
+                FieldError(
+                    "/container/docker/parameters(\(index))/value",
+                    "the security option '\(parameter.value)' is not supported here; supported: seccomp=unconfined, no-new-privileges (always on)"))
+        }
         for (index, parameter) in parameters.enumerated() where parameter.key == "env" && !parameter.value.contains("=") {
             problems.append(FieldError("/container/docker/parameters(\(index))/value", "an env parameter is KEY=value"))
         }
@@ -196,9 +230,6 @@ public struct ContainerSpec: Sendable, Hashable, Codable {
             }
             if !["tcp", "udp", "udp,tcp", "tcp,udp"].contains(mapping.protocol) {
                 problems.append(FieldError(path + "/protocol", "must be tcp, udp or udp,tcp"))
-            }
-            if mapping.protocol != "tcp" {
-                problems.append(FieldError(path + "/protocol", "only tcp port mappings are forwarded for now; udp ones are not"))
             }
             if let name = mapping.name, !seenNames.insert(name).inserted {
                 problems.append(FieldError(path + "/name", "port name '\(name)' is used twice"))

@@ -143,7 +143,7 @@ struct ArtifactHTTPTests {
             let started = ContinuousClock.now
             let error = await h.failure([ArtifactRequest(uri: h.url("/app.txt"))], with: fetcher)
             try await client.shutdown()
-            #expect(ContinuousClock.now - started < .seconds(5), "\(error?.description ?? "")")
+            #expect(ContinuousClock.now - started < .seconds(15), "\(error?.description ?? "")")  // not hung (loose: a loaded machine)
             #expect(error?.kind == .unreachable)
             #expect(error?.description.hasPrefix("fetching \(h.url("/app.txt")) failed: ") == true)
             #expect(error?.description.contains("127.0.0.1:\(h.server.port)") == true)

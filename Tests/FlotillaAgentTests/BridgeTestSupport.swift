@@ -38,6 +38,35 @@ enum BridgeTestSupport {
         }
     }
 
+    /// A UDP server that answers each datagram with "echo:" and the datagram.
+    static let udpEchoServer = """
+        import socket, sys
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", int(sys.argv[1])))
+        while True:
+            data, peer = s.recvfrom(2048)
+            s.sendto(b"echo:" + data, peer)
+        """
+
+    /// Sends `message` from 127.0.0.1:`sourcePort` to 127.0.0.1:`port` over UDP; returns the
+    /// answer, or nil if none came within `timeout` seconds.
+    static func udpExchange(port: Int, sourcePort: Int, message: String, timeout: Double = 1) throws -> String? {
+        let script = """
+            import socket, sys
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", int(sys.argv[2])))
+            s.settimeout(float(sys.argv[4]))
+            s.sendto(sys.argv[3].encode(), ("127.0.0.1", int(sys.argv[1])))
+            try:
+                sys.stdout.write(s.recv(2048).decode())
+            except (socket.timeout, ConnectionRefusedError):
+                sys.exit(3)
+            """
+        let result = try BridgeCommand.run(["python3", "-c", script, String(port), String(sourcePort), message, String(timeout)], timeout: timeout + 5)
+        return result.status == 0 ? result.stdoutText : nil
+    }
+
     static func makeTemporaryDirectory(_ label: String) throws -> URL {
         let url = URL(fileURLWithPath: "/tmp/flotilla-bridge-test-\(label)-\(randomHex(8))")
         try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
@@ -89,21 +118,46 @@ final class BridgeTestBed {
     /// `namespace` or (nil) in the host's namespace.
     @discardableResult
     func startHTTPServer(namespace: String?, address: String = "0.0.0.0", port: Int) throws -> Process {
-        let process = Process()
         let busybox = ["busybox", "httpd", "-f", "-p", "\(address):\(port)", "-h", webRoot.path]
-        if let namespace {
-            process.executableURL = URL(fileURLWithPath: BridgeCommand.resolve("ip")!)
-            process.arguments = ["netns", "exec", namespace] + busybox
-        } else {
-            process.executableURL = URL(fileURLWithPath: BridgeCommand.resolve("busybox")!)
-            process.arguments = Array(busybox.dropFirst())
-        }
+        if let namespace { return try startInNamespace(namespace, busybox) }
+        return try startProcess(BridgeCommand.resolve("busybox")!, Array(busybox.dropFirst()))
+    }
+
+    /// Starts `argv` inside `namespace` (`ip netns exec`), stopped by `cleanup()`.
+    @discardableResult
+    func startInNamespace(_ namespace: String, _ argv: [String]) throws -> Process {
+        try startProcess(BridgeCommand.resolve("ip")!, ["netns", "exec", namespace] + argv)
+    }
+
+    private func startProcess(_ executable: String, _ arguments: [String]) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
         process.standardInput = FileHandle.nullDevice
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
         try process.run()
         processes.append(process)
         return process
+    }
+
+    /// Starts busybox httpd on `address` at a free host port and returns the port once it
+    /// listens. A port picked as free can be taken by the time httpd binds it (other tests run
+    /// beside this one), so a server that exits or never listens is retried on another port.
+    func startHostHTTPServer(address: String = "127.0.0.1", avoiding: Set<Int> = []) throws -> Int {
+        var tried = avoiding
+        for _ in 0..<5 {
+            let port = BridgeTestSupport.freeHostPort(avoiding: tried)
+            tried.insert(port)
+            let process = try startHTTPServer(namespace: nil, address: address, port: port)
+            let listening = BridgeTestSupport.waitUntil(timeout: 10) {
+                !process.isRunning || BridgeNetwork.listeningTCPPorts().contains(port)
+            }
+            usleep(200_000)  // httpd exits at once when its bind fails; give it that moment
+            if listening && process.isRunning { return port }
+            stop(process)
+        }
+        throw BridgeTestError("busybox httpd did not listen on \(address) after 5 ports")
     }
 
     func stop(_ process: Process) {
@@ -129,4 +183,9 @@ final class BridgeTestBed {
         let result = try BridgeCommand.run(["nft", "list", "table", "ip", network.tableName])
         return result.succeeded ? result.stdoutText : ""
     }
+}
+
+struct BridgeTestError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
 }

@@ -65,6 +65,32 @@ import Testing
         #expect(app.container?.image == nil)
     }
 
+    @Test func seccompIsOnUnlessTheAppSaysUnconfined() throws {
+        #expect(try decode(#"{"id": "/p", "container": {"docker": {"image": "x"}}}"#).container?.seccompUnconfined == false)
+        #expect(try decode(#"{"id": "/p", "container": {"docker": {"image": "x"}, "linuxInfo": {"seccomp": {"unconfined": false}}}}"#)
+            .container?.seccompUnconfined == false)
+        let unconfined = try decode(#"{"id": "/p", "container": {"docker": {"image": "x"}, "linuxInfo": {"seccomp": {"unconfined": true}}}}"#)
+        #expect(unconfined.container?.seccompUnconfined == true)
+        // Marathon's answer keeps the field, and reading that answer again gives the same app.
+        let encoded = try JSONEncoder().encode(unconfined)
+        #expect(String(decoding: encoded, as: UTF8.self).contains(#""linuxInfo":{"seccomp":{"unconfined":true}}"#))
+        #expect(try JSONDecoder().decode(AppDefinition.self, from: encoded) == unconfined)
+        let dockerSpelling = try decode(
+            #"{"id": "/p", "container": {"docker": {"image": "x", "parameters": [{"key": "security-opt", "value": "seccomp=unconfined"}]}}}"#)
+        #expect(dockerSpelling.container?.seccompUnconfined == true)
+        #expect(try decode(#"{"id": "/p", "container": {"docker": {"image": "x", "parameters": [{"key": "security-opt", "value": "no-new-privileges"}]}}}"#)
+            .container?.seccompUnconfined == false)
+    }
+
+    @Test func udpMappingsAreAccepted() throws {
+        let app = try decode(
+            #"{"id": "/dns", "networks": [{"mode": "container/bridge"}], "container": {"docker": {"image": "x"}, "portMappings": "#
+                + #"[{"containerPort": 53, "protocol": "udp"}, {"containerPort": 54, "protocol": "udp,tcp"}]}}"#)
+        #expect(app.ports.map(\.protocol) == ["udp", "udp,tcp"])
+        #expect(paths(of: #"{"id": "/p", "networks": [{"mode": "container/bridge"}], "container": {"docker": {"image": "x"}, "portMappings": [{"containerPort": 1, "protocol": "sctp"}]}}"#)
+            == ["/container/portMappings(0)/protocol"])
+    }
+
     @Test func whatCannotBeHonouredIsRefusedWithItsPath() {
         #expect(paths(of: #"{"id": "/p", "container": {"docker": {"image": "x", "privileged": true}}}"#) == ["/container/docker/privileged"])
         #expect(paths(of: #"{"id": "/p", "container": {"docker": {"image": "x", "parameters": [{"key": "cap-add", "value": "ALL"}]}}}"#)
@@ -78,7 +104,13 @@ import Testing
         #expect(paths(of: #"{"id": "/p", "container": {"docker": {"image": "x"}, "portMappings": [{"containerPort": 80}]}}"#)
             == ["/container/portMappings"])
         #expect(paths(of: #"{"id": "/p", "container": {"docker": {"image": "x"}, "linuxInfo": {"seccomp": {"profileName": "p.json"}}}}"#)
+            == ["/container/linuxInfo/seccomp"])
+        #expect(paths(of: #"{"id": "/p", "container": {"docker": {"image": "x"}, "linuxInfo": {"ipcInfo": {"mode": "SHARE_PARENT"}}}}"#)
             == ["/container/linuxInfo"])
+        #expect(paths(of: #"{"id": "/p", "container": {"docker": {"image": "x"}, "linuxInfo": {"seccomp": {"unconfined": "yes"}}}}"#)
+            == ["/container/linuxInfo/seccomp/unconfined"])
+        #expect(paths(of: #"{"id": "/p", "container": {"docker": {"image": "x", "parameters": [{"key": "security-opt", "value": "apparmor=unconfined"}]}}}"#)
+            == ["/container/docker/parameters(0)/value"])
         #expect(paths(of: #"{"id": "/p", "container": {"docker": {"image": "x"}, "volumes": [{"containerPath": "/d", "persistent": {"size": 10}}]}}"#).count == 1)
         #expect(paths(of: #"{"id": "/p", "container": {"docker": {"image": "x"}, "volumes": [{"containerPath": "d", "hostPath": "/x"}]}}"#)
             == ["/container/volumes(0)/containerPath"])

@@ -96,7 +96,9 @@ import Testing
         let relevant = try await store.put("watched/z", data(""))
         let woke = try await waiter.value
         #expect(woke >= relevant)
-        #expect(clock.now - began < .seconds(5))
+        // Woken by the change, not by the 30 s timeout (the bound is loose: on a loaded 2-core
+        // machine other tests can hold the cooperative threads for seconds).
+        #expect(clock.now - began < .seconds(20))
     }
 
     @Test(arguments: Backend.allCases)
@@ -107,7 +109,7 @@ import Testing
         // The change happened before the wait began: it must return at once, not at the timeout.
         let clock = ContinuousClock()
         let elapsed = try await clock.measure { _ = try await store.waitForChange(prefix: "watched/", after: before, timeout: .seconds(30)) }
-        #expect(elapsed < .seconds(5))
+        #expect(elapsed < .seconds(20))
     }
 
     @Test(arguments: Backend.allCases)
@@ -117,7 +119,7 @@ import Testing
         let clock = ContinuousClock()
         let elapsed = try await clock.measure { _ = try await store.waitForChange(prefix: "x/", after: index, timeout: .milliseconds(100)) }
         #expect(elapsed >= .milliseconds(100))
-        #expect(elapsed < .seconds(5))
+        #expect(elapsed < .seconds(20))  // it ended (loosely bounded, as above)
     }
 
     @Test func sqliteKeepsEverythingAcrossReopening() async throws {

@@ -19,15 +19,14 @@ CONTAINER_NEEDS = {"container-docker", "container-mesos", "networks-container"}
 
 # file: (Flotilla's verdict, why it differs from Marathon's)
 DELIBERATE = {
-    "49-bridged-webapp.json": ("refused", "udp port mappings are not forwarded yet, so they are refused (422) rather than dropped"),
-    "65-bridged-webapp-legacy.json": ("refused", "udp port mappings are not forwarded yet, so they are refused (422) rather than dropped"),
     "51-privileged-job.json": (
         "refused",
         "a privileged container owns the node it runs on; Flotilla refuses it (422 saying so) rather than run it",
     ),
     "56-mesos-seccomp-profile.json": (
         "refused",
-        "Flotilla applies no seccomp profiles yet, so a named one is refused (422) rather than ignored",
+        "every container gets Flotilla's default seccomp filter (or none, when unconfined); a named profile "
+        "(a file on a Mesos agent) is refused (422) rather than ignored",
     ),
     "31-event-my-app-appdefinition.json": (
         "accepted",

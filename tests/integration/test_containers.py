@@ -12,6 +12,7 @@ import collections.abc
 import io
 import json
 import os
+import socket
 import subprocess
 import tarfile
 import threading
@@ -21,7 +22,7 @@ import pytest
 import requests
 
 from support.flotilla import wait_until
-from support.images import Registry, TestBridge, build_httpd_image, container_leftovers, run
+from support.images import Registry, TestBridge, build_httpd_image, container_leftovers, nft_table, run
 
 # marathon-python 0.13 serialises nested models with collections.Iterable, which Python 3.10 moved
 # to collections.abc; the alias lets the real client send container definitions unchanged.
@@ -219,6 +220,59 @@ def test_bridged_container_through_marathon_client_is_healthy_routed_and_reachab
     # Consul's view: the service at the host port.
     service = container_agent.get(f"/v1/catalog/service/{app_id.strip('/').replace('/', '-')}").json()
     assert sorted(entry["ServicePort"] for entry in service) == sorted(task["ports"][0] for task in tasks)
+
+
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(b"echo:" + data, peer)
+"""
+
+
+def test_udp_port_mapping_reaches_the_container(container_agent, images, app_ids):
+    """A udp mapping (Marathon's protocol "udp") forwards datagrams from the host port to the
+    container's namespace; "udp,tcp" gives one host port both transports."""
+    app_id = app_ids.new()
+    definition = bridged_app(app_id, images["references"]["1"])
+    definition["container"]["portMappings"] = [
+        {"containerPort": 8080, "hostPort": 0, "name": "http"},
+        {"containerPort": 5353, "hostPort": 0, "protocol": "udp", "name": "dns"},
+        {"containerPort": 7000, "hostPort": 0, "protocol": "udp,tcp", "name": "both"},
+    ]
+    container_agent.create_app(definition)
+    [task] = wait_healthy(container_agent, app_id, 1)
+    assert [m["protocol"] for m in container_agent.app(app_id)["container"]["portMappings"]] == ["tcp", "udp", "udp,tcp"]
+    namespaces = [line.split()[0] for line in run("ip", "netns", "list").splitlines()
+                  if line.startswith(nft_table(container_agent) + "-")]
+    assert len(namespaces) == 1, namespaces
+    # The image has no UDP server; the host's Python serves inside the container's own namespace.
+    servers = [subprocess.Popen(["ip", "netns", "exec", namespaces[0], "python3", "-c", UDP_ECHO, str(port)])
+               for port in (5353, 7000)]
+    try:
+        for host_port, message in ((task["ports"][1], b"ping"), (task["ports"][2], b"both")):
+            def exchange():
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                    client.settimeout(0.5)
+                    client.sendto(message, ("127.0.0.1", host_port))
+                    try:
+                        return client.recv(2048)
+                    except (socket.timeout, ConnectionRefusedError):
+                        return None
+            assert wait_until(exchange, timeout=15, what=f"an answer through udp {host_port}") == b"echo:" + message
+        table = run("nft", "list", "map", "ip", nft_table(container_agent), "udp_ports")
+        assert str(task["ports"][1]) in table and str(task["ports"][2]) in table
+        tcp = run("nft", "list", "map", "ip", nft_table(container_agent), "tcp_ports")
+        assert str(task["ports"][0]) in tcp and str(task["ports"][2]) in tcp and str(task["ports"][1]) not in tcp
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+    container_agent.delete(f"/v2/apps{app_id}?force=true")
+    wait_until(lambda: "elements" not in run("nft", "list", "map", "ip", nft_table(container_agent), "udp_ports") or None,
+               timeout=20, what="the udp mappings to go")
 
 
 def container_agent_bridge_prefix(tasks):
@@ -432,3 +486,39 @@ def test_read_only_root_filesystem_and_parameters(container_agent, images, app_i
     assert (sandbox / "root").read_text() == "root-read-only\n"
     # env, user (resolved in the image's /etc/passwd: www is 1000) and workdir parameters
     assert (sandbox / "params").read_text() == "hello 1000 /www\n"
+
+
+def seccomp_probe(container_agent, app_id, image, **container_fields):
+    """Runs the image with a command that records its seccomp mode and whether it may make a user
+    namespace; returns (the Seccomp line of /proc/self/status, unshare's output and status)."""
+    container_agent.create_app(container_app(
+        app_id, image,
+        cmd="grep '^Seccomp:' /proc/self/status > /mnt/mesos/sandbox/seccomp;"
+            " unshare -U true > /mnt/mesos/sandbox/unshare 2>&1; echo \"status $?\" >> /mnt/mesos/sandbox/unshare;"
+            " exec httpd -f -p $PORT0 -h /www",
+        container={"type": "DOCKER", "docker": {"image": image}, **container_fields},
+    ))
+    task = wait_healthy(container_agent, app_id, 1)[0]
+    sandbox = container_agent.sandbox(task["id"])
+    wait_until(lambda: "status" in ((sandbox / "unshare").read_text() if (sandbox / "unshare").exists() else ""),
+               timeout=20, what="the container to write its sandbox")
+    return (sandbox / "seccomp").read_text().split(), (sandbox / "unshare").read_text()
+
+
+def test_containers_run_under_the_default_seccomp_filter(container_agent, images, app_ids):
+    """Seccomp mode 2 (a filter) by default, and a new user namespace (which needs no capability,
+    and would give the container every capability inside it) is refused with EPERM."""
+    seccomp, unshare = seccomp_probe(container_agent, app_ids.new(), images["references"]["1"])
+    assert seccomp == ["Seccomp:", "2"]
+    assert "Operation not permitted" in unshare and "status 0" not in unshare, unshare
+
+
+def test_an_unconfined_container_runs_without_a_filter(container_agent, images, app_ids):
+    seccomp, unshare = seccomp_probe(container_agent, app_ids.new(), images["references"]["1"],
+                                     linuxInfo={"seccomp": {"unconfined": True}})
+    assert seccomp == ["Seccomp:", "0"]
+    # Without the filter only the kernel decides; Debian's kernels may forbid user namespaces to
+    # processes without CAP_SYS_ADMIN (kernel.unprivileged_userns_clone=0).
+    setting = "/proc/sys/kernel/unprivileged_userns_clone"
+    if not os.path.exists(setting) or open(setting).read().strip() == "1":
+        assert "status 0" in unshare, unshare

@@ -19,7 +19,8 @@ import requests
 from support.flotilla import free_tcp_port, wait_until
 
 BUSYBOX = "/bin/busybox"
-BUSYBOX_TOOLS = ["sh", "httpd", "echo", "cat", "ls", "sleep", "head", "tail", "id", "wc", "dd", "env", "hostname", "true", "false"]
+BUSYBOX_TOOLS = ["sh", "httpd", "echo", "cat", "ls", "sleep", "head", "tail", "id", "wc", "dd", "env", "hostname", "true", "false",
+                 "touch", "grep", "unshare"]
 REGISTRY_USER = "flotilla"
 REGISTRY_PASSWORD = "s3cret-registry-pass"
 
@@ -173,9 +174,10 @@ def container_leftovers(agent) -> list:
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     prefix = nft_table(agent) + "-"
     left += [f"network namespace {line.split()[0]}" for line in namespaces.splitlines() if line.startswith(prefix)]
-    mappings = subprocess.run(["nft", "list", "map", "ip", nft_table(agent), "tcp_ports"], capture_output=True, text=True).stdout
-    if "elements" in mappings:
-        left.append(f"port mappings {mappings.strip()}")
+    for port_map in ("tcp_ports", "udp_ports"):
+        mappings = subprocess.run(["nft", "list", "map", "ip", nft_table(agent), port_map], capture_output=True, text=True).stdout
+        if "elements" in mappings:
+            left.append(f"port mappings {mappings.strip()}")
     with open("/proc/self/mountinfo") as mounts:
         for line in mounts:
             mount_point = line.split()[4]
