@@ -48,10 +48,14 @@ public actor ControlPlane: Service {
 
     private let (wakeups, wakeupContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
 
+    /// How often a pass runs with no change to prompt it (backoffs that end, queued apps).
+    private let tickInterval: Duration
+
     public init(
         store: any StateStore, events: EventBus, logger: Logger, servicePortRange: ClosedRange<Int> = 10_000...20_000,
-        userExists: (@Sendable (String) -> Bool)? = nil
+        userExists: (@Sendable (String) -> Bool)? = nil, tickInterval: Duration = .seconds(1)
     ) {
+        self.tickInterval = tickInterval
         self.servicePortRange = servicePortRange
         self.userExists = userExists ?? { getpwnam($0) != nil }
         self.store = store
@@ -497,7 +501,7 @@ public actor ControlPlane: Service {
     /// A pass every second even without changes: backoff delays end, queued apps get another try.
     private func tick() async {
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
-            try? await Task.sleep(for: .seconds(1))
+            try? await Task.sleep(for: tickInterval)
             wake()
         }
         wakeupContinuation.finish()
@@ -731,7 +735,9 @@ public actor ControlPlane: Service {
         if !puts.isEmpty || !deletes.isEmpty {
             try await commit(puts: puts, deletes: deletes, deletePrefixes: results.map { StateKeys.removedApps(of: $0.id) })
         }
-        // Committed: steps move on, and say so.
+        // Committed: steps move on, and say so. The apps the new steps release are planned in a
+        // pass of their own, now rather than at the next tick.
+        if !advancedSteps.isEmpty { wake() }
         for (advanced, finished) in advancedSteps {
             deployments[advanced.id] = advanced
             for step in finished {
