@@ -90,7 +90,8 @@ public actor NodeAgent: Service {
                 }
             }
             let oci = OCIDriver(
-                configuration: .init(runtime: containers.runtime, containersDirectory: configuration.dataDirectory + "/containers"), images: images,
+                configuration: .init(runtime: containers.runtime, containersDirectory: configuration.dataDirectory + "/containers", rootfs: containers.rootfs),
+                images: images,
                 cgroups: cgroups, bridge: bridge)
             if let reason = oci.unavailableReason() {
                 logger.warning("OCI containers are off on this node: \(reason)")
@@ -108,10 +109,13 @@ public actor NodeAgent: Service {
         public var runtime: String
         /// The bridge for `container/bridge` networking; nil turns it off.
         public var bridge: BridgeOptions?
+        /// `--container-rootfs`: overlayfs, copies, or overlayfs where it works.
+        public var rootfs: ContainerRootfsMode
 
-        public init(runtime: String = "runc", bridge: BridgeOptions? = nil) {
+        public init(runtime: String = "runc", bridge: BridgeOptions? = nil, rootfs: ContainerRootfsMode = .auto) {
             self.runtime = runtime
             self.bridge = bridge
+            self.rootfs = rootfs
         }
     }
 

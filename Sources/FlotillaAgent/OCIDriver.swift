@@ -11,12 +11,24 @@ import Glibc
 /// gets to the container, and exits with the container's status, so the agent watches, signals and
 /// adopts it exactly as it does an exec process. The container itself sits in a child cgroup of
 /// the instance's, under the same limits.
+/// How containers get their root filesystems (`--container-rootfs`).
+public enum ContainerRootfsMode: String, Sendable, CaseIterable {
+    /// overlayfs where it can be mounted, else copies.
+    case auto
+    /// overlayfs only: containers are off where it cannot be mounted.
+    case overlay
+    /// A copy of the image's layers per instance (slower to start, more disk; for file systems
+    /// overlayfs cannot sit on).
+    case copy
+}
+
 struct OCIDriver: InstanceDriver {
     struct Configuration: Sendable {
         /// The runtime binary (`--oci-runtime`): a path, or a name looked up on PATH.
         var runtime: String
         /// Where the agent keeps its containers: rootfs mounts, upper layers, bundles, runtime state.
         var containersDirectory: String
+        var rootfs: ContainerRootfsMode = .auto
     }
 
     let configuration: Configuration
@@ -42,7 +54,7 @@ struct OCIDriver: InstanceDriver {
             runtimePath = .failure(.launch("the OCI runtime '\(configuration.runtime)' is not installed (Debian: apt install runc), or name it with --oci-runtime"))
         }
         try? FileManager.default.createDirectory(atPath: configuration.containersDirectory + "/.state", withIntermediateDirectories: true)
-        overlayAvailable = geteuid() == 0 && Self.probeOverlay(in: configuration.containersDirectory)
+        overlayAvailable = configuration.rootfs != .copy && geteuid() == 0 && Self.probeOverlay(in: configuration.containersDirectory)
     }
 
     var stateRoot: String { configuration.containersDirectory + "/.state" }
@@ -52,6 +64,9 @@ struct OCIDriver: InstanceDriver {
     func unavailableReason() -> String? {
         if case .failure(let error) = runtimePath { return error.description }
         if geteuid() != 0 { return "containers need the agent to run as root (namespaces, mounts, cgroups)" }
+        if configuration.rootfs == .overlay && !overlayAvailable {
+            return "overlayfs cannot be mounted under \(configuration.containersDirectory) (--container-rootfs overlay); use auto or copy"
+        }
         return nil
     }
 

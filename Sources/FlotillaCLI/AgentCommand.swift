@@ -1,4 +1,5 @@
 import ArgumentParser
+import FlotillaAgent
 import FlotillaCore
 import FlotillaProxy
 import FlotillaServer
@@ -78,6 +79,9 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "The OCI runtime that runs container apps: runc, crun, or a path.")
     var ociRuntime: String = "runc"
 
+    @Option(help: "Containers' root filesystems: overlay (overlayfs over the shared layers), copy (a copy per instance), or auto (overlay where it can be mounted).")
+    var containerRootfs: String = "auto"
+
     @Option(help: "The bridge container/bridge apps attach to (made on first use; at most 15 characters).")
     var bridgeName: String = "flotilla0"
 
@@ -140,6 +144,9 @@ struct AgentCommand: AsyncParsableCommand {
         if let cpus, cpus <= 0 { throw ValidationError("--cpus must be more than zero") }
         if let mem, mem <= 0 { throw ValidationError("--mem must be more than zero") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
+        guard ContainerRootfsMode(rawValue: containerRootfs) != nil else {
+            throw ValidationError("--container-rootfs must be one of \(ContainerRootfsMode.allCases.map(\.rawValue).joined(separator: ", ")), got '\(containerRootfs)'")
+        }
     }
 
     var parsedPorts: ClosedRange<Int>? { Self.portRange(ports) }
@@ -196,6 +203,7 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.servicePortRange = Self.portRange(servicePorts)!
             configuration.routeServicePorts = routeServicePorts
             configuration.ociRuntime = ociRuntime
+            configuration.containerRootfs = ContainerRootfsMode(rawValue: containerRootfs)!
             configuration.insecureRegistries = insecureRegistries
             configuration.registryAuthFile = registryAuthFile
             configuration.bridgeName = bridgeName

@@ -1,5 +1,5 @@
 import AsyncHTTPClient
-import FlotillaAgent
+public import FlotillaAgent
 import FlotillaAPI
 import FlotillaImage
 import FlotillaControl
@@ -46,6 +46,8 @@ public struct FlotillaServer {
         public var routeServicePorts = false
         /// The OCI runtime for container apps (`--oci-runtime`).
         public var ociRuntime = "runc"
+        /// How containers get their root filesystems (`--container-rootfs`).
+        public var containerRootfs = ContainerRootfsMode.auto
         /// Registries spoken to over plain HTTP (`--insecure-registry`).
         public var insecureRegistries: [String] = []
         /// Docker `config.json` credentials (`--registry-auth-file`).
@@ -119,7 +121,8 @@ public struct FlotillaServer {
             store: store, cgroups: cgroups, images: images,
             containers: .init(
                 runtime: configuration.ociRuntime,
-                bridge: .init(name: configuration.bridgeName, cidr: configuration.bridgeCIDR, namePrefix: "flt\(digest.prefix(8))")),
+                bridge: .init(name: configuration.bridgeName, cidr: configuration.bridgeCIDR, namePrefix: "flt\(digest.prefix(8))"),
+                rootfs: configuration.containerRootfs),
             logger: logger)
 
         let metrics = PrometheusCollectorRegistry()

@@ -464,8 +464,13 @@ def test_import_of_an_oci_layout_runs_without_a_registry(make_agent, images, app
     agent.delete(f"/v2/apps{app_id}?force=true")
     wait_until(lambda: agent.get(f"/v2/apps{app_id}").status_code == 404 and runc_containers(agent) == [], timeout=30,
                what="the app and its container to be gone")
-    pruned = json.loads(agent.cli("image", "prune", "--json").stdout)
-    # The app's versions are gone with it, so nothing references the image any more.
+    # The app's versions are gone with it, so nothing references the image once the control plane
+    # has seen its last instance end (the agent's status write can trail the container's exit).
+    def prune_removes_something():
+        pruned = json.loads(agent.cli("image", "prune", "--json").stdout)
+        return pruned if pruned["removed"] else None
+
+    pruned = wait_until(prune_removes_something, timeout=20, what="prune to remove the deleted app's image")
     assert [image["references"] for image in pruned["removed"]] == [["localhost/imported/web:2"]]
     assert pruned["bytesFreed"] > 0
 
@@ -522,3 +527,40 @@ def test_an_unconfined_container_runs_without_a_filter(container_agent, images, 
     setting = "/proc/sys/kernel/unprivileged_userns_clone"
     if not os.path.exists(setting) or open(setting).read().strip() == "1":
         assert "status 0" in unshare, unshare
+
+
+def test_copied_root_filesystems_where_overlayfs_is_not_wanted(make_agent, images, app_ids):
+    """--container-rootfs copy: each instance gets a copy of the image's layers, not an overlay
+    mount; it runs, sees its image's files, and writes to its own copy only."""
+    agent = make_agent(extra_args=["--container-rootfs", "copy"])
+    result = agent.cli("image", "import", str(images["layout"]), "--name", "localhost/copied/web:2")
+    assert result.returncode == 0, result.stderr
+    app_id = app_ids.new()
+    agent.create_app(container_app(
+        app_id, "localhost/copied/web:2", instances=2,
+        cmd="cat /only-in-image > /mnt/mesos/sandbox/seen; echo mine > /written-by-me; exec httpd -f -p $PORT0 -h /www"))
+    tasks = wait_healthy(agent, app_id, 2)
+    for task in tasks:
+        assert requests.get(f"http://127.0.0.1:{task['ports'][0]}/", timeout=5).text == "served by tag 2\n"
+    instances = {entry["id"]: entry for entry in agent.get("/flotilla/v1/instances").json()["instances"]}
+    assert [instances[task["id"]]["driverState"]["rootfs"] for task in tasks] == ["copy", "copy"]
+    with open("/proc/self/mountinfo") as mounts:
+        overlays = [line for line in mounts if " - overlay " in line and str(agent.state_dir) in line]
+    assert overlays == []
+    for task in tasks:
+        sandbox = agent.sandbox(task["id"])
+        wait_until(lambda: (sandbox / "seen").exists(), timeout=20, what="the container to write its sandbox")
+        assert (sandbox / "seen").read_text() == "2"
+    # Each copy is the instance's own: what one wrote is not in the image's layers.
+    layers = agent.state_dir / "images" / "layers"
+    assert not any(path.name == "written-by-me" for path in layers.rglob("written-by-me"))
+    agent.delete(f"/v2/apps{app_id}?force=true")
+    wait_until(lambda: runc_containers(agent) == [] and not any((agent.state_dir / "containers").glob("*/rootfs")),
+               timeout=30, what="the containers and their copies to be gone")
+
+
+def test_an_unknown_rootfs_mode_is_refused_at_start(binary, tmp_path):
+    result = subprocess.run([binary, "agent", "--data-dir", str(tmp_path), "--container-rootfs", "tmpfs"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "--container-rootfs must be one of auto, overlay, copy, got 'tmpfs'" in result.stderr
