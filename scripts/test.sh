@@ -88,7 +88,7 @@ ensure_system_packages() {
     # the build needs zlib's header.
     local wanted=(
         curl:curl procps:ps dnsutils:dig zlib1g-dev:/usr/include/zlib.h
-        runc:runc umoci:umoci skopeo:skopeo docker-registry:docker-registry apache2-utils:htpasswd busybox-static:dpkg
+        runc:runc crun:crun umoci:umoci skopeo:skopeo docker-registry:docker-registry apache2-utils:htpasswd busybox-static:dpkg
         nftables:nft iproute2:ip conntrack:conntrack
     )
     local missing=() entry package proof

@@ -96,7 +96,15 @@ struct OCIBundle {
             mounts.append(Self.mount(volume.containerPath, type: "bind", source: source, options: ["rbind", volume.mode == .readOnly ? "ro" : "rw"]))
         }
         var resources: [String: JSONValue] = ["devices": .array([.object(["allow": false, "access": "rwm"])])]
-        if let memory = Self.memoryLimit(definition) { resources["memory"] = .object(["limit": .number(Double(memory)), "swap": .number(Double(memory))]) }
+        if let memory = Self.memoryLimit(definition) {
+            // The instance's own cgroup (the agent's, above this one) carries the limit itself. The
+            // container's is a page higher, so the kernel's OOM killer acts in the instance's
+            // cgroup and records the kill there: the runtime removes the container's cgroup when
+            // the container exits (crun always does), and with it the record. Programs that read
+            // their limit from their cgroup (JVMs, Go's GOMEMLIMIT helpers) see it within 4 KiB.
+            let container = memory + Self.containerMemoryMargin
+            resources["memory"] = .object(["limit": .number(Double(container)), "swap": .number(Double(container))])
+        }
         var cpu: [String: JSONValue] = ["shares": .number(Double(max(2, Int(definition.cpus * 1024))))]
         if case .amount(let limit)? = definition.resourceLimits?.cpus {
             cpu["period"] = 100_000
@@ -157,6 +165,9 @@ struct OCIBundle {
         guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return 1024 }
         return UInt64(limit.rlim_max)
     }
+
+    /// How much higher the container's memory limit is than its instance's: one page.
+    static let containerMemoryMargin: Int64 = 4096
 
     static func memoryLimit(_ definition: AppDefinition) -> Int64? {
         let limits = definition.resourceLimits

@@ -39,6 +39,9 @@ struct OCIDriver: InstanceDriver {
     let runtimePath: Result<String, AgentError>
     /// Whether overlayfs mounts work here (root, and a kernel with overlay); else rootfs copies.
     let overlayAvailable: Bool
+    /// Whether the runtime's `run` takes `--keep` (runc does; crun before 1.9 does not), which
+    /// leaves its record of an exited container for the agent to delete when it cleans up.
+    let runtimeKeepsRecords: Bool
 
     var name: String { "oci" }
 
@@ -55,6 +58,11 @@ struct OCIDriver: InstanceDriver {
         }
         try? FileManager.default.createDirectory(atPath: configuration.containersDirectory + "/.state", withIntermediateDirectories: true)
         overlayAvailable = configuration.rootfs != .copy && geteuid() == 0 && Self.probeOverlay(in: configuration.containersDirectory)
+        if case .success(let path) = runtimePath {
+            runtimeKeepsRecords = Self.helpText(path, ["run", "--help"]).contains("--keep")
+        } else {
+            runtimeKeepsRecords = false
+        }
     }
 
     var stateRoot: String { configuration.containersDirectory + "/.state" }
@@ -151,7 +159,7 @@ struct OCIDriver: InstanceDriver {
                 _ = await Self.runQuietly([runtime, "--root", stateRoot, "delete", "--force", spec.id])
             }
             return try ProcessSpawner.spawn(
-                path: runtime, arguments: [runtime, "--root", stateRoot, "run", "--bundle", bundle, "--keep", spec.id],
+                path: runtime, arguments: [runtime, "--root", stateRoot, "run", "--bundle", bundle] + (runtimeKeepsRecords ? ["--keep"] : []) + [spec.id],
                 environment: ["PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], workingDirectory: bundle,
                 sandbox: context.sandbox, cgroupFiles: [], logs: context.logs, state: state)
         } catch {
@@ -263,6 +271,21 @@ struct OCIDriver: InstanceDriver {
             "TERM": SIGTERM, "INT": SIGINT, "QUIT": SIGQUIT, "HUP": SIGHUP, "USR1": SIGUSR1, "USR2": SIGUSR2, "KILL": SIGKILL, "WINCH": SIGWINCH,
         ]
         return table[bare]
+    }
+
+    /// What `runtime arguments…` prints (stdout and stderr), for probing what a runtime supports.
+    static func helpText(_ runtime: String, _ arguments: [String]) -> String {
+        let process = Process()
+        let pipe = Pipe()
+        process.executableURL = URL(fileURLWithPath: runtime)
+        process.arguments = arguments
+        process.standardInput = FileHandle.nullDevice
+        process.standardOutput = pipe
+        process.standardError = pipe
+        do { try process.run() } catch { return "" }
+        let output = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return String(decoding: output, as: UTF8.self)
     }
 
     /// Runs a short runtime command (delete, state) and waits for it off the shared threads.

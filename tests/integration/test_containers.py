@@ -12,6 +12,7 @@ import collections.abc
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import tarfile
@@ -564,3 +565,47 @@ def test_an_unknown_rootfs_mode_is_refused_at_start(binary, tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert "--container-rootfs must be one of auto, overlay, copy, got 'tmpfs'" in result.stderr
+
+
+@pytest.mark.parametrize("runtime", ["runc", "crun"])
+def test_each_runtime_runs_containers_with_command_checks_inside(make_agent, images, app_ids, runtime):
+    """runc and crun take the same bundle: the container serves, its COMMAND health check runs
+    inside it (only the image has /only-in-image), it is filtered by seccomp, and it goes away."""
+    if shutil.which(runtime) is None:
+        pytest.skip(f"{runtime} is not installed (scripts/test.sh installs it)")
+    agent = make_agent(extra_args=["--oci-runtime", runtime])
+    result = agent.cli("image", "import", str(images["layout"]), "--name", f"localhost/{runtime}/web:2")
+    assert result.returncode == 0, result.stderr
+    app_id = app_ids.new()
+    agent.create_app(container_app(
+        app_id, f"localhost/{runtime}/web:2",
+        cmd="grep '^Seccomp:' /proc/self/status > /mnt/mesos/sandbox/seccomp; exec httpd -f -p $PORT0 -h /www",
+        healthChecks=[{"protocol": "COMMAND", "command": {"value": "test -f /only-in-image"}, "intervalSeconds": 1, "gracePeriodSeconds": 10}],
+    ))
+    def healthy_or_refused():
+        failure = agent.get(f"/v2/apps{app_id}").json()["app"].get("lastTaskFailure")
+        if failure and "hybrid mode not supported" in failure["message"]:
+            return failure["message"]
+        app = agent.app(app_id)
+        return agent.tasks(app_id) if app["tasksHealthy"] == 1 else None
+
+    outcome = wait_until(healthy_or_refused, timeout=60, what=f"a healthy instance under {runtime}")
+    if isinstance(outcome, str):
+        # crun 1.8 refuses hosts whose cgroup2 mount has controllers beside cgroup v1 ones.
+        agent.delete(f"/v2/apps{app_id}?force=true")
+        pytest.skip(f"{runtime} cannot run containers on this host: {outcome}")
+    [task] = outcome
+    assert requests.get(f"http://127.0.0.1:{task['ports'][0]}/", timeout=5).text == "served by tag 2\n"
+    assert (agent.sandbox(task["id"]) / "seccomp").read_text().split() == ["Seccomp:", "2"]
+    state_root = agent.state_dir / "containers" / ".state"
+    listed = json.loads(run(runtime, "--root", str(state_root), "list", "--format", "json") or "[]") or []
+    assert [entry["id"] for entry in listed] == [task["id"]]
+    agent.delete(f"/v2/apps{app_id}?force=true")
+    wait_until(lambda: not json.loads(run(runtime, "--root", str(state_root), "list", "--format", "json") or "[]"),
+               timeout=30, what=f"{runtime}'s container to be gone")
+    # An OOM kill is reported whatever the runtime does with the container's own cgroup.
+    hungry = app_ids.new()
+    agent.create_app(container_app(hungry, f"localhost/{runtime}/web:2", mem=16, cmd="head -c 200000000 /dev/zero | tail",
+                                   healthChecks=[], portDefinitions=[]))
+    last = wait_until(lambda: agent.get(f"/v2/apps{hungry}").json()["app"].get("lastTaskFailure"), timeout=60, what="the instance to fail")
+    assert "OOM" in last["message"], last
