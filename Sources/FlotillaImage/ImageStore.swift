@@ -37,6 +37,9 @@ public actor ImageStore {
     private var progressHandlers: [String: [@Sendable (PullProgress) -> Void]] = [:]
     /// Layers being unpacked, so two images sharing one unpack it once.
     private var unpacking: [ImageDigest: Task<String, any Error>] = [:]
+    /// The image records as last read; every start looks its image up here. The store is the
+    /// only writer of its directory, and forgets this whenever it writes or removes a record.
+    private var records: [StoredImage]?
 
     /// - Parameter client: the registry client pulls go through; nil for a store that only imports.
     public init(root: String, client: RegistryClient?, logger: Logger) throws {
@@ -58,7 +61,13 @@ public actor ImageStore {
     // MARK: - Reading
 
     public func images() -> [StoredImage] {
-        let directory = root + "/images"
+        if let records { return records }
+        let loaded = Self.readRecords(in: root + "/images")
+        records = loaded
+        return loaded
+    }
+
+    private static func readRecords(in directory: String) -> [StoredImage] {
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
         return entries.filter { $0.hasSuffix(".json") }.compactMap { entry in
             guard let data = FileManager.default.contents(atPath: directory + "/" + entry) else { return nil }
@@ -345,6 +354,7 @@ public actor ImageStore {
             if kept { remaining.append(image) } else { removed.append(image) }
         }
         for image in removed { unlink(root + "/images/" + image.id.hex + ".json") }
+        records = nil
         var live: Set<String> = []
         for image in remaining {
             live.insert(image.id.hex)
@@ -401,6 +411,7 @@ public actor ImageStore {
     }
 
     private func save(_ image: StoredImage) throws {
+        records = nil
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         try Self.atomicWrite(Array(try encoder.encode(image)), to: root + "/images/" + image.id.hex + ".json", temporaryDirectory: root + "/tmp")
