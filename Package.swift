@@ -125,11 +125,21 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
 
-        // HTTP surfaces: Marathon v2 (and later Consul, Vault, Prometheus).
+        // Secrets: the keyring (AES-256-GCM under the operator's key) and Vault's KV v2 engine.
+        .target(
+            name: "FlotillaSecrets",
+            dependencies: [
+                "FlotillaCore", "FlotillaStore",
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+
+        // HTTP surfaces: Marathon v2, Consul v1, Vault's KV v2, images, operations.
         .target(
             name: "FlotillaAPI",
             dependencies: [
-                "FlotillaCore", "FlotillaStore", "FlotillaScheduler", "FlotillaControl", "FlotillaRegistry", "FlotillaImage",
+                "FlotillaCore", "FlotillaStore", "FlotillaScheduler", "FlotillaControl", "FlotillaRegistry", "FlotillaImage", "FlotillaSecrets",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
@@ -144,7 +154,7 @@ let package = Package(
             name: "FlotillaServer",
             dependencies: [
                 "FlotillaCore", "FlotillaStore", "FlotillaScheduler", "FlotillaAgent", "FlotillaControl", "FlotillaAPI",
-                "FlotillaRegistry", "FlotillaProxy", "FlotillaImage",
+                "FlotillaRegistry", "FlotillaProxy", "FlotillaImage", "FlotillaSecrets",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Hummingbird", package: "hummingbird"),
@@ -159,7 +169,7 @@ let package = Package(
         .target(
             name: "FlotillaCLI",
             dependencies: [
-                "FlotillaCore", "FlotillaServer", "FlotillaProxy", "FlotillaAgent",
+                "FlotillaCore", "FlotillaServer", "FlotillaProxy", "FlotillaAgent", "FlotillaSecrets", "FlotillaStore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -178,6 +188,7 @@ let package = Package(
 
         .testTarget(name: "FlotillaCoreTests", dependencies: ["FlotillaCore"], swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaStoreTests", dependencies: ["FlotillaCore", "FlotillaStore"], swiftSettings: swiftSettings),
+        .testTarget(name: "FlotillaSecretsTests", dependencies: ["FlotillaCore", "FlotillaStore", "FlotillaSecrets"], swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaSchedulerTests", dependencies: ["FlotillaCore", "FlotillaScheduler"], swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaRegistryTests", dependencies: ["FlotillaCore", "FlotillaStore", "FlotillaRegistry"], swiftSettings: swiftSettings),
         .testTarget(

@@ -87,7 +87,7 @@ public enum MarathonJSON {
         if let limits = app.resourceLimits { object["resourceLimits"] = try? JSONValue(encoding: limits) }
         if let check = app.check { object["check"] = check }
         if let resources = app.executorResources { object["executorResources"] = resources }
-        if let secrets = app.secrets { object["secrets"] = secrets }
+        if !app.secrets.isEmpty { object["secrets"] = try? JSONValue(encoding: app.secrets) }
         // Flotilla's own fields appear only when set away from their defaults, so Marathon clients
         // that reject unknown keys keep working with apps that do not use them.
         if app.drainSeconds != AppDefinition.Defaults.drainSeconds { object["drainSeconds"] = .number(app.drainSeconds) }

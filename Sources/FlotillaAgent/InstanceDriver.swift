@@ -1,4 +1,4 @@
-import FlotillaCore
+public import FlotillaCore
 import Glibc
 
 /// The process the agent supervises for one instance: what a driver started, or what it found
@@ -62,6 +62,15 @@ struct LaunchContext: Sendable {
     var logs: InstanceLogs
     /// The agent's own environment (for PATH, LANG and the like).
     var agentEnvironment: [String: String]
+    /// The values of the app's secrets, by the names its `secrets` gives them; read at start,
+    /// held only in memory and handed to the instance (env, files), never logged or stored.
+    var secrets: [String: String] = [:]
+}
+
+/// Reads secret values for instances as they start (the secrets engine, over the shared store).
+public protocol SecretValues: Sendable {
+    /// The value `source` names. Errors name the source, never a value.
+    func value(of source: SecretSource) async throws -> String
 }
 
 extension InstanceDriver {
@@ -75,7 +84,9 @@ extension InstanceDriver {
 /// The environment every instance sees, whichever driver runs it: Marathon's variables, then the
 /// app's own. `sandbox` is the sandbox's path as the instance sees it.
 enum InstanceEnvironment {
-    static func build(for spec: InstanceSpec, sandbox: String, agentEnvironment: [String: String]) -> [String: String] {
+    static func build(
+        for spec: InstanceSpec, sandbox: String, agentEnvironment: [String: String], secrets: [String: String] = [:]
+    ) -> [String: String] {
         var environment: [String: String] = [:]
         for key in ["PATH", "LANG", "LC_ALL", "TZ"] { environment[key] = agentEnvironment[key] }
         environment["PATH"] = environment["PATH"] ?? "/usr/local/bin:/usr/bin:/bin"
@@ -105,7 +116,10 @@ enum InstanceEnvironment {
         if let first = spec.ports.first { environment["PORT"] = String(first) }
         if !spec.ports.isEmpty { environment["PORTS"] = spec.ports.map(String.init).joined(separator: ",") }
         for (key, value) in spec.definition.env {
-            if case .value(let text) = value { environment[key] = text }
+            switch value {
+            case .value(let text): environment[key] = text
+            case .secret(let name): environment[key] = secrets[name]
+            }
         }
         return environment
     }

@@ -62,13 +62,16 @@ public actor NodeAgent: Service {
     /// The last status this agent wrote per instance, to avoid rewriting what is already there.
     private var written: [String: InstanceStatus] = [:]
     private var lastCollection = Date.distantPast
+    /// Where instances' secrets are read at start; nil when this node has no secrets key.
+    private let secretValues: (any SecretValues)?
 
     /// - Parameters:
     ///   - images: the node's image store; with it (and a runtime, `containers`) the agent runs OCI images.
     public init(
         configuration: Configuration, store: any StateStore, cgroups: Cgroups, images: ImageStore? = nil,
-        containers: ContainerOptions? = nil, logger: Logger
+        containers: ContainerOptions? = nil, secrets: (any SecretValues)? = nil, logger: Logger
     ) {
+        self.secretValues = secrets
         self.configuration = configuration
         self.store = store
         self.logger = logger
@@ -346,7 +349,8 @@ public actor NodeAgent: Service {
     private func start(_ spec: InstanceSpec, driver: any InstanceDriver) async -> InstanceStatus? {
         let now = Timestamp.format(Date())
         do {
-            let context = LaunchContext(sandbox: sandbox(of: spec.id), logs: logs(of: spec.id), agentEnvironment: agentEnvironment)
+            var context = LaunchContext(sandbox: sandbox(of: spec.id), logs: logs(of: spec.id), agentEnvironment: agentEnvironment)
+            context.secrets = try await readSecrets(of: spec)
             try FileManager.default.createDirectory(atPath: context.sandbox, withIntermediateDirectories: true)
             guard launching else { return nil }
             let process = try await driver.start(spec, context: context)
@@ -375,6 +379,26 @@ public actor NodeAgent: Service {
             logger.warning("could not start \(spec.id): \(error)")
             return InstanceStatus(id: spec.id, state: .failed, driver: driver.name, message: "\(error)", updatedAt: now)
         }
+    }
+
+    /// The values of the secrets the instance's app uses, read now so a changed secret reaches the
+    /// next instance. A secret that cannot be read fails the start with its name and source.
+    private func readSecrets(of spec: InstanceSpec) async throws -> [String: String] {
+        let names = SecretSource.names(usedBy: spec.definition)
+        guard !names.isEmpty else { return [:] }
+        guard let secretValues else {
+            throw AgentError.launch("the app uses secrets, and this node has no secrets key (start the agent with --secrets-key-file)")
+        }
+        var values: [String: String] = [:]
+        for name in names.sorted() {
+            guard let source = spec.definition.secrets[name] else { throw AgentError.launch("the secret '\(name)' is not declared in the app's secrets") }
+            do {
+                values[name] = try await secretValues.value(of: source)
+            } catch {
+                throw AgentError.launch("cannot read the secret '\(name)' (\(source.source)): \(error)")
+            }
+        }
+        return values
     }
 
     /// Stops an instance the Flotilla way: out of discovery first (draining) for `drainSeconds`,

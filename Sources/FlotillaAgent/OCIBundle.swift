@@ -27,6 +27,10 @@ struct OCIBundle {
     var networkNamespace: String?
     var cgroupsPath: String?
     var user: (uid: UInt32, gid: UInt32, additionalGids: [UInt32])
+    /// Secret values by name, for `env` entries that refer to them.
+    var secrets: [String: String] = [:]
+    /// Files holding secret values, bound read-only at their container paths (container path → file on the node).
+    var secretFiles: [String: String] = [:]
 
     /// The argument vector: `cmd` runs through `/bin/sh -c` in place of the entrypoint, `args`
     /// replace the image's `Cmd` after its entrypoint, as Mesos' Docker containerizer does.
@@ -44,7 +48,7 @@ struct OCIBundle {
 
     /// The container's environment: the image's, Flotilla's and Marathon's variables, the
     /// `env` docker parameters, then the app's `env` (later entries win).
-    static func environment(for spec: InstanceSpec, image: ImageConfiguration.ContainerConfig) -> [String] {
+    static func environment(for spec: InstanceSpec, image: ImageConfiguration.ContainerConfig, secrets: [String: String] = [:]) -> [String] {
         var values: [String: String] = [:]
         var order: [String] = []
         func set(_ key: String, _ value: String) {
@@ -56,7 +60,7 @@ struct OCIBundle {
             set(String(entry[..<equals]), String(entry[entry.index(after: equals)...]))
         }
         if values["PATH"] == nil { set("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin") }
-        var flotilla = InstanceEnvironment.build(for: spec, sandbox: containerSandbox, agentEnvironment: [:])
+        var flotilla = InstanceEnvironment.build(for: spec, sandbox: containerSandbox, agentEnvironment: [:], secrets: secrets)
         // The node's PATH means nothing inside the image; HOME stays the image's (or /root).
         flotilla.removeValue(forKey: "PATH")
         flotilla.removeValue(forKey: "HOME")
@@ -64,7 +68,10 @@ struct OCIBundle {
         if values["HOME"] == nil { set("HOME", "/root") }
         for (key, value) in spec.definition.container?.parameterEnvironment ?? [] { set(key, value) }
         for (key, value) in spec.definition.env.sorted(by: { $0.key < $1.key }) {
-            if case .value(let text) = value { set(key, text) }
+            switch value {
+            case .value(let text): set(key, text)
+            case .secret(let name): if let text = secrets[name] { set(key, text) }
+            }
         }
         return order.map { "\($0)=\(values[$0]!)" }
     }
@@ -91,9 +98,12 @@ struct OCIBundle {
         for (destination, source) in etcFiles.sorted(by: { $0.key < $1.key }) {
             mounts.append(Self.mount(destination, type: "bind", source: source, options: ["rbind", "ro"]))
         }
-        for volume in definition.container?.volumes ?? [] {
+        for volume in definition.container?.volumes ?? [] where volume.secret == nil {
             let source = volume.hostPath.hasPrefix("/") ? volume.hostPath : sandbox + "/" + volume.hostPath
             mounts.append(Self.mount(volume.containerPath, type: "bind", source: source, options: ["rbind", volume.mode == .readOnly ? "ro" : "rw"]))
+        }
+        for (destination, file) in secretFiles.sorted(by: { $0.key < $1.key }) {
+            mounts.append(Self.mount(destination, type: "bind", source: file, options: ["bind", "ro", "nosuid", "nodev", "noexec"]))
         }
         var resources: [String: JSONValue] = ["devices": .array([.object(["allow": false, "access": "rwm"])])]
         if let memory = Self.memoryLimit(definition) {
@@ -131,7 +141,7 @@ struct OCIBundle {
                 "additionalGids": .array(user.additionalGids.map { .number(Double($0)) }),
             ]),
             "args": .array(arguments.map(JSONValue.string)),
-            "env": .array(Self.environment(for: spec, image: image).map(JSONValue.string)),
+            "env": .array(Self.environment(for: spec, image: image, secrets: secrets).map(JSONValue.string)),
             "cwd": .string(workingDirectory),
             "capabilities": .object(["bounding": capabilities, "effective": capabilities, "permitted": capabilities]),
             // As many open files as the agent may have (Docker's containers inherit the daemon's limit).

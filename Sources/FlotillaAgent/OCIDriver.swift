@@ -124,7 +124,7 @@ struct OCIDriver: InstanceDriver {
                 try await images.flatten(image, into: rootfs)
                 state["rootfs"] = "copy"
             }
-            for volume in container.volumes {
+            for volume in container.volumes where volume.secret == nil {
                 let source = volume.hostPath.hasPrefix("/") ? volume.hostPath : context.sandbox + "/" + volume.hostPath
                 // Docker makes a missing host directory; so does Flotilla.
                 try FileManager.default.createDirectory(atPath: source, withIntermediateDirectories: true)
@@ -145,11 +145,15 @@ struct OCIDriver: InstanceDriver {
             // The sandbox belongs to the container's user, as Mesos gives it to the task's user
             // (the agent opened the log files, so they stay writable either way).
             if user.uid != 0 || user.gid != 0 { chown(context.sandbox, user.uid, user.gid) }
+            let secretFiles = try Self.writeSecretFiles(
+                container.volumes, values: context.secrets, in: base + "/secrets", owner: (user.uid, user.gid))
             // The instance's cgroup carries the limits; the runtime puts the container in a child of it.
             _ = try cgroups.createForInstance(spec)
-            let configuration = OCIBundle(
+            var configuration = OCIBundle(
                 spec: spec, image: image.config.config, rootfs: rootfs, sandbox: context.sandbox, etcFiles: etc, networkNamespace: namespacePath,
                 cgroupsPath: cgroups.relativePath(instanceID: spec.id).map { $0 + "/container" }, user: user)
+            configuration.secrets = context.secrets
+            configuration.secretFiles = secretFiles
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys]
             try encoder.encode(try configuration.configuration()).write(to: URL(fileURLWithPath: bundle + "/config.json"), options: .atomic)
@@ -206,6 +210,37 @@ struct OCIDriver: InstanceDriver {
     }
 
     // MARK: - Helpers
+
+    /// Writes each secret volume's value to a file of its own (mode 0400, owned by the container's
+    /// user) under `directory`, which only root can enter; returns container path → file. The
+    /// directory goes with the instance's other files when it ends.
+    static func writeSecretFiles(
+        _ volumes: [ContainerVolume], values: [String: String], in directory: String, owner: (uid: UInt32, gid: UInt32)
+    ) throws -> [String: String] {
+        let secretVolumes = volumes.filter { $0.secret != nil }
+        guard !secretVolumes.isEmpty else { return [:] }
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o711])
+        var files: [String: String] = [:]
+        for (index, volume) in secretVolumes.enumerated() {
+            guard let name = volume.secret, let value = values[name] else {
+                throw AgentError.launch("the secret '\(volume.secret ?? "")' for \(volume.containerPath) was not read")
+            }
+            let file = directory + "/\(index)"
+            let fd = open(file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o400)
+            guard fd >= 0 else { throw AgentError.launch("cannot write the secret file for \(volume.containerPath): \(String(cString: strerror(errno)))") }
+            defer { close(fd) }
+            let bytes = Array(value.utf8)
+            var written = 0
+            while written < bytes.count {
+                let count = bytes[written...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+                guard count > 0 else { throw AgentError.launch("cannot write the secret file for \(volume.containerPath)") }
+                written += count
+            }
+            fchown(fd, owner.uid, owner.gid)
+            files[volume.containerPath] = file
+        }
+        return files
+    }
 
     /// The instance's published ports: each port mapping's host port (assigned by placement) to
     /// its container port (0: the host port, as Marathon does), once per transport it names.

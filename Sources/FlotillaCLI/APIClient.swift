@@ -73,6 +73,11 @@ struct APIClient {
     }
 
     static func describeError(_ reply: Reply) -> String {
+        // Vault's shape: {"errors": ["…"]}, empty for a plain 404.
+        if let json = reply.json, case .array(let errors)? = json["errors"] {
+            let messages = errors.compactMap(\.stringValue)
+            return messages.isEmpty ? (reply.status == 404 ? "not found" : "HTTP \(reply.status)") : messages.joined(separator: "; ")
+        }
         guard let json = reply.json, let message = json["message"]?.stringValue else {
             let text = String(decoding: reply.body.prefix(300), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
             return "HTTP \(reply.status)" + (text.isEmpty ? "" : ": \(text)")

@@ -1,5 +1,6 @@
 import ArgumentParser
 import FlotillaAgent
+import FlotillaSecrets
 import FlotillaCore
 import FlotillaProxy
 import FlotillaServer
@@ -97,6 +98,9 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "Registry credentials in Docker's config.json format ({\"auths\": {\"HOST:PORT\": {\"auth\": base64(user:password)}}}).")
     var registryAuthFile: String?
 
+    @Option(help: "The key secrets are sealed under (from 'flotilla secrets keygen'; mode 600); or the FLOTILLA_SECRETS_KEY environment variable. Without one, the secrets engine is off.")
+    var secretsKeyFile: String?
+
     @Option(name: .customLong("attribute"), help: "A node attribute for constraints, key=value (repeatable).")
     var attributes: [String] = []
 
@@ -190,6 +194,10 @@ struct AgentCommand: AsyncParsableCommand {
                 "data-dir": "\(directory)", "api": "\(bind):\(apiPort)", "node": "\(name)", "cpus": "\(node.cpus)",
                 "mem": "\(Int(node.mem))", "ports": "\(ports)", "dns": "\(bind):\(dnsPort)", "proxy": "\(bind):\(proxyPort)",
             ])
+        if !(bind.hasPrefix("127.") || bind == "::1" || bind == "localhost") {
+            logger.warning(
+                "the API on \(bind):\(apiPort) has no access control yet: whoever reaches it can deploy commands, read secrets and stop apps; keep it on a trusted network")
+        }
         do {
             var configuration = FlotillaServer.Configuration(
                 dataDirectory: directory, bindAddress: bind, apiPort: apiPort, node: node, stopInstancesOnExit: onExit == .stop,
@@ -209,6 +217,11 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.bridgeName = bridgeName
             configuration.bridgeCIDR = bridgeCidr
             configuration.imageGCThresholdPercent = imageGcThreshold > 0 ? imageGcThreshold : nil
+            if let secretsKeyFile {
+                configuration.secretsKey = try SecretsMasterKey(file: secretsKeyFile)
+            } else if let text = ProcessInfo.processInfo.environment["FLOTILLA_SECRETS_KEY"] {
+                configuration.secretsKey = try SecretsMasterKey(text: text, source: "FLOTILLA_SECRETS_KEY")
+            }
             try await FlotillaServer.run(configuration, logger: logger)
         } catch {
             logger.critical("agent stopped: \(error)")

@@ -50,12 +50,15 @@ public actor ControlPlane: Service {
 
     /// How often a pass runs with no change to prompt it (backoffs that end, queued apps).
     private let tickInterval: Duration
+    /// Whether apps may use `secrets` (the agent has a secrets key), as Marathon's secrets feature.
+    private let secretsEnabled: Bool
 
     public init(
         store: any StateStore, events: EventBus, logger: Logger, servicePortRange: ClosedRange<Int> = 10_000...20_000,
-        userExists: (@Sendable (String) -> Bool)? = nil, tickInterval: Duration = .seconds(1)
+        userExists: (@Sendable (String) -> Bool)? = nil, tickInterval: Duration = .seconds(1), secretsEnabled: Bool = false
     ) {
         self.tickInterval = tickInterval
+        self.secretsEnabled = secretsEnabled
         self.servicePortRange = servicePortRange
         self.userExists = userExists ?? { getpwnam($0) != nil }
         self.store = store
@@ -268,6 +271,11 @@ public actor ControlPlane: Service {
                     ])
                 }
                 preconditions.append(.absent(StateKeys.app(id)))
+            }
+            if !secretsEnabled && !changes[index].definition.secrets.isEmpty {
+                throw FlotillaError.invalid([
+                    FieldError("/secrets", "Feature secrets is not enabled: start the agent with --secrets-key-file (make a key with 'flotilla secrets keygen')")
+                ])
             }
             if let user = changes[index].definition.user, !user.isEmpty, user != changes[index].current?.definition.user, !userExists(user) {
                 throw FlotillaError.invalid([FieldError("/user", "there is no user '\(user)' on this node; create it, or leave 'user' out to run as the agent's user")])

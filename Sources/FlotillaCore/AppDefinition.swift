@@ -38,7 +38,9 @@ public struct AppDefinition: Sendable, Hashable, Codable {
     /// Marathon 1.6+ fields kept and returned as sent; see docs/api.md for what each does here.
     public var check: JSONValue?
     public var executorResources: JSONValue?
-    public var secrets: JSONValue?
+    /// Marathon's `secrets`: a name for each secret the app uses, and where its value comes from.
+    /// `env` values (`{"secret": "db"}`) and secret volumes refer to the names.
+    public var secrets: [String: SecretSource] = [:]
     /// An OCI image to run (Marathon's `container`); nil for a command run as a plain process.
     public var container: ContainerSpec?
     /// `host`, or `container/bridge` for a container in its own network namespace.
@@ -207,7 +209,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         unreachableStrategy = try container.decodeIfPresent(UnreachableStrategy.self, forKey: .unreachableStrategy) ?? .default
         check = try container.decodeIfPresent(JSONValue.self, forKey: .check).flatMap { $0 == .null ? nil : $0 }
         executorResources = try container.decodeIfPresent(JSONValue.self, forKey: .executorResources).flatMap { $0 == .null ? nil : $0 }
-        secrets = try container.decodeIfPresent(JSONValue.self, forKey: .secrets).flatMap { $0 == .null || $0 == .object([:]) ? nil : $0 }
+        secrets = try container.decodeIfPresent([String: SecretSource].self, forKey: .secrets) ?? [:]
 
         // Fields whose other values need what this agent does not have: refused, saying so.
         if try container.decodeIfPresent(Bool.self, forKey: .tty) == true {
@@ -262,7 +264,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         if unreachableStrategy != .default { try container.encode(unreachableStrategy, forKey: .unreachableStrategy) }
         try container.encodeIfPresent(check, forKey: .check)
         try container.encodeIfPresent(executorResources, forKey: .executorResources)
-        try container.encodeIfPresent(secrets, forKey: .secrets)
+        if !secrets.isEmpty { try container.encode(secrets, forKey: .secrets) }
         try container.encodeIfPresent(self.container, forKey: .container)
         try container.encode([["mode": network.rawValue]], forKey: .networks)
     }
@@ -339,12 +341,18 @@ extension AppDefinition {
         if let cmd {
             check(cmd.trimmingCharacters(in: .whitespaces).isEmpty || cmd.count > 1, "/cmd", "must be longer than one character")
         }
-        // Refused rather than accepted and dropped at launch: the secrets engine is not there yet
-        // (Marathon refuses them too unless started with its secrets feature).
-        check(secrets == nil, "/secrets", "secrets are not available on this agent yet; pass the value through 'env'")
-        for (name, value) in env {
-            if case .secret = value {
-                problems.append(FieldError("/env/\(name)", "secret references in env need the secrets engine, which this agent does not have yet"))
+        for (name, secret) in secrets.sorted(by: { $0.key < $1.key }) {
+            check(!name.isEmpty && !name.contains("/"), "/secrets/\(name)", "a secret's name must be non-empty and without '/'")
+            check(secret.path != nil, "/secrets/\(name)/source", "must be a secret path such as shop/db or shop/db@password")
+        }
+        for (name, value) in env.sorted(by: { $0.key < $1.key }) {
+            if case .secret(let secret) = value, secrets[secret] == nil {
+                problems.append(FieldError("/env/\(name)", "references the secret '\(secret)', which 'secrets' does not declare"))
+            }
+        }
+        for (index, volume) in (container?.volumes ?? []).enumerated() {
+            if let secret = volume.secret, secrets[secret] == nil {
+                problems.append(FieldError("/container/volumes(\(index))/secret", "references the secret '\(secret)', which 'secrets' does not declare"))
             }
         }
         if labels["MARATHON_SINGLE_INSTANCE_APP"]?.lowercased() == "true" {
@@ -436,6 +444,39 @@ extension AppDefinition {
             }
         }
         return problems
+    }
+}
+
+/// Where one of an app's secrets comes from: `{"source": "shop/db@password"}` is the key
+/// `password` of the secret at `shop/db` (Vault's `secret/data/shop/db`); without `@key`, a secret
+/// with one key gives that key's value, one with several its JSON object.
+public struct SecretSource: Sendable, Hashable, Codable {
+    public var source: String
+
+    public init(source: String) {
+        self.source = source
+    }
+
+    /// The secret's path and key, or nil when `source` is not a usable path.
+    public var path: (path: String, key: String?)? {
+        let parts = source.split(separator: "@", maxSplits: 1, omittingEmptySubsequences: false)
+        let path = String(parts[0]).trimmingCharacters(in: CharacterSet(charactersIn: "/"))
+        guard !path.isEmpty, !path.split(separator: "/", omittingEmptySubsequences: false).contains(where: { $0.isEmpty || $0 == "." || $0 == ".." })
+        else { return nil }
+        if parts.count == 2 {
+            guard !parts[1].isEmpty else { return nil }
+            return (path, String(parts[1]))
+        }
+        return (path, nil)
+    }
+
+    /// Every secret name the app uses: in env and in volumes.
+    public static func names(usedBy definition: AppDefinition) -> Set<String> {
+        var names = Set(definition.env.values.compactMap { value -> String? in
+            if case .secret(let name) = value { name } else { nil }
+        })
+        for volume in definition.container?.volumes ?? [] { if let secret = volume.secret { names.insert(secret) } }
+        return names
     }
 }
 

@@ -311,8 +311,9 @@ public struct PortMapping: Sendable, Hashable, Codable {
     }
 }
 
-/// A host directory bound into the container (Marathon's host volume). Persistent, external and
-/// secret volumes are refused when decoded: nothing here provides them yet.
+/// A host directory bound into the container (Marathon's host volume), or a secret's value as a
+/// read-only file (`{"containerPath": "/run/secrets/db", "secret": "db"}`). Persistent and
+/// external volumes are refused when decoded: nothing here provides them yet.
 public struct ContainerVolume: Sendable, Hashable, Codable {
     public enum Mode: String, Sendable, Hashable, Codable, CaseInsensitiveEnum {
         case readWrite = "RW"
@@ -325,6 +326,8 @@ public struct ContainerVolume: Sendable, Hashable, Codable {
     /// An absolute path on the node, or a path relative to the instance's sandbox (Marathon's rule).
     public var hostPath: String
     public var mode: Mode
+    /// The name (in the app's `secrets`) whose value the file at `containerPath` holds; nil for a host volume.
+    public var secret: String?
 
     public init(containerPath: String, hostPath: String, mode: Mode = .readWrite) {
         self.containerPath = containerPath
@@ -332,17 +335,34 @@ public struct ContainerVolume: Sendable, Hashable, Codable {
         self.mode = mode
     }
 
+    public init(containerPath: String, secret: String) {
+        self.containerPath = containerPath
+        self.hostPath = ""
+        self.mode = .readOnly
+        self.secret = secret
+    }
+
     enum CodingKeys: String, CodingKey { case containerPath, hostPath, mode, persistent, external, secret }
 
     public init(from decoder: any Decoder) throws {
         let container = try decoder.container(keyedBy: CodingKeys.self)
-        for key in [CodingKeys.persistent, .external, .secret] where container.contains(key) {
+        for key in [CodingKeys.persistent, .external] where container.contains(key) {
             throw DecodingError.dataCorrupted(
                 .init(
                     codingPath: container.codingPath + [key],
-                    debugDescription: "\(key.rawValue) volumes are not available here; use a hostPath volume"))
+                    debugDescription: "\(key.rawValue) volumes are not available here; use a hostPath or secret volume"))
         }
         containerPath = try container.decode(String.self, forKey: .containerPath)
+        if let secret = try container.decodeIfPresent(String.self, forKey: .secret) {
+            if container.contains(.hostPath) {
+                throw DecodingError.dataCorrupted(
+                    .init(codingPath: container.codingPath + [CodingKeys.hostPath], debugDescription: "a secret volume has no hostPath"))
+            }
+            self.secret = secret
+            hostPath = ""
+            mode = .readOnly
+            return
+        }
         hostPath = try container.decode(String.self, forKey: .hostPath)
         mode = try container.decodeIfPresent(Mode.self, forKey: .mode) ?? .readWrite
     }
@@ -350,6 +370,10 @@ public struct ContainerVolume: Sendable, Hashable, Codable {
     public func encode(to encoder: any Encoder) throws {
         var container = encoder.container(keyedBy: CodingKeys.self)
         try container.encode(containerPath, forKey: .containerPath)
+        if let secret {
+            try container.encode(secret, forKey: .secret)
+            return
+        }
         try container.encode(hostPath, forKey: .hostPath)
         try container.encode(mode, forKey: .mode)
     }
@@ -360,7 +384,7 @@ public struct ContainerVolume: Sendable, Hashable, Codable {
         if containerPath.split(separator: "/").contains("..") || hostPath.split(separator: "/").contains("..") {
             problems.append(FieldError(path, "paths must not contain '..'"))
         }
-        if hostPath.isEmpty { problems.append(FieldError(path + "/hostPath", "must not be empty")) }
+        if hostPath.isEmpty && secret == nil { problems.append(FieldError(path + "/hostPath", "must not be empty")) }
         if containerPath == "/" { problems.append(FieldError(path + "/containerPath", "cannot replace the container's root")) }
         return problems
     }

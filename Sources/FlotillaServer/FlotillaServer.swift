@@ -4,6 +4,7 @@ import FlotillaAPI
 import FlotillaImage
 import FlotillaControl
 public import FlotillaProxy
+public import FlotillaSecrets
 import FlotillaRegistry
 import NIOCore
 import Prometheus
@@ -57,6 +58,9 @@ public struct FlotillaServer {
         public var bridgeCIDR = "172.31.0.0/16"
         /// Prune unused images when their filesystem is fuller than this (percent); nil: only by hand.
         public var imageGCThresholdPercent: Double? = 85
+        /// The key secrets are sealed under (`--secrets-key-file`, or `FLOTILLA_SECRETS_KEY`); nil:
+        /// the secrets engine is off.
+        public var secretsKey: SecretsMasterKey?
 
         public init(
             dataDirectory: String, bindAddress: String, apiPort: Int, node: NodeInfo, stopInstancesOnExit: Bool,
@@ -89,7 +93,18 @@ public struct FlotillaServer {
             throw ServerError("cannot open the state database \(databasePath): \(error)")
         }
         let events = EventBus()
-        let control = ControlPlane(store: store, events: events, logger: logger, servicePortRange: configuration.servicePortRange)
+        var secrets: SecretKV?
+        if let key = configuration.secretsKey {
+            do {
+                secrets = SecretKV(store: store, cipher: try await SecretsCipher.open(store: store, master: key))
+            } catch {
+                throw ServerError("cannot open the secrets in \(databasePath): \(error)")
+            }
+        } else {
+            logger.notice("secrets are off: start with --secrets-key-file to keep secrets (make a key with 'flotilla secrets keygen')")
+        }
+        let control = ControlPlane(
+            store: store, events: events, logger: logger, servicePortRange: configuration.servicePortRange, secretsEnabled: secrets != nil)
         // Instance cgroups live under a name derived from the data directory, so two agents on one
         // host (tests, or a second node for experiments) never touch each other's instances.
         let digest = String(fnv1a(configuration.dataDirectory), radix: 16)
@@ -123,6 +138,7 @@ public struct FlotillaServer {
                 runtime: configuration.ociRuntime,
                 bridge: .init(name: configuration.bridgeName, cidr: configuration.bridgeCIDR, namePrefix: "flt\(digest.prefix(8))"),
                 rootfs: configuration.containerRootfs),
+            secrets: secrets,
             logger: logger)
 
         let metrics = PrometheusCollectorRegistry()
@@ -167,6 +183,7 @@ public struct FlotillaServer {
         ImageRoutes(control: control, images: images, uploadDirectory: configuration.dataDirectory + "/images/tmp").add(to: router)
         ConsulRoutes(registry: registry, kv: keyValues, sessions: sessions, serverAddress: "\(configuration.node.host):8300", version: configuration.version)
             .add(to: router)
+        VaultRoutes(kv: secrets).add(to: router)
         OperationsRoutes(
             routes: { proxy.currentRoutes },
             metrics: {
@@ -265,6 +282,9 @@ struct EventStreamCloser: Service {
         events.finishAll()
     }
 }
+
+/// Instances read their secrets from the node's secrets engine.
+extension SecretKV: SecretValues {}
 
 public struct ServerError: Error, CustomStringConvertible {
     public let description: String

@@ -39,7 +39,7 @@ import Testing
         #expect(app.portDefinitions.map(\.port) == [0, 8080])
     }
 
-    @Test func readsConstraintsAndHealthChecksAndRefusesSecretsForNow() throws {
+    @Test func readsConstraintsAndHealthChecksAndChecksSecretReferences() throws {
         let app = try decode(
             #"""
             {"id": "/web", "cmd": "serve", "constraints": [["hostname", "UNIQUE"], ["rack", "LIKE", "r[12]"]],
@@ -51,8 +51,14 @@ import Testing
         #expect(app.healthChecks.first?.path == "/health")
         #expect(app.healthChecks.first?.gracePeriodSeconds == 300)
         #expect(app.killSelection == .oldestFirst, "enum values in any case, as Marathon reads them")
+        // A reference must name a declared secret, whose source is a path (`path` or `path@key`).
         #expect(details(of: #"{"id": "/web", "cmd": "serve", "env": {"DB": {"secret": "db"}}}"#).map(\.path) == ["/env/DB"])
-        #expect(details(of: #"{"id": "/web", "cmd": "serve", "secrets": {"db": {"source": "x"}}}"#).map(\.path) == ["/secrets"])
+        #expect(details(of: #"{"id": "/web", "cmd": "serve", "secrets": {"db": {"source": "a//b"}}}"#).map(\.path) == ["/secrets/db/source"])
+        #expect(details(of: #"{"id": "/web", "cmd": "serve", "secrets": {"db": {"source": "shop/db@"}}}"#).map(\.path) == ["/secrets/db/source"])
+        let withSecrets = try decode(#"{"id": "/web", "cmd": "serve", "env": {"DB": {"secret": "db"}}, "secrets": {"db": {"source": "shop/db@password"}}}"#)
+        #expect(withSecrets.secrets["db"]?.path?.path == "shop/db" && withSecrets.secrets["db"]?.path?.key == "password")
+        #expect(SecretSource.names(usedBy: withSecrets) == ["db"])
+        #expect(SecretSource(source: "/shop/db/").path?.path == "shop/db" && SecretSource(source: "shop/db").path?.key == nil)
     }
 
     @Test func refusesWhatMarathonRefuses() {
