@@ -4,6 +4,8 @@ import FlotillaCore
 import Foundation
 import NIOCore
 import NIOHTTP1
+import NIOSSL
+import Synchronization
 
 /// Options every client command shares.
 struct ClientOptions: ParsableArguments {
@@ -13,7 +15,18 @@ struct ClientOptions: ParsableArguments {
     @Flag(help: "Print JSON for scripts instead of tables.")
     var json = false
 
-    func client() -> APIClient { APIClient(base: api.hasSuffix("/") ? String(api.dropLast()) : api) }
+    @Option(help: "The CA that signed an https agent's certificate, when the system does not trust it (env FLOTILLA_CACERT).")
+    var caCert: String? = ProcessInfo.processInfo.environment["FLOTILLA_CACERT"]
+
+    @Option(help: "A client certificate for an agent that requires one (--tls-client-ca) (env FLOTILLA_CLIENT_CERT).")
+    var clientCert: String? = ProcessInfo.processInfo.environment["FLOTILLA_CLIENT_CERT"]
+
+    @Option(help: "The client certificate's key (env FLOTILLA_CLIENT_KEY).")
+    var clientKey: String? = ProcessInfo.processInfo.environment["FLOTILLA_CLIENT_KEY"]
+
+    func client() throws -> APIClient {
+        APIClient(base: api.hasSuffix("/") ? String(api.dropLast()) : api, http: try APIClient.httpClient(caCert: caCert, clientCert: clientCert, clientKey: clientKey))
+    }
 }
 
 /// A failure the CLI reports in one line and exits non-zero for.
@@ -25,6 +38,36 @@ struct CLIError: Error, CustomStringConvertible {
 /// A thin client of the agent's HTTP API.
 struct APIClient {
     let base: String
+    var http: HTTPClient
+
+    /// The CLI's client: it fails at once when the agent cannot be reached or its certificate is
+    /// not trusted (no retrying the connection until the request's deadline), trusts `caCert` and
+    /// presents a client certificate when given. Made once per process and kept for its life (the
+    /// CLI runs one command).
+    static func httpClient(caCert: String?, clientCert: String?, clientKey: String?) throws -> HTTPClient {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        if let caCert {
+            guard let roots = try? NIOSSLCertificate.fromPEMFile(caCert), !roots.isEmpty else { throw CLIError("cannot read the CA certificate \(caCert) (PEM)") }
+            tls.trustRoots = .certificates(roots)
+        }
+        if let clientCert {
+            guard let clientKey else { throw CLIError("--client-cert needs --client-key") }
+            guard let chain = try? NIOSSLCertificate.fromPEMFile(clientCert), !chain.isEmpty else { throw CLIError("cannot read the client certificate \(clientCert) (PEM)") }
+            guard let key = try? NIOSSLPrivateKey(file: clientKey, format: .pem) else { throw CLIError("cannot read the client key \(clientKey) (PEM)") }
+            tls.certificateChain = chain.map { .certificate($0) }
+            tls.privateKey = .privateKey(key)
+        }
+        return clients.withLock { made in
+            if let made { return made }
+            var configuration = HTTPClient.Configuration(tlsConfiguration: tls, timeout: .init(connect: .seconds(5)))
+            configuration.connectionPool.retryConnectionEstablishment = false
+            let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+            made = client
+            return client
+        }
+    }
+
+    private static let clients = Mutex<HTTPClient?>(nil)
 
     struct Reply {
         var status: Int
@@ -42,7 +85,7 @@ struct APIClient {
         }
         let response: HTTPClientResponse
         do {
-            response = try await HTTPClient.shared.execute(request, timeout: timeout)
+            response = try await http.execute(request, timeout: timeout)
         } catch {
             throw CLIError("cannot reach the agent at \(base): \(error). Is `flotilla agent` running? Set --api or FLOTILLA_API.")
         }
@@ -57,7 +100,7 @@ struct APIClient {
         request.body = .bytes(ByteBuffer(bytes: body))
         let response: HTTPClientResponse
         do {
-            response = try await HTTPClient.shared.execute(request, timeout: .seconds(30))
+            response = try await http.execute(request, timeout: .seconds(30))
         } catch {
             throw CLIError("cannot reach the agent at \(base): \(error). Is `flotilla agent` running? Set --api or FLOTILLA_API.")
         }
@@ -103,7 +146,7 @@ struct APIClient {
         }
         let response: HTTPClientResponse
         do {
-            response = try await HTTPClient.shared.execute(request, timeout: .hours(24))
+            response = try await http.execute(request, timeout: .hours(24))
         } catch {
             throw CLIError("cannot reach the agent at \(base): \(error)")
         }
@@ -129,7 +172,7 @@ struct APIClient {
         request.body = .stream(chunks, length: size.map { .known(Int64($0)) } ?? .unknown)
         let response: HTTPClientResponse
         do {
-            response = try await HTTPClient.shared.execute(request, timeout: timeout)
+            response = try await http.execute(request, timeout: timeout)
         } catch {
             throw CLIError("cannot reach the agent at \(base): \(error). Is `flotilla agent` running? Set --api or FLOTILLA_API.")
         }

@@ -98,6 +98,15 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "Registry credentials in Docker's config.json format ({\"auths\": {\"HOST:PORT\": {\"auth\": base64(user:password)}}}).")
     var registryAuthFile: String?
 
+    @Option(help: "Serve the API over HTTPS with this certificate (PEM; the server's certificate first, then any intermediates).")
+    var tlsCert: String?
+
+    @Option(help: "The private key of --tls-cert (PEM).")
+    var tlsKey: String?
+
+    @Option(help: "Require API clients to present a certificate signed by this CA (PEM): mutual TLS.")
+    var tlsClientCa: String?
+
     @Option(help: "The key secrets are sealed under (from 'flotilla secrets keygen'; mode 600); or the FLOTILLA_SECRETS_KEY environment variable. Without one, the secrets engine is off.")
     var secretsKeyFile: String?
 
@@ -148,6 +157,8 @@ struct AgentCommand: AsyncParsableCommand {
         if let cpus, cpus <= 0 { throw ValidationError("--cpus must be more than zero") }
         if let mem, mem <= 0 { throw ValidationError("--mem must be more than zero") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
+        guard (tlsCert == nil) == (tlsKey == nil) else { throw ValidationError("--tls-cert and --tls-key go together") }
+        if tlsClientCa != nil && tlsCert == nil { throw ValidationError("--tls-client-ca needs --tls-cert and --tls-key") }
         guard ContainerRootfsMode(rawValue: containerRootfs) != nil else {
             throw ValidationError("--container-rootfs must be one of \(ContainerRootfsMode.allCases.map(\.rawValue).joined(separator: ", ")), got '\(containerRootfs)'")
         }
@@ -217,6 +228,9 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.bridgeName = bridgeName
             configuration.bridgeCIDR = bridgeCidr
             configuration.imageGCThresholdPercent = imageGcThreshold > 0 ? imageGcThreshold : nil
+            if let tlsCert, let tlsKey {
+                configuration.tls = TLSFiles(certificate: tlsCert, key: tlsKey, clientCA: tlsClientCa)
+            }
             if let secretsKeyFile {
                 configuration.secretsKey = try SecretsMasterKey(file: secretsKeyFile)
             } else if let text = ProcessInfo.processInfo.environment["FLOTILLA_SECRETS_KEY"] {

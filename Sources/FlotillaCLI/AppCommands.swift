@@ -18,7 +18,7 @@ struct DeployCommand: AsyncParsableCommand {
     func run() async throws {
         let definition = try loadDefinition()
         guard let id = definition["id"]?.stringValue else { throw CLIError("\(file): the definition needs an 'id'") }
-        let client = options.client()
+        let client = try options.client()
         let exists = try await client.request(.GET, APIClient.appPath(id)).status == 200
         let result = try await client.call(
             exists ? .PUT : .POST, exists ? APIClient.appPath(id) + "?force=\(change.force)&partialUpdate=false" : "/v2/apps", body: definition)
@@ -101,7 +101,7 @@ struct ScaleCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let client = options.client()
+        let client = try options.client()
         let result = try await client.call(
             .PUT, APIClient.appPath(id) + "?force=\(change.force)", body: .object(["instances": .number(Double(instances))]))
         try await change.follow(result, client: client, options: options, id: id, action: "scaling \(id) to \(instances)")
@@ -115,7 +115,7 @@ struct RestartCommand: AsyncParsableCommand {
     @OptionGroup var options: ClientOptions
 
     func run() async throws {
-        let client = options.client()
+        let client = try options.client()
         let result = try await client.call(.POST, APIClient.appPath(id) + "/restart?force=\(change.force)")
         try await change.follow(result, client: client, options: options, id: id, action: "restarting \(id)")
     }
@@ -130,7 +130,7 @@ struct RollbackCommand: AsyncParsableCommand {
     @OptionGroup var options: ClientOptions
 
     func run() async throws {
-        let client = options.client()
+        let client = try options.client()
         var target = to
         if target == nil {
             let app = try await client.call(.GET, APIClient.appPath(id))["app"] ?? .null
@@ -152,7 +152,7 @@ struct DestroyCommand: AsyncParsableCommand {
     @OptionGroup var options: ClientOptions
 
     func run() async throws {
-        let client = options.client()
+        let client = try options.client()
         let result = try await client.call(.DELETE, APIClient.appPath(id) + "?force=\(change.force)")
         try await change.follow(result, client: client, options: options, id: id, action: "destroying \(id)", removesApp: true)
     }
@@ -224,7 +224,7 @@ struct LogsCommand: AsyncParsableCommand {
     @OptionGroup var options: ClientOptions
 
     func run() async throws {
-        let client = options.client()
+        let client = try options.client()
         var instances = [target]
         var isApp = target.contains("/")
         if !isApp { isApp = try await client.request(.GET, APIClient.appPath(target)).status == 200 }

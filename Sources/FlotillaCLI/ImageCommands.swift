@@ -76,7 +76,7 @@ struct ImageCommand: AsyncParsableCommand {
             var isDirectory: ObjCBool = false
             guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else { throw CLIError("\(file) does not exist") }
             var query = name.map { "name=" + ($0.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? $0) } ?? ""
-            let client = options.client()
+            let client = try options.client()
             let reply: APIClient.Reply
             if isDirectory.boolValue {
                 query += (query.isEmpty ? "" : "&") + "path=" + (path.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? path)

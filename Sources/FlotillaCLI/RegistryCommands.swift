@@ -12,7 +12,7 @@ struct ServicesCommand: AsyncParsableCommand {
     @OptionGroup var options: ClientOptions
 
     func run() async throws {
-        let client = options.client()
+        let client = try options.client()
         guard let name else {
             let services = try await client.call(.GET, "/v1/catalog/services")
             if options.json { return printJSON(services) }

@@ -12,6 +12,9 @@ public import FlotillaCore
 import FlotillaStore
 import Foundation
 import Hummingbird
+import HummingbirdCore
+import HummingbirdTLS
+import NIOSSL
 public import Logging
 import ServiceLifecycle
 import UnixSignals
@@ -61,6 +64,8 @@ public struct FlotillaServer {
         /// The key secrets are sealed under (`--secrets-key-file`, or `FLOTILLA_SECRETS_KEY`); nil:
         /// the secrets engine is off.
         public var secretsKey: SecretsMasterKey?
+        /// Serve the API over HTTPS (`--tls-cert`, `--tls-key`, `--tls-client-ca`); nil: plain HTTP.
+        public var tls: TLSFiles?
 
         public init(
             dataDirectory: String, bindAddress: String, apiPort: Int, node: NodeInfo, stopInstancesOnExit: Bool,
@@ -84,6 +89,13 @@ public struct FlotillaServer {
     }
 
     public static func run(_ configuration: Configuration, logger: Logger) async throws {
+        // Bad TLS files stop the start before anything is opened (HTTP clients must be shut down).
+        let server: HTTPServerBuilder
+        if let tls = configuration.tls {
+            server = try .tls(.http1(), tlsConfiguration: try tls.serverConfiguration())
+        } else {
+            server = .http1()
+        }
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
         let databasePath = configuration.dataDirectory + "/state.db"
         let store: SQLiteStateStore
@@ -192,11 +204,13 @@ public struct FlotillaServer {
                 return buffer
             }
         ).add(to: router)
+        let scheme = configuration.tls == nil ? "http" : (configuration.tls?.clientCA == nil ? "https" : "https, client certificates required")
         let application = Application(
             router: router,
+            server: server,
             configuration: .init(address: .hostname(configuration.bindAddress, port: configuration.apiPort), serverName: "flotilla"),
             onServerRunning: { channel in
-                logger.info("API listening on \(channel.localAddress?.description ?? "?")")
+                logger.info("API listening on \(channel.localAddress?.description ?? "?") (\(scheme))")
             },
             logger: logger)
 
@@ -280,6 +294,47 @@ struct EventStreamCloser: Service {
     func run() async throws {
         try? await gracefulShutdown()
         events.finishAll()
+    }
+}
+
+/// The API's certificate, key and (for mutual TLS) the CA its clients' certificates must come from.
+public struct TLSFiles: Sendable {
+    public var certificate: String
+    public var key: String
+    public var clientCA: String?
+
+    public init(certificate: String, key: String, clientCA: String? = nil) {
+        self.certificate = certificate
+        self.key = key
+        self.clientCA = clientCA
+    }
+
+    /// TLS 1.2 or later; with `clientCA`, a client without a certificate from it is refused.
+    func serverConfiguration() throws -> TLSConfiguration {
+        let chain: [NIOSSLCertificate]
+        let privateKey: NIOSSLPrivateKey
+        do {
+            chain = try NIOSSLCertificate.fromPEMFile(certificate)
+        } catch {
+            throw ServerError("cannot read the TLS certificate \(certificate) (PEM, the server's certificate first): \(error)")
+        }
+        guard !chain.isEmpty else { throw ServerError("\(certificate) holds no PEM certificate") }
+        do {
+            privateKey = try NIOSSLPrivateKey(file: key, format: .pem)
+        } catch {
+            throw ServerError("cannot read the TLS key \(key) (a PEM private key): \(error)")
+        }
+        var configuration = TLSConfiguration.makeServerConfiguration(
+            certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(privateKey))
+        configuration.minimumTLSVersion = .tlsv12
+        if let clientCA {
+            guard FileManager.default.isReadableFile(atPath: clientCA), (try? NIOSSLCertificate.fromPEMFile(clientCA))?.isEmpty == false else {
+                throw ServerError("cannot read the client CA \(clientCA) (PEM certificates)")
+            }
+            configuration.trustRoots = .file(clientCA)
+            configuration.certificateVerification = .noHostnameVerification
+        }
+        return configuration
     }
 }
 
