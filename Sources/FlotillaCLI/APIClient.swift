@@ -24,8 +24,16 @@ struct ClientOptions: ParsableArguments {
     @Option(help: "The client certificate's key (env FLOTILLA_CLIENT_KEY).")
     var clientKey: String? = ProcessInfo.processInfo.environment["FLOTILLA_CLIENT_KEY"]
 
+    @Option(help: "The ACL token to send (env FLOTILLA_TOKEN, else VAULT_TOKEN or CONSUL_HTTP_TOKEN).")
+    var token: String? = {
+        let environment = ProcessInfo.processInfo.environment
+        return environment["FLOTILLA_TOKEN"] ?? environment["VAULT_TOKEN"] ?? environment["CONSUL_HTTP_TOKEN"]
+    }()
+
     func client() throws -> APIClient {
-        APIClient(base: api.hasSuffix("/") ? String(api.dropLast()) : api, http: try APIClient.httpClient(caCert: caCert, clientCert: clientCert, clientKey: clientKey))
+        APIClient(
+            base: api.hasSuffix("/") ? String(api.dropLast()) : api, http: try APIClient.httpClient(caCert: caCert, clientCert: clientCert, clientKey: clientKey),
+            token: token)
     }
 }
 
@@ -39,6 +47,12 @@ struct CLIError: Error, CustomStringConvertible {
 struct APIClient {
     let base: String
     var http: HTTPClient
+    /// Sent as `Authorization: Bearer …` with every request.
+    var token: String?
+
+    func authorize(_ request: inout HTTPClientRequest) {
+        if let token, !token.isEmpty { request.headers.replaceOrAdd(name: "Authorization", value: "Bearer " + token) }
+    }
 
     /// The CLI's client: it fails at once when the agent cannot be reached or its certificate is
     /// not trusted (no retrying the connection until the request's deadline), trusts `caCert` and
@@ -85,6 +99,7 @@ struct APIClient {
         }
         let response: HTTPClientResponse
         do {
+            authorize(&request)
             response = try await http.execute(request, timeout: timeout)
         } catch {
             throw CLIError("cannot reach the agent at \(base): \(error). Is `flotilla agent` running? Set --api or FLOTILLA_API.")
@@ -100,6 +115,7 @@ struct APIClient {
         request.body = .bytes(ByteBuffer(bytes: body))
         let response: HTTPClientResponse
         do {
+            authorize(&request)
             response = try await http.execute(request, timeout: .seconds(30))
         } catch {
             throw CLIError("cannot reach the agent at \(base): \(error). Is `flotilla agent` running? Set --api or FLOTILLA_API.")
@@ -146,6 +162,7 @@ struct APIClient {
         }
         let response: HTTPClientResponse
         do {
+            authorize(&request)
             response = try await http.execute(request, timeout: .hours(24))
         } catch {
             throw CLIError("cannot reach the agent at \(base): \(error)")
@@ -172,6 +189,7 @@ struct APIClient {
         request.body = .stream(chunks, length: size.map { .known(Int64($0)) } ?? .unknown)
         let response: HTTPClientResponse
         do {
+            authorize(&request)
             response = try await http.execute(request, timeout: timeout)
         } catch {
             throw CLIError("cannot reach the agent at \(base): \(error). Is `flotilla agent` running? Set --api or FLOTILLA_API.")

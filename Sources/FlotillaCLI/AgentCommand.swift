@@ -98,6 +98,9 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "Registry credentials in Docker's config.json format ({\"auths\": {\"HOST:PORT\": {\"auth\": base64(user:password)}}}).")
     var registryAuthFile: String?
 
+    @Option(help: "Access control: allow (the API is open, as Marathon's is by default) or default-deny (every request but /ping needs a token whose policies allow it; 'flotilla acl bootstrap' makes the first).")
+    var acl: String = "allow"
+
     @Option(help: "Serve the API over HTTPS with this certificate (PEM; the server's certificate first, then any intermediates).")
     var tlsCert: String?
 
@@ -157,6 +160,7 @@ struct AgentCommand: AsyncParsableCommand {
         if let cpus, cpus <= 0 { throw ValidationError("--cpus must be more than zero") }
         if let mem, mem <= 0 { throw ValidationError("--mem must be more than zero") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
+        guard ["allow", "default-deny"].contains(acl) else { throw ValidationError("--acl must be allow or default-deny, got '\(acl)'") }
         guard (tlsCert == nil) == (tlsKey == nil) else { throw ValidationError("--tls-cert and --tls-key go together") }
         if tlsClientCa != nil && tlsCert == nil { throw ValidationError("--tls-client-ca needs --tls-cert and --tls-key") }
         guard ContainerRootfsMode(rawValue: containerRootfs) != nil else {
@@ -205,9 +209,9 @@ struct AgentCommand: AsyncParsableCommand {
                 "data-dir": "\(directory)", "api": "\(bind):\(apiPort)", "node": "\(name)", "cpus": "\(node.cpus)",
                 "mem": "\(Int(node.mem))", "ports": "\(ports)", "dns": "\(bind):\(dnsPort)", "proxy": "\(bind):\(proxyPort)",
             ])
-        if !(bind.hasPrefix("127.") || bind == "::1" || bind == "localhost") {
+        if acl != "default-deny" && !(bind.hasPrefix("127.") || bind == "::1" || bind == "localhost") {
             logger.warning(
-                "the API on \(bind):\(apiPort) has no access control yet: whoever reaches it can deploy commands, read secrets and stop apps; keep it on a trusted network")
+                "the API on \(bind):\(apiPort) is open: whoever reaches it can deploy commands, read secrets and stop apps; use --acl default-deny, or keep it on a trusted network")
         }
         do {
             var configuration = FlotillaServer.Configuration(
@@ -228,6 +232,7 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.bridgeName = bridgeName
             configuration.bridgeCIDR = bridgeCidr
             configuration.imageGCThresholdPercent = imageGcThreshold > 0 ? imageGcThreshold : nil
+            configuration.aclDefaultDeny = acl == "default-deny"
             if let tlsCert, let tlsKey {
                 configuration.tls = TLSFiles(certificate: tlsCert, key: tlsKey, clientCA: tlsClientCa)
             }

@@ -140,3 +140,52 @@ struct SecretCommand: AsyncParsableCommand {
         }
     }
 }
+
+/// Access control: the first token, and policies.
+struct ACLCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "acl", abstract: "Set up access control: the first token and policies.", subcommands: [Bootstrap.self, Policy.self, Token.self])
+
+    struct Bootstrap: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Make the first management token (once per cluster); it is printed once, keep it safe.")
+        @OptionGroup var options: ClientOptions
+
+        func run() async throws {
+            let reply = try await options.client().call(.PUT, "/v1/acl/bootstrap")
+            if options.json { return printJSON(reply) }
+            print(reply["SecretID"]?.stringValue ?? "")
+            FileHandle.standardError.write(Data("the management token above is shown once: export FLOTILLA_TOKEN=… to use it\n".utf8))
+        }
+    }
+
+    struct Policy: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Write a policy (Vault's HCL or JSON, with Consul's key_prefix/service_prefix/node_prefix rules too).")
+        @Argument(help: "The policy's name.") var name: String
+        @Argument(help: "A file holding the policy (- for standard input).") var file: String
+        @OptionGroup var options: ClientOptions
+
+        func run() async throws {
+            let data = file == "-" ? FileHandle.standardInput.readDataToEndOfFile() : FileManager.default.contents(atPath: file)
+            guard let data else { throw CLIError("cannot read \(file)") }
+            _ = try await options.client().call(.PUT, "/v1/sys/policies/acl/" + name, body: ["policy": .string(String(decoding: data, as: UTF8.self))])
+            if options.json { return printJSON(["name": .string(name)]) }
+            print("policy \(name) written")
+        }
+    }
+
+    struct Token: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Make a token with policies (a subset of the caller's unless it is a management token).")
+        @Option(name: .customLong("policy"), help: "A policy for the token (repeatable).") var policies: [String] = []
+        @Option(help: "How long it lives (30m, 24h); none: until revoked.") var ttl: String?
+        @OptionGroup var options: ClientOptions
+
+        func run() async throws {
+            var body: [String: JSONValue] = ["policies": .array(policies.map(JSONValue.string))]
+            if let ttl { body["ttl"] = .string(ttl) }
+            let reply = try await options.client().call(.POST, "/v1/auth/token/create", body: .object(body))
+            if options.json { return printJSON(reply["auth"] ?? .null) }
+            print(reply["auth"]?["client_token"]?.stringValue ?? "")
+        }
+    }
+}

@@ -66,6 +66,8 @@ public struct FlotillaServer {
         public var secretsKey: SecretsMasterKey?
         /// Serve the API over HTTPS (`--tls-cert`, `--tls-key`, `--tls-client-ca`); nil: plain HTTP.
         public var tls: TLSFiles?
+        /// `--acl default-deny`: every request but `/ping` needs a token that allows it.
+        public var aclDefaultDeny = false
 
         public init(
             dataDirectory: String, bindAddress: String, apiPort: Int, node: NodeInfo, stopInstancesOnExit: Bool,
@@ -181,6 +183,12 @@ public struct FlotillaServer {
             resolver: DNSResolver(domain: configuration.dnsDomain, ttl: configuration.dnsTTL, view: registry.viewBox), logger: logger)
 
         let router = Router(context: FlotillaRequestContext.self)
+        // First: the middleware covers only the routes added after it.
+        let tokens = TokenStore(store: store)
+        router.add(middleware: ACLMiddleware<FlotillaRequestContext>(tokens: tokens, enforcing: configuration.aclDefaultDeny))
+        if !configuration.aclDefaultDeny {
+            logger.notice("ACLs are off: the API is open to whoever reaches it (--acl default-deny turns them on; 'flotilla acl bootstrap' makes the first token)")
+        }
         let subscriptions = EventSubscriptions(store: store, events: events, logger: logger)
         let leader = "\(configuration.bindAddress == "0.0.0.0" ? configuration.node.host : configuration.bindAddress):\(configuration.apiPort)"
         MarathonRoutes(
@@ -196,6 +204,7 @@ public struct FlotillaServer {
         ConsulRoutes(registry: registry, kv: keyValues, sessions: sessions, serverAddress: "\(configuration.node.host):8300", version: configuration.version)
             .add(to: router)
         VaultRoutes(kv: secrets).add(to: router)
+        AuthRoutes(tokens: tokens).add(to: router)
         OperationsRoutes(
             routes: { proxy.currentRoutes },
             metrics: {

@@ -1,0 +1,211 @@
+internal import Crypto
+public import FlotillaCore
+public import FlotillaStore
+public import Foundation
+
+/// A token as the API shows it (never its secret, which exists only in the creator's answer).
+public struct TokenInfo: Sendable, Hashable, Codable {
+    public var accessor: String
+    public var policies: [String]
+    public var displayName: String
+    public var createdAt: Date
+    /// Nil: never expires.
+    public var expiresAt: Date?
+    public var ttlSeconds: Int
+    public var renewable: Bool
+    /// 0: unlimited; else the uses left.
+    public var usesLeft: Int
+    public var parent: String?
+    public var meta: [String: String]
+}
+
+/// Tokens and policies, in the state store: a token is kept as the SHA-256 of its secret (so the
+/// store never holds one), found by that hash; policies as their source text.
+public actor TokenStore {
+    static let tokenPrefix = "acl/tokens/"
+    static let hashPrefix = "acl/token-hashes/"
+    static let policyPrefix = "acl/policies/"
+    static let bootstrapKey = "acl/bootstrapped"
+
+    let store: any StateStore
+    let now: @Sendable () -> Date
+    /// Parsed policies with the modify index of the record they were parsed from.
+    private var policyCache: [String: (policy: Policy, index: UInt64)] = [:]
+
+    public init(store: any StateStore, now: @escaping @Sendable () -> Date = Date.init) {
+        self.store = store
+        self.now = now
+    }
+
+    public static func hash(_ secret: String) -> String {
+        SHA256.hash(data: Data(secret.utf8)).map { String(format: "%02x", $0) }.joined()
+    }
+
+    /// A new secret: 32 random bytes, hex (usable as Vault's and Consul's opaque tokens).
+    static func newSecret() -> String {
+        SymmetricKey(size: .bits256).withUnsafeBytes { Data($0) }.map { String(format: "%02x", $0) }.joined()
+    }
+
+    // MARK: - Tokens
+
+    /// The first management token (policy `root`). Works once per store, as Consul's bootstrap.
+    public func bootstrap() async throws -> (secret: String, info: TokenInfo) {
+        let (secret, info, mutations) = try makeToken(policies: ["root"], displayName: "bootstrap", ttlSeconds: 0, renewable: false, uses: 0, parent: nil, meta: [:])
+        do {
+            try await store.commit(StoreTransaction(
+                preconditions: [.absent(Self.bootstrapKey)],
+                mutations: mutations + [.put(Self.bootstrapKey, Data(info.accessor.utf8))]))
+        } catch StoreError.preconditionFailed {
+            throw FlotillaError.conflict(message: "ACL bootstrap already done: ask the holder of a management token for one", deploymentIDs: [])
+        }
+        return (secret, info)
+    }
+
+    public func create(
+        policies: [String], displayName: String, ttlSeconds: Int, renewable: Bool, uses: Int, parent: TokenInfo?, meta: [String: String]
+    ) async throws -> (secret: String, info: TokenInfo) {
+        let (secret, info, mutations) = try makeToken(
+            policies: policies, displayName: displayName, ttlSeconds: ttlSeconds, renewable: renewable, uses: uses, parent: parent?.accessor, meta: meta)
+        try await store.commit(StoreTransaction(mutations: mutations))
+        return (secret, info)
+    }
+
+    private func makeToken(
+        policies: [String], displayName: String, ttlSeconds: Int, renewable: Bool, uses: Int, parent: String?, meta: [String: String]
+    ) throws -> (String, TokenInfo, [StoreMutation]) {
+        let secret = Self.newSecret()
+        let accessor = UUID().uuidString.lowercased()
+        let created = now()
+        let info = TokenInfo(
+            accessor: accessor, policies: Array(Set(policies)).sorted(), displayName: displayName, createdAt: created,
+            expiresAt: ttlSeconds > 0 ? created.addingTimeInterval(Double(ttlSeconds)) : nil, ttlSeconds: ttlSeconds,
+            renewable: renewable && ttlSeconds > 0, usesLeft: uses, parent: parent, meta: meta)
+        let record = TokenRecord(info: info, secretHash: Self.hash(secret))
+        return (secret, info, [
+            .put(Self.tokenPrefix + accessor, try JSONEncoder().encode(record)),
+            .put(Self.hashPrefix + record.secretHash, Data(accessor.utf8)),
+        ])
+    }
+
+    struct TokenRecord: Codable {
+        var info: TokenInfo
+        var secretHash: String
+    }
+
+    /// The live token whose secret this is; nil for an unknown, expired or used-up token. A token
+    /// with limited uses loses one.
+    public func lookup(secret: String) async throws -> TokenInfo? {
+        let hash = Self.hash(secret)
+        guard let pointer = try await store.get(Self.hashPrefix + hash),
+              let entry = try await store.get(Self.tokenPrefix + String(decoding: pointer.value, as: UTF8.self)),
+              var record = try? JSONDecoder().decode(TokenRecord.self, from: entry.value) else { return nil }
+        // The hash found the record; compare the stored one in constant time all the same.
+        guard Self.constantTimeEqual(record.secretHash, hash) else { return nil }
+        if let expiry = record.info.expiresAt, expiry <= now() {
+            try? await revoke(accessor: record.info.accessor)
+            return nil
+        }
+        if record.info.usesLeft > 0 {
+            record.info.usesLeft -= 1
+            if record.info.usesLeft == 0 {
+                try await revoke(accessor: record.info.accessor)
+                record.info.usesLeft = -1  // this use is the last
+            } else {
+                try await store.commit(StoreTransaction(
+                    preconditions: [.modifyIndex(entry.key, equals: entry.modifyIndex)],
+                    mutations: [.put(entry.key, try JSONEncoder().encode(record))]))
+            }
+        }
+        return record.info
+    }
+
+    public func lookup(accessor: String) async throws -> TokenInfo? {
+        guard let entry = try await store.get(Self.tokenPrefix + accessor) else { return nil }
+        return try JSONDecoder().decode(TokenRecord.self, from: entry.value).info
+    }
+
+    /// Extends a renewable token's life by `increment` seconds (at most its original TTL).
+    public func renew(accessor: String, incrementSeconds: Int?) async throws -> TokenInfo {
+        guard let entry = try await store.get(Self.tokenPrefix + accessor) else { throw FlotillaError.notFound("no such token") }
+        var record = try JSONDecoder().decode(TokenRecord.self, from: entry.value)
+        guard record.info.renewable else { throw FlotillaError.badRequest("lease is not renewable") }
+        let seconds = min(max(1, incrementSeconds ?? record.info.ttlSeconds), record.info.ttlSeconds)
+        record.info.expiresAt = now().addingTimeInterval(Double(seconds))
+        try await store.commit(StoreTransaction(mutations: [.put(entry.key, try JSONEncoder().encode(record))]))
+        return record.info
+    }
+
+    /// Revokes a token and, as Vault does, the tokens it made.
+    public func revoke(accessor: String) async throws {
+        let all = try await store.list(prefix: Self.tokenPrefix).entries.compactMap { try? JSONDecoder().decode(TokenRecord.self, from: $0.value) }
+        var doomed: Set<String> = [accessor]
+        var grew = true
+        while grew {
+            grew = false
+            for record in all where !doomed.contains(record.info.accessor) {
+                if let parent = record.info.parent, doomed.contains(parent) {
+                    doomed.insert(record.info.accessor)
+                    grew = true
+                }
+            }
+        }
+        var mutations: [StoreMutation] = []
+        for record in all where doomed.contains(record.info.accessor) {
+            mutations += [.delete(Self.tokenPrefix + record.info.accessor), .delete(Self.hashPrefix + record.secretHash)]
+        }
+        if !mutations.isEmpty { try await store.commit(StoreTransaction(mutations: mutations)) }
+    }
+
+    public func revoke(secret: String) async throws {
+        guard let pointer = try await store.get(Self.hashPrefix + Self.hash(secret)) else { return }
+        try await revoke(accessor: String(decoding: pointer.value, as: UTF8.self))
+    }
+
+    static func constantTimeEqual(_ a: String, _ b: String) -> Bool {
+        let x = Array(a.utf8), y = Array(b.utf8)
+        guard x.count == y.count else { return false }
+        var difference: UInt8 = 0
+        for index in x.indices { difference |= x[index] ^ y[index] }
+        return difference == 0
+    }
+
+    // MARK: - Policies
+
+    public func putPolicy(_ policy: Policy) async throws {
+        guard policy.name != "root" else { throw FlotillaError.badRequest("cannot update root policy") }
+        try Self.validatePolicyName(policy.name)
+        try await store.put(Self.policyPrefix + policy.name, Data(policy.text.utf8))
+    }
+
+    public func policy(named name: String) async throws -> Policy? {
+        if name == "root" { return .root }
+        guard let entry = try await store.get(Self.policyPrefix + name) else { return nil }
+        if let cached = policyCache[name], cached.index == entry.modifyIndex { return cached.policy }
+        let policy = try Policy(name: name, text: String(decoding: entry.value, as: UTF8.self))
+        policyCache[name] = (policy, entry.modifyIndex)
+        return policy
+    }
+
+    public func deletePolicy(named name: String) async throws {
+        guard name != "root" else { throw FlotillaError.badRequest("cannot delete root policy") }
+        policyCache[name] = nil
+        try await store.commit(StoreTransaction(mutations: [.delete(Self.policyPrefix + name)]))
+    }
+
+    public func policyNames() async throws -> [String] {
+        (try await store.list(prefix: Self.policyPrefix).entries.map { String($0.key.dropFirst(Self.policyPrefix.count)) } + ["root"]).sorted()
+    }
+
+    /// The decision set of a token's policies (unknown names grant nothing).
+    public func policySet(for token: TokenInfo) async throws -> PolicySet {
+        var policies: [Policy] = []
+        for name in token.policies { if let policy = try await policy(named: name) { policies.append(policy) } }
+        return PolicySet(policies)
+    }
+
+    static func validatePolicyName(_ name: String) throws {
+        guard !name.isEmpty, name.count <= 128, name.allSatisfy({ $0.isLetter || $0.isNumber || "-_.".contains($0) }) else {
+            throw FlotillaError.badRequest("a policy name is 1-128 letters, digits, '-', '_' or '.'")
+        }
+    }
+}
