@@ -11,7 +11,8 @@ struct ExecDriver: InstanceDriver {
     var name: String { "exec" }
 
     func start(_ spec: InstanceSpec, context: LaunchContext) async throws -> SupervisedProcess {
-        let environment = InstanceEnvironment.build(for: spec, sandbox: context.sandbox, agentEnvironment: context.agentEnvironment, secrets: context.secrets)
+        let environment = InstanceEnvironment.build(for: spec, sandbox: context.sandbox, agentEnvironment: context.agentEnvironment, secrets: context.secrets,
+            extraEnvironment: context.extraEnvironment)
         let arguments: [String]
         if let command = spec.definition.cmd, !command.isEmpty {
             arguments = ["/bin/sh", "-c", command]

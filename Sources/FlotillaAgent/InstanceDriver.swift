@@ -65,6 +65,18 @@ struct LaunchContext: Sendable {
     /// The values of the app's secrets, by the names its `secrets` gives them; read at start,
     /// held only in memory and handed to the instance (env, files), never logged or stored.
     var secrets: [String: String] = [:]
+    /// Variables the agent adds for this instance (its workload token), before the app's own `env`.
+    var extraEnvironment: [String: String] = [:]
+}
+
+/// Tokens for instances (`FLOTILLA_TOKEN`): each instance gets one that allows what its own app
+/// needs, and loses it when it ends.
+public protocol WorkloadTokens: Sendable {
+    func token(for spec: InstanceSpec) async throws -> String
+    /// Revokes the tokens of these instances.
+    func revoke(instances: Set<String>) async
+    /// Revokes the tokens of every instance of this node not in `live`.
+    func revoke(allBut live: Set<String>, node: String) async
 }
 
 /// Reads secret values for instances as they start (the secrets engine, over the shared store).
@@ -85,7 +97,8 @@ extension InstanceDriver {
 /// app's own. `sandbox` is the sandbox's path as the instance sees it.
 enum InstanceEnvironment {
     static func build(
-        for spec: InstanceSpec, sandbox: String, agentEnvironment: [String: String], secrets: [String: String] = [:]
+        for spec: InstanceSpec, sandbox: String, agentEnvironment: [String: String], secrets: [String: String] = [:],
+        extraEnvironment: [String: String] = [:]
     ) -> [String: String] {
         var environment: [String: String] = [:]
         for key in ["PATH", "LANG", "LC_ALL", "TZ"] { environment[key] = agentEnvironment[key] }
@@ -115,6 +128,7 @@ enum InstanceEnvironment {
         }
         if let first = spec.ports.first { environment["PORT"] = String(first) }
         if !spec.ports.isEmpty { environment["PORTS"] = spec.ports.map(String.init).joined(separator: ",") }
+        for (key, value) in extraEnvironment { environment[key] = value }
         for (key, value) in spec.definition.env {
             switch value {
             case .value(let text): environment[key] = text

@@ -64,14 +64,17 @@ public actor NodeAgent: Service {
     private var lastCollection = Date.distantPast
     /// Where instances' secrets are read at start; nil when this node has no secrets key.
     private let secretValues: (any SecretValues)?
+    /// Where instances' tokens come from; nil when access control is off.
+    private let workloadTokens: (any WorkloadTokens)?
 
     /// - Parameters:
     ///   - images: the node's image store; with it (and a runtime, `containers`) the agent runs OCI images.
     public init(
         configuration: Configuration, store: any StateStore, cgroups: Cgroups, images: ImageStore? = nil,
-        containers: ContainerOptions? = nil, secrets: (any SecretValues)? = nil, logger: Logger
+        containers: ContainerOptions? = nil, secrets: (any SecretValues)? = nil, workloadTokens: (any WorkloadTokens)? = nil, logger: Logger
     ) {
         self.secretValues = secrets
+        self.workloadTokens = workloadTokens
         self.configuration = configuration
         self.store = store
         self.logger = logger
@@ -351,6 +354,13 @@ public actor NodeAgent: Service {
         do {
             var context = LaunchContext(sandbox: sandbox(of: spec.id), logs: logs(of: spec.id), agentEnvironment: agentEnvironment)
             context.secrets = try await readSecrets(of: spec)
+            if let workloadTokens {
+                do {
+                    context.extraEnvironment["FLOTILLA_TOKEN"] = try await workloadTokens.token(for: spec)
+                } catch {
+                    throw AgentError.launch("cannot make the instance's token: \(error)")
+                }
+            }
             try FileManager.default.createDirectory(atPath: context.sandbox, withIntermediateDirectories: true)
             guard launching else { return nil }
             let process = try await driver.start(spec, context: context)
@@ -359,6 +369,7 @@ public actor NodeAgent: Service {
                 driver.signal(process, instanceID: spec.id, SIGKILL)
                 await driver.cleanUp(instanceID: spec.id, process: process, state: process.state)
                 if process.signalFD >= 0 { close(process.signalFD) }
+                await workloadTokens?.revoke(instances: [spec.id])
                 return nil
             }
             processes[spec.id] = process
@@ -377,6 +388,7 @@ public actor NodeAgent: Service {
             return status
         } catch {
             logger.warning("could not start \(spec.id): \(error)")
+            await workloadTokens?.revoke(instances: [spec.id])
             return InstanceStatus(id: spec.id, state: .failed, driver: driver.name, message: "\(error)", updatedAt: now)
         }
     }
@@ -617,6 +629,7 @@ public actor NodeAgent: Service {
             if !tail.isEmpty { status.message! += "; stderr: " + String(tail.suffix(400)) }
         }
         logger.info("\(id) ended: \(status.state.rawValue) \(status.message ?? "")")
+        await workloadTokens?.revoke(instances: [id])
         try await write([status])
     }
 
@@ -712,6 +725,8 @@ public actor NodeAgent: Service {
             for driver in drivers.values { await driver.cleanUp(instanceID: id, process: nil, state: written[id]?.driverState ?? [:]) }
         }
         if !updates.isEmpty { try await write(updates) }
+        // Tokens of instances that ended while no agent watched them.
+        await workloadTokens?.revoke(allBut: Set(processes.keys), node: configuration.node.name)
     }
 
     private func adopt(id: String, pid: Int32, ticks: UInt64, state: [String: String]) {

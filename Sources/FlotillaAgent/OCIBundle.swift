@@ -31,6 +31,8 @@ struct OCIBundle {
     var secrets: [String: String] = [:]
     /// Files holding secret values, bound read-only at their container paths (container path → file on the node).
     var secretFiles: [String: String] = [:]
+    /// The agent's own additions to the environment (the workload token).
+    var extraEnvironment: [String: String] = [:]
 
     /// The argument vector: `cmd` runs through `/bin/sh -c` in place of the entrypoint, `args`
     /// replace the image's `Cmd` after its entrypoint, as Mesos' Docker containerizer does.
@@ -48,7 +50,9 @@ struct OCIBundle {
 
     /// The container's environment: the image's, Flotilla's and Marathon's variables, the
     /// `env` docker parameters, then the app's `env` (later entries win).
-    static func environment(for spec: InstanceSpec, image: ImageConfiguration.ContainerConfig, secrets: [String: String] = [:]) -> [String] {
+    static func environment(
+        for spec: InstanceSpec, image: ImageConfiguration.ContainerConfig, secrets: [String: String] = [:], extraEnvironment: [String: String] = [:]
+    ) -> [String] {
         var values: [String: String] = [:]
         var order: [String] = []
         func set(_ key: String, _ value: String) {
@@ -60,7 +64,8 @@ struct OCIBundle {
             set(String(entry[..<equals]), String(entry[entry.index(after: equals)...]))
         }
         if values["PATH"] == nil { set("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin") }
-        var flotilla = InstanceEnvironment.build(for: spec, sandbox: containerSandbox, agentEnvironment: [:], secrets: secrets)
+        var flotilla = InstanceEnvironment.build(
+            for: spec, sandbox: containerSandbox, agentEnvironment: [:], secrets: secrets, extraEnvironment: extraEnvironment)
         // The node's PATH means nothing inside the image; HOME stays the image's (or /root).
         flotilla.removeValue(forKey: "PATH")
         flotilla.removeValue(forKey: "HOME")
@@ -141,7 +146,7 @@ struct OCIBundle {
                 "additionalGids": .array(user.additionalGids.map { .number(Double($0)) }),
             ]),
             "args": .array(arguments.map(JSONValue.string)),
-            "env": .array(Self.environment(for: spec, image: image, secrets: secrets).map(JSONValue.string)),
+            "env": .array(Self.environment(for: spec, image: image, secrets: secrets, extraEnvironment: extraEnvironment).map(JSONValue.string)),
             "cwd": .string(workingDirectory),
             "capabilities": .object(["bounding": capabilities, "effective": capabilities, "permitted": capabilities]),
             // As many open files as the agent may have (Docker's containers inherit the daemon's limit).

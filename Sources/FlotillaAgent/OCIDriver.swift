@@ -154,6 +154,7 @@ struct OCIDriver: InstanceDriver {
                 cgroupsPath: cgroups.relativePath(instanceID: spec.id).map { $0 + "/container" }, user: user)
             configuration.secrets = context.secrets
             configuration.secretFiles = secretFiles
+            configuration.extraEnvironment = context.extraEnvironment
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys]
             try encoder.encode(try configuration.configuration()).write(to: URL(fileURLWithPath: bundle + "/config.json"), options: .atomic)

@@ -17,6 +17,8 @@ public struct TokenInfo: Sendable, Hashable, Codable {
     public var usesLeft: Int
     public var parent: String?
     public var meta: [String: String]
+    /// A policy of the token's own (a workload token's), beside its named ones.
+    public var inlinePolicy: String?
 }
 
 /// Tokens and policies, in the state store: a token is kept as the SHA-256 of its secret (so the
@@ -62,10 +64,16 @@ public actor TokenStore {
     }
 
     public func create(
-        policies: [String], displayName: String, ttlSeconds: Int, renewable: Bool, uses: Int, parent: TokenInfo?, meta: [String: String]
+        policies: [String], displayName: String, ttlSeconds: Int, renewable: Bool, uses: Int, parent: TokenInfo?, meta: [String: String],
+        inlinePolicy: String? = nil
     ) async throws -> (secret: String, info: TokenInfo) {
-        let (secret, info, mutations) = try makeToken(
+        if let inlinePolicy { _ = try Policy(name: "inline", text: inlinePolicy) }
+        var (secret, info, mutations) = try makeToken(
             policies: policies, displayName: displayName, ttlSeconds: ttlSeconds, renewable: renewable, uses: uses, parent: parent?.accessor, meta: meta)
+        if let inlinePolicy {
+            info.inlinePolicy = inlinePolicy
+            mutations[0] = .put(Self.tokenPrefix + info.accessor, try JSONEncoder().encode(TokenRecord(info: info, secretHash: Self.hash(secret))))
+        }
         try await store.commit(StoreTransaction(mutations: mutations))
         return (secret, info)
     }
@@ -156,6 +164,24 @@ public actor TokenStore {
         if !mutations.isEmpty { try await store.commit(StoreTransaction(mutations: mutations)) }
     }
 
+    /// Revokes every token whose `meta[key]` is one of `values` (an instance's workload token), or,
+    /// with `keeping`, every token that has `key` and whose value is not kept.
+    public func revoke(meta key: String, in values: Set<String>? = nil, keeping: Set<String>? = nil) async throws {
+        let all = try await store.list(prefix: Self.tokenPrefix).entries.compactMap { try? JSONDecoder().decode(TokenRecord.self, from: $0.value) }
+        for record in all {
+            guard let value = record.info.meta[key] else { continue }
+            if let values, !values.contains(value) { continue }
+            if let keeping, keeping.contains(value) { continue }
+            try await revoke(accessor: record.info.accessor)
+        }
+    }
+
+    /// The tokens whose `meta[key]` is `value`.
+    public func tokens(withMeta key: String, equal value: String) async throws -> [TokenInfo] {
+        try await store.list(prefix: Self.tokenPrefix).entries.compactMap { try? JSONDecoder().decode(TokenRecord.self, from: $0.value) }
+            .map(\.info).filter { $0.meta[key] == value }
+    }
+
     public func revoke(secret: String) async throws {
         guard let pointer = try await store.get(Self.hashPrefix + Self.hash(secret)) else { return }
         try await revoke(accessor: String(decoding: pointer.value, as: UTF8.self))
@@ -200,6 +226,7 @@ public actor TokenStore {
     public func policySet(for token: TokenInfo) async throws -> PolicySet {
         var policies: [Policy] = []
         for name in token.policies { if let policy = try await policy(named: name) { policies.append(policy) } }
+        if let inline = token.inlinePolicy, let policy = try? Policy(name: "inline", text: inline) { policies.append(policy) }
         return PolicySet(policies)
     }
 

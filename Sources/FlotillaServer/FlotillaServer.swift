@@ -107,6 +107,7 @@ public struct FlotillaServer {
             throw ServerError("cannot open the state database \(databasePath): \(error)")
         }
         let events = EventBus()
+        let tokens = TokenStore(store: store)
         var secrets: SecretKV?
         if let key = configuration.secretsKey {
             do {
@@ -153,6 +154,7 @@ public struct FlotillaServer {
                 bridge: .init(name: configuration.bridgeName, cidr: configuration.bridgeCIDR, namePrefix: "flt\(digest.prefix(8))"),
                 rootfs: configuration.containerRootfs),
             secrets: secrets,
+            workloadTokens: configuration.aclDefaultDeny ? InstanceTokens(tokens: tokens) : nil,
             logger: logger)
 
         let metrics = PrometheusCollectorRegistry()
@@ -184,7 +186,6 @@ public struct FlotillaServer {
 
         let router = Router(context: FlotillaRequestContext.self)
         // First: the middleware covers only the routes added after it.
-        let tokens = TokenStore(store: store)
         router.add(middleware: ACLMiddleware<FlotillaRequestContext>(tokens: tokens, enforcing: configuration.aclDefaultDeny))
         if !configuration.aclDefaultDeny {
             logger.notice("ACLs are off: the API is open to whoever reaches it (--acl default-deny turns them on; 'flotilla acl bootstrap' makes the first token)")
@@ -344,6 +345,45 @@ public struct TLSFiles: Sendable {
             configuration.certificateVerification = .noHostnameVerification
         }
         return configuration
+    }
+}
+
+/// Each instance's token: read access to what its own app uses and nothing else — the secrets its
+/// `secrets` names, Consul KV under its app's id, its own app's definition.
+struct InstanceTokens: WorkloadTokens {
+    let tokens: TokenStore
+
+    static func policy(for spec: InstanceSpec) -> String {
+        func quoted(_ text: String) -> String {
+            "\"" + text.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"") + "\""
+        }
+        let app = spec.appID.path.split(separator: "/").joined(separator: "/")
+        var lines = [
+            "path \(quoted("marathon/apps/" + app)) { capabilities = [\"read\"] }",
+            "path \(quoted("consul/kv/" + app + "/*")) { capabilities = [\"read\", \"list\"] }",
+        ]
+        for source in spec.definition.secrets.values.sorted(by: { $0.source < $1.source }) {
+            if let path = source.path?.path { lines.append("path \(quoted("secret/data/" + path)) { capabilities = [\"read\"] }") }
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    func token(for spec: InstanceSpec) async throws -> String {
+        try await tokens.create(
+            policies: [], displayName: "instance-" + spec.id, ttlSeconds: 0, renewable: false, uses: 0, parent: nil,
+            meta: ["instance": spec.id, "node": spec.node, "app": spec.appID.path], inlinePolicy: Self.policy(for: spec)
+        ).secret
+    }
+
+    func revoke(instances: Set<String>) async {
+        try? await tokens.revoke(meta: "instance", in: instances)
+    }
+
+    func revoke(allBut live: Set<String>, node: String) async {
+        // Only this node's instances: other nodes' agents look after theirs.
+        guard let all = try? await tokens.tokens(withMeta: "node", equal: node) else { return }
+        let ended = Set(all.compactMap { $0.meta["instance"] }).subtracting(live)
+        if !ended.isEmpty { try? await tokens.revoke(meta: "instance", in: ended) }
     }
 }
 

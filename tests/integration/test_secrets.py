@@ -3,6 +3,7 @@ instance's environment and, in a container, a read-only file; it appears on no o
 no log and nowhere in the agent's state on disk; a missing secret fails the instance naming the
 secret, and an agent without a secrets key refuses apps that use them."""
 
+import json
 import os
 import stat
 import subprocess
@@ -136,3 +137,38 @@ def test_a_secret_volume_is_a_read_only_file_in_the_container(secret_agent, app_
     wait_until(lambda: not (secret_agent.state_dir / "containers" / task["id"]).exists(), timeout=30,
                what="the container's files, its secret among them, to be removed")
     assert files_holding(secret_agent.data_dir, planted, skip=("sandboxes",)) == []
+
+
+def test_each_instance_gets_a_token_for_its_own_app_only(make_agent, key_file, app_ids):
+    """With --acl default-deny an instance finds FLOTILLA_TOKEN in its environment: it reads the
+    secrets its app declares, nothing else, and the token dies with the instance."""
+    agent = make_agent(extra_args=["--secrets-key-file", str(key_file), "--acl", "default-deny"])
+    bootstrap = agent.cli("acl", "bootstrap", "--json")
+    assert bootstrap.returncode == 0, bootstrap.stderr
+    root = hvac.Client(url=agent.url, token=json.loads(bootstrap.stdout)["SecretID"])
+    own, foreign = f"shop/db-{uuid.uuid4().hex[:6]}", f"billing/db-{uuid.uuid4().hex[:6]}"
+    root.secrets.kv.v2.create_or_update_secret(path=own, secret={"password": "mine"})
+    root.secrets.kv.v2.create_or_update_secret(path=foreign, secret={"password": "theirs"})
+    app_id = app_ids.new()
+    base = agent.url
+    response = requests.post(f"{base}/v2/apps", headers={"X-Vault-Token": root.token}, json={
+        "id": app_id, "instances": 1, "cpus": 0.05, "mem": 32,
+        "cmd": (f'echo "$FLOTILLA_TOKEN" > "$MESOS_SANDBOX/token";'
+                f' curl -s -H "X-Vault-Token: $FLOTILLA_TOKEN" {base}/v1/secret/data/{own} > "$MESOS_SANDBOX/own";'
+                f' curl -s -o /dev/null -w "%{{http_code}}" -H "X-Vault-Token: $FLOTILLA_TOKEN" {base}/v1/secret/data/{foreign} > "$MESOS_SANDBOX/foreign";'
+                ' exec sleep 300'),
+        "env": {"DB": {"secret": "db"}}, "secrets": {"db": {"source": f"{own}@password"}},
+    }, timeout=10)
+    assert response.status_code == 201, response.text
+    tasks = wait_until(lambda: (lambda r: r.json()["tasks"] or None)(requests.get(f"{base}/v2/apps{app_id}/tasks", headers={"X-Vault-Token": root.token}, timeout=5)),
+                       timeout=30, what="the instance to start")
+    sandbox = agent.sandbox(tasks[0]["id"])
+    wait_until(lambda: (sandbox / "foreign").exists() and (sandbox / "foreign").read_text() != "", timeout=30, what="the instance's requests")
+    assert '"password":"mine"' in (sandbox / "own").read_text().replace(" ", "")
+    assert (sandbox / "foreign").read_text() == "403"
+    token = (sandbox / "token").read_text().strip()
+    assert requests.get(f"{base}/v1/secret/data/{own}", headers={"X-Vault-Token": token}, timeout=5).status_code == 200
+    assert requests.put(f"{base}/v1/secret/data/{own}", headers={"X-Vault-Token": token}, json={"data": {"password": "x"}}, timeout=5).status_code == 403
+    requests.delete(f"{base}/v2/apps{app_id}?force=true", headers={"X-Vault-Token": root.token}, timeout=5)
+    wait_until(lambda: requests.get(f"{base}/v1/secret/data/{own}", headers={"X-Vault-Token": token}, timeout=5).status_code == 403,
+               timeout=30, what="the instance's token to be revoked when it ended")
