@@ -11,19 +11,34 @@ import NIOCore
 public struct ACLMiddleware<Context: RequestContext>: RouterMiddleware {
     let tokens: TokenStore
     let enforcing: Bool
+    let audit: AuditLog?
 
-    public init(tokens: TokenStore, enforcing: Bool) {
+    public init(tokens: TokenStore, enforcing: Bool, audit: AuditLog? = nil) {
         self.tokens = tokens
         self.enforcing = enforcing
+        self.audit = audit
     }
 
     public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        guard enforcing else { return try await next(request, context) }
+        let writes = request.method != .get && request.method != .head
+        guard enforcing || (writes && audit != nil) else { return try await next(request, context) }
         var request = request
+        let secret = Self.token(in: request)
+        let token = try await secret.asyncMap { try await tokens.lookup(secret: $0) } ?? nil
+        func recorded(_ response: Response, _ decision: String) -> Response {
+            if decision == "denied" || writes {
+                audit?.record(
+                    AuditEntry(
+                        time: Timestamp.format(Date()), accessor: token?.accessor ?? (secret == nil ? "anonymous" : "unknown"),
+                        tokenName: token?.displayName, client: context.remoteAddressText, method: request.method.rawValue,
+                        path: AuditLog.loggedPath(request.uri.path), status: Int(response.status.code), decision: decision))
+            }
+            return response
+        }
+        guard enforcing else { return recorded(try await next(request, context), "allowed") }
         let requirement = ACLRequirement.of(method: request.method, path: request.uri.path, query: request.uri.query)
-        if requirement == .none { return try await next(request, context) }
-        guard let secret = Self.token(in: request) else { return Self.denied(request, known: false, anonymous: true) }
-        guard let token = try await tokens.lookup(secret: secret) else { return Self.denied(request, known: false, anonymous: false) }
+        if requirement == .none { return recorded(try await next(request, context), "allowed") }
+        guard let token else { return recorded(Self.denied(request, known: false, anonymous: secret == nil), "denied") }
         let policies = try await tokens.policySet(for: token)
         let allowed: Bool
         switch requirement {
@@ -37,7 +52,8 @@ public struct ACLMiddleware<Context: RequestContext>: RouterMiddleware {
             let ids = Self.ids(in: buffer)
             allowed = !ids.isEmpty && ids.allSatisfy { policies.allows("marathon/\(kind)/" + $0, anyOf: [.create, .update]) }
         }
-        return allowed ? try await next(request, context) : Self.denied(request, known: true, anonymous: false)
+        guard allowed else { return recorded(Self.denied(request, known: true, anonymous: false), "denied") }
+        return recorded(try await next(request, context), "allowed")
     }
 
     /// A token as each client sends it: Vault's `X-Vault-Token`, Consul's `X-Consul-Token` and
@@ -90,5 +106,12 @@ public struct ACLMiddleware<Context: RequestContext>: RouterMiddleware {
 
     static func response(_ status: HTTPResponse.Status, json: JSONValue) -> Response {
         Response(status: status, headers: [.contentType: "application/json"], body: ResponseBody(byteBuffer: ByteBuffer(bytes: json.serialized())))
+    }
+}
+
+extension Optional {
+    func asyncMap<T>(_ transform: (Wrapped) async throws -> T) async rethrows -> T? {
+        guard let self else { return nil }
+        return try await transform(self)
     }
 }

@@ -189,3 +189,24 @@ struct ACLCommand: AsyncParsableCommand {
         }
     }
 }
+
+/// The node's audit log: every write and every refused request.
+struct AuditCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "audit", abstract: "Read the audit log (every write and every refused request).", subcommands: [Tail.self])
+
+    struct Tail: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show the newest entries of the agent's audit log.")
+        @Option(name: [.customShort("n"), .customLong("lines")], help: "How many entries.") var lines: Int = 20
+        @OptionGroup var options: ClientOptions
+
+        func run() async throws {
+            let entries = try await options.client().call(.GET, "/flotilla/v1/audit?n=\(lines)")
+            if options.json { return printJSON(entries) }
+            printTable(["TIME", "WHO", "CLIENT", "REQUEST", "STATUS", "DECISION"], (entries.arrayValue ?? []).map { entry in
+                let who = entry["tokenName"]?.stringValue.map { "\($0) (\(entry.text("accessor").prefix(8)))" } ?? entry.text("accessor")
+                return [entry.text("time"), who, entry.text("client"), entry.text("method") + " " + entry.text("path"),
+                        "\(entry["status"]?.intValue ?? 0)", entry.text("decision")]
+            })
+        }
+    }
+}

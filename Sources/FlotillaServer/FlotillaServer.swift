@@ -108,6 +108,8 @@ public struct FlotillaServer {
         }
         let events = EventBus()
         let tokens = TokenStore(store: store)
+        let audit: AuditLog
+        do { audit = try AuditLog(path: configuration.dataDirectory + "/audit.log") } catch { throw ServerError("\(error)") }
         var secrets: SecretKV?
         if let key = configuration.secretsKey {
             do {
@@ -186,7 +188,7 @@ public struct FlotillaServer {
 
         let router = Router(context: FlotillaRequestContext.self)
         // First: the middleware covers only the routes added after it.
-        router.add(middleware: ACLMiddleware<FlotillaRequestContext>(tokens: tokens, enforcing: configuration.aclDefaultDeny))
+        router.add(middleware: ACLMiddleware<FlotillaRequestContext>(tokens: tokens, enforcing: configuration.aclDefaultDeny, audit: audit))
         if !configuration.aclDefaultDeny {
             logger.notice("ACLs are off: the API is open to whoever reaches it (--acl default-deny turns them on; 'flotilla acl bootstrap' makes the first token)")
         }
@@ -206,6 +208,7 @@ public struct FlotillaServer {
             .add(to: router)
         VaultRoutes(kv: secrets).add(to: router)
         AuthRoutes(tokens: tokens).add(to: router)
+        AuditRoutes(audit: audit).add(to: router)
         OperationsRoutes(
             routes: { proxy.currentRoutes },
             metrics: {

@@ -145,3 +145,21 @@ def test_the_cli_sends_its_token(acl_agent, root_token):
     allowed = subprocess.run(acl_agent.cli_command("apps", "--json"), capture_output=True, text=True, timeout=30,
                              env={"FLOTILLA_TOKEN": root_token, "PATH": "/usr/bin:/bin"})
     assert allowed.returncode == 0, allowed.stderr
+
+
+def test_the_audit_log_records_writes_and_refusals_without_secrets(acl_agent, root, root_token):
+    planted = f"planted-{uuid.uuid4().hex}"
+    root.secrets.kv.v2.create_or_update_secret(path="audited/db", secret={"password": planted})
+    requests.get(f"{acl_agent.url}/v1/secret/data/audited/db", params={"token": "made-up-" + planted}, timeout=5)
+    result = subprocess.run(acl_agent.cli_command("audit", "tail", "-n", "500", "--json"), capture_output=True, text=True, timeout=30,
+                            env={"FLOTILLA_TOKEN": root_token, "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    entries = json.loads(result.stdout)
+    me = root.auth.token.lookup_self()["data"]["accessor"]
+    assert any(e["accessor"] == me and e["method"] == "POST" and e["path"] == "/v1/secret/data/audited/db" and e["decision"] == "allowed"
+               for e in entries), entries[-5:]
+    assert any(e["accessor"] == "unknown" and e["path"] == "/v1/secret/data/audited/db" and e["decision"] == "denied" and e["status"] == 403
+               for e in entries), entries[-5:]
+    assert any(e["accessor"] == "anonymous" and e["decision"] == "denied" for e in entries)
+    log = (acl_agent.state_dir / "audit.log").read_bytes()
+    assert planted.encode() not in log and root_token.encode() not in log
