@@ -47,6 +47,9 @@ public actor NodeAgent: Service {
     private var launching = true
     /// Exits being handled (their clean-up awaited), so a stop waits for them.
     private var exitsInFlight = 0
+    /// Starts under way in a driver: a stopping agent waits for them to finish or be undone, so
+    /// nothing they made (a mount, a namespace) outlives it.
+    private var startsInFlight = 0
     /// Instances being stopped, with the reason the exit will be reported with.
     private var stopping: [String: String] = [:]
     /// One task per running instance that runs its health checks.
@@ -181,12 +184,19 @@ public actor NodeAgent: Service {
             group.addTask {
                 await self.reconcileLoop()
                 await self.stopLaunching()
+                await self.waitForStartsUnderWay()
                 if self.configuration.stopInstancesOnExit { await self.stopAll() }
                 await self.stopAllHealthChecks()
                 self.watcher.stop()
                 self.commands.stop()
             }
         }
+    }
+
+    /// Waits (up to a minute: an image pull is not a start) for starts that are in a driver.
+    private func waitForStartsUnderWay() async {
+        let deadline = Date().addingTimeInterval(60)
+        while startsInFlight > 0 && Date() < deadline { try? await Task.sleep(for: .milliseconds(20)) }
     }
 
     /// Stops every instance (SIGTERM, then SIGKILL after its grace period) and records them killed.
@@ -350,6 +360,8 @@ public actor NodeAgent: Service {
     }
 
     private func start(_ spec: InstanceSpec, driver: any InstanceDriver) async -> InstanceStatus? {
+        startsInFlight += 1
+        defer { startsInFlight -= 1 }
         let now = Timestamp.format(Date())
         do {
             var context = LaunchContext(sandbox: sandbox(of: spec.id), logs: logs(of: spec.id), agentEnvironment: agentEnvironment)

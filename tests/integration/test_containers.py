@@ -185,7 +185,9 @@ def test_container_deploys_through_marathon_client_healthy_routed_and_isolated(c
     assert "only-in-image" in listing and "www" in listing, listing
     assert "work" not in listing and "opt" not in listing and "usr" not in listing, listing
     assert (sandbox / "uid").read_text().strip() == "0"
-    assert len(runc_containers(container_agent)) == 1
+    # The instance the health check's config change replaced goes once it has stopped.
+    wait_until(lambda: [c["id"] for c in runc_containers(container_agent)] == [tasks[0]["id"]] or None, timeout=30,
+               what="only the healthy instance's container to be left")
 
 
 def test_bridged_container_through_marathon_client_is_healthy_routed_and_reachable(container_agent, images, app_ids):
