@@ -91,6 +91,7 @@ public enum MarathonJSON {
         // Flotilla's own fields appear only when set away from their defaults, so Marathon clients
         // that reject unknown keys keep working with apps that do not use them.
         if app.drainSeconds != AppDefinition.Defaults.drainSeconds { object["drainSeconds"] = .number(app.drainSeconds) }
+        if app.restartOnSecretChange { object["restartOnSecretChange"] = true }
         return object
     }
 

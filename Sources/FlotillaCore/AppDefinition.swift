@@ -24,6 +24,9 @@ public struct AppDefinition: Sendable, Hashable, Codable {
     public var taskKillGracePeriodSeconds: Double?
     /// Flotilla's: how long an instance chosen to stop is out of discovery and routing before SIGTERM.
     public var drainSeconds: Double
+    /// Flotilla's: restart the app (a rolling restart, as `POST …/restart`) when a secret it uses
+    /// gets a new version or loses its current one.
+    public var restartOnSecretChange = false
     public var upgradeStrategy: UpgradeStrategy
     public var killSelection: KillSelection
     public var user: String?
@@ -121,7 +124,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
     enum CodingKeys: String, CodingKey, CaseIterable {
         case id, cmd, args, env, instances, cpus, mem, disk, gpus, portDefinitions, ports, requirePorts, labels
         case constraints, healthChecks, readinessChecks, backoffSeconds, backoffFactor, maxLaunchDelaySeconds
-        case taskKillGracePeriodSeconds, drainSeconds, upgradeStrategy, killSelection, user, dependencies, uris, fetch
+        case taskKillGracePeriodSeconds, drainSeconds, restartOnSecretChange, upgradeStrategy, killSelection, user, dependencies, uris, fetch
         case acceptedResourceRoles, container, resourceLimits, unreachableStrategy, check, executorResources, secrets
         case tty, networks, role, ipAddress, residency, executor
     }
@@ -194,6 +197,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
             try container.decodeIfPresent(Double.self, forKey: .maxLaunchDelaySeconds) ?? Defaults.maxLaunchDelaySeconds
         taskKillGracePeriodSeconds = try container.decodeIfPresent(Double.self, forKey: .taskKillGracePeriodSeconds)
         drainSeconds = try container.decodeIfPresent(Double.self, forKey: .drainSeconds) ?? Defaults.drainSeconds
+        restartOnSecretChange = try container.decodeIfPresent(Bool.self, forKey: .restartOnSecretChange) ?? false
         upgradeStrategy = try container.decodeIfPresent(UpgradeStrategy.self, forKey: .upgradeStrategy) ?? UpgradeStrategy()
         killSelection = try container.decodeIfPresent(KillSelection.self, forKey: .killSelection) ?? .youngestFirst
         user = try container.decodeIfPresent(String.self, forKey: .user)
@@ -254,6 +258,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         try container.encode(maxLaunchDelaySeconds, forKey: .maxLaunchDelaySeconds)
         try container.encodeIfPresent(taskKillGracePeriodSeconds, forKey: .taskKillGracePeriodSeconds)
         try container.encode(drainSeconds, forKey: .drainSeconds)
+        if restartOnSecretChange { try container.encode(true, forKey: .restartOnSecretChange) }
         try container.encode(upgradeStrategy, forKey: .upgradeStrategy)
         try container.encode(killSelection, forKey: .killSelection)
         try container.encode(user, forKey: .user)

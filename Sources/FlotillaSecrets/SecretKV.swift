@@ -284,6 +284,26 @@ public actor SecretKV {
 
     // MARK: - For instances
 
+    /// Each secret's current version as instances would read it (`"3"`, or `"3 deleted"` when
+    /// that version is deleted or destroyed), to notice changes that matter to them.
+    public func currentVersions() async throws -> [String: String] {
+        var versions: [String: String] = [:]
+        for entry in try await store.list(prefix: Self.recordPrefix).entries {
+            guard let record = try? JSONDecoder().decode(Record.self, from: entry.value) else { continue }
+            let current = record.versions.first { $0.version == record.currentVersion }
+            let gone = current.map { !$0.deletionTime.isEmpty || $0.destroyed } ?? true
+            versions[String(entry.key.dropFirst(Self.recordPrefix.count))] = "\(record.currentVersion)\(gone ? " deleted" : "")"
+        }
+        return versions
+    }
+
+    /// Waits until a secret changes (or `timeout` passes), after the store's index `after`.
+    public func waitForChange(after index: UInt64, timeout: Duration) async throws -> UInt64 {
+        try await store.waitForChange(prefix: Self.recordPrefix, after: index, timeout: timeout)
+    }
+
+    public func currentIndex() async throws -> UInt64 { try await store.currentIndex() }
+
     /// The value an app's `secrets` entry names: `path@key` is that key's value; `path` alone is
     /// the value of a secret with one key, or the JSON object of one with several. Strings come
     /// as they are, other JSON values as JSON. Errors say what is missing, never a value.

@@ -241,6 +241,7 @@ public struct FlotillaServer {
                             control: control, images: images, thresholdPercent: configuration.imageGCThresholdPercent, interval: .seconds(300),
                             logger: logger)),
                     .init(service: subscriptions),
+                ] + (secrets.map { [ServiceGroupConfiguration.ServiceConfiguration(service: SecretChangeWatcher(kv: $0, control: control, logger: logger))] } ?? []) + [
                     .init(service: application),
                     // Shut down first (the group stops services in reverse): open event streams
                     // must end before the HTTP server can drain its connections.

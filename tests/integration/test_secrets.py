@@ -172,3 +172,33 @@ def test_each_instance_gets_a_token_for_its_own_app_only(make_agent, key_file, a
     requests.delete(f"{base}/v2/apps{app_id}?force=true", headers={"X-Vault-Token": root.token}, timeout=5)
     wait_until(lambda: requests.get(f"{base}/v1/secret/data/{own}", headers={"X-Vault-Token": token}, timeout=5).status_code == 403,
                timeout=30, what="the instance's token to be revoked when it ended")
+
+
+def test_restart_on_secret_change_rolls_the_app_to_the_new_value(secret_agent, app_ids):
+    path = f"shop/rotating-{uuid.uuid4().hex[:6]}"
+    write_secret(secret_agent, path, {"password": "first"})
+
+    def app(app_id, restart):
+        return {
+            "id": app_id, "instances": 1, "cpus": 0.05, "mem": 32, "restartOnSecretChange": restart,
+            "cmd": 'echo "$DB_PASSWORD" > "$MESOS_SANDBOX/seen"; exec sleep 300',
+            "env": {"DB_PASSWORD": {"secret": "db"}}, "secrets": {"db": {"source": f"{path}@password"}},
+        }
+
+    rolling, steady = app_ids.new("rolling"), app_ids.new("steady")
+    secret_agent.create_app(app(rolling, True))
+    secret_agent.create_app(app(steady, False))
+    first, unchanged = first_task(secret_agent, rolling), first_task(secret_agent, steady)
+    assert secret_agent.app(rolling)["restartOnSecretChange"] is True
+    write_secret(secret_agent, path, {"password": "second"})
+
+    def replaced():
+        tasks = secret_agent.tasks(rolling)
+        fresh = [t for t in tasks if t["id"] != first["id"] and t["state"] == "TASK_RUNNING"]
+        if len(tasks) == 1 and fresh:
+            seen = secret_agent.sandbox(fresh[0]["id"]) / "seen"
+            return fresh[0] if seen.exists() and seen.read_text() == "second\n" else None
+        return None
+
+    wait_until(replaced, timeout=60, what="the app to restart with the secret's new version")
+    assert [t["id"] for t in secret_agent.tasks(steady)] == [unchanged["id"]], "an app that did not ask keeps its instance"
