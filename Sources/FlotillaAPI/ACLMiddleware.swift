@@ -24,7 +24,8 @@ public struct ACLMiddleware<Context: RequestContext>: RouterMiddleware {
         guard enforcing || (writes && audit != nil) else { return try await next(request, context) }
         var request = request
         let secret = Self.token(in: request)
-        let token = try await secret.asyncMap { try await tokens.lookup(secret: $0) } ?? nil
+        // A request spends one of a token's uses only where access control checks it.
+        let token = try await secret.asyncMap { try await tokens.lookup(secret: $0, consume: enforcing) } ?? nil
         func recorded(_ response: Response, _ decision: String) -> Response {
             if decision == "denied" || writes {
                 audit?.record(

@@ -53,7 +53,8 @@ public struct AuthRoutes: Sendable {
     }
 
     private func caller(_ request: Request) async throws -> (secret: String, info: TokenInfo) {
-        guard let secret = ACLMiddleware<BasicRequestContext>.token(in: request), let info = try await tokens.lookup(secret: secret) else {
+        // The access control in front of this route has spent the request's use already.
+        guard let secret = ACLMiddleware<BasicRequestContext>.token(in: request), let info = try await tokens.lookup(secret: secret, consume: false) else {
             throw AuthError(status: 403, message: "permission denied")
         }
         return (secret, info)
@@ -92,7 +93,7 @@ public struct AuthRoutes: Sendable {
 
     private func lookup(_ request: Request) async throws -> Response {
         let body = try await VaultRoutes.body(request)
-        guard let secret = body["token"]?.stringValue, let info = try await tokens.lookup(secret: secret) else {
+        guard let secret = body["token"]?.stringValue, let info = try await tokens.lookup(secret: secret, consume: false) else {
             throw AuthError(status: 403, message: "bad token")
         }
         return try Self.envelope(Self.lookupData(info, id: secret))

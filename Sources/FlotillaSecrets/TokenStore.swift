@@ -101,8 +101,8 @@ public actor TokenStore {
     }
 
     /// The live token whose secret this is; nil for an unknown, expired or used-up token. A token
-    /// with limited uses loses one.
-    public func lookup(secret: String) async throws -> TokenInfo? {
+    /// with limited uses loses one when `consume` (access control spends one use per request).
+    public func lookup(secret: String, consume: Bool = true) async throws -> TokenInfo? {
         let hash = Self.hash(secret)
         guard let pointer = try await store.get(Self.hashPrefix + hash),
               let entry = try await store.get(Self.tokenPrefix + String(decoding: pointer.value, as: UTF8.self)),
@@ -113,7 +113,7 @@ public actor TokenStore {
             try? await revoke(accessor: record.info.accessor)
             return nil
         }
-        if record.info.usesLeft > 0 {
+        if consume && record.info.usesLeft > 0 {
             record.info.usesLeft -= 1
             if record.info.usesLeft == 0 {
                 try await revoke(accessor: record.info.accessor)

@@ -163,3 +163,14 @@ def test_the_audit_log_records_writes_and_refusals_without_secrets(acl_agent, ro
     assert any(e["accessor"] == "anonymous" and e["decision"] == "denied" for e in entries)
     log = (acl_agent.state_dir / "audit.log").read_bytes()
     assert planted.encode() not in log and root_token.encode() not in log
+
+
+def test_a_token_with_uses_dies_after_them(acl_agent, root):
+    root.secrets.kv.v2.create_or_update_secret(path="counted/db", secret={"k": "v"})
+    policy = 'path "secret/data/counted/*" { capabilities = ["read"] }'
+    token = token_with(root, "counted", policy, num_uses=2)
+    client = hvac.Client(url=acl_agent.url, token=token)
+    for _ in range(2):
+        assert client.secrets.kv.v2.read_secret_version(path="counted/db", raise_on_deleted_version=True)["data"]["data"] == {"k": "v"}
+    with pytest.raises(Forbidden):
+        client.secrets.kv.v2.read_secret_version(path="counted/db", raise_on_deleted_version=True)
