@@ -157,6 +157,10 @@ public struct Policy: Sendable, Hashable {
 /// decides; the capabilities of one pattern in several policies add up; `deny` wins).
 public struct PolicySet: Sendable {
     let rules: [PolicyRule]
+    /// Rules by their pattern's first segment when it is literal and whole (`secret`, `consul`,
+    /// `marathon`), so a request looks only at rules that can match it; the rest always apply.
+    let byFirstSegment: [Substring: [PolicyRule]]
+    let others: [PolicyRule]
 
     public init(_ policies: [Policy]) {
         var merged: [String: Set<Capability>] = [:]
@@ -164,11 +168,26 @@ public struct PolicySet: Sendable {
             for rule in policy.rules { merged[rule.pattern, default: []].formUnion(rule.capabilities) }
         }
         rules = merged.map { PolicyRule(pattern: $0.key, capabilities: $0.value) }
+        var grouped: [Substring: [PolicyRule]] = [:]
+        var others: [PolicyRule] = []
+        for rule in rules {
+            let segments = rule.body.split(separator: "/", maxSplits: 1, omittingEmptySubsequences: false)
+            // A first segment is whole when a "/" follows it in the pattern.
+            if segments.count == 2, let first = segments.first, first != "+" {
+                grouped[first, default: []].append(rule)
+            } else {
+                others.append(rule)
+            }
+        }
+        byFirstSegment = grouped
+        self.others = others
     }
 
     /// The capabilities granted on `path`.
     public func capabilities(on path: String) -> Set<Capability> {
-        let matching = rules.filter { $0.matches(path) }
+        let first = path.split(separator: "/", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
+        let candidates = (byFirstSegment[first] ?? []) + others
+        let matching = candidates.filter { $0.matches(path) }
         guard let best = matching.max(by: { $0.ranksBelow($1) }) else { return [] }
         return best.capabilities.contains(.deny) ? [.deny] : best.capabilities
     }

@@ -33,6 +33,16 @@ public actor TokenStore {
     let now: @Sendable () -> Date
     /// Parsed policies with the modify index of the record they were parsed from.
     private var policyCache: [String: (policy: Policy, index: UInt64)] = [:]
+    /// Decision sets by the token's policies (and inline policy), reused by every request of
+    /// tokens that share them. Dropped when this store writes a policy, and at least every
+    /// `setLifetime` so a policy written elsewhere (another node of a cluster) is seen.
+    private var setCache: [String: (set: PolicySet, made: Date)] = [:]
+    static let setLifetime: TimeInterval = 5
+    /// Tokens as last read, by the hash of their secret: a request does not read and decode its
+    /// token's record each time. Dropped when this store revokes or changes a token, and after
+    /// `tokenLifetime`, so a token revoked through another node of a cluster stops within it.
+    private var tokenCache: [String: (record: TokenRecord, read: Date)] = [:]
+    static let tokenLifetime: TimeInterval = 1
 
     public init(store: any StateStore, now: @escaping @Sendable () -> Date = Date.init) {
         self.store = store
@@ -104,9 +114,19 @@ public actor TokenStore {
     /// with limited uses loses one when `consume` (access control spends one use per request).
     public func lookup(secret: String, consume: Bool = true) async throws -> TokenInfo? {
         let hash = Self.hash(secret)
+        if let cached = tokenCache[hash], now().timeIntervalSince(cached.read) < Self.tokenLifetime,
+           cached.record.info.usesLeft == 0 || !consume {
+            if let expiry = cached.record.info.expiresAt, expiry <= now() {
+                tokenCache[hash] = nil
+            } else {
+                return cached.record.info
+            }
+        }
         guard let pointer = try await store.get(Self.hashPrefix + hash),
               let entry = try await store.get(Self.tokenPrefix + String(decoding: pointer.value, as: UTF8.self)),
               var record = try? JSONDecoder().decode(TokenRecord.self, from: entry.value) else { return nil }
+        if tokenCache.count > 10_000 { tokenCache.removeAll() }
+        tokenCache[hash] = (record, now())
         // The hash found the record; compare the stored one in constant time all the same.
         guard Self.constantTimeEqual(record.secretHash, hash) else { return nil }
         if let expiry = record.info.expiresAt, expiry <= now() {
@@ -139,6 +159,7 @@ public actor TokenStore {
         guard record.info.renewable else { throw FlotillaError.badRequest("lease is not renewable") }
         let seconds = min(max(1, incrementSeconds ?? record.info.ttlSeconds), record.info.ttlSeconds)
         record.info.expiresAt = now().addingTimeInterval(Double(seconds))
+        tokenCache.removeAll()
         try await store.commit(StoreTransaction(mutations: [.put(entry.key, try JSONEncoder().encode(record))]))
         return record.info
     }
@@ -158,6 +179,7 @@ public actor TokenStore {
             }
         }
         var mutations: [StoreMutation] = []
+        tokenCache.removeAll()
         for record in all where doomed.contains(record.info.accessor) {
             mutations += [.delete(Self.tokenPrefix + record.info.accessor), .delete(Self.hashPrefix + record.secretHash)]
         }
@@ -201,6 +223,7 @@ public actor TokenStore {
         guard policy.name != "root" else { throw FlotillaError.badRequest("cannot update root policy") }
         try Self.validatePolicyName(policy.name)
         try await store.put(Self.policyPrefix + policy.name, Data(policy.text.utf8))
+        setCache.removeAll()
     }
 
     public func policy(named name: String) async throws -> Policy? {
@@ -215,6 +238,7 @@ public actor TokenStore {
     public func deletePolicy(named name: String) async throws {
         guard name != "root" else { throw FlotillaError.badRequest("cannot delete root policy") }
         policyCache[name] = nil
+        setCache.removeAll()
         try await store.commit(StoreTransaction(mutations: [.delete(Self.policyPrefix + name)]))
     }
 
@@ -224,6 +248,15 @@ public actor TokenStore {
 
     /// The decision set of a token's policies (unknown names grant nothing).
     public func policySet(for token: TokenInfo) async throws -> PolicySet {
+        let key = token.policies.joined(separator: "\u{0}") + "\u{1}" + (token.inlinePolicy ?? "")
+        if let cached = setCache[key], now().timeIntervalSince(cached.made) < Self.setLifetime { return cached.set }
+        let set = try await makePolicySet(for: token)
+        if setCache.count > 10_000 { setCache.removeAll() }
+        setCache[key] = (set, now())
+        return set
+    }
+
+    private func makePolicySet(for token: TokenInfo) async throws -> PolicySet {
         var policies: [Policy] = []
         for name in token.policies { if let policy = try await policy(named: name) { policies.append(policy) } }
         if let inline = token.inlinePolicy, let policy = try? Policy(name: "inline", text: inline) { policies.append(policy) }
