@@ -7,26 +7,9 @@ import statistics
 import subprocess
 import urllib.request
 
-from benchlib import Agent, call
+from benchlib import Agent, wrk
 
 POLICIES = 100
-
-
-def wrk(url, connections, token=None, seconds=5):
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
-    if token:
-        command += ["-H", f"X-Vault-Token: {token}"]
-    output = subprocess.run(command + [url], capture_output=True, text=True, check=True).stdout
-    figures = {}
-    for line in output.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0] in ("50%", "99%"):
-            figures[parts[0]] = parts[1]
-        if line.startswith("Requests/sec:"):
-            figures["rps"] = float(line.split()[1])
-        if "Non-2xx" in line:
-            raise SystemExit(f"{url}: {line.strip()}")
-    return figures
 
 
 def request(base, method, path, body=None, token=None):
@@ -88,7 +71,8 @@ def main():
             for label, path in (("GET /v2/apps (10 apps)", "/v2/apps"), ("secret read", "/v1/secret/data/team-0/db"),
                                 ("Consul KV read", "/v1/kv/team-0/db")):
                 for connections in (1, 8):
-                    p50, p99, rps = median_of(arguments.runs, lambda: wrk(agent.base + path, connections, token))
+                    headers = [f"X-Vault-Token: {token}"] if token else []
+                    p50, p99, rps = median_of(arguments.runs, lambda: wrk(agent.base + path, connections, seconds=5, headers=headers))
                     rows.append((label, acl, connections, p50, p99, rps))
         finally:
             agent.stop()

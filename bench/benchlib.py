@@ -110,3 +110,21 @@ class Agent:
                 return state["status"], state.get("reason")
             time.sleep(0.02)
         raise SystemExit(f"deployment {deployment_id} still running after {timeout} s")
+
+
+def wrk(url, connections, seconds=10, headers=()):
+    """wrk's p50, p99 (as it prints them) and requests/s for `url`; refuses non-2xx answers."""
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    for header in headers:
+        command += ["-H", header]
+    output = subprocess.run(command + [url], capture_output=True, text=True, check=True).stdout
+    figures = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in ("50%", "99%"):
+            figures[parts[0]] = parts[1]
+        if line.startswith("Requests/sec:"):
+            figures["rps"] = float(line.split()[1])
+        if "Non-2xx" in line:
+            raise SystemExit(f"{url}: {line.strip()}")
+    return figures

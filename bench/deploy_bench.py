@@ -10,7 +10,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from benchlib import Agent, call, rss_kib, serves
+from benchlib import Agent, call, rss_kib, serves, wrk
 
 INSTANCES = 100
 
@@ -48,16 +48,7 @@ def deploy_once(agent, server, run):
 
 
 def wrk_latency(url, connections, seconds=10):
-    output = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url], capture_output=True, text=True, check=True).stdout
-    figures = {}
-    for line in output.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0] in ("50%", "99%"):
-            figures[parts[0]] = parts[1]
-        if line.startswith("Requests/sec:"):
-            figures["rps"] = float(line.split()[1])
-    return figures
+    return wrk(url, connections, seconds)
 
 
 def main():
