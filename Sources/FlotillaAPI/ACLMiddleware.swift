@@ -25,7 +25,8 @@ public struct ACLMiddleware<Context: RequestContext>: RouterMiddleware {
         var request = request
         let secret = Self.token(in: request)
         // A request spends one of a token's uses only where access control checks it.
-        let token = try await secret.asyncMap { try await tokens.lookup(secret: $0, consume: enforcing) } ?? nil
+        var token = secret.flatMap { tokens.cachedToken(secret: $0, consume: enforcing) }
+        if token == nil, let secret { token = try await tokens.lookup(secret: secret, consume: enforcing) }
         func recorded(_ response: Response, _ decision: String) -> Response {
             if decision == "denied" || writes {
                 audit?.record(
@@ -40,7 +41,8 @@ public struct ACLMiddleware<Context: RequestContext>: RouterMiddleware {
         let requirement = ACLRequirement.of(method: request.method, path: request.uri.path, query: request.uri.query)
         if requirement == .none { return recorded(try await next(request, context), "allowed") }
         guard let token else { return recorded(Self.denied(request, known: false, anonymous: secret == nil), "denied") }
-        let policies = try await tokens.policySet(for: token)
+        let policies: PolicySet
+        if let cached = tokens.cachedPolicySet(for: token) { policies = cached } else { policies = try await tokens.policySet(for: token) }
         let allowed: Bool
         switch requirement {
         case .none, .anyToken:

@@ -9,20 +9,26 @@ public enum Capability: String, Sendable, Hashable, CaseIterable, Codable {
 /// One rule: a path pattern and its capabilities. Patterns are Vault's: a trailing `*` matches
 /// any rest (a prefix), `+` matches exactly one path segment.
 public struct PolicyRule: Sendable, Hashable {
-    public var pattern: String
+    public let pattern: String
     public var capabilities: Set<Capability>
+    let isPrefix: Bool
+    /// The pattern's segments (without a trailing `*`), split once.
+    let patternSegments: [Substring]
 
     public init(pattern: String, capabilities: Set<Capability>) {
         self.pattern = pattern
         self.capabilities = capabilities
+        isPrefix = pattern.hasSuffix("*")
+        patternSegments = (isPrefix ? pattern.dropLast() : Substring(pattern)).split(separator: "/", omittingEmptySubsequences: false)
     }
 
-    var isPrefix: Bool { pattern.hasSuffix("*") }
     var body: Substring { isPrefix ? pattern.dropLast() : Substring(pattern) }
 
     func matches(_ path: String) -> Bool {
-        let patternSegments = body.split(separator: "/", omittingEmptySubsequences: false)
-        let pathSegments = path.split(separator: "/", omittingEmptySubsequences: false)
+        matches(segments: path.split(separator: "/", omittingEmptySubsequences: false))
+    }
+
+    func matches(segments pathSegments: [Substring]) -> Bool {
         if isPrefix {
             // Every segment but the last must match whole; the last is a prefix of the path's.
             guard pathSegments.count >= patternSegments.count else { return false }
@@ -185,9 +191,9 @@ public struct PolicySet: Sendable {
 
     /// The capabilities granted on `path`.
     public func capabilities(on path: String) -> Set<Capability> {
-        let first = path.split(separator: "/", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
-        let candidates = (byFirstSegment[first] ?? []) + others
-        let matching = candidates.filter { $0.matches(path) }
+        let segments = path.split(separator: "/", omittingEmptySubsequences: false)
+        let candidates = (byFirstSegment[segments.first ?? ""] ?? []) + others
+        let matching = candidates.filter { $0.matches(segments: segments) }
         guard let best = matching.max(by: { $0.ranksBelow($1) }) else { return [] }
         return best.capabilities.contains(.deny) ? [.deny] : best.capabilities
     }

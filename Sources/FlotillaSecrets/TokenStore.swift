@@ -1,4 +1,5 @@
 internal import Crypto
+import Synchronization
 public import FlotillaCore
 public import FlotillaStore
 public import Foundation
@@ -36,13 +37,45 @@ public actor TokenStore {
     /// Decision sets by the token's policies (and inline policy), reused by every request of
     /// tokens that share them. Dropped when this store writes a policy, and at least every
     /// `setLifetime` so a policy written elsewhere (another node of a cluster) is seen.
-    private var setCache: [String: (set: PolicySet, made: Date)] = [:]
     static let setLifetime: TimeInterval = 5
     /// Tokens as last read, by the hash of their secret: a request does not read and decode its
     /// token's record each time. Dropped when this store revokes or changes a token, and after
     /// `tokenLifetime`, so a token revoked through another node of a cluster stops within it.
-    private var tokenCache: [String: (record: TokenRecord, read: Date)] = [:]
     static let tokenLifetime: TimeInterval = 1
+    /// Both caches, behind a lock rather than the actor, so a request that finds its token and
+    /// decision set there does not wait for the actor (every request would queue on it).
+    private nonisolated let caches = Caches()
+
+    final class Caches: Sendable {
+        let tokens = Mutex<[String: (record: TokenRecord, read: Date)]>([:])
+        let sets = Mutex<[String: (set: PolicySet, made: Date)]>([:])
+    }
+
+    /// The token from the cache, when it is there, fresh, and (if `consume`) has unlimited uses.
+    public nonisolated func cachedToken(secret: String, consume: Bool) -> TokenInfo? {
+        let hash = Self.hash(secret)
+        let moment = now()
+        return caches.tokens.withLock { cache -> TokenInfo? in
+            guard let cached = cache[hash], moment.timeIntervalSince(cached.read) < Self.tokenLifetime,
+                  cached.record.info.usesLeft == 0 || !consume else { return nil }
+            if let expiry = cached.record.info.expiresAt, expiry <= moment { return nil }
+            return cached.record.info
+        }
+    }
+
+    /// The token's decision set from the cache, when it is there and fresh.
+    public nonisolated func cachedPolicySet(for token: TokenInfo) -> PolicySet? {
+        let key = Self.setKey(token)
+        let moment = now()
+        return caches.sets.withLock { cache in
+            guard let cached = cache[key], moment.timeIntervalSince(cached.made) < Self.setLifetime else { return nil }
+            return cached.set
+        }
+    }
+
+    static func setKey(_ token: TokenInfo) -> String {
+        token.policies.joined(separator: "\u{0}") + "\u{1}" + (token.inlinePolicy ?? "")
+    }
 
     public init(store: any StateStore, now: @escaping @Sendable () -> Date = Date.init) {
         self.store = store
@@ -114,19 +147,15 @@ public actor TokenStore {
     /// with limited uses loses one when `consume` (access control spends one use per request).
     public func lookup(secret: String, consume: Bool = true) async throws -> TokenInfo? {
         let hash = Self.hash(secret)
-        if let cached = tokenCache[hash], now().timeIntervalSince(cached.read) < Self.tokenLifetime,
-           cached.record.info.usesLeft == 0 || !consume {
-            if let expiry = cached.record.info.expiresAt, expiry <= now() {
-                tokenCache[hash] = nil
-            } else {
-                return cached.record.info
-            }
-        }
+        if let cached = cachedToken(secret: secret, consume: consume) { return cached }
         guard let pointer = try await store.get(Self.hashPrefix + hash),
               let entry = try await store.get(Self.tokenPrefix + String(decoding: pointer.value, as: UTF8.self)),
               var record = try? JSONDecoder().decode(TokenRecord.self, from: entry.value) else { return nil }
-        if tokenCache.count > 10_000 { tokenCache.removeAll() }
-        tokenCache[hash] = (record, now())
+        let moment = now()
+        caches.tokens.withLock { cache in
+            if cache.count > 10_000 { cache.removeAll() }
+            cache[hash] = (record, moment)
+        }
         // The hash found the record; compare the stored one in constant time all the same.
         guard Self.constantTimeEqual(record.secretHash, hash) else { return nil }
         if let expiry = record.info.expiresAt, expiry <= now() {
@@ -159,7 +188,7 @@ public actor TokenStore {
         guard record.info.renewable else { throw FlotillaError.badRequest("lease is not renewable") }
         let seconds = min(max(1, incrementSeconds ?? record.info.ttlSeconds), record.info.ttlSeconds)
         record.info.expiresAt = now().addingTimeInterval(Double(seconds))
-        tokenCache.removeAll()
+        caches.tokens.withLock { $0.removeAll() }
         try await store.commit(StoreTransaction(mutations: [.put(entry.key, try JSONEncoder().encode(record))]))
         return record.info
     }
@@ -179,7 +208,7 @@ public actor TokenStore {
             }
         }
         var mutations: [StoreMutation] = []
-        tokenCache.removeAll()
+        caches.tokens.withLock { $0.removeAll() }
         for record in all where doomed.contains(record.info.accessor) {
             mutations += [.delete(Self.tokenPrefix + record.info.accessor), .delete(Self.hashPrefix + record.secretHash)]
         }
@@ -223,7 +252,7 @@ public actor TokenStore {
         guard policy.name != "root" else { throw FlotillaError.badRequest("cannot update root policy") }
         try Self.validatePolicyName(policy.name)
         try await store.put(Self.policyPrefix + policy.name, Data(policy.text.utf8))
-        setCache.removeAll()
+        caches.sets.withLock { $0.removeAll() }
     }
 
     public func policy(named name: String) async throws -> Policy? {
@@ -238,7 +267,7 @@ public actor TokenStore {
     public func deletePolicy(named name: String) async throws {
         guard name != "root" else { throw FlotillaError.badRequest("cannot delete root policy") }
         policyCache[name] = nil
-        setCache.removeAll()
+        caches.sets.withLock { $0.removeAll() }
         try await store.commit(StoreTransaction(mutations: [.delete(Self.policyPrefix + name)]))
     }
 
@@ -248,11 +277,13 @@ public actor TokenStore {
 
     /// The decision set of a token's policies (unknown names grant nothing).
     public func policySet(for token: TokenInfo) async throws -> PolicySet {
-        let key = token.policies.joined(separator: "\u{0}") + "\u{1}" + (token.inlinePolicy ?? "")
-        if let cached = setCache[key], now().timeIntervalSince(cached.made) < Self.setLifetime { return cached.set }
+        if let cached = cachedPolicySet(for: token) { return cached }
         let set = try await makePolicySet(for: token)
-        if setCache.count > 10_000 { setCache.removeAll() }
-        setCache[key] = (set, now())
+        let moment = now()
+        caches.sets.withLock { cache in
+            if cache.count > 10_000 { cache.removeAll() }
+            cache[Self.setKey(token)] = (set, moment)
+        }
         return set
     }
 
