@@ -253,11 +253,15 @@ enum PolicyHCL {
             guard let number = Double(word) else { throw .badRequest("'\(word)' is not a value") }
             return .number(number)
         case .symbol("["):
+            // Lists hold plain values: no list inside a list (so hostile nesting cannot recurse).
             var items: [JSONValue] = []
             while let item = tokens.popFirst() {
-                if case .symbol("]") = item { return .array(items) }
-                if case .symbol(",") = item { continue }
-                items.append(try value(item, &tokens))
+                switch item {
+                case .symbol("]"): return .array(items)
+                case .symbol(","): continue
+                case .symbol(let symbol): throw .badRequest("unexpected '\(symbol)' in a list")
+                default: items.append(try value(item, &tokens))
+                }
             }
             throw .badRequest("a list is not closed with ]")
         case .symbol(let symbol):

@@ -75,6 +75,30 @@ import Testing
         }
     }
 
+    /// Hostile policies: deep nesting, huge inputs and random token soup are refused or parsed,
+    /// never a crash; whatever parses yields only rules named in the input.
+    @Test func hostilePoliciesNeverCrashTheParser() {
+        let deep = #"path "a" { capabilities = "# + String(repeating: "[", count: 100_000) + "]"
+        #expect(throws: FlotillaError.self) { _ = try Policy(name: "deep", text: deep) }
+        let jsonDeep = String(repeating: "{\"path\":", count: 10_000) + "1" + String(repeating: "}", count: 10_000)
+        #expect(throws: FlotillaError.self) { _ = try Policy(name: "deep", text: jsonDeep) }
+        let pieces = ["path", "key_prefix", "\"a/*\"", "\"\"", "{", "}", "[", "]", "=", ",", "capabilities", "policy", "\"read\"", "\"deny\"",
+                      "#", "\n", "/*", "*/", "\\", "\"", "true", "12", "+", "node"]
+        var generator = SystemRandomNumberGenerator()
+        var parsed = 0
+        for _ in 0..<3000 {
+            let text = (0..<Int.random(in: 1...24, using: &generator)).map { _ in pieces.randomElement(using: &generator)! }.joined(separator: " ")
+            do {
+                let policy = try Policy(name: "fuzz", text: text)
+                parsed += 1
+                #expect(policy.rules.allSatisfy { rule in text.contains(rule.pattern.trimmingCharacters(in: CharacterSet(charactersIn: "*"))) || rule.pattern.hasPrefix("consul/") })
+            } catch {
+                continue  // typed throws: every refusal is a FlotillaError saying what is wrong
+            }
+        }
+        #expect(parsed < 3000, "random soup mostly fails to parse")
+    }
+
     @Test func tokensAreHashedExpireAndRevokeTheirChildren() async throws {
         let store = InMemoryStateStore()
         let clock = TestClock()
