@@ -83,7 +83,12 @@ public struct AuthRoutes: Sendable {
         let (secret, info) = try await tokens.create(
             policies: policies, displayName: "token" + (body["display_name"]?.stringValue.map { "-" + $0 } ?? ""), ttlSeconds: ttl,
             renewable: try VaultRoutes.bool(body["renewable"], "renewable") ?? true, uses: uses, parent: noParent ? nil : parent, meta: meta)
-        return Self.auth(secret: secret, info)
+        // As Vault does, parameters it does not act on are named in the answer's warnings.
+        // There is no `default` policy here, so `no_default_policy` holds whatever it says.
+        let known: Set<String> = ["policies", "ttl", "num_uses", "meta", "no_parent", "display_name", "renewable", "no_default_policy"]
+        let ignored = body.keys.filter { !known.contains($0) }.sorted()
+        let warning = ignored.isEmpty ? nil : "Endpoint ignored these unrecognized parameters: [\(ignored.joined(separator: " "))]"
+        return Self.auth(secret: secret, info, warning: warning)
     }
 
     private func lookupSelf(_ request: Request) async throws -> Response {
@@ -175,11 +180,11 @@ public struct AuthRoutes: Sendable {
         ]
     }
 
-    static func auth(secret: String, _ info: TokenInfo) -> Response {
+    static func auth(secret: String, _ info: TokenInfo, warning: String? = nil) -> Response {
         let lease = info.expiresAt.map { max(0, Int($0.timeIntervalSinceNow.rounded())) } ?? 0
         return json(.ok, [
             "request_id": .string(UUID().uuidString.lowercased()), "lease_id": "", "renewable": false, "lease_duration": 0, "data": .null,
-            "wrap_info": .null, "warnings": .null,
+            "wrap_info": .null, "warnings": warning.map { .array([.string($0)]) } ?? .null,
             "auth": [
                 "client_token": .string(secret), "accessor": .string(info.accessor), "policies": .array(info.policies.map(JSONValue.string)),
                 "token_policies": .array(info.policies.map(JSONValue.string)), "metadata": .object(info.meta.mapValues(JSONValue.string)),
