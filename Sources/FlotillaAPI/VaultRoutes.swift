@@ -177,6 +177,10 @@ public struct VaultRoutes: Sendable {
     private func writeConfig(_ request: Request) async throws -> Response {
         let engine = try engine()
         let body = try await Self.body(request)
+        let known: Set<String> = ["max_versions", "cas_required", "delete_version_after"]
+        if let unknown = body.keys.sorted().first(where: { !known.contains($0) }) {
+            throw SecretKVError(status: 400, description: "unknown field '\(unknown)'; config takes \(known.sorted().joined(separator: ", "))")
+        }
         try await engine.updateConfig(
             maxVersions: try Self.integer(body["max_versions"], "max_versions"), casRequired: try Self.bool(body["cas_required"], "cas_required"),
             deleteVersionAfter: try Self.duration(body["delete_version_after"]))
@@ -226,6 +230,9 @@ public struct VaultRoutes: Sendable {
         }
         var cas: Int?
         if case .object(let options)? = body["options"] {
+            if let unknown = options.keys.sorted().first(where: { $0 != "cas" }) {
+                throw SecretKVError(status: 400, description: "unknown option '\(unknown)'; the options are: cas")
+            }
             cas = try integer(options["cas"], "options.cas")
         }
         return (data, cas)

@@ -144,6 +144,11 @@ def test_bad_requests_get_vaults_error_shape(vault_agent):
     assert response.status_code == 400 and "segments" in response.json()["errors"][0]
     response = requests.post(f"{vault_agent.url}/v1/secret/data/x", json={"secret": {"k": "v"}}, timeout=5)
     assert response.status_code == 400 and response.json()["errors"] == ["no data provided"]
+    # What is not acted on is refused, not dropped.
+    response = requests.post(f"{vault_agent.url}/v1/secret/data/x", json={"data": {"k": "v"}, "options": {"ttl": "1h"}}, timeout=5)
+    assert response.status_code == 400 and "unknown option 'ttl'" in response.json()["errors"][0]
+    response = requests.post(f"{vault_agent.url}/v1/secret/config", json={"max_version": 3}, timeout=5)
+    assert response.status_code == 400 and "unknown field 'max_version'" in response.json()["errors"][0]
 
 
 def test_the_cli_writes_and_reads(vault_agent, tmp_path):
