@@ -27,17 +27,37 @@ let package = Package(
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
         .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
+        // etcd's v3 API: gRPC over HTTP/2, messages generated once from Protos/etcd.proto.
+        .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
+        .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
+        .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.39.0"),
     ],
     targets: [
         // Domain value types, their validation and errors. Foundation only.
         .target(name: "FlotillaCore", swiftSettings: swiftSettings),
 
-        // The indexed, watchable state store: SQLite (embedded) and in-memory backends.
+        // The indexed, watchable state store: the protocol, SQLite (embedded) and in-memory backends.
         .target(
             name: "FlotillaStore",
             dependencies: [
                 "FlotillaCore",
                 .product(name: "GRDB", package: "GRDB.swift"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+
+        // The cluster backend: the store on etcd v3 over gRPC. Its own target, so that only the
+        // composition root sees gRPC and protobuf.
+        .target(
+            name: "FlotillaEtcd",
+            dependencies: [
+                "FlotillaStore",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings
         ),
@@ -153,7 +173,7 @@ let package = Package(
         .target(
             name: "FlotillaServer",
             dependencies: [
-                "FlotillaCore", "FlotillaStore", "FlotillaScheduler", "FlotillaAgent", "FlotillaControl", "FlotillaAPI",
+                "FlotillaCore", "FlotillaStore", "FlotillaEtcd", "FlotillaScheduler", "FlotillaAgent", "FlotillaControl", "FlotillaAPI",
                 "FlotillaRegistry", "FlotillaProxy", "FlotillaImage", "FlotillaSecrets",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
@@ -191,7 +211,9 @@ let package = Package(
         ),
 
         .testTarget(name: "FlotillaCoreTests", dependencies: ["FlotillaCore"], swiftSettings: swiftSettings),
-        .testTarget(name: "FlotillaStoreTests", dependencies: ["FlotillaCore", "FlotillaStore"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "FlotillaStoreTests", dependencies: ["FlotillaCore", "FlotillaStore", "FlotillaEtcd", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaSecretsTests", dependencies: ["FlotillaCore", "FlotillaStore", "FlotillaSecrets"], swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaSchedulerTests", dependencies: ["FlotillaCore", "FlotillaScheduler"], swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaRegistryTests", dependencies: ["FlotillaCore", "FlotillaStore", "FlotillaRegistry"], swiftSettings: swiftSettings),

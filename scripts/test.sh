@@ -85,11 +85,11 @@ ensure_system_packages() {
     # package:proof that it is installed — a command on PATH, an absolute file, or "dpkg" (ask dpkg).
     # The container tests need runc, the image tools (umoci, skopeo), a registry (docker-registry,
     # htpasswd for its basic auth) and a static busybox to build images from; the bridge needs nft;
-    # the build needs zlib's header.
+    # the build needs zlib's header; the cluster's store tests run a real etcd (and etcdctl).
     local wanted=(
         curl:curl procps:ps dnsutils:dig zlib1g-dev:/usr/include/zlib.h
         runc:runc crun:crun umoci:umoci skopeo:skopeo docker-registry:docker-registry apache2-utils:htpasswd busybox-static:dpkg
-        nftables:nft iproute2:ip conntrack:conntrack
+        nftables:nft iproute2:ip conntrack:conntrack etcd-server:etcd etcd-client:etcdctl
     )
     local missing=() entry package proof
     local PATH="$PATH:/usr/sbin:/sbin"
@@ -151,6 +151,7 @@ ensure_system_packages || die "installing system packages"
 section "python virtualenv ($VENV)"
 ensure_venv || die "setting up $VENV"
 export FLOTILLA_TEST_PYTHON=$PWD/$VENV/bin/python
+export FLOTILLA_REQUIRE_ETCD=1  # the store contract runs against a real etcd (installed above)
 
 section "swift build"
 SECONDS=0
