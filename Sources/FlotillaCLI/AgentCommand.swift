@@ -125,6 +125,21 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
+    @Option(help: "Where state lives: sqlite:PATH (default: state.db in --data-dir) or etcd://HOST:PORT[,HOST:PORT…] (an etcd v3 cluster shared by every agent).")
+    var store: String = "sqlite"
+
+    @Option(help: "The etcd key prefix Flotilla's keys live under (several clusters can share one etcd).")
+    var etcdPrefix: String = "/flotilla"
+
+    @Option(help: "The CA that signed the etcd members' certificates (PEM): talk to etcd over TLS.")
+    var etcdCa: String?
+
+    @Option(help: "A client certificate for etcd (PEM), when its members require one.")
+    var etcdCert: String?
+
+    @Option(help: "The private key of --etcd-cert (PEM).")
+    var etcdKey: String?
+
     enum ExitPolicy: String, ExpressibleByArgument { case keep, stop }
 
     /// A validated Go-style duration.
@@ -163,6 +178,14 @@ struct AgentCommand: AsyncParsableCommand {
         guard ["allow", "default-deny"].contains(acl) else { throw ValidationError("--acl must be allow or default-deny, got '\(acl)'") }
         guard (tlsCert == nil) == (tlsKey == nil) else { throw ValidationError("--tls-cert and --tls-key go together") }
         if tlsClientCa != nil && tlsCert == nil { throw ValidationError("--tls-client-ca needs --tls-cert and --tls-key") }
+        do {
+            _ = try StoreLocation.parse(store, etcdPrefix: etcdPrefix, caFile: etcdCa, certFile: etcdCert, keyFile: etcdKey)
+        } catch {
+            throw ValidationError("\(error)")
+        }
+        if !store.hasPrefix("etcd://") && (etcdCa != nil || etcdCert != nil || etcdKey != nil) {
+            throw ValidationError("--etcd-ca, --etcd-cert and --etcd-key need --store etcd://…")
+        }
         guard ContainerRootfsMode(rawValue: containerRootfs) != nil else {
             throw ValidationError("--container-rootfs must be one of \(ContainerRootfsMode.allCases.map(\.rawValue).joined(separator: ", ")), got '\(containerRootfs)'")
         }
@@ -233,6 +256,7 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.bridgeCIDR = bridgeCidr
             configuration.imageGCThresholdPercent = imageGcThreshold > 0 ? imageGcThreshold : nil
             configuration.aclDefaultDeny = acl == "default-deny"
+            configuration.store = try StoreLocation.parse(store, etcdPrefix: etcdPrefix, caFile: etcdCa, certFile: etcdCert, keyFile: etcdKey)
             if let tlsCert, let tlsKey {
                 configuration.tls = TLSFiles(certificate: tlsCert, key: tlsKey, clientCA: tlsClientCa)
             }

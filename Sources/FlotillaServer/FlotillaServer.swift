@@ -9,7 +9,8 @@ import FlotillaRegistry
 import NIOCore
 import Prometheus
 public import FlotillaCore
-import FlotillaStore
+public import FlotillaStore
+public import FlotillaEtcd
 import Foundation
 import Hummingbird
 import HummingbirdCore
@@ -68,6 +69,8 @@ public struct FlotillaServer {
         public var tls: TLSFiles?
         /// `--acl default-deny`: every request but `/ping` needs a token that allows it.
         public var aclDefaultDeny = false
+        /// Where state lives (`--store`): SQLite in the data directory, or an etcd cluster.
+        public var store = StoreLocation.sqlite(path: nil)
 
         public init(
             dataDirectory: String, bindAddress: String, apiPort: Int, node: NodeInfo, stopInstancesOnExit: Bool,
@@ -99,13 +102,10 @@ public struct FlotillaServer {
             server = .http1()
         }
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
-        let databasePath = configuration.dataDirectory + "/state.db"
-        let store: SQLiteStateStore
-        do {
-            store = try SQLiteStateStore(path: databasePath)
-        } catch {
-            throw ServerError("cannot open the state database \(databasePath): \(error)")
-        }
+        let store = try await configuration.store.open(dataDirectory: configuration.dataDirectory, logger: logger)
+        defer { (store as? EtcdStateStore)?.close() }
+        let databasePath = store.displayName
+        logger.info("state store: \(store.displayName)")
         let events = EventBus()
         let tokens = TokenStore(store: store)
         let audit: AuditLog
@@ -263,6 +263,47 @@ public struct FlotillaServer {
         }
         await networkProbe.shutdown()
         try? await registryHTTP.shutdown()
+    }
+}
+
+/// Where an agent keeps its state.
+public enum StoreLocation: Sendable {
+    /// SQLite at `path` (nil: `state.db` in the data directory).
+    case sqlite(path: String?)
+    case etcd(EtcdConfiguration)
+
+    /// Parses `--store`: `sqlite:PATH`, `sqlite` (the data directory's), or `etcd://host:port[,…]`.
+    public static func parse(_ text: String, etcdPrefix: String, caFile: String?, certFile: String?, keyFile: String?) throws -> StoreLocation {
+        if text == "sqlite" { return .sqlite(path: nil) }
+        if text.hasPrefix("sqlite:") {
+            let path = String(text.dropFirst("sqlite:".count))
+            return .sqlite(path: path.isEmpty ? nil : path)
+        }
+        if text.hasPrefix("etcd://") {
+            return .etcd(try EtcdConfiguration(url: text, prefix: etcdPrefix, caFile: caFile, certFile: certFile, keyFile: keyFile))
+        }
+        throw ServerError("--store must be sqlite:PATH or etcd://HOST:PORT[,HOST:PORT…], got '\(text)'")
+    }
+
+    /// Opens the store; an etcd cluster must answer now (an agent that cannot read its state does
+    /// not start half-way).
+    public func open(dataDirectory: String, logger: Logger) async throws -> any StateStore {
+        switch self {
+        case .sqlite(let path):
+            let path = path ?? dataDirectory + "/state.db"
+            do {
+                return try SQLiteStateStore(path: path)
+            } catch {
+                throw ServerError("cannot open the state database \(path): \(error)")
+            }
+        case .etcd(let configuration):
+            do {
+                return try await EtcdStateStore.connect(configuration, logger: logger)
+            } catch {
+                throw ServerError(
+                    "cannot reach etcd at \(configuration.endpoints.map(\.description).joined(separator: ",")): \(error) — is it running, and are --store and the --etcd-ca/--etcd-cert/--etcd-key files right?")
+            }
+        }
     }
 }
 

@@ -80,3 +80,15 @@ class AppIds:
 @pytest.fixture
 def app_ids(request):
     return AppIds(request.node.name)
+
+
+@pytest.fixture
+def etcd(tmp_path_factory):
+    """A one-member etcd of this test alone, on loopback."""
+    from support.etcd import EtcdCluster
+
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
