@@ -1,3 +1,4 @@
+import FlotillaControl
 import FlotillaCore
 public import FlotillaRegistry
 import Foundation
@@ -16,7 +17,13 @@ public struct ConsulRoutes: Sendable {
     let serverAddress: String
     let version: String
 
-    public init(registry: Registry, kv: KeyValueStore, sessions: SessionStore, serverAddress: String, version: String) {
+    /// Who leads (nil: this agent alone, always).
+    let cluster: ClusterView?
+
+    public init(
+        registry: Registry, kv: KeyValueStore, sessions: SessionStore, serverAddress: String, version: String, cluster: ClusterView? = nil
+    ) {
+        self.cluster = cluster
         self.registry = registry
         self.kv = kv
         self.sessions = sessions
@@ -55,7 +62,7 @@ public struct ConsulRoutes: Sendable {
         for action in ["pass", "warn", "fail", "update"] {
             router.put("/v1/agent/check/\(action)/**") { request, _ in await handle { try await updateCheck(request, action: action) } }
         }
-        router.get("/v1/status/leader") { _, _ in APIResponse.json(.string("\(serverAddress)")) }
+        router.get("/v1/status/leader") { _, _ in APIResponse.json(.string(self.leaderServerAddress ?? "")) }
         router.get("/v1/status/peers") { _, _ in APIResponse.json(.array([.string("\(serverAddress)")])) }
         router.put("/v1/session/create") { request, _ in await handle { try await createSession(request) } }
         router.put("/v1/session/destroy/**") { request, _ in await handle { try await destroySession(request) } }
@@ -140,7 +147,20 @@ public struct ConsulRoutes: Sendable {
     }
 
     private func consulHeaders(index: UInt64) -> HTTPFields {
-        [HTTPField.Name("X-Consul-Index")!: "\(index)", HTTPField.Name("X-Consul-KnownLeader")!: "true", HTTPField.Name("X-Consul-LastContact")!: "0"]
+        [
+            HTTPField.Name("X-Consul-Index")!: "\(index)", HTTPField.Name("X-Consul-KnownLeader")!: leaderServerAddress == nil ? "false" : "true",
+            HTTPField.Name("X-Consul-LastContact")!: "0",
+        ]
+    }
+
+    /// The leader as Consul names a server (`address:8300`); "" from `/v1/status/leader` while none
+    /// is elected, as Consul answers.
+    private var leaderServerAddress: String? {
+        guard let cluster else { return serverAddress }
+        guard let leader = cluster.leader else { return nil }
+        let host = ClusterView.hostPort(of: leader.api)
+        let bare = host.hasPrefix("[") ? String(host.prefix { $0 != "]" }) + "]" : String(host.prefix { $0 != ":" })
+        return bare + ":8300"
     }
 
     /// The path after `prefix`, percent-decoded.

@@ -33,7 +33,11 @@ public struct MarathonRoutes: Sendable {
         }
     }
 
-    public init(control: ControlPlane, events: EventBus, info: ServerInfo, subscriptions: EventSubscriptions? = nil) {
+    /// Who leads (nil: this agent alone, always).
+    let cluster: ClusterView?
+
+    public init(control: ControlPlane, events: EventBus, info: ServerInfo, subscriptions: EventSubscriptions? = nil, cluster: ClusterView? = nil) {
+        self.cluster = cluster
         self.control = control
         self.events = events
         self.subscriptions = subscriptions
@@ -46,7 +50,12 @@ public struct MarathonRoutes: Sendable {
         }
         router.get("/v2/info") { _, _ in self.infoResponse() }
         router.get("/v2/metrics") { _, _ in await self.metricsResponse() }
-        router.get("/v2/leader") { _, _ in APIResponse.json(.object(["leader": .string(self.info.leader)])) }
+        router.get("/v2/leader") { _, _ in
+            guard let leader = self.leaderAddress else {
+                return APIResponse.json(.object(["message": .string("There is no leader")]), status: .notFound)
+            }
+            return APIResponse.json(.object(["leader": .string(leader)]))
+        }
         // One node is its own leader: abdicating elects it again at once, as a lone Marathon does.
         router.delete("/v2/leader") { _, _ in APIResponse.json(.object(["message": .string("Leadership abdicated")])) }
         router.get("/v2/apps") { request, _ in await self.handle { try await self.listApps(request) } }
@@ -395,14 +404,19 @@ public struct MarathonRoutes: Sendable {
 
     // MARK: - Info and events
 
+    private var leaderAddress: String? {
+        guard let cluster else { return info.leader }
+        return cluster.leaderAddress
+    }
+
     private func infoResponse() -> Response {
         APIResponse.json(
             .object([
                 "name": .string("flotilla"),
                 "version": .string(info.version),
                 "buildref": .string(info.version),
-                "elected": .bool(true),
-                "leader": .string(info.leader),
+                "elected": .bool(cluster?.isLeader ?? true),
+                "leader": leaderAddress.map(JSONValue.string) ?? .null,
                 "frameworkId": .string(info.nodeName),
                 "marathon_config": .object([
                     "hostname": .string(info.nodeName), "ha": .bool(false), "framework_name": .string("flotilla"),

@@ -18,6 +18,10 @@ public actor NodeAgent: Service {
         /// Whether instances stop with the agent. By default they keep running, and the next agent adopts
         /// them, so upgrading or restarting the agent drops no request.
         public var stopInstancesOnExit: Bool
+        /// In a cluster, the node's record is held by a lease of this many seconds, renewed every
+        /// third of it: a node that stops (or loses the store for longer) disappears by itself and
+        /// is `down`. Nil: the record stays (one node, nobody else to tell).
+        public var nodeLeaseTTL: Int64?
 
         public init(
             node: NodeInfo, dataDirectory: String, logMaxBytes: Int64 = 10 << 20, logKeep: Int = 3, stopInstancesOnExit: Bool = false
@@ -177,10 +181,14 @@ public actor NodeAgent: Service {
         try FileManager.default.createDirectory(atPath: sandboxRoot, withIntermediateDirectories: true)
         var node = configuration.node
         node.drivers = availableDrivers
-        try await store.put(StateKeys.node(node.name), StateCodec.encode(node))
+        let record = try StateCodec.encode(node)
+        let lease = try await register(record)
         try await recover()
         await withDiscardingTaskGroup { group in
             group.addTask { await self.consumeExits() }
+            if let ttl = self.configuration.nodeLeaseTTL {
+                group.addTask { await self.heartbeat(record: record, lease: lease, ttl: ttl) }
+            }
             group.addTask {
                 await self.reconcileLoop()
                 await self.stopLaunching()
@@ -191,6 +199,42 @@ public actor NodeAgent: Service {
                 self.commands.stop()
             }
         }
+    }
+
+    /// Keeps the node's lease alive; if it ended (a store outage longer than the TTL), holds the
+    /// record under a new one.
+    private func heartbeat(record: Data, lease first: StoreLease.ID?, ttl: Int64) async {
+        var lease = first
+        while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .milliseconds(ttl * 1000 / 3)) }
+            if Task.isShuttingDownGracefully || Task.isCancelled { break }
+            do {
+                if let held = lease {
+                    try await store.keepAlive(held)
+                } else {
+                    lease = try await register(record)
+                }
+            } catch StoreError.leaseNotFound {
+                logger.warning("this node's lease ended (the store was out of reach for \(ttl) s): registering again")
+                lease = try? await register(record)
+            } catch {
+                logger.warning("node heartbeat: \(error)")
+            }
+        }
+        // Leaving for good (instances stop with the agent): the record goes now, not at the TTL.
+        if let held = lease, configuration.stopInstancesOnExit { try? await store.revokeLease(held) }
+    }
+
+    /// Writes the node's record, under a new lease in a cluster. Returns the lease.
+    private func register(_ record: Data) async throws -> StoreLease.ID? {
+        let key = StateKeys.node(configuration.node.name)
+        guard let ttl = configuration.nodeLeaseTTL else {
+            try await store.put(key, record)
+            return nil
+        }
+        let lease = try await store.grantLease(ttl: ttl)
+        try await store.commit(StoreTransaction(mutations: [.put(key, record, lease: lease.id)]))
+        return lease.id
     }
 
     /// Waits (up to a minute: an image pull is not a start) for starts that are in a driver.

@@ -128,6 +128,9 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "Where state lives: sqlite:PATH (default: state.db in --data-dir) or etcd://HOST:PORT[,HOST:PORT…] (an etcd v3 cluster shared by every agent).")
     var store: String = "sqlite"
 
+    @Flag(help: "With --store etcd://…: this agent is a scheduler candidate (one elected --server agent schedules for the cluster; the others take over within seconds when it is lost).")
+    var server = false
+
     @Option(help: "The etcd key prefix Flotilla's keys live under (several clusters can share one etcd).")
     var etcdPrefix: String = "/flotilla"
 
@@ -257,6 +260,7 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.imageGCThresholdPercent = imageGcThreshold > 0 ? imageGcThreshold : nil
             configuration.aclDefaultDeny = acl == "default-deny"
             configuration.store = try StoreLocation.parse(store, etcdPrefix: etcdPrefix, caFile: etcdCa, certFile: etcdCert, keyFile: etcdKey)
+            configuration.server = server
             if let tlsCert, let tlsKey {
                 configuration.tls = TLSFiles(certificate: tlsCert, key: tlsKey, clientCA: tlsClientCa)
             }

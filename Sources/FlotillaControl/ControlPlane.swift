@@ -45,6 +45,20 @@ public actor ControlPlane: Service {
     private var lastVersion = ""
     private var loaded = false
     private var generator = SystemRandomNumberGenerator()
+    /// Whether this agent schedules. A lone agent always does; in a cluster the leader election
+    /// says (`setRole`), and a follower keeps its memory in step with the store instead.
+    public private(set) var leading = true
+    /// While leading in a cluster: the condition every commit carries, which fails once another
+    /// candidate holds the lead, so a deposed leader can never write.
+    private var leaderGuard: StorePrecondition?
+    /// When this agent took the lead: node loss is judged only after a whole node lease has
+    /// passed under it (a live node has renewed its record by then).
+    private var leadingSince: Date?
+    /// Instances on a node that is down, since when (Marathon's unreachable instances).
+    private var unreachableSince: [String: Date] = [:]
+    /// How long a node's record outlives its last heartbeat; set by the server in a cluster.
+    public var nodeLossGrace: Duration = .seconds(12)
+    public func setNodeLossGrace(_ grace: Duration) { nodeLossGrace = grace }
 
     private let (wakeups, wakeupContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
 
@@ -72,6 +86,8 @@ public actor ControlPlane: Service {
         try await load()
         await withDiscardingTaskGroup { group in
             group.addTask { await self.watchStatuses() }
+            group.addTask { await self.watchNodes() }
+            group.addTask { await self.followStore() }
             group.addTask { await self.reconcileLoop() }
             group.addTask { await self.tick() }
         }
@@ -80,25 +96,158 @@ public actor ControlPlane: Service {
     /// Reads everything the control plane owns from the store. Called once at start.
     public func load() async throws {
         guard !loaded else { return }
-        func all<Value: Decodable>(_ type: Value.Type, _ prefix: String) async throws -> [Value] {
-            StateCodec.decodeAll(type, from: try await store.list(prefix: prefix).entries) { key, error in
+        try await reload()
+        logger.info("loaded \(apps.count) app(s), \(specs.count) instance(s), \(deployments.count) deployment(s) at index \(index)")
+    }
+
+    /// Replaces memory with the store's state, all of it read at one index and swapped in at once.
+    private func reload() async throws {
+        let prefixes = [
+            StateKeys.apps, StateKeys.instances, StateKeys.statuses, StateKeys.deployments, StateKeys.deploymentResults, StateKeys.failures,
+            StateKeys.nodes, StateKeys.groups,
+        ]
+        let snapshot = try await store.snapshot(prefixes: prefixes)
+        func all<Value: Decodable>(_ type: Value.Type, _ prefix: String) -> [Value] {
+            StateCodec.decodeAll(type, from: snapshot[prefix]) { key, error in
                 self.logger.error("skipping unreadable record \(key): \(error)")
             }
         }
-        apps = Dictionary(try await all(AppRecord.self, StateKeys.apps).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
-        specs = Dictionary(try await all(InstanceSpec.self, StateKeys.instances).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
-        statuses = Dictionary(try await all(InstanceStatus.self, StateKeys.statuses).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
-        deployments = Dictionary(try await all(Deployment.self, StateKeys.deployments).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
-        deploymentResults = Dictionary(
-            try await all(DeploymentResult.self, StateKeys.deploymentResults).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
-        failures = Dictionary(try await all(TaskFailure.self, StateKeys.failures).map { ($0.appID, $0) }, uniquingKeysWith: { $1 })
-        nodes = Dictionary(try await all(NodeInfo.self, StateKeys.nodes).map { ($0.name, $0) }, uniquingKeysWith: { $1 })
-        groupRecords = Dictionary(try await all(GroupRecord.self, StateKeys.groups).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
-        index = try await store.currentIndex()
-        lastVersion = apps.values.map(\.version).max() ?? ""
+        apps = Dictionary(all(AppRecord.self, StateKeys.apps).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
+        specs = Dictionary(all(InstanceSpec.self, StateKeys.instances).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
+        statuses = Dictionary(all(InstanceStatus.self, StateKeys.statuses).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
+        deployments = Dictionary(all(Deployment.self, StateKeys.deployments).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
+        deploymentResults = Dictionary(all(DeploymentResult.self, StateKeys.deploymentResults).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
+        failures = Dictionary(all(TaskFailure.self, StateKeys.failures).map { ($0.appID, $0) }, uniquingKeysWith: { $1 })
+        nodes = Dictionary(all(NodeInfo.self, StateKeys.nodes).map { ($0.name, $0) }, uniquingKeysWith: { $1 })
+        groupRecords = Dictionary(all(GroupRecord.self, StateKeys.groups).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
+        index = snapshot.index
+        lastVersion = max(lastVersion, apps.values.map(\.version).max() ?? "")
         loaded = true
-        logger.info("loaded \(apps.count) app(s), \(specs.count) instance(s), \(deployments.count) deployment(s) at index \(index)")
     }
+
+    // MARK: - Leadership
+
+    /// Told by the leader election. Becoming leader reads the whole state afresh (the previous
+    /// leader wrote it) and resumes its deployments from there; following stops scheduling.
+    public func setRole(_ role: LeaderElection.Role) async {
+        await lock.acquire()
+        defer { lock.release() }
+        switch role {
+        case .leader(let guardCondition):
+            do {
+                try await reload()
+            } catch {
+                logger.error("taking the lead, could not read the state: \(error); the next pass reads it again")
+                loaded = false
+            }
+            // Backoffs and the launch queue are the old leader's memory: they start again here.
+            backoffs.removeAll()
+            unreachableSince.removeAll()
+            leaderGuard = guardCondition
+            leadingSince = Date()
+            leading = true
+            logger.notice("scheduling: \(apps.count) app(s), \(specs.count) instance(s), \(deployments.count) deployment(s) resumed")
+            wake()
+        case .follower(let leader):
+            if leading { logger.notice("following \(leader?.name ?? "no leader yet"): this node schedules nothing") }
+            leading = false
+            leaderGuard = nil
+            leadingSince = nil
+        }
+    }
+
+    /// While following, memory tracks the store so that reads, the registry, DNS and the proxy on
+    /// this node show the cluster's state.
+    private func followStore() async {
+        while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            if leading {
+                try? await Task.sleep(for: .milliseconds(500))
+                continue
+            }
+            do {
+                await lock.acquire()
+                if !leading { try await reload() }
+                lock.release()
+                let seen = index
+                _ = try await cancelWhenGracefulShutdown { try await self.store.waitForChange(prefix: "", after: seen, timeout: .seconds(5)) }
+            } catch is CancellationError {
+                return
+            } catch {
+                lock.release()
+                logger.error("following the store failed, retrying: \(error)")
+                try? await Task.sleep(for: .milliseconds(500))
+            }
+        }
+    }
+
+    /// Nodes come and go (their records are held by leases): placement sees the current ones.
+    private func watchNodes() async {
+        while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            do {
+                let listing = try await store.list(prefix: StateKeys.nodes)
+                let fresh = Dictionary(
+                    StateCodec.decodeAll(NodeInfo.self, from: listing.entries).map { ($0.name, $0) }, uniquingKeysWith: { $1 })
+                if fresh != nodes {
+                    nodes = fresh
+                    if leading { wake() }
+                }
+                let seen = listing.index
+                _ = try await cancelWhenGracefulShutdown { try await self.store.waitForChange(prefix: StateKeys.nodes, after: seen, timeout: .seconds(5)) }
+            } catch is CancellationError {
+                return
+            } catch {
+                logger.error("node watch failed, retrying: \(error)")
+                try? await Task.sleep(for: .milliseconds(500))
+            }
+        }
+    }
+
+    private func markLostInstances(now: Date, nowText: String) -> [(String, any Encodable & Sendable)] {
+        guard leaderGuard != nil, let since = leadingSince, now.timeIntervalSince(since) >= Double(nodeLossGrace.components.seconds) else {
+            return []
+        }
+        var puts: [(String, any Encodable & Sendable)] = []
+        for (id, spec) in specs {
+            guard nodes[spec.node] == nil else {
+                unreachableSince[id] = nil
+                continue
+            }
+            if let status = statuses[id], status.state.isTerminal { continue }
+            let first = unreachableSince[id] ?? now
+            if unreachableSince[id] == nil {
+                unreachableSince[id] = now
+                logger.warning("\(id) is unreachable: its node \(spec.node) is down")
+            }
+            guard case .after(let inactive, _) = apps[spec.appID]?.definition.unreachableStrategy ?? .default,
+                now.timeIntervalSince(first) >= inactive
+            else { continue }
+            var lost = statuses[id] ?? InstanceStatus(id: id, state: .lost, updatedAt: nowText)
+            lost.state = .lost
+            lost.message = "node \(spec.node) is down (no heartbeat): replaced on a node that is up"
+            lost.updatedAt = nowText
+            lost.draining = false
+            statuses[id] = lost
+            unreachableSince[id] = nil
+            puts.append((StateKeys.status(id), lost))
+            logger.warning("\(id) is lost with its node \(spec.node): replacing it")
+        }
+        return puts
+    }
+
+    /// The store index memory reflects (every commit of this leader, or the last reload of a follower).
+    public func memoryIndex() -> UInt64 { index }
+
+    /// Waits (up to `timeout`) until memory reflects the store at `target` or later: a follower
+    /// that forwarded a write answers only once it can show it (read-your-writes).
+    public func waitForIndex(_ target: UInt64, timeout: Duration) async {
+        let deadline = ContinuousClock.now + timeout
+        while index < target && ContinuousClock.now < deadline && !Task.isCancelled {
+            try? await Task.sleep(for: .milliseconds(10))
+        }
+    }
+
+    /// The nodes placement knows, for `flotilla nodes` and the API.
+    public func knownNodes() -> [NodeInfo] { nodes.values.sorted { $0.name < $1.name } }
 
     // MARK: - Reads
 
@@ -494,8 +643,10 @@ public actor ControlPlane: Service {
         wake()
         for await _ in wakeups {
             if Task.isCancelled || Task.isShuttingDownGracefully { return }
+            guard leading else { continue }
             await lock.acquire()
             do {
+                if !loaded { try await reload() }
                 try await reconcile()
             } catch is CancellationError {
                 // Shutting down.
@@ -581,6 +732,10 @@ public actor ControlPlane: Service {
         let nodeList = StateCodec.decodeAll(NodeInfo.self, from: try await store.list(prefix: StateKeys.nodes).entries)
         let freshNodes = Dictionary(nodeList.map { ($0.name, $0) }, uniquingKeysWith: { $1 })
         if freshNodes != nodes { nodes = freshNodes }
+
+        // Instances on nodes that are down (in a cluster: their node's lease ended) are unreachable;
+        // after the app's inactiveAfterSeconds they are lost and replaced on the nodes that are up.
+        puts += markLostInstances(now: now, nowText: nowText)
 
         // Ended instances: remember failures, start backoff, count crashes against deployments, forget them.
         var retired: [String] = []
@@ -847,7 +1002,8 @@ public actor ControlPlane: Service {
         let doomed = deploymentResults.values.sorted { $0.finishedAt < $1.finishedAt }.prefix(deploymentResults.count - 200)
         for result in doomed { deploymentResults[result.id] = nil }
         let keys = doomed.map { StateKeys.deploymentResult($0.id) }
-        Task { _ = try? await self.store.commit(StoreTransaction(mutations: keys.map { .delete($0) })) }
+        let guardCondition = leaderGuard
+        Task { _ = try? await self.store.commit(StoreTransaction(preconditions: guardCondition.map { [$0] } ?? [], mutations: keys.map { .delete($0) })) }
     }
 
     // MARK: - Helpers
@@ -917,12 +1073,21 @@ public actor ControlPlane: Service {
         preconditions: [StorePrecondition] = [], puts: [(String, any Encodable & Sendable)] = [], deletes: [String] = [],
         deletePrefixes: [String] = []
     ) async throws {
+        guard leading else {
+            throw FlotillaError.unavailable("this agent does not schedule (it follows the cluster's leader): send the change to the leader (GET /v2/leader)")
+        }
         var mutations: [StoreMutation] = []
         for (key, value) in puts { mutations.append(.put(key, try StateCodec.encode(value))) }
         mutations += deletes.map { .delete($0) }
         mutations += deletePrefixes.map { .deletePrefix($0) }
         do {
-            index = try await store.commit(StoreTransaction(preconditions: preconditions, mutations: mutations))
+            index = try await store.commit(StoreTransaction(preconditions: preconditions + (leaderGuard.map { [$0] } ?? []), mutations: mutations))
+        } catch StoreError.preconditionFailed(let failed) where failed == leaderGuard {
+            // Another candidate leads now: this one writes nothing more.
+            leading = false
+            leaderGuard = nil
+            logger.warning("a commit found the lead taken by another node: stepping down")
+            throw FlotillaError.unavailable("this agent lost the cluster's lead while applying the change; nothing was written: retry against the leader")
         } catch StoreError.preconditionFailed {
             throw FlotillaError.conflict(message: "the app changed while this request was applied; retry", deploymentIDs: [])
         } catch let error as StoreError {

@@ -71,6 +71,11 @@ public struct FlotillaServer {
         public var aclDefaultDeny = false
         /// Where state lives (`--store`): SQLite in the data directory, or an etcd cluster.
         public var store = StoreLocation.sqlite(path: nil)
+        /// In a cluster, whether this agent is a scheduler candidate (`--server`).
+        public var server = false
+        /// Seconds a leader's lead and a node's record outlive their last heartbeat.
+        public var leaderLeaseTTL: Int64 = 5
+        public var nodeLeaseTTL: Int64 = 10
 
         public init(
             dataDirectory: String, bindAddress: String, apiPort: Int, node: NodeInfo, stopInstancesOnExit: Bool,
@@ -122,6 +127,30 @@ public struct FlotillaServer {
         }
         let control = ControlPlane(
             store: store, events: events, logger: logger, servicePortRange: configuration.servicePortRange, secretsEnabled: secrets != nil)
+        // In a cluster one elected server schedules; every agent follows the store until it leads.
+        let scheme = configuration.tls == nil ? "http" : "https"
+        let apiHost = configuration.bindAddress == "0.0.0.0" || configuration.bindAddress == "::" ? configuration.node.host : configuration.bindAddress
+        let me = LeaderRecord(name: configuration.node.name, api: "\(scheme)://\(apiHost.contains(":") ? "[\(apiHost)]" : apiHost):\(configuration.apiPort)")
+        var cluster: ClusterView?
+        var election: LeaderElection?
+        if case .etcd = configuration.store {
+            let view = ClusterView(leader: nil, isLeader: false)
+            cluster = view
+            await control.setRole(.follower(leader: nil))
+            await control.setNodeLossGrace(.seconds(configuration.nodeLeaseTTL + 2))
+            election = LeaderElection(
+                store: store, candidate: me, campaigns: configuration.server, ttl: configuration.leaderLeaseTTL, logger: logger
+            ) { role in
+                switch role {
+                case .leader: view.update(leader: me, isLeader: true)
+                case .follower(let leader): view.update(leader: leader, isLeader: false)
+                }
+                await control.setRole(role)
+            }
+            if !configuration.server {
+                logger.notice("this agent runs instances but never schedules (no --server): the cluster needs at least one --server agent")
+            }
+        }
         // Instance cgroups live under a name derived from the data directory, so two agents on one
         // host (tests, or a second node for experiments) never touch each other's instances.
         let digest = String(fnv1a(configuration.dataDirectory), radix: 16)
@@ -146,10 +175,12 @@ public struct FlotillaServer {
             try? await registryHTTP.shutdown()
             throw ServerError("cannot open the image store: \(error)")
         }
+        var agentConfiguration = NodeAgent.Configuration(
+            node: configuration.node, dataDirectory: configuration.dataDirectory, logMaxBytes: configuration.logMaxBytes,
+            stopInstancesOnExit: configuration.stopInstancesOnExit)
+        if cluster != nil { agentConfiguration.nodeLeaseTTL = configuration.nodeLeaseTTL }
         let agent = NodeAgent(
-            configuration: .init(
-                node: configuration.node, dataDirectory: configuration.dataDirectory, logMaxBytes: configuration.logMaxBytes,
-                stopInstancesOnExit: configuration.stopInstancesOnExit),
+            configuration: agentConfiguration,
             store: store, cgroups: cgroups, images: images,
             containers: .init(
                 runtime: configuration.ociRuntime,
@@ -189,6 +220,8 @@ public struct FlotillaServer {
         let router = Router(context: FlotillaRequestContext.self)
         // First: the middleware covers only the routes added after it.
         router.add(middleware: ACLMiddleware<FlotillaRequestContext>(tokens: tokens, enforcing: configuration.aclDefaultDeny, audit: audit))
+        let forwardHTTP = HTTPClient(eventLoopGroupProvider: .singleton)
+        if let cluster { router.add(middleware: LeaderForwardingMiddleware<FlotillaRequestContext>(role: cluster, client: forwardHTTP, control: control)) }
         if !configuration.aclDefaultDeny {
             logger.notice("ACLs are off: the API is open to whoever reaches it (--acl default-deny turns them on; 'flotilla acl bootstrap' makes the first token)")
         }
@@ -199,12 +232,13 @@ public struct FlotillaServer {
             info: .init(
                 version: configuration.version, leader: leader, nodeName: configuration.node.name, httpPort: configuration.apiPort,
                 servicePortRange: configuration.servicePortRange),
-            subscriptions: subscriptions
+            subscriptions: subscriptions, cluster: cluster
         ).add(to: router)
         LogRoutes(control: control, sandboxRoot: agent.sandboxRoot).add(to: router)
         FlotillaRoutes(control: control).add(to: router)
         ImageRoutes(control: control, images: images, uploadDirectory: configuration.dataDirectory + "/images/tmp").add(to: router)
-        ConsulRoutes(registry: registry, kv: keyValues, sessions: sessions, serverAddress: "\(configuration.node.host):8300", version: configuration.version)
+        ConsulRoutes(registry: registry, kv: keyValues, sessions: sessions, serverAddress: "\(configuration.node.host):8300", version: configuration.version,
+            cluster: cluster)
             .add(to: router)
         VaultRoutes(kv: secrets).add(to: router)
         AuthRoutes(tokens: tokens).add(to: router)
@@ -217,36 +251,41 @@ public struct FlotillaServer {
                 return buffer
             }
         ).add(to: router)
-        let scheme = configuration.tls == nil ? "http" : (configuration.tls?.clientCA == nil ? "https" : "https, client certificates required")
+        let listening = configuration.tls == nil ? "http" : (configuration.tls?.clientCA == nil ? "https" : "https, client certificates required")
         let application = Application(
             router: router,
             server: server,
             configuration: .init(address: .hostname(configuration.bindAddress, port: configuration.apiPort), serverName: "flotilla"),
             onServerRunning: { channel in
-                logger.info("API listening on \(channel.localAddress?.description ?? "?") (\(scheme))")
+                logger.info("API listening on \(channel.localAddress?.description ?? "?") (\(listening))")
             },
             logger: logger)
 
+        typealias Entry = ServiceGroupConfiguration.ServiceConfiguration
+        var services: [Entry] = [Entry(service: control)]
+        if let election { services.append(Entry(service: election)) }
+        services += [
+            Entry(service: registry),
+            Entry(service: sessions),
+            Entry(service: dns),
+            Entry(service: proxy),
+            Entry(service: agent),
+            Entry(
+                service: ImageCollector(
+                    control: control, images: images, thresholdPercent: configuration.imageGCThresholdPercent, interval: .seconds(300),
+                    logger: logger)),
+            Entry(service: subscriptions),
+        ]
+        if let secrets { services.append(Entry(service: SecretChangeWatcher(kv: secrets, control: control, logger: logger))) }
+        services += [
+            Entry(service: application),
+            // Shut down first (the group stops services in reverse): open event streams
+            // must end before the HTTP server can drain its connections.
+            Entry(service: EventStreamCloser(events: events)),
+        ]
         let group = ServiceGroup(
             configuration: .init(
-                services: [
-                    .init(service: control),
-                    .init(service: registry),
-                    .init(service: sessions),
-                    .init(service: dns),
-                    .init(service: proxy),
-                    .init(service: agent),
-                    .init(
-                        service: ImageCollector(
-                            control: control, images: images, thresholdPercent: configuration.imageGCThresholdPercent, interval: .seconds(300),
-                            logger: logger)),
-                    .init(service: subscriptions),
-                ] + (secrets.map { [ServiceGroupConfiguration.ServiceConfiguration(service: SecretChangeWatcher(kv: $0, control: control, logger: logger))] } ?? []) + [
-                    .init(service: application),
-                    // Shut down first (the group stops services in reverse): open event streams
-                    // must end before the HTTP server can drain its connections.
-                    .init(service: EventStreamCloser(events: events)),
-                ],
+                services: services,
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         // Everything the API serves is loaded before it listens: `/ping` answering means ready.
@@ -259,10 +298,12 @@ public struct FlotillaServer {
         } catch {
             await networkProbe.shutdown()
             try? await registryHTTP.shutdown()
+            try? await forwardHTTP.shutdown()
             throw error
         }
         await networkProbe.shutdown()
         try? await registryHTTP.shutdown()
+        try? await forwardHTTP.shutdown()
     }
 }
 

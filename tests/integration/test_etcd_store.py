@@ -21,7 +21,7 @@ HTTP_SERVER_CMD = "python3 -m http.server $PORT0 --bind 127.0.0.1"
 # Tests take `etcd` before `make_agent`: fixtures end in reverse order, so the agents stop while
 # etcd still runs.
 def etcd_agent(make_agent, etcd, prefix="/flotilla", **options):
-    extra = ["--store", etcd.store_url, "--etcd-prefix", prefix] + list(options.pop("extra_args", []))
+    extra = ["--store", etcd.store_url, "--etcd-prefix", prefix, "--server"] + list(options.pop("extra_args", []))
     return make_agent(extra_args=extra, **options)
 
 

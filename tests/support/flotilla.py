@@ -169,8 +169,11 @@ class Agent:
         extra_args=(),
         node_name="test-node",
         open_files=None,
+        bind="127.0.0.1",
     ):
         self.binary = Path(binary)
+        # Several agents of one cluster test listen on 127.0.0.2, .3, …: one loopback host each.
+        self.bind = bind
         # The agent records sandbox paths as given; resolve symlinks so /proc comparisons hold.
         self.data_dir = Path(os.path.realpath(data_dir))
         self.log_path = self.data_dir / "agent.log"
@@ -194,12 +197,12 @@ class Agent:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"http://{self.bind}:{self.api_port}"
 
     @property
     def proxy_url(self) -> str:
         """The load balancer's base URL."""
-        return f"http://127.0.0.1:{self.proxy_port}"
+        return f"http://{self.bind}:{self.proxy_port}"
 
     @property
     def state_dir(self) -> Path:
@@ -217,7 +220,7 @@ class Agent:
         return [
             str(self.binary), "agent",
             "--data-dir", str(self.state_dir),
-            "--bind", "127.0.0.1",
+            "--bind", self.bind,
             "--api-port", str(self.api_port),
             "--dns-port", str(self.dns_port),
             "--proxy-port", str(self.proxy_port),
