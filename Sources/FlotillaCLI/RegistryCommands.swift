@@ -45,13 +45,17 @@ struct NodesCommand: AsyncParsableCommand {
     @OptionGroup var options: ClientOptions
 
     func run() async throws {
-        let nodes = try await options.client().call(.GET, "/v1/catalog/nodes")
+        let client = try options.client()
+        let nodes = try await client.call(.GET, "/v1/catalog/nodes")
         if options.json { return printJSON(nodes) }
+        // The scheduler's node: Consul names the leader by address (addr:8300).
+        let leader = (try? await client.call(.GET, "/v1/status/leader"))?.stringValue ?? ""
+        let leaderHost = leader.hasPrefix("[") ? String(leader.dropFirst().prefix { $0 != "]" }) : String(leader.prefix { $0 != ":" })
         printTable(
-            ["NODE", "ADDRESS", "ATTRIBUTES"],
+            ["NODE", "ADDRESS", "LEADER", "ATTRIBUTES"],
             nodes.arrayValue.map { node in
                 let meta = (node["Meta"]?.objectValue ?? [:]).sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value.stringValue ?? "")" }
-                return [node.text("Node"), node.text("Address"), meta.joined(separator: " ")]
+                return [node.text("Node"), node.text("Address"), node.text("Address") == leaderHost ? "*" : "", meta.joined(separator: " ")]
             })
     }
 }

@@ -101,6 +101,11 @@ def test_one_leader_and_instances_spread_over_the_nodes(etcd, make_agent, app_id
 
     result = follower.cli("nodes", "--json")
     assert result.returncode == 0, result.stderr
+    # The table marks the leader's node.
+    table = follower.cli("nodes")
+    assert table.returncode == 0, table.stderr
+    marked = [line.split()[0] for line in table.stdout.splitlines()[1:] if " * " in f" {line} "]
+    assert marked == [leader.node_name], table.stdout
 
 
 def test_killing_the_leader_elects_another_that_takes_writes(etcd, make_agent, app_ids):
@@ -137,3 +142,43 @@ def test_killing_the_leader_elects_another_that_takes_writes(etcd, make_agent, a
     leader.restart()
     wait_until(lambda: not leader.instance_leaders(app_id), timeout=30, what=f"the returning node to stop its replaced instances {orphans}")
     assert len([task for task in survivor.tasks(app_id) if task["state"] == "TASK_RUNNING"]) == 3
+
+
+def test_one_etcd_member_lost_disrupts_nothing(tmp_path_factory, make_agent, app_ids):
+    from support.etcd import EtcdCluster
+
+    etcd = EtcdCluster(tmp_path_factory.mktemp("etcd3"), members=3)
+    agents = []
+    try:
+        agents += cluster(etcd, make_agent)
+        leader = leader_of(agents)
+        follower = next(agent for agent in agents if agent is not leader)
+        app_id = app_ids.new("quorum")
+        follower.create_app(app_definition(app_id, WHO_CMD, instances=2, portDefinitions=[{"port": 0}]))
+        wait_until(lambda: len([t for t in follower.tasks(app_id) if t["state"] == "TASK_RUNNING"]) == 2, timeout=30, what="2 instances")
+        wait_until(lambda: not follower.deployments(), timeout=30, what="the first deployment to finish")
+
+        # The first member (the one every agent lists first) goes away for good.
+        etcd.members[0].process.kill()
+        etcd.members[0].process.wait()
+        # If the member was etcd's raft leader, etcd elects another (a second or few); a write in
+        # that window may answer 503 and is retried, as a client retries any 503.
+        started = time.monotonic()
+
+        def scaled():
+            answer = follower.put(f"/v2/apps/{app_id}", json={"instances": 3}, timeout=30)
+            assert answer.status_code in (200, 503), answer.text
+            return answer.status_code == 200
+
+        wait_until(scaled, timeout=30, what="the write after losing a member")
+        assert time.monotonic() - started < 20
+        wait_until(lambda: len([t for t in follower.tasks(app_id) if t["state"] == "TASK_RUNNING"]) == 3, timeout=30, what="3 instances")
+        assert follower.put("/v1/kv/quorum/check", data="ok").json() is True
+        assert leader.get("/v1/kv/quorum/check?raw").text == "ok"
+        # Nobody lost the lead over it.
+        assert leader_of(agents) is leader
+    finally:
+        # The agents stop (and record their last statuses) while etcd still runs.
+        for agent in agents:
+            agent.stop()
+        etcd.stop()
