@@ -54,6 +54,8 @@ public actor NodeAgent: Service {
     /// Starts under way in a driver: a stopping agent waits for them to finish or be undone, so
     /// nothing they made (a mount, a namespace) outlives it.
     private var startsInFlight = 0
+    /// Instances whose start is inside a driver now.
+    private var starting: Set<String> = []
     /// Instances being stopped, with the reason the exit will be reported with.
     private var stopping: [String: String] = [:]
     /// One task per running instance that runs its health checks.
@@ -321,7 +323,7 @@ public actor NodeAgent: Service {
             if let status, status.state.isTerminal { continue }
             switch spec.goal {
             case .run:
-                if preparing[spec.id] == nil, status == nil || status?.state == .staging {
+                if preparing[spec.id] == nil, !starting.contains(spec.id), status == nil || status?.state == .staging {
                     if let update = await launch(spec) { updates.append(update) }
                 }
             case .stop:
@@ -404,8 +406,14 @@ public actor NodeAgent: Service {
     }
 
     private func start(_ spec: InstanceSpec, driver: any InstanceDriver) async -> InstanceStatus? {
+        // One start per instance: a sync that runs while a finished preparation's start is still
+        // inside the driver sees the instance staged and unprepared, and must not start it again.
+        guard starting.insert(spec.id).inserted else { return nil }
         startsInFlight += 1
-        defer { startsInFlight -= 1 }
+        defer {
+            startsInFlight -= 1
+            starting.remove(spec.id)
+        }
         let now = Timestamp.format(Date())
         do {
             var context = LaunchContext(sandbox: sandbox(of: spec.id), logs: logs(of: spec.id), agentEnvironment: agentEnvironment)
