@@ -22,7 +22,10 @@ HTTP_SERVER_CMD = "python3 -m http.server $PORT0 --bind 127.0.0.1"
 # etcd still runs.
 def etcd_agent(make_agent, etcd, prefix="/flotilla", **options):
     extra = ["--store", etcd.store_url, "--etcd-prefix", prefix, "--server"] + list(options.pop("extra_args", []))
-    return make_agent(extra_args=extra, **options)
+    agent = make_agent(extra_args=extra, **options)
+    # Ready (`/ping`) comes before the election: writes need the lead, which takes a moment.
+    wait_until(lambda: agent.get("/v2/leader", timeout=5).status_code == 200, timeout=20, what="the agent to lead")
+    return agent
 
 
 def test_state_lives_in_etcd_and_survives_kill9(etcd, make_agent, app_ids):
