@@ -728,10 +728,7 @@ public actor ControlPlane: Service {
         var puts: [(String, any Encodable & Sendable)] = []
         var deletes: [String] = []
 
-        // Refresh nodes (agents register themselves).
-        let nodeList = StateCodec.decodeAll(NodeInfo.self, from: try await store.list(prefix: StateKeys.nodes).entries)
-        let freshNodes = Dictionary(nodeList.map { ($0.name, $0) }, uniquingKeysWith: { $1 })
-        if freshNodes != nodes { nodes = freshNodes }
+        // `nodes` is kept current by `watchNodes` (agents register and renew themselves).
 
         // Instances on nodes that are down (in a cluster: their node's lease ended) are unreachable;
         // after the app's inactiveAfterSeconds they are lost and replaced on the nodes that are up.

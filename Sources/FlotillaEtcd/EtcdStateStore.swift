@@ -83,7 +83,6 @@ public final class EtcdStateStore: StateStore {
     private let kv: EtcdKV.Client<Transport>
     private let watchClient: EtcdWatch.Client<Transport>
     private let leaseClient: EtcdLease.Client<Transport>
-    private let maintenance: EtcdMaintenance.Client<Transport>
     private let notifier = ChangeNotifier()
     private let logger: Logger
     private let tasks = Mutex<[Task<Void, Never>]>([])
@@ -137,7 +136,6 @@ public final class EtcdStateStore: StateStore {
         kv = EtcdKV.Client(wrapping: client)
         watchClient = EtcdWatch.Client(wrapping: client)
         leaseClient = EtcdLease.Client(wrapping: client)
-        maintenance = EtcdMaintenance.Client(wrapping: client)
         let client = self.client
         let logger = self.logger
         tasks.withLock {
@@ -564,14 +562,6 @@ public final class EtcdStateStore: StateStore {
         } catch StoreError.leaseNotFound {
             throw StoreError.leaseNotFound(lease)
         }
-    }
-
-    // MARK: Cluster
-
-    /// The etcd members' health as one line per endpoint asked, for `flotilla status`.
-    public func memberStatus() async throws -> (version: String, leader: UInt64, revision: UInt64) {
-        let response = try await call("a status") { try await maintenance.status(EtcdStatusRequest(), options: options) }
-        return (response.version, response.leader, UInt64(max(response.header.revision, 0)))
     }
 }
 
