@@ -204,6 +204,8 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
 
+        // The pure scheduler's benchmark (bench/scheduler.sh); not part of the product.
+        .executableTarget(name: "flotilla-bench", dependencies: ["FlotillaCore", "FlotillaScheduler"], path: "Sources/FlotillaBench", swiftSettings: swiftSettings),
         .executableTarget(
             name: "flotilla",
             dependencies: ["FlotillaCLI", .product(name: "ArgumentParser", package: "swift-argument-parser")],

@@ -67,6 +67,18 @@ def serves(port):
         return False
 
 
+def wait_for_ping(base, log_name, timeout=30):
+    """Waits for an agent's /ping; exits naming its log when it does not answer."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(base + "/ping", timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"the agent at {base} did not start; see {log_name}")
+
+
 class Agent:
     """A release `flotilla agent` with its own data directory, API port and host-port range."""
 
@@ -84,14 +96,7 @@ class Agent:
              "--proxy-port", str(self.proxy_port), "--dns-port", str(self.dns_port),
              "--log-level", log_level, *extra_args],
             stdout=self.log, stderr=self.log)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(self.base + "/ping", timeout=1).read()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit("agent did not start; see " + self.log.name)
+        wait_for_ping(self.base, self.log.name)
 
     def stop(self):
         self.process.send_signal(signal.SIGTERM)

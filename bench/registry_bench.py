@@ -1,5 +1,8 @@
 """Drives bench/registry.sh: Flotilla's KV against etcd, side by side, on loopback.
 
+With `--store etcd` Flotilla keeps its state in that same etcd (a cluster's setup): the figures
+then show what Flotilla's Consul API costs on top of etcd itself.
+
 Both are durable (etcd fsyncs its WAL per commit batch; Flotilla's SQLite store syncs before it
 answers), both get the same concurrency, value size and key spread from wrk, and both are asked
 for the latency of waking a watcher: a blocking `GET /v1/kv/<key>?index=` on Flotilla, a
@@ -125,10 +128,12 @@ def main():
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--value-bytes", type=int, default=128)
     parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--store", choices=["sqlite", "etcd"], default="sqlite", help="where Flotilla keeps its state")
     arguments = parser.parse_args()
 
     etcd = Etcd(arguments.work)
-    agent = Agent(arguments.binary, arguments.work)
+    store_args = ["--store", f"etcd://127.0.0.1:{etcd.client_port}", "--etcd-prefix", "/bench-flotilla"] if arguments.store == "etcd" else []
+    agent = Agent(arguments.binary, arguments.work, extra_args=store_args)
     rows = {}
     try:
         load = dict(threads=2, connections=arguments.connections, seconds=arguments.seconds, value_bytes=arguments.value_bytes)
@@ -140,7 +145,7 @@ def main():
         agent.stop()
         etcd.stop()
 
-    print(f"| {arguments.value_bytes}-byte values, {arguments.connections} connections, {arguments.seconds} s each | Flotilla | etcd | Flotilla / etcd |")
+    print(f"| {arguments.value_bytes}-byte values, {arguments.connections} connections, {arguments.seconds} s each, Flotilla on {arguments.store} | Flotilla | etcd | Flotilla / etcd |")
     print("|---|---|---|---|")
     for name, ((flotilla_rps, flotilla_p99), (etcd_rps, etcd_p99)) in rows.items():
         print(f"| KV {name}/s (p99) | {flotilla_rps:,.0f} ({flotilla_p99}) | {etcd_rps:,.0f} ({etcd_p99}) | {flotilla_rps / etcd_rps:.2f}× |")

@@ -28,7 +28,7 @@ enum APIResponse {
         } else if let error = error as? any HTTPResponseError, error.status == .contentTooLarge {
             return json(.object(["message": .string("Request body too large: the limit is \(MarathonRoutes.maximumBodyBytes / 1024) KiB")]), status: .contentTooLarge)
         } else if let error = error as? StoreError, case .unavailable = error {
-            flotillaError = .unavailable("\(error); nothing was written: try again when it is back")
+            flotillaError = .unavailable("\(error): try again when it is back")
         } else {
             flotillaError = .unavailable("internal error: \(error)")
         }

@@ -45,7 +45,7 @@ public struct ConsulRoutes: Sendable {
         router.get("/v1/health/state/**") { request, _ in await handle { try await healthState(request) } }
         router.get("/v1/health/node/**") { request, _ in await handle { try await healthNode(request) } }
         router.get("/v1/agent/self") { _, _ in agentSelf() }
-        router.get("/v1/agent/members") { _, _ in APIResponse.json(.array([member()])) }
+        router.get("/v1/agent/members") { _, _ in await members() }
         router.get("/v1/agent/services") { request, _ in await handle { try await agentServices(request) } }
         router.get("/v1/agent/checks") { request, _ in await handle { try await agentChecks(request) } }
         router.put("/v1/agent/service/register") { request, _ in await handle { try await register(request) } }
@@ -300,13 +300,24 @@ public struct ConsulRoutes: Sendable {
             ]))
     }
 
-    private func member() -> JSONValue {
+    private func member(name: String? = nil, address: String? = nil, alive: Bool = true) -> JSONValue {
         .object([
-            "Name": .string(registry.localNode), "Addr": .string(registry.localAddress), "Port": .number(8301),
+            "Name": .string(name ?? registry.localNode), "Addr": .string(address ?? registry.localAddress), "Port": .number(8301),
             "Tags": .object(["dc": .string(registry.datacenter), "role": .string("consul"), "build": .string(version)]),
-            "Status": .number(1), "ProtocolMin": .number(1), "ProtocolMax": .number(5), "ProtocolCur": .number(2),
+            // Serf's member status: 1 alive, 4 failed.
+            "Status": .number(alive ? 1 : 4), "ProtocolMin": .number(1), "ProtocolMax": .number(5), "ProtocolCur": .number(2),
             "DelegateMin": .number(2), "DelegateMax": .number(5), "DelegateCur": .number(4),
         ])
+    }
+
+    /// The cluster's agents (this one always), alive or failed, as Consul's LAN members.
+    private func members() async -> Response {
+        let view = await registry.currentView()
+        var list = [member()]
+        for node in view.nodes where node.name != registry.localNode && node.isAgent {
+            list.append(member(name: node.name, address: node.address, alive: node.alive))
+        }
+        return APIResponse.json(.array(list))
     }
 
     /// Not a blocking query in Consul (its docs say so): `index` and `wait` are ignored.

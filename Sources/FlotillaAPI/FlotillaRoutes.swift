@@ -7,9 +7,14 @@ public import Hummingbird
 /// unknown keys): how a deployment ended, and each instance's service state.
 public struct FlotillaRoutes: Sendable {
     let control: ControlPlane
+    /// Who leads, in a cluster (nil for a lone agent, which is its own scheduler).
+    let cluster: ClusterView?
+    let localNode: String
 
-    public init(control: ControlPlane) {
+    public init(control: ControlPlane, cluster: ClusterView? = nil, localNode: String = "") {
         self.control = control
+        self.cluster = cluster
+        self.localNode = localNode
     }
 
     public func add<Context: RequestContext>(to router: Router<Context>) {
@@ -19,6 +24,34 @@ public struct FlotillaRoutes: Sendable {
         router.get("/flotilla/v1/instances") { request, _ in
             await Self.handle { await self.instances(app: request.uri.queryParameters["app"].map(String.init)) }
         }
+        router.get("/flotilla/v1/nodes") { _, _ in await Self.handle { await self.nodes() } }
+        router.delete("/flotilla/v1/nodes/:name") { _, context in
+            await Self.handle {
+                let name = context.parameters.get("name") ?? ""
+                try await control.forgetNode(name)
+                return APIResponse.json(.object(["forgotten": .string(name)]))
+            }
+        }
+    }
+
+    /// Every node: up (`ready`) or `down`, the leader marked, what it offers and how many
+    /// instances it holds.
+    private func nodes() async -> Response {
+        let snapshot = await control.snapshot()
+        let leaderName = cluster.map { $0.leader?.name } ?? localNode
+        var counts: [String: Int] = [:]
+        for instance in snapshot.instances.values where !instance.state.isTerminal && !instance.isWrittenOff { counts[instance.spec.node, default: 0] += 1 }
+        let all = snapshot.nodes.values.map { ($0, "ready") } + snapshot.downNodes.values.filter { snapshot.nodes[$0.name] == nil }.map { ($0, "down") }
+        let items = all.sorted { $0.0.name < $1.0.name }.map { node, status -> JSONValue in
+            .object([
+                "name": .string(node.name), "address": .string(node.host), "status": .string(status),
+                "leader": .bool(node.name == leaderName), "cpus": .number(node.cpus), "mem": .number(node.mem), "disk": .number(node.disk),
+                "ports": .string("\(node.portRangeStart)-\(node.portRangeEnd)"),
+                "attributes": .object(node.attributes.mapValues(JSONValue.string)), "drivers": .array(node.drivers.map(JSONValue.string)),
+                "instances": .number(Double(counts[node.name] ?? 0)),
+            ])
+        }
+        return APIResponse.json(.array(items))
     }
 
     static func handle(_ body: () async throws -> Response) async -> Response {

@@ -181,9 +181,10 @@ public enum MarathonJSON {
         return .object(object)
     }
 
-    /// An instance asked to stop shows as `TASK_KILLING` until it is gone, as in Marathon.
+    /// An instance asked to stop shows as `TASK_KILLING` until it is gone, as in Marathon; one on
+    /// a node that is down stays `TASK_UNREACHABLE` (nobody can stop it until its node is back).
     static func state(of instance: Instance) -> TaskState {
-        if instance.spec.goal == .stop && !instance.state.isTerminal { return .killing }
+        if instance.spec.goal == .stop && !instance.state.isTerminal && instance.state != .unreachable { return .killing }
         return instance.state
     }
 

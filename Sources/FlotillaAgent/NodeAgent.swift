@@ -217,14 +217,34 @@ public actor NodeAgent: Service {
                     lease = try await register(record)
                 }
             } catch StoreError.leaseNotFound {
-                logger.warning("this node's lease ended (the store was out of reach for \(ttl) s): registering again")
+                logger.warning("this node's lease ended (no renewal reached the store for \(ttl) s): registering again")
                 lease = try? await register(record)
+                // Meanwhile the leader may have marked this node's instances unreachable.
+                if lease != nil { await republishStatuses() }
             } catch {
                 logger.warning("node heartbeat: \(error)")
             }
         }
         // Leaving for good (instances stop with the agent): the record goes now, not at the TTL.
         if let held = lease, configuration.stopInstancesOnExit { try? await store.revokeLease(held) }
+    }
+
+    /// Tells the store again how every instance here is, as of now: after this node's record was
+    /// gone, the leader may have marked them `TASK_UNREACHABLE`.
+    private func republishStatuses() async {
+        let now = Timestamp.format(Date())
+        let current = written.values.filter { !$0.state.isTerminal }.map { status -> InstanceStatus in
+            var refreshed = status
+            refreshed.updatedAt = now
+            return refreshed
+        }
+        guard !current.isEmpty else { return }
+        do {
+            try await write(current)
+            logger.notice("back in the cluster: reported \(current.count) instance(s) as they are")
+        } catch {
+            logger.warning("could not report this node's instances after registering again: \(error); the next change reports them")
+        }
     }
 
     /// Writes the node's record, under a new lease in a cluster. Returns the lease.
@@ -235,7 +255,9 @@ public actor NodeAgent: Service {
             return nil
         }
         let lease = try await store.grantLease(ttl: ttl)
-        try await store.commit(StoreTransaction(mutations: [.put(key, record, lease: lease.id)]))
+        // The record without a lease stays when the node goes: `flotilla nodes` shows it down.
+        try await store.commit(
+            StoreTransaction(mutations: [.put(key, record, lease: lease.id), .put(StateKeys.nodeRecord(configuration.node.name), record)]))
         return lease.id
     }
 

@@ -41,22 +41,46 @@ struct ServicesCommand: AsyncParsableCommand {
 }
 
 struct NodesCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "nodes", abstract: "List nodes.")
-    @OptionGroup var options: ClientOptions
+    static let configuration = CommandConfiguration(
+        commandName: "nodes", abstract: "List the cluster's nodes, or forget one that is down.",
+        subcommands: [List.self, Forget.self], defaultSubcommand: List.self)
 
-    func run() async throws {
-        let client = try options.client()
-        let nodes = try await client.call(.GET, "/v1/catalog/nodes")
-        if options.json { return printJSON(nodes) }
-        // The scheduler's node: Consul names the leader by address (addr:8300).
-        let leader = (try? await client.call(.GET, "/v1/status/leader"))?.stringValue ?? ""
-        let leaderHost = leader.hasPrefix("[") ? String(leader.dropFirst().prefix { $0 != "]" }) : String(leader.prefix { $0 != ":" })
-        printTable(
-            ["NODE", "ADDRESS", "LEADER", "ATTRIBUTES"],
-            nodes.arrayValue.map { node in
-                let meta = (node["Meta"]?.objectValue ?? [:]).sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value.stringValue ?? "")" }
-                return [node.text("Node"), node.text("Address"), node.text("Address") == leaderHost ? "*" : "", meta.joined(separator: " ")]
-            })
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List nodes: status (ready or down), leader, resources, attributes.")
+        @OptionGroup var options: ClientOptions
+
+        func run() async throws {
+            let nodes = try await options.client().call(.GET, "/flotilla/v1/nodes")
+            if options.json { return printJSON(nodes) }
+            printTable(
+                ["NODE", "ADDRESS", "STATUS", "LEADER", "CPUS", "MEM", "INSTANCES", "DRIVERS", "ATTRIBUTES"],
+                nodes.arrayValue.map { node in
+                    let attributes = (node["attributes"]?.objectValue ?? [:]).sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value.stringValue ?? "")" }
+                    let drivers = (node["drivers"]?.arrayValue ?? []).compactMap(\.stringValue)
+                    return [
+                        node.text("name"), node.text("address"), node.text("status"), node["leader"] == .bool(true) ? "*" : "",
+                        NodesCommand.number(node["cpus"]), NodesCommand.number(node["mem"]), NodesCommand.number(node["instances"]), drivers.joined(separator: ","), attributes.joined(separator: " "),
+                    ]
+                })
+        }
+    }
+
+    static func number(_ value: JSONValue?) -> String {
+        guard let value = value?.doubleValue else { return "" }
+        return value == value.rounded() ? String(Int(value)) : String(value)
+    }
+
+    struct Forget: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Forget a node that is down (decommissioned): it leaves the node list and the catalog.")
+        @Argument(help: "The node's name.") var name: String
+        @OptionGroup var options: ClientOptions
+
+        func run() async throws {
+            let reply = try await options.client().call(.DELETE, "/flotilla/v1/nodes/\(name)")
+            if options.json { return printJSON(reply) }
+            print("forgot node \(name)")
+        }
     }
 }
 

@@ -31,6 +31,8 @@ public actor ControlPlane: Service {
     private var rollingBack: [String: Deployment] = [:]
     private var failures: [AppID: TaskFailure] = [:] { didSet { generation &+= 1 } }
     private var nodes: [String: NodeInfo] = [:] { didSet { generation &+= 1 } }
+    /// Nodes that registered once and whose live record is gone (their lease ended): down.
+    private var downNodes: [String: NodeInfo] = [:] { didSet { generation &+= 1 } }
     private var backoffs: [AppID: Backoff] = [:]
     private var queue: [AppID: QueueEntry] = [:] { didSet { generation &+= 1 } }
     private var generation: UInt64 = 0 {
@@ -44,6 +46,9 @@ public actor ControlPlane: Service {
     private var index: UInt64 = 0
     private var lastVersion = ""
     private var loaded = false
+    /// A commit failed without a definite answer (the store did not reply): memory may lag the
+    /// store, and is read afresh before the next pass or change.
+    private var stale = false
     private var generator = SystemRandomNumberGenerator()
     /// Whether this agent schedules. A lone agent always does; in a cluster the leader election
     /// says (`setRole`), and a follower keeps its memory in step with the store instead.
@@ -54,8 +59,6 @@ public actor ControlPlane: Service {
     /// When this agent took the lead: node loss is judged only after a whole node lease has
     /// passed under it (a live node has renewed its record by then).
     private var leadingSince: Date?
-    /// Instances on a node that is down, since when (Marathon's unreachable instances).
-    private var unreachableSince: [String: Date] = [:]
     /// How long a node's record outlives its last heartbeat; set by the server in a cluster.
     public var nodeLossGrace: Duration = .seconds(12)
     public func setNodeLossGrace(_ grace: Duration) { nodeLossGrace = grace }
@@ -100,6 +103,15 @@ public actor ControlPlane: Service {
         logger.info("loaded \(apps.count) app(s), \(specs.count) instance(s), \(deployments.count) deployment(s) at index \(index)")
     }
 
+    /// Reads the state again when memory may not match the store (not loaded yet, or a commit that
+    /// got no answer).
+    func refreshIfNeeded() async throws {
+        guard !loaded || stale else { return }
+        try await reload()
+        if stale { logger.notice("state read again after a commit the store did not confirm (index \(index))") }
+        stale = false
+    }
+
     /// Replaces memory with the store's state, all of it read at one index and swapped in at once.
     private func reload() async throws {
         let prefixes = [
@@ -142,7 +154,6 @@ public actor ControlPlane: Service {
             }
             // Backoffs and the launch queue are the old leader's memory: they start again here.
             backoffs.removeAll()
-            unreachableSince.removeAll()
             leaderGuard = guardCondition
             leadingSince = Date()
             leading = true
@@ -180,19 +191,28 @@ public actor ControlPlane: Service {
         }
     }
 
-    /// Nodes come and go (their records are held by leases): placement sees the current ones.
+    /// Nodes come and go (their records are held by leases): placement sees the current ones, and
+    /// the API the ones that are down.
     private func watchNodes() async {
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
             do {
-                let listing = try await store.list(prefix: StateKeys.nodes)
+                let snapshot = try await store.snapshot(prefixes: [StateKeys.nodes, StateKeys.nodeRecords])
                 let fresh = Dictionary(
-                    StateCodec.decodeAll(NodeInfo.self, from: listing.entries).map { ($0.name, $0) }, uniquingKeysWith: { $1 })
+                    StateCodec.decodeAll(NodeInfo.self, from: snapshot[StateKeys.nodes]).map { ($0.name, $0) }, uniquingKeysWith: { $1 })
+                let down = Dictionary(
+                    StateCodec.decodeAll(NodeInfo.self, from: snapshot[StateKeys.nodeRecords]).filter { fresh[$0.name] == nil }.map { ($0.name, $0) },
+                    uniquingKeysWith: { $1 })
+                if down != downNodes {
+                    for name in Set(down.keys).subtracting(downNodes.keys).sorted() { logger.warning("node \(name) is down: its record's lease ended") }
+                    downNodes = down
+                }
                 if fresh != nodes {
                     nodes = fresh
                     if leading { wake() }
                 }
-                let seen = listing.index
-                _ = try await cancelWhenGracefulShutdown { try await self.store.waitForChange(prefix: StateKeys.nodes, after: seen, timeout: .seconds(5)) }
+                let seen = snapshot.index
+                // "node" covers both prefixes.
+                _ = try await cancelWhenGracefulShutdown { try await self.store.waitForChange(prefix: "node", after: seen, timeout: .seconds(5)) }
             } catch is CancellationError {
                 return
             } catch {
@@ -200,38 +220,6 @@ public actor ControlPlane: Service {
                 try? await Task.sleep(for: .milliseconds(500))
             }
         }
-    }
-
-    private func markLostInstances(now: Date, nowText: String) -> [(String, any Encodable & Sendable)] {
-        guard leaderGuard != nil, let since = leadingSince, now.timeIntervalSince(since) >= Double(nodeLossGrace.components.seconds) else {
-            return []
-        }
-        var puts: [(String, any Encodable & Sendable)] = []
-        for (id, spec) in specs {
-            guard nodes[spec.node] == nil else {
-                unreachableSince[id] = nil
-                continue
-            }
-            if let status = statuses[id], status.state.isTerminal { continue }
-            let first = unreachableSince[id] ?? now
-            if unreachableSince[id] == nil {
-                unreachableSince[id] = now
-                logger.warning("\(id) is unreachable: its node \(spec.node) is down")
-            }
-            guard case .after(let inactive, _) = apps[spec.appID]?.definition.unreachableStrategy ?? .default,
-                now.timeIntervalSince(first) >= inactive
-            else { continue }
-            var lost = statuses[id] ?? InstanceStatus(id: id, state: .lost, updatedAt: nowText)
-            lost.state = .lost
-            lost.message = "node \(spec.node) is down (no heartbeat): replaced on a node that is up"
-            lost.updatedAt = nowText
-            lost.draining = false
-            statuses[id] = lost
-            unreachableSince[id] = nil
-            puts.append((StateKeys.status(id), lost))
-            logger.warning("\(id) is lost with its node \(spec.node): replacing it")
-        }
-        return puts
     }
 
     /// The store index memory reflects (every commit of this leader, or the last reload of a follower).
@@ -248,6 +236,20 @@ public actor ControlPlane: Service {
 
     /// The nodes placement knows, for `flotilla nodes` and the API.
     public func knownNodes() -> [NodeInfo] { nodes.values.sorted { $0.name < $1.name } }
+
+    /// Forgets a node that is down (decommissioned): it leaves `flotilla nodes` and the catalog.
+    /// Its instances are settled by `unreachableStrategy` as before.
+    public func forgetNode(_ name: String) async throws {
+        await lock.acquire()
+        defer { lock.release() }
+        if nodes[name] != nil {
+            throw FlotillaError.conflict(message: "node \(name) is up: stop its agent first (a node is forgotten only once it is down)", deploymentIDs: [])
+        }
+        guard downNodes[name] != nil else { throw FlotillaError.notFound("no node '\(name)' is known") }
+        try await commit(preconditions: [.absent(StateKeys.node(name))], deletes: [StateKeys.nodeRecord(name)])
+        downNodes[name] = nil
+        logger.notice("forgot node \(name)")
+    }
 
     // MARK: - Reads
 
@@ -280,8 +282,8 @@ public actor ControlPlane: Service {
         var instances: [String: Instance] = [:]
         for (id, spec) in specs { instances[id] = Instance(spec: spec, status: statuses[id]) }
         return ControlSnapshot(
-            apps: apps, instances: instances, deployments: deployments, failures: failures, queue: queue, nodes: nodes, index: index,
-            generation: generation)
+            apps: apps, instances: instances, deployments: deployments, failures: failures, queue: queue, nodes: nodes, downNodes: downNodes,
+            index: index, generation: generation)
     }
 
     /// An active deployment, or how a finished one ended.
@@ -395,6 +397,7 @@ public actor ControlPlane: Service {
         publishPosts: Bool = true
     ) async throws -> ChangeResult {
         try requireLoaded()
+        if stale { try await refreshIfNeeded() }
         var changes = requestedChanges
         guard !changes.isEmpty || !removals.isEmpty else {
             throw FlotillaError.invalid([FieldError("/", "nothing to change")])
@@ -646,7 +649,7 @@ public actor ControlPlane: Service {
             guard leading else { continue }
             await lock.acquire()
             do {
-                if !loaded { try await reload() }
+                try await refreshIfNeeded()
                 try await reconcile()
             } catch is CancellationError {
                 // Shutting down.
@@ -720,44 +723,50 @@ public actor ControlPlane: Service {
     }
 
     /// One pass over every app: retire ended instances, start, stop and switch what the plans say,
-    /// and settle deployments that arrived or failed.
+    /// and settle deployments that arrived or failed. The pass works on copies of memory; memory
+    /// (and the events) show its changes only once the store has committed them, so a commit that
+    /// fails leaves nothing half-shown and the next pass starts from what is durable.
     func reconcile() async throws {
         try requireLoaded()
         let now = Date()
         let nowText = Timestamp.format(now)
+
+        // `nodes` is kept current by `watchNodes` (agents register and renew themselves).
+        // Instances on nodes that are down are settled first, in a commit of their own.
+        try await settleUnreachable(now: now, nowText: nowText)
+
+        var nextSpecs = specs
+        var nextStatuses = statuses
+        var nextFailures = failures
+        var nextDeployments = deployments
+        var nextBackoffs = backoffs
+        var changedDeployments: Set<String> = []
+        var pending: [FlotillaEvent] = []
         var puts: [(String, any Encodable & Sendable)] = []
         var deletes: [String] = []
 
-        // `nodes` is kept current by `watchNodes` (agents register and renew themselves).
-
-        // Instances on nodes that are down (in a cluster: their node's lease ended) are unreachable;
-        // after the app's inactiveAfterSeconds they are lost and replaced on the nodes that are up.
-        puts += markLostInstances(now: now, nowText: nowText)
-
         // Ended instances: remember failures, start backoff, count crashes against deployments, forget them.
-        var retired: [String] = []
         for (id, spec) in specs {
             guard let status = statuses[id], status.state.isTerminal else { continue }
             let unexpected = spec.goal == .run && (status.state.countsAsFailure || status.killedUnhealthy)
             if unexpected, let app = apps[spec.appID] {
                 // Marathon backs off after any end the app did not ask for, exit 0 included.
-                var backoff = backoffs[spec.appID] ?? Backoff()
+                var backoff = nextBackoffs[spec.appID] ?? Backoff()
                 backoff.recordFailure(of: app.definition, at: now)
-                backoffs[spec.appID] = backoff
+                nextBackoffs[spec.appID] = backoff
                 let failure = TaskFailure(
                     appID: spec.appID, taskID: id, host: spec.host, node: spec.node, state: status.killedUnhealthy ? .killed : status.state,
                     message: status.message ?? "", timestamp: status.updatedAt, version: spec.version)
-                failures[spec.appID] = failure
+                nextFailures[spec.appID] = failure
                 puts.append((StateKeys.failure(spec.appID), failure))
-                for var deployment in deployments.values where deployment.tracks(spec) {
-                    deployment.consecutiveCrashes += 1
-                    deployment.lastProblem = "\(id) \(status.killedUnhealthy ? "was killed as unhealthy" : "ended with \(status.state.rawValue)"): \(status.message ?? "")"
-                    deployments[deployment.id] = deployment
-                    puts.append((StateKeys.deployment(deployment.id), deployment))
+                for deployment in nextDeployments.values {
+                    guard let counted = DeploymentProgress.recordingCrash(deployment, of: spec, status: status) else { continue }
+                    nextDeployments[deployment.id] = counted
+                    changedDeployments.insert(deployment.id)
                 }
             }
             if status.killedUnhealthy {
-                events.publish(
+                pending.append(
                     FlotillaEvent(
                         type: "unhealthy_task_kill_event",
                         fields: [
@@ -765,30 +774,29 @@ public actor ControlPlane: Service {
                             "reason": .string(status.message ?? "unhealthy"), "host": .string(spec.host), "slaveId": .string(spec.node),
                         ]))
             }
-            retired.append(id)
+            nextSpecs[id] = nil
+            nextStatuses[id] = nil
             deletes += [StateKeys.instance(id), StateKeys.status(id)]
-        }
-        for id in retired {
-            specs[id] = nil
-            statuses[id] = nil
         }
 
         // Plan every app, and every app that is gone but still has instances.
-        let snapshotInstances = specs.values.map { Instance(spec: $0, status: statuses[$0.id]) }
+        let snapshotInstances = nextSpecs.values.map { Instance(spec: $0, status: nextStatuses[$0.id]) }
         var byApp: [AppID: [Instance]] = [:]
         for instance in snapshotInstances { byApp[instance.spec.appID, default: []].append(instance) }
-        var cluster = ClusterSnapshot(nodes: Array(nodes.values), instances: snapshotInstances)
+        // Indexed once for the whole pass: placing an app costs O(log nodes) per instance.
+        var placement = PlacementState(ClusterSnapshot(nodes: nodes.values.sorted { $0.name < $1.name }, instances: snapshotInstances))
         let appIDs = Set(apps.keys).union(byApp.keys).sorted()
         var newQueue: [AppID: QueueEntry] = [:]
         func update(_ id: String, _ change: (inout InstanceSpec) -> Void) {
-            guard var spec = specs[id] else { return }
+            guard var spec = nextSpecs[id] else { return }
+            let wasRunning = spec.goal == .run
             change(&spec)
-            specs[id] = spec
+            nextSpecs[id] = spec
             puts.append((StateKeys.instance(id), spec))
-            if let index = cluster.instances.firstIndex(where: { $0.id == id }) { cluster.instances[index].spec = spec }
+            if wasRunning && spec.goal == .stop { placement.stopping(spec) }
         }
         // Apps whose turn in a deployment has not come (their dependencies are not ready yet).
-        let heldBack = deployments.values.reduce(into: Set<AppID>()) { $0.formUnion(DeploymentSteps.heldBack($1)) }
+        let heldBack = nextDeployments.values.reduce(into: Set<AppID>()) { $0.formUnion(DeploymentSteps.heldBack($1)) }
         for appID in appIDs where !heldBack.contains(appID) {
             let app = apps[appID]
             let plan = Reconciler.plan(app: app, instances: byApp[appID] ?? [], now: now)
@@ -811,27 +819,26 @@ public actor ControlPlane: Service {
                 }
             }
             if !plan.activate.isEmpty || !plan.standby.isEmpty {
-                logger.info("\(appID): switched \(plan.activate.count) instance(s) in, \(plan.standby.count) out of service")
+                logger.info("\(appID): switching \(plan.activate.count) instance(s) in, \(plan.standby.count) out of service")
                 for id in plan.activate + plan.standby.map(\.instanceID) {
-                    if let spec = specs[id] { events.publish(instanceChangedEvent(spec, condition: spec.standby ? "Standby" : "Running")) }
+                    if let spec = nextSpecs[id] { pending.append(instanceChangedEvent(spec, condition: spec.standby ? "Standby" : "Running")) }
                 }
             }
             guard let app, plan.launch > 0 else { continue }
-            let backoff = backoffs[appID] ?? Backoff()
+            let backoff = nextBackoffs[appID] ?? Backoff()
             let delay = backoff.secondsLeft(at: now)
             if delay > 0 {
                 newQueue[appID] = QueueEntry(app: appID, count: plan.launch, since: queue[appID]?.since ?? nowText, delaySeconds: delay, placement: nil)
                 continue
             }
-            let result = Placer.place(app.definition, count: plan.launch, in: cluster, using: &generator)
+            let result = placement.place(app.definition, count: plan.launch, using: &generator)
             for placement in result.placements {
                 let spec = InstanceSpec(
                     id: InstanceSpec.newID(for: appID), appID: appID, version: app.version, configVersion: app.configVersion,
                     definition: app.definition, node: placement.node.name, host: placement.node.host, ports: placement.ports,
                     stagedAt: nowText, standby: plan.launchStandby)
-                specs[spec.id] = spec
+                nextSpecs[spec.id] = spec
                 puts.append((StateKeys.instance(spec.id), spec))
-                cluster.instances.append(Instance(spec: spec, status: nil))
             }
             if result.unplaced > 0 {
                 newQueue[appID] = QueueEntry(app: appID, count: result.unplaced, since: queue[appID]?.since ?? nowText, delaySeconds: 0, placement: result)
@@ -840,49 +847,33 @@ public actor ControlPlane: Service {
                 }
             }
         }
-        if !(queue.isEmpty && newQueue.isEmpty) { queue = newQueue }
-        // Wake exactly when the first crash backoff ends, not at the next tick.
-        if let soonest = newQueue.values.map(\.delaySeconds).filter({ $0 > 0 }).min() {
-            Task { [weak self] in
-                try? await Task.sleep(for: .milliseconds(Int64(soonest * 1000) + 5))
-                await self?.wake()
-            }
-        }
 
-        // Deployments that arrived, and deployments that failed.
+        // Deployments: the pure state machine says which arrived, failed or passed a step.
+        var live: [AppID: [Instance]] = [:]
+        for spec in nextSpecs.values { live[spec.appID, default: []].append(Instance(spec: spec, status: nextStatuses[spec.id])) }
         var succeeded: [Deployment] = []
         var failed: [(Deployment, String)] = []
         var advancedSteps: [(Deployment, [Int])] = []
-        for deployment in deployments.values.sorted(by: { $0.version < $1.version }) {
-            let live = { (app: AppID) in self.specs.values.filter { $0.appID == app }.map { Instance(spec: $0, status: self.statuses[$0.id]) } }
-            let done = deployment.targets.allSatisfy { target in
-                let app = target.targetVersion == nil ? nil : apps[target.app]
-                if target.targetVersion != nil && app == nil { return true }
-                return Reconciler.isComplete(app: app, instances: live(target.app))
-            }
-            if done {
+        for deployment in nextDeployments.values.sorted(by: { $0.version < $1.version }) {
+            switch DeploymentProgress.evaluate(deployment, apps: apps, now: now, instances: { live[$0] ?? [] }) {
+            case .succeeded:
                 succeeded.append(deployment)
-                deletes.append(StateKeys.deployment(deployment.id))
-                continue
-            }
-            if let reason = failureReason(of: deployment, now: now, instances: live) {
+            case .failed(let reason):
                 failed.append((deployment, reason))
-                deletes.append(StateKeys.deployment(deployment.id))
-                continue
-            }
-            let progress = DeploymentSteps.advance(deployment) { action in
-                switch action.action {
-                case .startApplication: return true
-                case .stopApplication: return live(action.app).allSatisfy(\.state.isTerminal)
-                case .scaleApplication, .restartApplication: return Reconciler.isComplete(app: apps[action.app], instances: live(action.app))
-                }
-            }
-            if progress.currentStep != deployment.currentStep {
+            case .advanced(let step, let finished):
                 var advanced = deployment
-                advanced.currentStep = progress.currentStep
-                advancedSteps.append((advanced, progress.finished))
-                puts.append((StateKeys.deployment(deployment.id), advanced))
+                advanced.currentStep = step
+                nextDeployments[deployment.id] = advanced
+                changedDeployments.insert(deployment.id)
+                advancedSteps.append((advanced, finished))
+            case .waiting:
+                break
             }
+        }
+        let ended = Set(succeeded.map(\.id) + failed.map(\.0.id))
+        deletes += ended.sorted().map { StateKeys.deployment($0) }
+        for id in changedDeployments.subtracting(ended).sorted() {
+            if let deployment = nextDeployments[id] { puts.append((StateKeys.deployment(id), deployment)) }
         }
         var results: [DeploymentResult] = []
         for deployment in succeeded {
@@ -894,26 +885,40 @@ public actor ControlPlane: Service {
         for result in results { puts.append((StateKeys.deploymentResult(result.id), result)) }
         if !puts.isEmpty || !deletes.isEmpty {
             try await commit(puts: puts, deletes: deletes, deletePrefixes: results.map { StateKeys.removedApps(of: $0.id) })
+            // Committed: memory shows it, in one step (no await between these).
+            for id in ended { nextDeployments[id] = nil }
+            specs = nextSpecs
+            statuses = nextStatuses
+            failures = nextFailures
+            deployments = nextDeployments
         }
-        // Committed: steps move on, and say so. The apps the new steps release are planned in a
-        // pass of their own, now rather than at the next tick.
+        backoffs = nextBackoffs
+        if !(queue.isEmpty && newQueue.isEmpty) { queue = newQueue }
+        for event in pending { events.publish(event) }
+        // Wake exactly when the first crash backoff ends, not at the next tick.
+        if let soonest = newQueue.values.map(\.delaySeconds).filter({ $0 > 0 }).min() {
+            Task { [weak self] in
+                try? await Task.sleep(for: .milliseconds(Int64(soonest * 1000) + 5))
+                await self?.wake()
+            }
+        }
+        // Steps moved on: say so. The apps the new steps release are planned in a pass of their
+        // own, now rather than at the next tick.
         if !advancedSteps.isEmpty { wake() }
         for (advanced, finished) in advancedSteps {
-            deployments[advanced.id] = advanced
             for step in finished {
                 events.publish(stepEvent("deployment_step_success", advanced, step: step))
                 for action in advanced.steps[step - 1] where action.action == .stopApplication { publishTerminated(action.app) }
             }
             events.publish(deploymentInfoEvent(advanced, original: [], target: []))
         }
-        // Results become visible in the same step as the deployments leave, before any await. A
-        // failed deployment that rolls back stays visible as running until its result can name
-        // the rollback, so no reader sees "failed" without where it went back to.
-        let rollingBackIDs = Set(failed.filter { willRollBack($0.0) }.map { $0.0.id })
+        // Results become visible in the same step as the deployments leave. A failed deployment
+        // that rolls back stays visible as running until its result can name the rollback, so no
+        // reader sees "failed" without where it went back to.
+        let rollingBackIDs = Set(failed.filter { DeploymentProgress.rollsBack($0.0, apps: apps) }.map { $0.0.id })
         for (deployment, _) in failed where rollingBackIDs.contains(deployment.id) { rollingBack[deployment.id] = deployment }
         for result in results where !rollingBackIDs.contains(result.id) { deploymentResults[result.id] = result }
         for deployment in succeeded {
-            deployments[deployment.id] = nil
             if let last = deployment.steps.last, deployment.totalSteps == max(1, deployment.currentStep) {
                 for action in last where action.action == .stopApplication { publishTerminated(action.app) }
             }
@@ -922,7 +927,6 @@ public actor ControlPlane: Service {
                 FlotillaEvent(type: "deployment_success", fields: ["id": .string(deployment.id), "plan": planJSON(deployment, original: [], target: [])]))
         }
         for (deployment, reason) in failed {
-            deployments[deployment.id] = nil
             var result = results.first { $0.id == deployment.id }!
             logger.warning("deployment \(deployment.id) failed: \(reason)")
             events.publish(stepEvent("deployment_step_failure", deployment, step: deployment.currentStep))
@@ -936,7 +940,6 @@ public actor ControlPlane: Service {
                 if let rollback = try await autoRollback(deployment) {
                     result.rollbackDeploymentID = rollback.deploymentID
                     result.rolledBackTo = deployment.targets.first?.previousVersion ?? rollback.version
-                    deploymentResults[deployment.id] = result
                     try await commit(puts: [(StateKeys.deploymentResult(result.id), result)])
                 }
             } catch {
@@ -948,37 +951,77 @@ public actor ControlPlane: Service {
         pruneDeploymentResults()
     }
 
-    /// Why a deployment has failed, or nil while it may still succeed: its new instances crashed
-    /// `maxConsecutiveCrashes` times in a row, or they were not all ready by the progress deadline.
-    private func failureReason(of deployment: Deployment, now: Date, instances: (AppID) -> [Instance]) -> String? {
-        for target in deployment.targets {
-            guard target.targetVersion != nil, let app = apps[target.app] else { continue }
-            let strategy = app.definition.upgradeStrategy
-            if deployment.consecutiveCrashes >= strategy.maxConsecutiveCrashes {
-                return "new instances of \(target.app) failed \(deployment.consecutiveCrashes) times in a row; last: \(deployment.lastProblem ?? "unknown")"
+    /// In a cluster, instances on a node whose lease ended: `TASK_UNREACHABLE` at once; after the
+    /// app's `unreachableStrategy.inactiveAfterSeconds` written off (asked to stop, so a node that
+    /// comes back kills them) and replaced on nodes that are up; after `expungeAfterSeconds`
+    /// forgotten. Judged only once this leader has led for a whole node lease (a live node has
+    /// renewed its record by then). One commit, guarded by those nodes still being absent: a node
+    /// that registered again meanwhile keeps its instances.
+    private func settleUnreachable(now: Date, nowText: String) async throws {
+        guard leaderGuard != nil, let since = leadingSince, now.timeIntervalSince(since) >= Double(nodeLossGrace.components.seconds) else { return }
+        var downNodes: Set<String> = []
+        var changedSpecs: [String: InstanceSpec] = [:]
+        var changedStatuses: [String: InstanceStatus] = [:]
+        var expunged: [String] = []
+        for (id, spec) in specs.sorted(by: { $0.key < $1.key }) where nodes[spec.node] == nil {
+            if let status = statuses[id], status.state.isTerminal { continue }
+            guard var status = statuses[id], status.state == .unreachable else {
+                var status = statuses[id] ?? InstanceStatus(id: id, state: .unreachable, updatedAt: nowText)
+                status.state = .unreachable
+                status.message = "node \(spec.node) is down: its agent stopped renewing its record"
+                status.updatedAt = nowText
+                status.draining = false
+                changedStatuses[id] = status
+                downNodes.insert(spec.node)
+                continue
             }
-            guard let started = Timestamp.parse(deployment.startedAt), now.timeIntervalSince(started) > strategy.progressDeadlineSeconds else { continue }
-            let waiting = instances(target.app).filter { $0.spec.configVersion == app.configVersion && !$0.isReady }
-            let detail = waiting.first.map { instance -> String in
-                // The agent's message carries the failing check's cause and the last lines of stderr.
-                let why = instance.status?.message ?? instance.status?.health.compactMap(\.lastFailureCause).first.map { "health check: \($0)" }
-                return "\(instance.id) is \(instance.state.rawValue)" + (why.map { "; \($0)" } ?? "")
+            guard case .after(let inactive, let expunge) = apps[spec.appID]?.definition.unreachableStrategy ?? .default else { continue }
+            let unreachableFor = now.timeIntervalSince(Timestamp.parse(status.updatedAt) ?? now)
+            if unreachableFor >= max(inactive, expunge) {
+                expunged.append(id)
+                downNodes.insert(spec.node)
+            } else if unreachableFor >= inactive && spec.goal == .run {
+                var writtenOff = spec
+                writtenOff.goal = .stop
+                writtenOff.stopReason = "replaced: its node \(spec.node) was down for \(Int(unreachableFor)) s"
+                changedSpecs[id] = writtenOff
+                status.message = "node \(spec.node) is down; replaced on a node that is up (expunged after \(Int(max(inactive, expunge))) s)"
+                changedStatuses[id] = status
+                downNodes.insert(spec.node)
             }
-            return "\(target.app) was not ready within the progress deadline of \(Int(strategy.progressDeadlineSeconds)) s"
-                + (detail.map { ": \($0)" } ?? (deployment.lastProblem.map { "; last failure: \($0)" } ?? ""))
         }
-        return nil
+        guard !downNodes.isEmpty else { return }
+        var puts: [(String, any Encodable & Sendable)] = changedSpecs.sorted { $0.key < $1.key }.map { (StateKeys.instance($0.key), $0.value) }
+        puts += changedStatuses.sorted { $0.key < $1.key }.map { (StateKeys.status($0.key), $0.value) }
+        do {
+            try await commit(
+                preconditions: downNodes.sorted().map { .absent(StateKeys.node($0)) }, puts: puts,
+                deletes: expunged.flatMap { [StateKeys.instance($0), StateKeys.status($0)] })
+        } catch FlotillaError.conflict {
+            logger.notice("a node came back while its instances were being marked unreachable: left as they are")
+            return
+        }
+        for (id, status) in changedStatuses.sorted(by: { $0.key < $1.key }) {
+            guard let spec = changedSpecs[id] ?? specs[id] else { continue }
+            if statuses[id]?.state != .unreachable {
+                logger.warning("\(id) is unreachable: its node \(spec.node) is down")
+                events.publish(statusUpdateEvent(spec: spec, status: status))
+            } else {
+                logger.warning("\(id) is written off with its node \(spec.node): replacing it")
+                events.publish(instanceChangedEvent(spec, condition: "UnreachableInactive"))
+            }
+        }
+        for (id, spec) in changedSpecs { specs[id] = spec }
+        for (id, status) in changedStatuses { statuses[id] = status }
+        for id in expunged {
+            logger.warning("\(id) is expunged: its node \(specs[id]?.node ?? "?") stayed down")
+            specs[id] = nil
+            statuses[id] = nil
+        }
     }
 
     /// After a failed deployment: the previous version of each app, as a new deployment, when its
     /// strategy says so.
-    /// Whether `autoRollback` will try to restore a previous version for this deployment.
-    private func willRollBack(_ deployment: Deployment) -> Bool {
-        deployment.targets.contains { target in
-            target.previousVersion != nil && apps[target.app]?.definition.upgradeStrategy.autoRollback == true
-        }
-    }
-
     private func autoRollback(_ deployment: Deployment) async throws -> ChangeResult? {
         var result: ChangeResult?
         for target in deployment.targets {
@@ -1088,7 +1131,11 @@ public actor ControlPlane: Service {
         } catch StoreError.preconditionFailed {
             throw FlotillaError.conflict(message: "the app changed while this request was applied; retry", deploymentIDs: [])
         } catch let error as StoreError {
-            throw FlotillaError.unavailable("the change was not saved: \(error)")
+            // A request that timed out may still be applied by the store once it answers again:
+            // memory no longer knows the store's state, so it is read again before the next change.
+            stale = true
+            throw FlotillaError.unavailable(
+                "the change is not confirmed (\(error)); it may still take effect once the store answers: read the app back before retrying")
         }
     }
 

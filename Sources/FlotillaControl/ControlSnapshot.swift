@@ -9,7 +9,10 @@ public struct ControlSnapshot: Sendable {
     public var deployments: [String: Deployment]
     public var failures: [AppID: TaskFailure]
     public var queue: [AppID: QueueEntry]
+    /// Nodes that are up: their agents renew their records.
     public var nodes: [String: NodeInfo]
+    /// Nodes that registered once and are down now (in a cluster).
+    public var downNodes: [String: NodeInfo] = [:]
     public var index: UInt64
     /// Bumped by every change to what the snapshot shows.
     public var generation: UInt64

@@ -11,12 +11,14 @@ public enum TaskState: String, Sendable, Hashable, Codable {
     case killed = "TASK_KILLED"
     case lost = "TASK_LOST"
     case error = "TASK_ERROR"
+    /// On a node that is down (its agent stopped renewing its record): not known to have ended.
+    case unreachable = "TASK_UNREACHABLE"
 
     /// A state the instance never leaves.
     public var isTerminal: Bool {
         switch self {
         case .finished, .failed, .killed, .lost, .error: return true
-        case .staging, .starting, .running, .killing: return false
+        case .staging, .starting, .running, .killing, .unreachable: return false
         }
     }
 
@@ -258,4 +260,8 @@ public struct Instance: Sendable, Hashable {
 
     /// Ready and live: what discovery and the load balancer may send traffic to.
     public var isInService: Bool { isReady && !spec.standby }
+
+    /// Unreachable past its app's `inactiveAfterSeconds` and replaced: it no longer counts for its
+    /// app (nor holds a place in its over-capacity), though it is shown until it is expunged.
+    public var isWrittenOff: Bool { state == .unreachable && spec.goal == .stop }
 }

@@ -13,8 +13,8 @@ public import Foundation
 public enum CatalogBuilder {
     public static let nodeCheckID = "serfHealth"
 
-    public static func nodes(_ nodes: [NodeInfo]) -> [CatalogNode] {
-        nodes.map { CatalogNode(name: $0.name, address: $0.host, meta: $0.attributes) }.sorted { $0.name < $1.name }
+    public static func nodes(_ nodes: [NodeInfo], alive: Bool = true) -> [CatalogNode] {
+        nodes.map { CatalogNode(name: $0.name, address: $0.host, meta: $0.attributes, alive: alive, isAgent: true) }.sorted { $0.name < $1.name }
     }
 
     /// The services an app declares (name and tags per registered port), whether or not any

@@ -16,11 +16,17 @@ public struct CatalogNode: Sendable, Hashable {
     public var name: String
     public var address: String
     public var meta: [String: String]
+    /// False for a node that is down (its agent stopped renewing its record).
+    public var alive: Bool
+    /// A node with a Flotilla agent (not one registered through `/v1/catalog/register`).
+    public var isAgent: Bool
 
-    public init(name: String, address: String, meta: [String: String]) {
+    public init(name: String, address: String, meta: [String: String], alive: Bool = true, isAgent: Bool = false) {
         self.name = name
         self.address = address
         self.meta = meta
+        self.alive = alive
+        self.isAgent = isAgent
     }
 }
 

@@ -16,6 +16,9 @@ public protocol RegistrySource: Sendable {
 
 public struct RegistryInput: Sendable {
     public var nodes: [NodeInfo]
+    /// Nodes that are down: still in the catalog, with a critical `serfHealth` (as Consul keeps a
+    /// failed member until it is removed).
+    public var downNodes: [NodeInfo] = []
     public var instances: [Instance]
     /// Every app, for the routes its tags declare even while no instance runs.
     public var apps: [AppDefinition]
@@ -79,11 +82,12 @@ public struct RegistryView: Sendable {
     /// Checks on nodes beyond `serfHealth`: registered without a service, and node maintenance.
     public var extraNodeChecks: [String: [CatalogCheck]] = [:]
 
-    /// `serfHealth` for each node: a node the registry knows is alive (its agent registered it).
+    /// `serfHealth` for each node: passing while its agent renews its record, critical once down.
     public func nodeCheck(_ node: CatalogNode) -> CatalogCheck {
         CatalogCheck(
-            node: node.name, checkID: CatalogBuilder.nodeCheckID, name: "Serf Health Status", status: .passing, notes: "",
-            output: "Agent alive and reachable", serviceID: "", serviceName: "", serviceTags: [], type: "", createIndex: 1, modifyIndex: 1)
+            node: node.name, checkID: CatalogBuilder.nodeCheckID, name: "Serf Health Status", status: node.alive ? .passing : .critical, notes: "",
+            output: node.alive ? "Agent alive and reachable" : "Agent not live or unreachable", serviceID: "", serviceName: "", serviceTags: [],
+            type: "", createIndex: 1, modifyIndex: 1)
     }
 
     /// Every check of a node: `serfHealth`, then the node's own checks.
@@ -94,7 +98,8 @@ public struct RegistryView: Sendable {
     /// A service entry's health as Consul's health endpoints judge it: the worst of its own checks
     /// and its node's.
     public func status(of entry: CatalogService) -> CheckStatus {
-        max(entry.status, (extraNodeChecks[entry.node] ?? []).map(\.status).max() ?? .passing)
+        let nodeDown = node(named: entry.node)?.alive == false
+        return max(entry.status, nodeDown ? .critical : .passing, (extraNodeChecks[entry.node] ?? []).map(\.status).max() ?? .passing)
     }
 
     /// Every check anywhere, node checks first.
@@ -349,8 +354,10 @@ public actor Registry: Service {
             return stamped
         }.sorted { ($0.name, $0.node, $0.id) < ($1.name, $1.node, $1.id) }
         var nodes = CatalogBuilder.nodes(input.nodes)
+        nodes += CatalogBuilder.nodes(input.downNodes.filter { down in !input.nodes.contains { $0.name == down.name } }, alive: false)
+        nodes.sort { $0.name < $1.name }
         if !nodes.contains(where: { $0.name == localNode }) {
-            nodes.append(CatalogNode(name: localNode, address: localAddress, meta: [:]))
+            nodes.append(CatalogNode(name: localNode, address: localAddress, meta: [:], isAgent: true))
         }
         for node in externalNodes.values.sorted(by: { $0.name < $1.name }) where !nodes.contains(where: { $0.name == node.name }) {
             nodes.append(CatalogNode(name: node.name, address: node.address, meta: node.meta))

@@ -22,12 +22,6 @@ struct NodeUsage {
     var disk = 0.0
     var ports: Set<Int> = []
 
-    init(node: NodeInfo, instances: [Instance]) {
-        for instance in instances where instance.spec.node == node.name && !instance.state.isTerminal {
-            add(instance.spec.definition, ports: instance.spec.ports)
-        }
-    }
-
     mutating func add(_ definition: AppDefinition, ports: [Int]) {
         cpus += definition.cpus
         mem += definition.mem

@@ -44,6 +44,7 @@ public enum Reconciler {
     ///   - instances: the app's instances that have not ended.
     ///   - now: the time, for warm sets whose keep-alive ran out.
     public static func plan(app: AppRecord?, instances: [Instance], now: Date = Date()) -> AppPlan {
+        let instances = instances.filter { !$0.isWrittenOff }
         let active = instances.filter { $0.spec.goal == .run && !$0.state.isTerminal }
         guard let app else {
             return AppPlan(stop: active.map { .init(instanceID: $0.id, reason: "app deleted") })
@@ -136,7 +137,7 @@ public enum Reconciler {
     /// Whether the app has arrived: exactly `instances` of the current version in service and
     /// ready, nothing older still serving. Warm blue-green sets do not hold a deployment open.
     public static func isComplete(app: AppRecord?, instances: [Instance]) -> Bool {
-        let live = instances.filter { !$0.state.isTerminal }
+        let live = instances.filter { !$0.state.isTerminal && !$0.isWrittenOff }
         guard let app else { return live.isEmpty }
         let current = live.filter { $0.spec.goal == .run && $0.spec.configVersion == app.configVersion }
         let others = live.filter { !($0.spec.goal == .run && $0.spec.configVersion == app.configVersion) }

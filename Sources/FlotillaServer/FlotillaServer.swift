@@ -235,7 +235,7 @@ public struct FlotillaServer {
             subscriptions: subscriptions, cluster: cluster
         ).add(to: router)
         LogRoutes(control: control, sandboxRoot: agent.sandboxRoot).add(to: router)
-        FlotillaRoutes(control: control).add(to: router)
+        FlotillaRoutes(control: control, cluster: cluster, localNode: configuration.node.name).add(to: router)
         ImageRoutes(control: control, images: images, uploadDirectory: configuration.dataDirectory + "/images/tmp").add(to: router)
         ConsulRoutes(registry: registry, kv: keyValues, sessions: sessions, serverAddress: "\(configuration.node.host):8300", version: configuration.version,
             cluster: cluster)
@@ -354,9 +354,11 @@ struct ControlPlaneSource: RegistrySource {
 
     func registryInput() async -> RegistryInput {
         let snapshot = await control.snapshot()
-        return RegistryInput(
+        var input = RegistryInput(
             nodes: Array(snapshot.nodes.values), instances: Array(snapshot.instances.values),
             apps: snapshot.apps.values.map(\.definition), index: snapshot.index, generation: snapshot.generation)
+        input.downNodes = Array(snapshot.downNodes.values)
+        return input
     }
 
     func waitForChange(after generation: UInt64) async -> UInt64 {

@@ -10,7 +10,11 @@ public enum StateKeys {
     public static let deployments = "deployments/"
     public static let deploymentResults = "deployment-results/"
     public static let failures = "failures/"
+    /// Live nodes: each record is held by its agent's lease in a cluster.
     public static let nodes = "nodes/"
+    /// Every node that ever registered, without a lease: a node whose live record is gone is down.
+    /// (Both prefixes start with "node", so one change wait covers them.)
+    public static let nodeRecords = "node-records/"
     public static let groups = "groups/"
     public static let groupVersions = "group-versions/"
     /// Apps a running deployment removes, kept until it ends so cancelling it can bring them back.
@@ -25,6 +29,7 @@ public enum StateKeys {
     public static func deploymentResult(_ id: String) -> String { deploymentResults + id }
     public static func failure(_ id: AppID) -> String { failures + id.flatName }
     public static func node(_ name: String) -> String { nodes + name }
+    public static func nodeRecord(_ name: String) -> String { nodeRecords + name }
     public static func group(_ id: GroupID) -> String { groups + id.flatName }
     public static func removedApps(of deployment: String) -> String { removedApps + deployment + "/" }
     public static func removedApp(_ id: AppID, by deployment: String) -> String { removedApps(of: deployment) + id.flatName }

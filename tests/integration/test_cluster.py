@@ -6,10 +6,18 @@ and data directory; they share one etcd. Covered here:
 - a write sent to a follower is forwarded to the leader and applied once;
 - `GROUP_BY hostname` spreads instances over the nodes, each runs on its own node;
 - the proxy on one node routes to instances on the other;
-- `kill -9` of the leader: another server leads and accepts writes within 10 s, and a
-  deployment started after it completes.
+- `kill -9` of the leader while a deployment is under way: another server leads within 10 s,
+  resumes the deployment from the store and completes it, and accepts writes;
+- an agent cut off (SIGSTOP): its node is down, its instances TASK_UNREACHABLE, replaced after the
+  app's inactiveAfterSeconds; back again, it stops what was replaced and nothing is doubled;
+- every etcd member down for 10 s: no instance stops, each proxy still routes, writes answer 503,
+  and everything recovers by itself;
+- three agents (two servers, one that only runs instances) spread by `GROUP_BY hostname`.
 """
 
+import json
+import os
+import signal
 import time
 
 import requests
@@ -20,10 +28,12 @@ from support.flotilla import app_definition, wait_until
 WHO_CMD = "echo $HOST > index.html && exec python3 -m http.server $PORT0 --bind $HOST"
 
 
-def cluster(etcd, make_agent, count=2, server=True):
+def cluster(etcd, make_agent, count=2, servers=None):
+    """`count` agents on 127.0.0.2, .3, …; the first `servers` of them (all by default) are scheduler candidates."""
+    servers = count if servers is None else servers
     agents = []
     for number in range(count):
-        extra = ["--store", etcd.store_url] + (["--server"] if server else [])
+        extra = ["--store", etcd.store_url] + (["--server"] if number < servers else [])
         agents.append(make_agent(bind=f"127.0.0.{number + 2}", node_name=f"node-{number + 2}", extra_args=extra))
     return agents
 
@@ -46,26 +56,32 @@ def leader_of(agents):
     return wait_until(agreed, timeout=20, what="one leader named by every agent")
 
 
+def running(agent, app_id):
+    return [task for task in agent.tasks(app_id) if task["state"] == "TASK_RUNNING"]
+
+
 def test_one_leader_and_instances_spread_over_the_nodes(etcd, make_agent, app_ids):
-    agents = cluster(etcd, make_agent)
+    # Two scheduler candidates and a third agent that only runs instances.
+    agents = cluster(etcd, make_agent, count=3, servers=2)
     leader = leader_of(agents)
-    follower = next(agent for agent in agents if agent is not leader)
+    assert leader in agents[:2], "an agent started without --server must never lead"
+    follower = next(agent for agent in agents[:2] if agent is not leader)
     assert follower.get("/v1/status/leader").json() == f"{leader.bind}:8300"
     assert follower.get("/v2/info").json()["elected"] is False
     assert leader.get("/v2/info").json()["elected"] is True
 
-    # Both nodes registered, each with its address.
-    def both_nodes():
+    # Every node registered, each with its address.
+    def every_node():
         nodes = follower.get("/v1/catalog/nodes").json()
-        return nodes if {node["Node"] for node in nodes} == {"node-2", "node-3"} else None
+        return nodes if {node["Node"] for node in nodes} == {"node-2", "node-3", "node-4"} else None
 
-    nodes = wait_until(both_nodes, timeout=20, what="both nodes in the catalog")
-    assert {node["Node"]: node["Address"] for node in nodes} == {"node-2": "127.0.0.2", "node-3": "127.0.0.3"}
+    nodes = wait_until(every_node, timeout=20, what="every node in the catalog")
+    assert {node["Node"]: node["Address"] for node in nodes} == {"node-2": "127.0.0.2", "node-3": "127.0.0.3", "node-4": "127.0.0.4"}
 
     app_id = app_ids.new("who")
     route = f"/{app_id.rsplit('/', 1)[-1]}"
     definition = app_definition(
-        app_id, WHO_CMD, instances=4, portDefinitions=[{"port": 0}], constraints=[["hostname", "GROUP_BY"]],
+        app_id, WHO_CMD, instances=6, portDefinitions=[{"port": 0}], constraints=[["hostname", "GROUP_BY"]],
         labels={"SERVICE_TAGS": f"urlprefix-{route} strip={route}"},
     )
     # Sent to the follower: forwarded to the leader, created once.
@@ -76,13 +92,13 @@ def test_one_leader_and_instances_spread_over_the_nodes(etcd, make_agent, app_id
     def spread():
         tasks = follower.tasks(app_id)
         running = [task for task in tasks if task["state"] == "TASK_RUNNING"]
-        return running if len(running) == 4 else None
+        return running if len(running) == 6 else None
 
-    tasks = wait_until(spread, timeout=30, what="4 running instances")
+    tasks = wait_until(spread, timeout=45, what="6 running instances")
     by_host = {}
     for task in tasks:
         by_host.setdefault(task["host"], []).append(task["id"])
-    assert {host: len(ids) for host, ids in by_host.items()} == {"127.0.0.2": 2, "127.0.0.3": 2}
+    assert {host: len(ids) for host, ids in by_host.items()} == {"127.0.0.2": 2, "127.0.0.3": 2, "127.0.0.4": 2}
     # Each instance runs on the node it was placed on, started by that node's agent.
     for agent in agents:
         assert set(agent.instance_leaders(app_id)) == set(by_host[agent.bind])
@@ -95,12 +111,16 @@ def test_one_leader_and_instances_spread_over_the_nodes(etcd, make_agent, app_id
                 answer = requests.get(agent.proxy_url + route + "/", timeout=5)
                 if answer.status_code == 200:
                     seen.add(answer.text.strip())
-            return seen if seen == {"127.0.0.2", "127.0.0.3"} else None
+            return seen if seen == {"127.0.0.2", "127.0.0.3", "127.0.0.4"} else None
 
-        wait_until(seen_both, timeout=20, what=f"the proxy on {agent.bind} reaching both nodes")
+        wait_until(seen_both, timeout=20, what=f"the proxy on {agent.bind} reaching every node")
 
     result = follower.cli("nodes", "--json")
     assert result.returncode == 0, result.stderr
+    listed = {node["name"]: node for node in json.loads(result.stdout)}
+    assert set(listed) == {"node-2", "node-3", "node-4"}
+    assert all(node["status"] == "ready" and node["instances"] == 2 for node in listed.values()), listed
+    assert [name for name, node in listed.items() if node["leader"]] == [leader.node_name]
     # The table marks the leader's node.
     table = follower.cli("nodes")
     assert table.returncode == 0, table.stderr
@@ -117,11 +137,22 @@ def test_killing_the_leader_elects_another_that_takes_writes(etcd, make_agent, a
     wait_until(lambda: len([t for t in survivor.tasks(app_id) if t["state"] == "TASK_RUNNING"]) == 2, timeout=30, what="2 instances")
     wait_until(lambda: not survivor.deployments(), timeout=30, what="the first deployment to finish")
 
+    # A deployment under way (its new instances take a few seconds to start) when the leader dies.
+    answer = survivor.put(f"/v2/apps/{app_id}", json={"cmd": "sleep 3 && " + WHO_CMD})
+    assert answer.status_code == 200, answer.text
+    underway = answer.json()["deploymentId"]
     leader.kill9()
     started = time.monotonic()
     assert leader_of([survivor]) is survivor
     elected = time.monotonic() - started
     assert elected < 10, f"a new leader took {elected:.1f} s"
+    # The new leader resumes it from the store and completes it (the dead node's instances are
+    # replaced once its lease ends).
+    wait_until(lambda: all(d["id"] != underway for d in survivor.deployments()), timeout=60, what="the deployment under way to complete")
+    result = survivor.get(f"/flotilla/v1/deployments/{underway}").json()
+    assert result["status"] == "succeeded", result
+    tasks = running(survivor, app_id)
+    assert len(tasks) == 2 and {task["host"] for task in tasks} == {survivor.bind}, tasks
 
     answer = survivor.put(f"/v2/apps/{app_id}", json={"instances": 3})
     assert answer.status_code == 200, answer.text
@@ -182,3 +213,128 @@ def test_one_etcd_member_lost_disrupts_nothing(tmp_path_factory, make_agent, app
         for agent in agents:
             agent.stop()
         etcd.stop()
+
+
+def test_an_agent_cut_off_is_replaced_and_on_return_nothing_doubles(etcd, make_agent, app_ids):
+    agents = cluster(etcd, make_agent)
+    leader = leader_of(agents)
+    cut = next(agent for agent in agents if agent is not leader)
+    app_id = app_ids.new("cutoff")
+    leader.create_app(
+        app_definition(
+            app_id, WHO_CMD, instances=2, portDefinitions=[{"port": 0}], constraints=[["hostname", "GROUP_BY"]],
+            unreachableStrategy={"inactiveAfterSeconds": 3, "expungeAfterSeconds": 600},
+        )
+    )
+    wait_until(lambda: len(running(leader, app_id)) == 2, timeout=30, what="2 instances")
+    wait_until(lambda: not leader.deployments(), timeout=30, what="the first deployment to finish")
+    (stranded,) = [task["id"] for task in running(leader, app_id) if task["host"] == cut.bind]
+    assert list(cut.instance_leaders(app_id)) == [stranded]
+
+    # The agent freezes (as on a hung machine or a cut link): no heartbeat, no status; its
+    # instance's process goes on running.
+    os.kill(cut.process.pid, signal.SIGSTOP)
+    try:
+        def node_down():
+            nodes = {node["name"]: node for node in leader.get("/flotilla/v1/nodes").json()}
+            return nodes if nodes.get(cut.node_name, {}).get("status") == "down" else None
+
+        wait_until(node_down, timeout=25, what=f"{cut.node_name} shown down")
+        members = {member["Name"]: member["Status"] for member in leader.get("/v1/agent/members").json()}
+        assert members == {leader.node_name: 1, cut.node_name: 4}, members
+        serf = [check for check in leader.get(f"/v1/health/node/{cut.node_name}").json() if check["CheckID"] == "serfHealth"]
+        assert serf and serf[0]["Status"] == "critical", serf
+
+        def unreachable():
+            states = {task["id"]: task["state"] for task in leader.tasks(app_id)}
+            return states if states.get(stranded) == "TASK_UNREACHABLE" else None
+
+        wait_until(unreachable, timeout=15, what=f"{stranded} shown TASK_UNREACHABLE")
+        # After inactiveAfterSeconds it is replaced on the node that is up; still listed until expunged.
+        def replaced():
+            tasks = running(leader, app_id)
+            return tasks if len(tasks) == 2 and all(task["host"] == leader.bind for task in tasks) else None
+
+        wait_until(replaced, timeout=20, what="the unreachable instance replaced on the node that is up")
+        assert {task["id"]: task["state"] for task in leader.tasks(app_id)}[stranded] == "TASK_UNREACHABLE"
+        assert list(cut.instance_leaders(app_id)) == [stranded], "the cut-off node's process should still run"
+    finally:
+        os.kill(cut.process.pid, signal.SIGCONT)
+
+    # Back: the node is ready again and stops the instance that was replaced; two run, not three.
+    wait_until(lambda: not cut.instance_leaders(app_id), timeout=30, what="the returning node to stop its replaced instance")
+    def settled():
+        tasks = leader.tasks(app_id)
+        return tasks if len(tasks) == 2 and all(task["state"] == "TASK_RUNNING" for task in tasks) else None
+
+    tasks = wait_until(settled, timeout=30, what="exactly the 2 replacements left")
+    assert stranded not in {task["id"] for task in tasks}
+    nodes = {node["name"]: node["status"] for node in leader.get("/flotilla/v1/nodes").json()}
+    assert nodes == {leader.node_name: "ready", cut.node_name: "ready"}, nodes
+    assert leader_of(agents) is leader
+
+
+def test_all_of_etcd_down_stops_nothing_and_the_cluster_recovers(etcd, make_agent, app_ids):
+    agents = cluster(etcd, make_agent)
+    leader = leader_of(agents)
+    app_id = app_ids.new("outage")
+    route = f"/{app_id.rsplit('/', 1)[-1]}"
+    leader.create_app(
+        app_definition(
+            app_id, WHO_CMD, instances=2, portDefinitions=[{"port": 0}], constraints=[["hostname", "GROUP_BY"]],
+            labels={"SERVICE_TAGS": f"urlprefix-{route} strip={route}"},
+        )
+    )
+    wait_until(lambda: len(running(leader, app_id)) == 2, timeout=30, what="2 instances")
+    wait_until(lambda: not leader.deployments(), timeout=30, what="the first deployment to finish")
+    before = {agent.bind: agent.instance_leaders(app_id) for agent in agents}
+    assert all(len(pids) == 1 for pids in before.values()), before
+
+    def routes_to_both(agent, strict=True):
+        seen = set()
+        for _ in range(12):
+            answer = requests.get(agent.proxy_url + route + "/", timeout=5)
+            if strict:
+                assert answer.status_code == 200, answer.text
+            elif answer.status_code != 200:
+                return False  # still starting: a server that is running but not yet listening
+            seen.add(answer.text.strip())
+        return seen == {agent.bind for agent in agents}
+
+    for agent in agents:
+        wait_until(lambda: routes_to_both(agent, strict=False), timeout=20, what=f"the proxy on {agent.bind} reaching both nodes")
+
+    etcd.pause()
+    try:
+        started = time.monotonic()
+        for agent in agents:
+            answer = agent.put(f"/v2/apps/{app_id}", json={"instances": 3}, timeout=30)
+            assert answer.status_code == 503, answer.text
+            assert "unreachable" in answer.text or "no leader" in answer.text, answer.text
+        while time.monotonic() - started < 10:
+            for agent in agents:
+                assert routes_to_both(agent), f"the proxy on {agent.bind} lost a node during the outage"
+            time.sleep(1)
+        assert {agent.bind: agent.instance_leaders(app_id) for agent in agents} == before, "an instance stopped during the outage"
+    finally:
+        etcd.resume()
+
+    # Back: a leader again (the old lead lapsed in the outage), the write goes through, and the
+    # instances that ran through the outage are still the same ones. A write the outage left
+    # unconfirmed may have reached etcd before it froze and be applied now, as the 503 said.
+    leader = leader_of(agents)
+
+    def scaled():
+        if leader.get(f"/v2/apps/{app_id}").json()["app"]["instances"] == 3:
+            return True
+        answer = leader.put(f"/v2/apps/{app_id}?force=true", json={"instances": 3}, timeout=10)
+        assert answer.status_code in (200, 503), answer.text
+        return answer.status_code == 200
+
+    wait_until(scaled, timeout=30, what="a write after etcd came back")
+    wait_until(lambda: len(running(leader, app_id)) == 3, timeout=30, what="3 instances")
+    # Past a node lease and the new leader's grace: no node was judged lost.
+    time.sleep(14)
+    for agent in agents:
+        assert set(before[agent.bind]) <= set(agent.instance_leaders(app_id)), f"an instance on {agent.bind} was replaced after the outage"
+    assert len(running(leader, app_id)) == 3
