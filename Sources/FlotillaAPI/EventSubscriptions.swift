@@ -21,7 +21,7 @@ public actor EventSubscriptions: Service {
     private let events: EventBus
     private let logger: Logger
     private var urls: Set<String> = []
-    private var queues: [String: AsyncStream<FlotillaEvent>.Continuation] = [:]
+    private var queues: [String: AsyncStream<MarathonEvent>.Continuation] = [:]
     private var client: HTTPClient?
     private var loaded = false
 
@@ -64,8 +64,8 @@ public actor EventSubscriptions: Service {
         group.addTask { await self.deliver(stream, to: url) }
     }
 
-    private func openQueue(_ url: String) -> AsyncStream<FlotillaEvent> {
-        let (stream, continuation) = AsyncStream.makeStream(of: FlotillaEvent.self, bufferingPolicy: .bufferingNewest(Self.queueLimit))
+    private func openQueue(_ url: String) -> AsyncStream<MarathonEvent> {
+        let (stream, continuation) = AsyncStream.makeStream(of: MarathonEvent.self, bufferingPolicy: .bufferingNewest(Self.queueLimit))
         queues[url] = continuation
         return stream
     }
@@ -77,12 +77,15 @@ public actor EventSubscriptions: Service {
     }
 
     private func fanOut() async {
-        for await event in events.subscribe().cancelOnGracefulShutdown() {
+        for await published in events.subscribe().cancelOnGracefulShutdown() {
+            guard !queues.isEmpty else { continue }
+            // Rendered once for every subscriber.
+            let event = MarathonEvent(published)
             for queue in queues.values { queue.yield(event) }
         }
     }
 
-    private func deliver(_ stream: AsyncStream<FlotillaEvent>, to url: String) async {
+    private func deliver(_ stream: AsyncStream<MarathonEvent>, to url: String) async {
         for await event in stream {
             guard let client else { return }
             var failure = ""

@@ -85,7 +85,7 @@ public struct LeaderForwardingMiddleware<Context: RequestContext>: RouterMiddlew
         }
         var outgoing = HTTPClientRequest(url: leader.api + request.uri.description)
         outgoing.method = HTTPMethod(rawValue: request.method.rawValue)
-        for field in request.headers where !Self.hopByHop.contains(field.name.canonicalName) {
+        for field in request.headers where !NodeRelay.hopByHop.contains(field.name.canonicalName) {
             outgoing.headers.add(name: field.name.rawName, value: field.value)
         }
         outgoing.headers.add(name: Self.forwardedHeader.rawName, value: "follower")
@@ -100,7 +100,7 @@ public struct LeaderForwardingMiddleware<Context: RequestContext>: RouterMiddlew
                 status: .serviceUnavailable)
         }
         var headers = HTTPFields()
-        for (name, value) in answer.headers where !Self.hopByHop.contains(name.lowercased()) {
+        for (name, value) in answer.headers where !NodeRelay.hopByHop.contains(name.lowercased()) {
             if let field = HTTPField.Name(name) { headers.append(HTTPField(name: field, value: value)) }
         }
         let bytes = try await answer.body.collect(upTo: Self.maximumBody)
@@ -108,9 +108,5 @@ public struct LeaderForwardingMiddleware<Context: RequestContext>: RouterMiddlew
             await control.waitForIndex(index, timeout: .seconds(3))
         }
         return Response(status: .init(code: Int(answer.status.code)), headers: headers, body: ResponseBody(byteBuffer: bytes))
-    }
-
-    static var hopByHop: Set<String> {
-        ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer", "host", "content-length"]
     }
 }

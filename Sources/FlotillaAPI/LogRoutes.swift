@@ -6,13 +6,20 @@ import NIOCore
 
 /// `GET /flotilla/v1/logs/{instanceId}?stream=stdout|stderr&lines=N&follow=true`: an instance's
 /// output from its sandbox, optionally followed as it grows (and across rotation).
+///
+/// In a cluster, an instance that runs on another node has its logs there: the request is relayed
+/// to that node's agent and its answer streamed back, so `flotilla logs` works from any agent.
 public struct LogRoutes: Sendable {
     let control: ControlPlane
     let sandboxRoot: String
+    let localNode: String
+    let relay: NodeRelay?
 
-    public init(control: ControlPlane, sandboxRoot: String) {
+    public init(control: ControlPlane, sandboxRoot: String, localNode: String = "", relay: NodeRelay? = nil) {
         self.control = control
         self.sandboxRoot = sandboxRoot
+        self.localNode = localNode
+        self.relay = relay
     }
 
     public func add<Context: RequestContext>(to router: Router<Context>) {
@@ -33,6 +40,9 @@ public struct LogRoutes: Sendable {
         guard stream == "stdout" || stream == "stderr" else { throw FlotillaError.badRequest("stream must be stdout or stderr") }
         let lines = Int(request.uri.queryParameters["lines"] ?? "100") ?? 100
         let follow = try request.flag("follow")
+        if let relay, !NodeRelay.isRelayed(request), let remote = try await remoteNode(of: instanceID) {
+            return await relay.get(request, to: remote.api, by: localNode, what: "instance \(instanceID)'s log (on node \(remote.name))")
+        }
         let path = sandboxRoot + "/" + instanceID + "/" + stream
         guard FileManager.default.fileExists(atPath: path) else {
             throw FlotillaError.notFound("no \(stream) log for instance '\(instanceID)' on this node")
@@ -68,6 +78,20 @@ public struct LogRoutes: Sendable {
         }
         continuation.onTermination = { _ in task.cancel() }
         return Response(status: .ok, headers: [.contentType: "text/plain; charset=utf-8"], body: ResponseBody(asyncSequence: body))
+    }
+
+    /// The node (other than this one) that runs the instance, with its API address; nil when the
+    /// instance is here or unknown (then this node's sandbox answers, or says there is no log).
+    private func remoteNode(of instanceID: String) async throws -> (name: String, api: String)? {
+        let snapshot = await control.snapshot()
+        guard let node = snapshot.instances[instanceID]?.spec.node, node != localNode else { return nil }
+        if let info = snapshot.nodes[node] {
+            guard let api = info.api else {
+                throw FlotillaError.notFound("instance '\(instanceID)' runs on node \(node), whose agent does not advertise its API: ask that agent")
+            }
+            return (node, api)
+        }
+        throw FlotillaError.unavailable("instance '\(instanceID)' runs on node \(node), which is down: its logs are on that machine")
     }
 
     static func tail(path: String, lines: Int) -> (bytes: [UInt8], endOffset: UInt64) {

@@ -35,9 +35,15 @@ public struct MarathonRoutes: Sendable {
 
     /// Who leads (nil: this agent alone, always).
     let cluster: ClusterView?
+    /// In a cluster, how a follower streams `/v2/events` from the leader (whose actions they are).
+    let relay: NodeRelay?
 
-    public init(control: ControlPlane, events: EventBus, info: ServerInfo, subscriptions: EventSubscriptions? = nil, cluster: ClusterView? = nil) {
+    public init(
+        control: ControlPlane, events: EventBus, info: ServerInfo, subscriptions: EventSubscriptions? = nil, cluster: ClusterView? = nil,
+        relay: NodeRelay? = nil
+    ) {
         self.cluster = cluster
+        self.relay = relay
         self.control = control
         self.events = events
         self.subscriptions = subscriptions
@@ -77,7 +83,18 @@ public struct MarathonRoutes: Sendable {
         router.delete("/v2/deployments/:id") { request, context in
             await self.handle { try await self.deleteDeployment(request, id: context.parameters.get("id") ?? "") }
         }
-        router.get("/v2/events") { request, context in self.eventStream(request, remoteAddress: context.remoteAddressText) }
+        router.get("/v2/events") { request, context in
+            // The leader's actions make the events: a follower streams them from the leader.
+            if let cluster, let relay, !cluster.isLeader, !NodeRelay.isRelayed(request) {
+                guard let leader = cluster.leader else {
+                    return APIResponse.json(
+                        .object(["message": .string("no leader is elected yet (the cluster's servers are campaigning): retry in a few seconds")]),
+                        status: .serviceUnavailable)
+                }
+                return await relay.get(request, to: leader.api, by: info.nodeName, what: "the event stream (on the leader \(leader.name))")
+            }
+            return self.eventStream(request, remoteAddress: context.remoteAddressText)
+        }
         router.get("/v2/eventSubscriptions") { _, _ in
             await self.handle { APIResponse.json(.object(["callbackUrls": .array(await (try self.subscriptionsOrFail()).list().map(JSONValue.string))])) }
         }
@@ -396,10 +413,9 @@ public struct MarathonRoutes: Sendable {
             throw FlotillaError.invalid([FieldError("/callbackUrl", "the callbackUrl query parameter is required")])
         }
         if subscribe { try await subscriptions.subscribe(url) } else { try await subscriptions.unsubscribe(url) }
-        let event = FlotillaEvent(
-            type: subscribe ? "subscribe_event" : "unsubscribe_event", fields: ["clientIp": .string(clientIP), "callbackUrl": .string(url)])
-        events.publish(event)
-        return APIResponse.json(.object(event.fields))
+        let change = ControlEvent.subscriptionChanged(callbackURL: url, clientIP: clientIP, subscribed: subscribe)
+        events.publish(change)
+        return APIResponse.json(.object(MarathonEvent(PublishedEvent(change)).fields))
     }
 
     // MARK: - Info and events
@@ -439,10 +455,10 @@ public struct MarathonRoutes: Sendable {
         let wanted = Set(request.queryValues("event_type"))
         let subscription = events.subscribe()
         let (stream, continuation) = AsyncStream.makeStream(of: ByteBuffer.self)
-        let attached = FlotillaEvent(type: "event_stream_attached", fields: ["remoteAddress": .string(remoteAddress)])
-        events.publish(attached)
+        events.publish(.eventStreamAttached(remoteAddress: remoteAddress))
         let task = Task {
-            func send(_ event: FlotillaEvent) {
+            func send(_ published: PublishedEvent) {
+                let event = MarathonEvent(published)
                 guard wanted.isEmpty || wanted.contains(event.type) else { return }
                 var bytes = Array("event: \(event.type)\ndata: ".utf8)
                 JSONValue.object(event.fields).write(into: &bytes)
@@ -466,7 +482,7 @@ public struct MarathonRoutes: Sendable {
         continuation.onTermination = { _ in
             task.cancel()
             heartbeat.cancel()
-            events.publish(FlotillaEvent(type: "event_stream_detached", fields: ["remoteAddress": .string(remoteAddress)]))
+            events.publish(.eventStreamDetached(remoteAddress: remoteAddress))
         }
         return Response(
             status: .ok,

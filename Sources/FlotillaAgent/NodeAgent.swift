@@ -70,6 +70,12 @@ public actor NodeAgent: Service {
     private let commands = CommandRunner()
     /// The last status this agent wrote per instance, to avoid rewriting what is already there.
     private var written: [String: InstanceStatus] = [:]
+    /// This node's instance records, as the store's change feed last said (`followAssignments`).
+    private var assigned: [String: InstanceSpec] = [:]
+    private var assignedLoaded = false
+    /// A change came that the sync loop has not seen yet; and the loop waiting for one.
+    private var syncPending = false
+    private var syncWaiters: [CheckedContinuation<Void, Never>] = []
     private var lastCollection = Date.distantPast
     /// Where instances' secrets are read at start; nil when this node has no secrets key.
     private let secretValues: (any SecretValues)?
@@ -299,32 +305,106 @@ public actor NodeAgent: Service {
 
     // MARK: - Reconciling with the scheduler's wishes
 
+    /// Syncs on every change to this node's assignments (the feed wakes it), and every 2 s anyway
+    /// (a start that was refused gets another try, logs rotate).
     private func reconcileLoop() async {
-        var index: UInt64 = 0
+        await withDiscardingTaskGroup { group in
+            group.addTask { await self.followAssignments() }
+            while !Task.isCancelled && !Task.isShuttingDownGracefully {
+                if let specs = assignedSpecs() {
+                    do {
+                        try await sync(specs)
+                    } catch {
+                        logger.error("agent sync failed, retrying: \(error)")
+                    }
+                    rotateLogs()
+                }
+                await waitForAssignments(timeout: .seconds(2))
+            }
+            // The feed's stream ends when its task is cancelled.
+            group.cancelAll()
+        }
+    }
+
+    /// This node's instance records, kept from one listing and then the change feed: a change
+    /// costs the records it touches, not a listing of the cluster's instances.
+    private func followAssignments() async {
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
             do {
-                index = try await sync()
-                rotateLogs()
-                let seen = index
-                index = try await cancelWhenGracefulShutdown {
-                    try await self.store.waitForChange(prefix: StateKeys.instances, after: seen, timeout: .seconds(2))
+                let listing = try await store.list(prefix: StateKeys.instances)
+                assigned = Dictionary(
+                    decodeAssigned(listing.entries).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
+                assignedLoaded = true
+                wakeSync()
+                let feed = store.watch(prefix: StateKeys.instances, after: listing.index)
+                try await cancelWhenGracefulShutdown {
+                    for try await batch in feed { await self.applyAssigned(batch) }
                 }
+            } catch StoreError.compacted {
+                logger.notice("the instance feed passed a store compaction: listing again")
             } catch is CancellationError {
                 return
             } catch {
-                logger.error("agent sync failed, retrying: \(error)")
+                logger.warning("following this node's instances failed, listing again: \(error)")
                 try? await Task.sleep(for: .milliseconds(500))
             }
         }
+    }
+
+    private func applyAssigned(_ batch: [StoreEvent]) {
+        for event in batch {
+            let id = String(event.key.dropFirst(StateKeys.instances.count))
+            if event.kind == .delete {
+                assigned[id] = nil
+            } else if let spec = decodeAssigned([event.entry]).first {
+                assigned[id] = spec
+            } else {
+                assigned[id] = nil  // another node's, or unreadable
+            }
+        }
+        wakeSync()
+    }
+
+    private func decodeAssigned(_ entries: [StoreEntry]) -> [InstanceSpec] {
+        StateCodec.decodeAll(InstanceSpec.self, from: entries) { key, error in
+            logger.error("skipping unreadable instance record \(key): \(error)")
+        }.filter { $0.node == configuration.node.name }
+    }
+
+    private func assignedSpecs() -> [InstanceSpec]? { assignedLoaded ? Array(assigned.values) : nil }
+
+    private func wakeSync() {
+        syncPending = true
+        let waiters = syncWaiters
+        syncWaiters.removeAll()
+        for waiter in waiters { waiter.resume() }
+    }
+
+    /// Returns when the assignments changed since the last call, or after `timeout`.
+    private func waitForAssignments(timeout: Duration) async {
+        if syncPending {
+            syncPending = false
+            return
+        }
+        let timer = Task {
+            try? await cancelWhenGracefulShutdown { try await Task.sleep(for: timeout) }
+            if !Task.isCancelled { self.wakeSync() }
+        }
+        await withCheckedContinuation { syncWaiters.append($0) }
+        timer.cancel()
+        syncPending = false
     }
 
     /// One pass: launch what should run, stop what should stop. Returns the index it read at.
     @discardableResult
     func sync() async throws -> UInt64 {
         let listing = try await store.list(prefix: StateKeys.instances)
-        let specs = StateCodec.decodeAll(InstanceSpec.self, from: listing.entries) { key, error in
-            logger.error("skipping unreadable instance record \(key): \(error)")
-        }.filter { $0.node == configuration.node.name }
+        try await sync(decodeAssigned(listing.entries))
+        return listing.index
+    }
+
+    /// One pass over this node's instance records.
+    func sync(_ specs: [InstanceSpec]) async throws {
         var updates: [InstanceStatus] = []
         let now = Timestamp.format(Date())
         for spec in specs {
@@ -355,7 +435,6 @@ public actor NodeAgent: Service {
         }
         if !updates.isEmpty { try await write(updates) }
         collectGarbage(keeping: Set(specs.map(\.id)))
-        return listing.index
     }
 
     /// Starts an instance, or begins preparing it (an image pull) in the background. Returns the

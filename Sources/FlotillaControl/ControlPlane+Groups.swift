@@ -289,7 +289,7 @@ extension ControlPlane {
     }
 
     private func publishGroupChange(_ id: GroupID, version: String) {
-        events.publish(FlotillaEvent(type: "group_change_success", fields: ["groupId": .string(id.path), "version": .string(version)]))
+        events.publish(.groupChangeSuccess(id, version: version))
     }
 
     /// A group version as an update that puts the whole subtree back as it was.

@@ -168,7 +168,9 @@ public actor ControlPlane: Service {
     }
 
     /// While following, memory tracks the store so that reads, the registry, DNS and the proxy on
-    /// this node show the cluster's state.
+    /// this node show the cluster's state: one read of the whole state, then the change feed from
+    /// that index, each commit's changes applied as they come (only the changed records are
+    /// decoded). A feed that fell behind a compaction, or broke, starts again with a read.
     private func followStore() async {
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
             if leading {
@@ -177,18 +179,90 @@ public actor ControlPlane: Service {
             }
             do {
                 await lock.acquire()
-                if !leading { try await reload() }
+                do {
+                    if !leading { try await reload() }
+                } catch {
+                    lock.release()
+                    throw error
+                }
+                let from = index
                 lock.release()
-                let seen = index
-                _ = try await cancelWhenGracefulShutdown { try await self.store.waitForChange(prefix: "", after: seen, timeout: .seconds(5)) }
+                let feed = store.watch(prefix: "", after: from)
+                // Cancelled by the agent's graceful shutdown (the feed itself may stay quiet for long).
+                try await cancelWhenGracefulShutdown {
+                    for try await batch in feed {
+                        guard await self.applyFollowed(batch) else { return }
+                    }
+                }
             } catch is CancellationError {
                 return
+            } catch StoreError.compacted {
+                logger.notice("the store's change feed passed a compaction: reading the state again")
             } catch {
-                lock.release()
                 logger.error("following the store failed, retrying: \(error)")
                 try? await Task.sleep(for: .milliseconds(500))
             }
         }
+    }
+
+    /// Applies one commit's changes while following; false once this agent leads (it stops following).
+    private func applyFollowed(_ batch: [StoreEvent]) async -> Bool {
+        await lock.acquire()
+        defer { lock.release() }
+        guard !leading else { return false }
+        apply(batch)
+        return true
+    }
+
+    /// One commit's changes, as a follower applies them to memory.
+    private func apply(_ batch: [StoreEvent]) {
+        func decoded<Value: Decodable>(_ type: Value.Type, _ event: StoreEvent) -> Value? {
+            guard event.kind == .put else { return nil }
+            do {
+                return try StateCodec.decode(type, from: event.entry.value)
+            } catch {
+                logger.error("skipping unreadable record \(event.key): \(error)")
+                return nil
+            }
+        }
+        func name(_ event: StoreEvent, after prefix: String) -> String { String(event.key.dropFirst(prefix.count)) }
+        for event in batch {
+            let key = event.key
+            if key.hasPrefix(StateKeys.instances) {
+                specs[name(event, after: StateKeys.instances)] = decoded(InstanceSpec.self, event)
+            } else if key.hasPrefix(StateKeys.statuses) {
+                statuses[name(event, after: StateKeys.statuses)] = decoded(InstanceStatus.self, event)
+            } else if key.hasPrefix(StateKeys.apps) {
+                let flat = name(event, after: StateKeys.apps)
+                if let record = decoded(AppRecord.self, event) {
+                    apps[record.id] = record
+                    lastVersion = max(lastVersion, record.version)
+                } else if let id = apps.keys.first(where: { $0.flatName == flat }) {
+                    apps[id] = nil
+                }
+            } else if key.hasPrefix(StateKeys.deployments) {
+                deployments[name(event, after: StateKeys.deployments)] = decoded(Deployment.self, event)
+            } else if key.hasPrefix(StateKeys.deploymentResults) {
+                deploymentResults[name(event, after: StateKeys.deploymentResults)] = decoded(DeploymentResult.self, event)
+            } else if key.hasPrefix(StateKeys.failures) {
+                let flat = name(event, after: StateKeys.failures)
+                if let failure = decoded(TaskFailure.self, event) {
+                    failures[failure.appID] = failure
+                } else if let id = failures.keys.first(where: { $0.flatName == flat }) {
+                    failures[id] = nil
+                }
+            } else if key.hasPrefix(StateKeys.nodes) {
+                nodes[name(event, after: StateKeys.nodes)] = decoded(NodeInfo.self, event)
+            } else if key.hasPrefix(StateKeys.groups) {
+                let flat = name(event, after: StateKeys.groups)
+                if let group = decoded(GroupRecord.self, event) {
+                    groupRecords[group.id] = group
+                } else if let id = groupRecords.keys.first(where: { $0.flatName == flat }) {
+                    groupRecords[id] = nil
+                }
+            }
+        }
+        if let last = batch.last { index = max(index, last.index) }
     }
 
     /// Nodes come and go (their records are held by leases): placement sees the current ones, and
@@ -697,23 +771,18 @@ public actor ControlPlane: Service {
             fresh[status.id] = status
             if let previous = statuses[status.id], previous == status { continue }
             changed = true
-            guard let spec = specs[status.id] else { continue }
+            // Events are the leader's to tell (a follower's `/v2/events` streams the leader's).
+            guard leading, let spec = specs[status.id] else { continue }
             let previous = statuses[status.id]
             if previous?.state != status.state {
-                events.publish(statusUpdateEvent(spec: spec, status: status))
+                events.publish(.statusUpdate(spec, status))
             }
             if status.draining && previous?.draining != true {
-                events.publish(instanceChangedEvent(spec, condition: "Killing", draining: true))
+                events.publish(.instanceChanged(spec, condition: "Killing", draining: true))
             }
             publishHealthEvents(spec: spec, previous: previous?.health ?? [], current: status.health)
             if let previous, previous.isHealthy != status.isHealthy, !spec.definition.healthChecks.isEmpty {
-                events.publish(
-                    FlotillaEvent(
-                        type: "instance_health_changed_event",
-                        fields: [
-                            "instanceId": .string(spec.id), "runSpecId": .string(spec.appID.path), "runSpecVersion": .string(spec.version),
-                            "healthy": status.isHealthy.map(JSONValue.bool) ?? .null,
-                        ]))
+                events.publish(.instanceHealthChanged(spec, healthy: status.isHealthy))
             }
         }
         if fresh.count != statuses.count { changed = true }
@@ -741,7 +810,7 @@ public actor ControlPlane: Service {
         var nextDeployments = deployments
         var nextBackoffs = backoffs
         var changedDeployments: Set<String> = []
-        var pending: [FlotillaEvent] = []
+        var pending: [ControlEvent] = []
         var puts: [(String, any Encodable & Sendable)] = []
         var deletes: [String] = []
 
@@ -765,15 +834,7 @@ public actor ControlPlane: Service {
                     changedDeployments.insert(deployment.id)
                 }
             }
-            if status.killedUnhealthy {
-                pending.append(
-                    FlotillaEvent(
-                        type: "unhealthy_task_kill_event",
-                        fields: [
-                            "appId": .string(spec.appID.path), "taskId": .string(id), "instanceId": .string(id), "version": .string(spec.version),
-                            "reason": .string(status.message ?? "unhealthy"), "host": .string(spec.host), "slaveId": .string(spec.node),
-                        ]))
-            }
+            if status.killedUnhealthy { pending.append(.unhealthyTaskKill(spec, reason: status.message ?? "unhealthy")) }
             nextSpecs[id] = nil
             nextStatuses[id] = nil
             deletes += [StateKeys.instance(id), StateKeys.status(id)]
@@ -821,7 +882,7 @@ public actor ControlPlane: Service {
             if !plan.activate.isEmpty || !plan.standby.isEmpty {
                 logger.info("\(appID): switching \(plan.activate.count) instance(s) in, \(plan.standby.count) out of service")
                 for id in plan.activate + plan.standby.map(\.instanceID) {
-                    if let spec = nextSpecs[id] { pending.append(instanceChangedEvent(spec, condition: spec.standby ? "Standby" : "Running")) }
+                    if let spec = nextSpecs[id] { pending.append(.instanceChanged(spec, condition: spec.standby ? "Standby" : "Running", draining: false)) }
                 }
             }
             guard let app, plan.launch > 0 else { continue }
@@ -907,10 +968,10 @@ public actor ControlPlane: Service {
         if !advancedSteps.isEmpty { wake() }
         for (advanced, finished) in advancedSteps {
             for step in finished {
-                events.publish(stepEvent("deployment_step_success", advanced, step: step))
+                events.publish(.deploymentStepSuccess(advanced, step: step))
                 for action in advanced.steps[step - 1] where action.action == .stopApplication { publishTerminated(action.app) }
             }
-            events.publish(deploymentInfoEvent(advanced, original: [], target: []))
+            events.publish(.deploymentInfo(advanced, original: [], target: []))
         }
         // Results become visible in the same step as the deployments leave. A failed deployment
         // that rolls back stays visible as running until its result can name the rollback, so no
@@ -922,18 +983,14 @@ public actor ControlPlane: Service {
             if let last = deployment.steps.last, deployment.totalSteps == max(1, deployment.currentStep) {
                 for action in last where action.action == .stopApplication { publishTerminated(action.app) }
             }
-            events.publish(stepEvent("deployment_step_success", deployment, step: deployment.totalSteps))
-            events.publish(
-                FlotillaEvent(type: "deployment_success", fields: ["id": .string(deployment.id), "plan": planJSON(deployment, original: [], target: [])]))
+            events.publish(.deploymentStepSuccess(deployment, step: deployment.totalSteps))
+            events.publish(.deploymentSuccess(deployment))
         }
         for (deployment, reason) in failed {
             var result = results.first { $0.id == deployment.id }!
             logger.warning("deployment \(deployment.id) failed: \(reason)")
-            events.publish(stepEvent("deployment_step_failure", deployment, step: deployment.currentStep))
-            events.publish(
-                FlotillaEvent(
-                    type: "deployment_failed",
-                    fields: ["id": .string(deployment.id), "plan": planJSON(deployment, original: [], target: []), "reason": .string(reason)]))
+            events.publish(.deploymentStepFailure(deployment, step: deployment.currentStep))
+            events.publish(.deploymentFailed(deployment, reason: reason))
             guard rollingBackIDs.contains(deployment.id) else { continue }
             defer { rollingBack[deployment.id] = nil }
             do {
@@ -1005,10 +1062,10 @@ public actor ControlPlane: Service {
             guard let spec = changedSpecs[id] ?? specs[id] else { continue }
             if statuses[id]?.state != .unreachable {
                 logger.warning("\(id) is unreachable: its node \(spec.node) is down")
-                events.publish(statusUpdateEvent(spec: spec, status: status))
+                events.publish(.statusUpdate(spec, status))
             } else {
                 logger.warning("\(id) is written off with its node \(spec.node): replacing it")
-                events.publish(instanceChangedEvent(spec, condition: "UnreachableInactive"))
+                events.publish(.instanceChanged(spec, condition: "UnreachableInactive", draining: false))
             }
         }
         for (id, spec) in changedSpecs { specs[id] = spec }
@@ -1140,106 +1197,26 @@ public actor ControlPlane: Service {
     }
 
 
-    // MARK: - Events
+    // MARK: - Events (typed; the API renders them in Marathon's shape)
 
     private func publishChange(
         records: [AppRecord], deployment: Deployment, original: [AppRecord], target: [AppRecord]? = nil, clientIP: String?, uri: String
     ) {
-        for record in records {
-            guard let definition = try? JSONValue(encoding: record.definition) else { continue }
-            events.publish(
-                FlotillaEvent(
-                    type: "api_post_event",
-                    fields: ["clientIp": clientIP.map(JSONValue.string) ?? .null, "uri": .string(uri), "appDefinition": definition]))
-        }
-        events.publish(deploymentInfoEvent(deployment, original: original, target: target ?? records))
+        for record in records { events.publish(.apiPost(definition: record.definition, clientIP: clientIP, uri: uri)) }
+        events.publish(.deploymentInfo(deployment, original: original, target: target ?? records))
     }
 
-    private func deploymentInfoEvent(_ deployment: Deployment, original: [AppRecord], target: [AppRecord]) -> FlotillaEvent {
-        let step: JSONValue = .object(["actions": .array(deployment.currentActions.map(Self.actionJSON))])
-        return FlotillaEvent(type: "deployment_info", fields: ["plan": planJSON(deployment, original: original, target: target), "currentStep": step])
-    }
-
-    private func planJSON(_ deployment: Deployment, original: [AppRecord], target: [AppRecord]) -> JSONValue {
-        func group(_ records: [AppRecord]) -> JSONValue {
-            .object([
-                "id": .string("/"), "apps": .array(records.compactMap { try? JSONValue(encoding: $0.definition) }),
-                "groups": .array([]), "dependencies": .array([]), "version": .string(deployment.version),
-            ])
-        }
-        return .object([
-            "id": .string(deployment.id), "version": .string(deployment.version),
-            "original": group(original), "target": group(target),
-            "steps": .array(deployment.steps.map { .object(["actions": .array($0.map(Self.actionJSON))]) }),
-        ])
-    }
-
-    /// `app_terminated_event`: every instance of a removed app has stopped.
+    /// Every instance of a removed app has stopped.
     private func publishTerminated(_ app: AppID) {
-        events.publish(FlotillaEvent(type: "app_terminated_event", fields: ["appId": .string(app.path)]))
+        events.publish(.appTerminated(app))
     }
 
-    /// `deployment_step_success` / `deployment_step_failure`: the plan and the step (1-based) it is about.
-    private func stepEvent(_ type: String, _ deployment: Deployment, step: Int) -> FlotillaEvent {
-        let actions = deployment.steps.indices.contains(step - 1) ? deployment.steps[step - 1] : []
-        return FlotillaEvent(
-            type: type,
-            fields: [
-                "plan": planJSON(deployment, original: [], target: []),
-                "currentStep": .object(["actions": .array(actions.map(Self.actionJSON))]),
-            ])
-    }
-
-    static func actionJSON(_ action: Deployment.Action) -> JSONValue {
-        .object(["action": .string(action.action.rawValue), "app": .string(action.app.path)])
-    }
-
-    /// Marathon's health events: `health_status_changed_event` when a check's verdict flips,
-    /// `failed_health_check_event` for each counted failure.
+    /// A check's verdict that flipped, and each counted failure.
     private func publishHealthEvents(spec: InstanceSpec, previous: [HealthResult], current: [HealthResult]) {
         for (index, result) in current.enumerated() {
             let before = index < previous.count ? previous[index] : HealthResult()
-            let checkJSON = spec.definition.healthChecks.indices.contains(index)
-                ? (try? JSONValue(encoding: spec.definition.healthChecks[index])) ?? .null : .null
-            if let alive = result.alive, alive != before.alive {
-                events.publish(
-                    FlotillaEvent(
-                        type: "health_status_changed_event",
-                        fields: [
-                            "appId": .string(spec.appID.path), "taskId": .string(spec.id), "instanceId": .string(spec.id),
-                            "version": .string(spec.version), "alive": .bool(alive),
-                        ]))
-            }
-            if result.consecutiveFailures > before.consecutiveFailures {
-                events.publish(
-                    FlotillaEvent(
-                        type: "failed_health_check_event",
-                        fields: [
-                            "appId": .string(spec.appID.path), "taskId": .string(spec.id), "instanceId": .string(spec.id),
-                            "healthCheck": checkJSON,
-                        ]))
-            }
+            if let alive = result.alive, alive != before.alive { events.publish(.healthStatusChanged(spec, alive: alive)) }
+            if result.consecutiveFailures > before.consecutiveFailures { events.publish(.failedHealthCheck(spec, checkIndex: index)) }
         }
-    }
-
-    private func instanceChangedEvent(_ spec: InstanceSpec, condition: String, draining: Bool = false) -> FlotillaEvent {
-        FlotillaEvent(
-            type: "instance_changed_event",
-            fields: [
-                "instanceId": .string(spec.id), "condition": .string(condition), "runSpecId": .string(spec.appID.path),
-                "agentId": .string(spec.node), "host": .string(spec.host), "runSpecVersion": .string(spec.version),
-                "inService": .bool(!spec.standby && !draining), "draining": .bool(draining),
-            ])
-    }
-
-    private func statusUpdateEvent(spec: InstanceSpec, status: InstanceStatus) -> FlotillaEvent {
-        FlotillaEvent(
-            type: "status_update_event",
-            fields: [
-                "slaveId": .string(spec.node), "taskId": .string(spec.id), "taskStatus": .string(status.state.rawValue),
-                "message": .string(status.message ?? ""), "appId": .string(spec.appID.path), "host": .string(spec.host),
-                "ipAddresses": .array([.object(["ipAddress": .string(spec.host), "protocol": .string("IPv4")])]),
-                "ports": .array(spec.ports.map { .number(Double($0)) }), "version": .string(spec.version),
-            ])
     }
 }

@@ -13,6 +13,9 @@ public struct NodeInfo: Sendable, Hashable, Codable {
     /// The drivers this node's agent can run instances with (`exec`, `oci`); placement only sends
     /// an instance to a node that has its driver.
     public var drivers: [String]
+    /// The base URL of this node's agent API (`http://10.0.0.3:7600`), for what other nodes relay
+    /// to it (an instance's logs); nil in records from agents that did not advertise it.
+    public var api: String?
 
     public init(
         name: String, host: String, cpus: Double, mem: Double, disk: Double, portRangeStart: Int, portRangeEnd: Int,
@@ -31,7 +34,7 @@ public struct NodeInfo: Sendable, Hashable, Codable {
 
     public var portRange: ClosedRange<Int> { portRangeStart...portRangeEnd }
 
-    enum CodingKeys: String, CodingKey { case name, host, cpus, mem, disk, portRangeStart, portRangeEnd, attributes, drivers }
+    enum CodingKeys: String, CodingKey { case name, host, cpus, mem, disk, portRangeStart, portRangeEnd, attributes, drivers, api }
 
     public init(from decoder: any Decoder) throws {
         let container = try decoder.container(keyedBy: CodingKeys.self)
@@ -45,6 +48,7 @@ public struct NodeInfo: Sendable, Hashable, Codable {
         attributes = try container.decodeIfPresent([String: String].self, forKey: .attributes) ?? [:]
         // Records written before drivers were advertised come from agents that had exec only.
         drivers = try container.decodeIfPresent([String].self, forKey: .drivers) ?? ["exec"]
+        api = try container.decodeIfPresent(String.self, forKey: .api)
     }
 
     /// The value a constraint on `field` reads: `hostname`, or an attribute.

@@ -175,8 +175,11 @@ public struct FlotillaServer {
             try? await registryHTTP.shutdown()
             throw ServerError("cannot open the image store: \(error)")
         }
+        // Other nodes reach this agent's API here (to relay an instance's logs).
+        var advertised = configuration.node
+        advertised.api = me.api
         var agentConfiguration = NodeAgent.Configuration(
-            node: configuration.node, dataDirectory: configuration.dataDirectory, logMaxBytes: configuration.logMaxBytes,
+            node: advertised, dataDirectory: configuration.dataDirectory, logMaxBytes: configuration.logMaxBytes,
             stopInstancesOnExit: configuration.stopInstancesOnExit)
         if cluster != nil { agentConfiguration.nodeLeaseTTL = configuration.nodeLeaseTTL }
         let agent = NodeAgent(
@@ -232,9 +235,12 @@ public struct FlotillaServer {
             info: .init(
                 version: configuration.version, leader: leader, nodeName: configuration.node.name, httpPort: configuration.apiPort,
                 servicePortRange: configuration.servicePortRange),
-            subscriptions: subscriptions, cluster: cluster
+            subscriptions: subscriptions, cluster: cluster, relay: cluster == nil ? nil : NodeRelay(client: forwardHTTP)
         ).add(to: router)
-        LogRoutes(control: control, sandboxRoot: agent.sandboxRoot).add(to: router)
+        LogRoutes(
+            control: control, sandboxRoot: agent.sandboxRoot, localNode: configuration.node.name,
+            relay: cluster == nil ? nil : NodeRelay(client: forwardHTTP)
+        ).add(to: router)
         FlotillaRoutes(control: control, cluster: cluster, localNode: configuration.node.name).add(to: router)
         ImageRoutes(control: control, images: images, uploadDirectory: configuration.dataDirectory + "/images/tmp").add(to: router)
         ConsulRoutes(registry: registry, kv: keyValues, sessions: sessions, serverAddress: "\(configuration.node.host):8300", version: configuration.version,

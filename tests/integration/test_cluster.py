@@ -6,6 +6,8 @@ and data directory; they share one etcd. Covered here:
 - a write sent to a follower is forwarded to the leader and applied once;
 - `GROUP_BY hostname` spreads instances over the nodes, each runs on its own node;
 - the proxy on one node routes to instances on the other;
+- an instance's logs and Marathon's event stream answer on any agent (relayed from the node that
+  runs the instance, and from the leader);
 - `kill -9` of the leader while a deployment is under way: another server leads within 10 s,
   resumes the deployment from the store and completes it, and accepts writes;
 - an agent cut off (SIGSTOP): its node is down, its instances TASK_UNREACHABLE, replaced after the
@@ -115,6 +117,18 @@ def test_one_leader_and_instances_spread_over_the_nodes(etcd, make_agent, app_id
 
         wait_until(seen_both, timeout=20, what=f"the proxy on {agent.bind} reaching every node")
 
+    # Logs of an instance on another node, asked of this one: relayed from the node that runs it
+    # (python's server logs each request to stderr; the proxy checks above made some).
+    (remote,) = by_host["127.0.0.4"][:1]
+    def remote_log():
+        answer = follower.get(f"/flotilla/v1/logs/{remote}?stream=stderr&lines=50")
+        assert answer.status_code == 200, answer.text
+        return answer.text if '"GET / HTTP/1.1" 200' in answer.text else None
+
+    wait_until(remote_log, timeout=20, what=f"the log of {remote} (on node-4) through {follower.node_name}")
+    printed = follower.cli("logs", remote, "--stderr", "--lines", "5")
+    assert printed.returncode == 0 and "GET /" in printed.stdout, printed.stdout + printed.stderr
+
     result = follower.cli("nodes", "--json")
     assert result.returncode == 0, result.stderr
     listed = {node["name"]: node for node in json.loads(result.stdout)}
@@ -126,6 +140,19 @@ def test_one_leader_and_instances_spread_over_the_nodes(etcd, make_agent, app_id
     assert table.returncode == 0, table.stderr
     marked = [line.split()[0] for line in table.stdout.splitlines()[1:] if " * " in f" {line} "]
     assert marked == [leader.node_name], table.stdout
+
+    # Marathon's event stream on a follower is the leader's: a change shows up in it.
+    with requests.get(follower.url + "/v2/events?event_type=deployment_info", stream=True, timeout=30,
+                      headers={"Accept": "text/event-stream"}) as events:
+        assert events.status_code == 200, events.text
+        assert leader.put(f"/v2/apps/{app_id}", json={"instances": 7}).status_code == 200
+        seen = []
+        for line in events.iter_lines(decode_unicode=True):
+            seen.append(line)
+            if line.startswith("data:") and app_id in line:
+                break
+            assert len(seen) < 200, seen
+        assert any(line == "event: deployment_info" for line in seen), seen
 
 
 def test_killing_the_leader_elects_another_that_takes_writes(etcd, make_agent, app_ids):

@@ -48,7 +48,8 @@ def test_state_lives_in_etcd_and_survives_kill9(etcd, make_agent, app_ids):
     again = agent.wait_for_running(app_id, 2)
     assert sorted(task["id"] for task in again) == sorted(task["id"] for task in tasks)
     assert agent.get("/v1/kv/config/colour?raw").text == "blue"
-    assert "adopted" in agent.log_text()
+    # The statuses from before the kill still say running: the adoption is logged a moment later.
+    wait_until(lambda: "adopted" in agent.log_text(), timeout=10, what="the agent to adopt its instances")
 
 
 def test_an_etcd_outage_stops_nothing_and_heals_by_itself(etcd, make_agent, app_ids):
