@@ -119,6 +119,10 @@ import Testing
         let fixture = try await Fixture.make(backend)
         let store = fixture.store
         // A TTL far above the renewal period: on a loaded CI machine a write can wait seconds.
+        // Times are taken before each call: the lease's expiry counts from then, not from the
+        // answer (the commit below can itself wait seconds on a loaded machine).
+        let clock = ContinuousClock()
+        var renewed = clock.now
         let lease = try await store.grantLease(ttl: 8)
         #expect(lease.ttl == 8)
         let index = try await store.commit(StoreTransaction(mutations: [.put("nodes/a", data("a"), lease: lease.id), .put("nodes/kept", data("k"))]))
@@ -126,8 +130,6 @@ import Testing
         // Kept alive past its TTL, it stays. A renewal that comes later than the TTL (a starved
         // cooperative pool on a loaded 2-core CI machine has held this task for many seconds) ends
         // the lease rightly: that run checks only the expiry below.
-        let clock = ContinuousClock()
-        var renewed = clock.now
         var keptAlive = true
         for _ in 0..<10 {
             try await Task.sleep(for: .seconds(1))
@@ -135,13 +137,14 @@ import Testing
                 keptAlive = false
                 break
             }
+            let asked = clock.now
             do {
                 try await store.keepAlive(lease.id)
             } catch StoreError.leaseNotFound where clock.now - renewed >= .seconds(lease.ttl) - .milliseconds(500) {
                 keptAlive = false  // the renewal itself waited past the TTL
                 break
             }
-            renewed = clock.now
+            renewed = asked
         }
         if keptAlive { #expect(try await store.get("nodes/a") != nil) }
         // Left alone, it ends within its TTL (etcd checks expiry every 500 ms or so): the watch sees the delete.

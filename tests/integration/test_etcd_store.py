@@ -119,3 +119,32 @@ def test_store_flags_are_checked(binary, tmp_path):
         )
         assert result.returncode != 0, arguments
         assert message in result.stderr, (arguments, result.stderr)
+
+
+def test_etcd_over_tls_with_a_client_certificate(tmp_path_factory, make_agent, app_ids, binary, tmp_path):
+    from support.etcd import EtcdCluster
+
+    etcd = EtcdCluster(tmp_path_factory.mktemp("etcd-tls"), tls=True)
+    agent = None
+    try:
+        tls = ["--etcd-ca", etcd.ca_file, "--etcd-cert", etcd.client_cert_file, "--etcd-key", etcd.client_key_file]
+        agent = etcd_agent(make_agent, etcd, prefix="/it-tls", extra_args=tls)
+        app_id = app_ids.new("tls")
+        agent.create_app(app_definition(app_id, HTTP_SERVER_CMD, instances=1, portDefinitions=[{"port": 0}]))
+        agent.wait_for_running(app_id, 1)
+        assert agent.put("/v1/kv/over/tls", data="yes").json() is True
+        value = etcd.etcdctl("get", "--print-value-only", "/it-tls/kv/over/tls").stdout
+        assert value.endswith("yes\n"), value
+
+        # Without the client certificate etcd refuses the agent, and it says so at start.
+        result = subprocess.run(
+            [str(binary), "agent", "--data-dir", str(tmp_path / "nocert"), "--api-port", str(free_tcp_port()),
+             "--dns-port", str(free_tcp_port()), "--proxy-port", str(free_tcp_port()), "--store", etcd.store_url,
+             "--etcd-ca", etcd.ca_file, "--etcd-prefix", "/it-tls-nocert"],
+            capture_output=True, text=True, timeout=60)
+        assert result.returncode != 0
+        assert "cannot reach etcd" in result.stderr and "--etcd-cert" in result.stderr, result.stderr
+    finally:
+        if agent is not None:
+            agent.stop()
+        etcd.stop()

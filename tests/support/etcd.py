@@ -27,9 +27,11 @@ class EtcdMember:
         self.process = None
         self.paused = False
 
+    scheme = "http"
+
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -37,11 +39,34 @@ class EtcdMember:
 
 
 class EtcdCluster:
-    """`EtcdCluster(tmp_path, members=3)`; `.endpoints` is the comma list for `--store etcd://`."""
+    """`EtcdCluster(tmp_path, members=3)`; `.endpoints` is the comma list for `--store etcd://`.
 
-    def __init__(self, directory: Path, members: int = 1):
+    With `tls=True` clients must speak TLS and show a certificate: a test CA (trustme) signs the
+    members' certificate (for 127.0.0.1) and a client's; `.ca_file`, `.client_cert_file` and
+    `.client_key_file` are the PEM files for `--etcd-ca/--etcd-cert/--etcd-key`.
+    """
+
+    def __init__(self, directory: Path, members: int = 1, tls: bool = False):
         self.directory = Path(directory)
+        self.tls = tls
         self.members = [EtcdMember(f"m{number}", self.directory / f"m{number}") for number in range(members)]
+        if tls:
+            import trustme
+
+            self.directory.mkdir(parents=True, exist_ok=True)
+            authority = trustme.CA()
+            server = authority.issue_cert("127.0.0.1", "localhost")
+            client = authority.issue_cert("flotilla-agent")
+            self.ca_file = str(self.directory / "ca.pem")
+            self.server_cert_file, self.server_key_file = str(self.directory / "server.pem"), str(self.directory / "server-key.pem")
+            self.client_cert_file, self.client_key_file = str(self.directory / "client.pem"), str(self.directory / "client-key.pem")
+            authority.cert_pem.write_to_path(self.ca_file)
+            server.cert_chain_pems[0].write_to_path(self.server_cert_file)
+            server.private_key_pem.write_to_path(self.server_key_file)
+            client.cert_chain_pems[0].write_to_path(self.client_cert_file)
+            client.private_key_pem.write_to_path(self.client_key_file)
+            for member in self.members:
+                member.scheme = "https"
         initial = ",".join(f"{member.name}={member.peer_url}" for member in self.members)
         for member in self.members:
             self._start(member, initial)
@@ -57,6 +82,11 @@ class EtcdCluster:
             "--initial-cluster", initial, "--initial-cluster-token", f"t{os.getpid()}-{id(self)}",
             "--initial-cluster-state", "new",
         ]
+        if self.tls:
+            command += [
+                "--cert-file", self.server_cert_file, "--key-file", self.server_key_file, "--trusted-ca-file", self.ca_file,
+                "--client-cert-auth",
+            ]
         log = open(member.data_dir / "etcd.log", "ab")
         member.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -70,8 +100,10 @@ class EtcdCluster:
         return "etcd://" + self.endpoints
 
     def etcdctl(self, *args, timeout=15) -> subprocess.CompletedProcess:
+        endpoints = ",".join(member.client_url for member in self.members)
+        tls = ["--cacert", self.ca_file, "--cert", self.client_cert_file, "--key", self.client_key_file] if self.tls else []
         return subprocess.run(
-            ["etcdctl", "--endpoints", self.endpoints, *args], capture_output=True, text=True, timeout=timeout,
+            ["etcdctl", "--endpoints", endpoints, *tls, *args], capture_output=True, text=True, timeout=timeout,
             env={**os.environ, "ETCDCTL_API": "3"},
         )
 
