@@ -23,6 +23,7 @@ let package = Package(
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
         .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
         .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-nio-http2.git", from: "1.46.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
@@ -58,6 +59,8 @@ let package = Package(
                 .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
             ],
             swiftSettings: swiftSettings
         ),
@@ -214,7 +217,11 @@ let package = Package(
 
         .testTarget(name: "FlotillaCoreTests", dependencies: ["FlotillaCore"], swiftSettings: swiftSettings),
         .testTarget(
-            name: "FlotillaStoreTests", dependencies: ["FlotillaCore", "FlotillaStore", "FlotillaEtcd", .product(name: "Logging", package: "swift-log")],
+            name: "FlotillaStoreTests",
+            dependencies: [
+                "FlotillaCore", "FlotillaStore", "FlotillaEtcd", .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio"),
+            ],
             swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaSecretsTests", dependencies: ["FlotillaCore", "FlotillaStore", "FlotillaSecrets"], swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaSchedulerTests", dependencies: ["FlotillaCore", "FlotillaScheduler"], swiftSettings: swiftSettings),

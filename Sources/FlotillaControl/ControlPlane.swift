@@ -744,19 +744,30 @@ public actor ControlPlane: Service {
     }
 
     /// Waits for the agents' status writes and folds them in.
+    /// While leading: the agents' status writes, folded in as they come (one listing, then the
+    /// change feed of `status/`, so a change costs the records it touches). A follower has them
+    /// from its feed of the whole state (`followStore`).
     private func watchStatuses() async {
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            guard leading else {
+                try? await Task.sleep(for: .milliseconds(500))
+                continue
+            }
             do {
                 let listing = try await store.list(prefix: StateKeys.statuses)
                 await lock.acquire()
-                await absorb(listing)
+                absorb(listing)
                 lock.release()
-                let after = listing.index
-                _ = try await cancelWhenGracefulShutdown {
-                    try await self.store.waitForChange(prefix: StateKeys.statuses, after: after, timeout: .seconds(5))
+                let feed = store.watch(prefix: StateKeys.statuses, after: listing.index)
+                try await cancelWhenGracefulShutdown {
+                    for try await batch in feed {
+                        guard await self.absorbChanges(batch) else { return }
+                    }
                 }
             } catch is CancellationError {
                 return
+            } catch StoreError.compacted {
+                logger.notice("the status feed passed a store compaction: listing again")
             } catch {
                 logger.error("status watch failed, retrying: \(error)")
                 try? await Task.sleep(for: .milliseconds(500))
@@ -764,31 +775,63 @@ public actor ControlPlane: Service {
         }
     }
 
-    private func absorb(_ listing: StoreListing) async {
+    /// Every status at once: the ones that changed are observed, the ones gone are dropped.
+    private func absorb(_ listing: StoreListing) {
         var changed = false
-        var fresh: [String: InstanceStatus] = [:]
+        var seen: Set<String> = []
         for status in StateCodec.decodeAll(InstanceStatus.self, from: listing.entries) {
-            fresh[status.id] = status
-            if let previous = statuses[status.id], previous == status { continue }
-            changed = true
-            // Events are the leader's to tell (a follower's `/v2/events` streams the leader's).
-            guard leading, let spec = specs[status.id] else { continue }
-            let previous = statuses[status.id]
-            if previous?.state != status.state {
-                events.publish(.statusUpdate(spec, status))
-            }
-            if status.draining && previous?.draining != true {
-                events.publish(.instanceChanged(spec, condition: "Killing", draining: true))
-            }
-            publishHealthEvents(spec: spec, previous: previous?.health ?? [], current: status.health)
-            if let previous, previous.isHealthy != status.isHealthy, !spec.definition.healthChecks.isEmpty {
-                events.publish(.instanceHealthChanged(spec, healthy: status.isHealthy))
-            }
+            seen.insert(status.id)
+            if observe(status) { changed = true }
         }
-        if fresh.count != statuses.count { changed = true }
-        if changed { statuses = fresh }
+        for id in Set(statuses.keys).subtracting(seen) {
+            statuses[id] = nil
+            changed = true
+        }
         index = max(index, listing.index)
         if changed { wake() }
+    }
+
+    /// One commit's status changes. False once this agent no longer leads (the feed stops).
+    private func absorbChanges(_ batch: [StoreEvent]) async -> Bool {
+        await lock.acquire()
+        defer { lock.release() }
+        guard leading else { return false }
+        var changed = false
+        for event in batch {
+            let id = String(event.key.dropFirst(StateKeys.statuses.count))
+            guard event.kind == .put else {
+                if statuses.removeValue(forKey: id) != nil { changed = true }
+                continue
+            }
+            do {
+                if observe(try StateCodec.decode(InstanceStatus.self, from: event.entry.value)) { changed = true }
+            } catch {
+                logger.error("skipping unreadable status \(event.key): \(error)")
+            }
+        }
+        if let last = batch.last { index = max(index, last.index) }
+        if changed { wake() }
+        return true
+    }
+
+    /// Takes in one status an agent wrote, telling what changed. Returns whether anything did.
+    private func observe(_ status: InstanceStatus) -> Bool {
+        let previous = statuses[status.id]
+        if previous == status { return false }
+        statuses[status.id] = status
+        // Events are the leader's to tell (a follower's `/v2/events` streams the leader's).
+        guard leading, let spec = specs[status.id] else { return true }
+        if previous?.state != status.state {
+            events.publish(.statusUpdate(spec, status))
+        }
+        if status.draining && previous?.draining != true {
+            events.publish(.instanceChanged(spec, condition: "Killing", draining: true))
+        }
+        publishHealthEvents(spec: spec, previous: previous?.health ?? [], current: status.health)
+        if let previous, previous.isHealthy != status.isHealthy, !spec.definition.healthChecks.isEmpty {
+            events.publish(.instanceHealthChanged(spec, healthy: status.isHealthy))
+        }
+        return true
     }
 
     /// One pass over every app: retire ended instances, start, stop and switch what the plans say,
@@ -810,6 +853,9 @@ public actor ControlPlane: Service {
         var nextDeployments = deployments
         var nextBackoffs = backoffs
         var changedDeployments: Set<String> = []
+        // One pass commits what one transaction of the store may hold (etcd: 128 operations,
+        // 1.5 MB); the rest waits for the next pass, which runs at once.
+        var budget = PassBudget(limits: store.limits)
         var pending: [ControlEvent] = []
         var puts: [(String, any Encodable & Sendable)] = []
         var deletes: [String] = []
@@ -817,6 +863,7 @@ public actor ControlPlane: Service {
         // Ended instances: remember failures, start backoff, count crashes against deployments, forget them.
         for (id, spec) in specs {
             guard let status = statuses[id], status.state.isTerminal else { continue }
+            guard budget.take(operations: 3, bytes: 4096) else { break }
             let unexpected = spec.goal == .run && (status.state.countsAsFailure || status.killedUnhealthy)
             if unexpected, let app = apps[spec.appID] {
                 // Marathon backs off after any end the app did not ask for, exit 0 included.
@@ -849,7 +896,7 @@ public actor ControlPlane: Service {
         let appIDs = Set(apps.keys).union(byApp.keys).sorted()
         var newQueue: [AppID: QueueEntry] = [:]
         func update(_ id: String, _ change: (inout InstanceSpec) -> Void) {
-            guard var spec = nextSpecs[id] else { return }
+            guard var spec = nextSpecs[id], budget.take(operations: 1, bytes: PassBudget.size(of: spec)) else { return }
             let wasRunning = spec.goal == .run
             change(&spec)
             nextSpecs[id] = spec
@@ -892,7 +939,14 @@ public actor ControlPlane: Service {
                 newQueue[appID] = QueueEntry(app: appID, count: plan.launch, since: queue[appID]?.since ?? nowText, delaySeconds: delay, placement: nil)
                 continue
             }
-            let result = placement.place(app.definition, count: plan.launch, using: &generator)
+            let sample = InstanceSpec(
+                id: InstanceSpec.newID(for: appID), appID: appID, version: app.version, configVersion: app.configVersion,
+                definition: app.definition, node: "", host: "", ports: [], stagedAt: nowText)
+            let affordable = budget.room(eachOf: PassBudget.size(of: sample) + 64)
+            if affordable < plan.launch { budget.leaveRestForNextPass() }
+            guard affordable > 0 else { continue }
+            let result = placement.place(app.definition, count: min(plan.launch, affordable), using: &generator)
+            budget.take(operations: result.placements.count, bytes: result.placements.count * (PassBudget.size(of: sample) + 64))
             for placement in result.placements {
                 let spec = InstanceSpec(
                     id: InstanceSpec.newID(for: appID), appID: appID, version: app.version, configVersion: app.configVersion,
@@ -955,6 +1009,8 @@ public actor ControlPlane: Service {
         }
         backoffs = nextBackoffs
         if !(queue.isEmpty && newQueue.isEmpty) { queue = newQueue }
+        // A pass that ran out of room in its transaction goes on at once.
+        if budget.exhausted { wake() }
         for event in pending { events.publish(event) }
         // Wake exactly when the first crash backoff ends, not at the next tick.
         if let soonest = newQueue.values.map(\.delaySeconds).filter({ $0 > 0 }).min() {
@@ -1020,7 +1076,13 @@ public actor ControlPlane: Service {
         var changedSpecs: [String: InstanceSpec] = [:]
         var changedStatuses: [String: InstanceStatus] = [:]
         var expunged: [String] = []
+        var budget = PassBudget(limits: store.limits)
         for (id, spec) in specs.sorted(by: { $0.key < $1.key }) where nodes[spec.node] == nil {
+            // Many instances on a lost node: as many as one transaction holds now, the rest next pass.
+            guard budget.take(operations: 2, bytes: PassBudget.size(of: spec) + 2048) else {
+                wake()
+                break
+            }
             if let status = statuses[id], status.state.isTerminal { continue }
             guard var status = statuses[id], status.state == .unreachable else {
                 var status = statuses[id] ?? InstanceStatus(id: id, state: .unreachable, updatedAt: nowText)
@@ -1187,6 +1249,9 @@ public actor ControlPlane: Service {
             throw FlotillaError.unavailable("this agent lost the cluster's lead while applying the change; nothing was written: retry against the leader")
         } catch StoreError.preconditionFailed {
             throw FlotillaError.conflict(message: "the app changed while this request was applied; retry", deploymentIDs: [])
+        } catch StoreError.tooLarge(let detail) {
+            // Refused whole before anything was written: memory still matches the store.
+            throw FlotillaError.unavailable("the change is too large for one transaction of the store (\(detail)); nothing was written")
         } catch let error as StoreError {
             // A request that timed out may still be applied by the store once it answers again:
             // memory no longer knows the store's state, so it is read again before the next change.
@@ -1219,4 +1284,41 @@ public actor ControlPlane: Service {
             if result.consecutiveFailures > before.consecutiveFailures { events.publish(.failedHealthCheck(spec, checkIndex: index)) }
         }
     }
+}
+
+/// How much one reconcile pass may still write: the store's transaction limits, less room for
+/// the leader guard, deployment records and results.
+struct PassBudget {
+    private(set) var operations: Int
+    private(set) var bytes: Int
+    /// Something was left for the next pass.
+    private(set) var exhausted = false
+
+    init(limits: StoreLimits) {
+        operations = limits.maxOperations == .max ? .max : max(8, limits.maxOperations - 16)
+        bytes = limits.maxBytes == .max ? .max : max(64 << 10, limits.maxBytes - (256 << 10))
+    }
+
+    /// Takes room for some writes; false (and nothing taken) when they do not fit.
+    @discardableResult
+    mutating func take(operations wanted: Int, bytes size: Int) -> Bool {
+        guard wanted <= operations, size <= bytes else {
+            exhausted = true
+            return false
+        }
+        if operations != .max { operations -= wanted }
+        if bytes != .max { bytes -= size }
+        return true
+    }
+
+    mutating func leaveRestForNextPass() { exhausted = true }
+
+    /// How many writes of `size` bytes each still fit.
+    mutating func room(eachOf size: Int) -> Int {
+        let fit = min(operations, bytes == .max ? .max : bytes / max(size, 1))
+        if fit == 0 { exhausted = true }
+        return fit
+    }
+
+    static func size(of spec: InstanceSpec) -> Int { (try? StateCodec.encode(spec).count) ?? 8192 }
 }

@@ -129,6 +129,8 @@ public final class EtcdStateStore: StateStore {
         // Listings of a big cluster are paged, but one page of large records can pass gRPC's 4 MiB default.
         transportConfig.http2.maxFrameSize = 1 << 20
         transportConfig.backoff = .init(initial: .milliseconds(100), max: .seconds(2), multiplier: 1.6, jitter: 0.2)
+        // etcd's bandwidth-probing PINGs would trip SwiftNIO's flood guard (see PingResponder).
+        transportConfig.channelDebuggingCallbacks.onCreateTCPConnection = { PingResponder.install(on: $0) }
         let transport = try Transport(
             target: ResolvableTargets.IPv4(addresses: addresses), transportSecurity: security, config: transportConfig,
             serviceConfig: ServiceConfig(loadBalancingConfig: [.roundRobin]))
@@ -214,12 +216,28 @@ public final class EtcdStateStore: StateStore {
         return options
     }
 
-    /// Runs one request, mapping gRPC's failures onto the store's errors.
+    /// Runs one request, mapping gRPC's failures onto the store's errors. A request the client
+    /// never sent (its connection was being replaced: "subchannel isn't ready") is sent again, and
+    /// so is a read or lease call whose stream broke; a commit whose stream broke is not, since
+    /// etcd may have applied it (the caller is told it is unconfirmed). Retries stay within the
+    /// request timeout.
     private func call<Result: Sendable>(_ what: String, _ body: () async throws -> Result) async throws -> Result {
-        do {
-            return try await body()
-        } catch let error as RPCError {
-            throw Self.storeError(error, doing: what)
+        let deadline = ContinuousClock.now + configuration.requestTimeout
+        let mayRepeat = what != "a commit"
+        var attempt = 0
+        while true {
+            attempt += 1
+            do {
+                return try await body()
+            } catch let error as RPCError {
+                let unsent = error.code == .unavailable && error.message.contains("isn't ready")
+                let broken = error.code == .unavailable && error.message.contains("unexpectedly closed")
+                let pause = Duration.milliseconds(min(50 * attempt, 500))
+                guard unsent || (broken && mayRepeat), ContinuousClock.now + pause < deadline, !Task.isCancelled else {
+                    throw Self.storeError(error, doing: what)
+                }
+                try await Task.sleep(for: pause)
+            }
         }
     }
 
@@ -547,8 +565,13 @@ public final class EtcdStateStore: StateStore {
                 options: options,
                 requestProducer: { writer in try await writer.write(request0) },
                 onResponse: { response in
-                    for try await message in response.messages { return message.ttl }
-                    return Int64(0)
+                    // Read to the end: the request side is closed, so etcd answers once and ends the
+                    // stream. Returning at the first message would reset a stream etcd is still
+                    // finishing, and under load that cost the whole connection (every call on it
+                    // failing "Stream unexpectedly closed" until it reconnected).
+                    var ttl: Int64 = 0
+                    for try await message in response.messages { ttl = message.ttl }
+                    return ttl
                 })
         }
         if ttl <= 0 { throw StoreError.leaseNotFound(lease) }

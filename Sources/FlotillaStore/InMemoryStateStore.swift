@@ -20,7 +20,13 @@ public final class InMemoryStateStore: StateStore {
     private let state = Mutex(State())
     private let notifier = ChangeNotifier()
 
-    public init() {}
+    public let limits: StoreLimits
+
+    /// - Parameter limits: refuse transactions above these, as etcd does (tests of callers that
+    ///   must split their writes); unlimited by default.
+    public init(limits: StoreLimits = .unlimited) {
+        self.limits = limits
+    }
 
     public var displayName: String { "memory" }
 
@@ -54,6 +60,10 @@ public final class InMemoryStateStore: StateStore {
     }
 
     public func commit(_ transaction: StoreTransaction) async throws -> UInt64 {
+        let operations = transaction.mutations.count
+        if operations > limits.maxOperations || transaction.preconditions.count > limits.maxOperations {
+            throw StoreError.tooLarge("\(operations) operations (at most \(limits.maxOperations) in one transaction)")
+        }
         sweepExpiredLeases()
         let (index, events) = try state.withLock { state throws(StoreError) -> (UInt64, [StoreEvent]) in
             for condition in transaction.preconditions {

@@ -8,16 +8,26 @@ import Testing
 /// The control plane acts on a change when it happens, not at its next periodic pass: with the
 /// tick an hour apart, a new app's instances are still placed at once.
 @Suite struct ControlPlaneWakeupTests {
-    @Test func aNewAppIsPlacedWithoutWaitingForTheTick() async throws {
-        let store = InMemoryStateStore()
-        let node = NodeInfo(name: "n1", host: "127.0.0.1", cpus: 4, mem: 4096, disk: 0, portRangeStart: 31000, portRangeEnd: 31100, attributes: [:])
-        try await store.put(StateKeys.node(node.name), try JSONEncoder().encode(node))
+    /// A control plane over `store` with `nodes` registered, its periodic pass an hour apart,
+    /// past its first pass (so only changes prompt the next ones).
+    func start(on store: InMemoryStateStore, nodes: Int, cpus: Double, mem: Double) async throws -> (ControlPlane, Task<Void, any Error>) {
+        for number in 1...nodes {
+            let node = NodeInfo(
+                name: "n\(number)", host: "127.0.0.\(number)", cpus: cpus, mem: mem, disk: 0, portRangeStart: 31000, portRangeEnd: 31100,
+                attributes: [:])
+            try await store.put(StateKeys.node(node.name), try JSONEncoder().encode(node))
+        }
         let control = ControlPlane(store: store, events: EventBus(), logger: Logger(label: "test"), tickInterval: .seconds(3600))
         try await control.load()
         let loop = Task { try await control.run() }
-        defer { loop.cancel() }
-        // Let the first pass (run's own) end, so only the change can prompt the next ones.
         try await Task.sleep(for: .milliseconds(300))
+        return (control, loop)
+    }
+
+    @Test func aNewAppIsPlacedWithoutWaitingForTheTick() async throws {
+        let store = InMemoryStateStore()
+        let (control, loop) = try await start(on: store, nodes: 1, cpus: 4, mem: 4096)
+        defer { loop.cancel() }
         // A new app's deployment has two steps (start the app, then scale it): placing its
         // instances needs the pass after the one that finishes the first step.
         _ = try await control.create(AppDefinition(id: try AppID("/wake/web"), cmd: "sleep 100", instances: 2))
@@ -28,5 +38,25 @@ import Testing
             try await Task.sleep(for: .milliseconds(20))
         }
         #expect(placed == 2, "the instances waited for the periodic pass")
+    }
+
+    /// A scale-up larger than one store transaction (etcd takes 128 operations) is placed over
+    /// several passes, each commit within the limit, one after the other without waiting for the tick.
+    @Test func aScaleUpLargerThanOneTransactionIsPlacedOverSeveralPasses() async throws {
+        let store = InMemoryStateStore(limits: StoreLimits(maxOperations: 128, maxBytes: 1_500_000))
+        let (control, loop) = try await start(on: store, nodes: 3, cpus: 64, mem: 65536)
+        defer { loop.cancel() }
+        var definition = AppDefinition(id: try AppID("/wake/many"), cmd: "sleep 100", instances: 300)
+        definition.cpus = 0.1
+        definition.mem = 16
+        definition.portDefinitions = []
+        _ = try await control.create(definition)
+        var placed = 0
+        let deadline = ContinuousClock.now + .seconds(30)
+        while placed < 300 && ContinuousClock.now < deadline {
+            placed = try await store.list(prefix: StateKeys.instances).entries.count
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(placed == 300, "only \(placed) of 300 instances were placed")
     }
 }
