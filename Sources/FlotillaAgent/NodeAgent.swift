@@ -284,7 +284,7 @@ public actor NodeAgent: Service {
         }
         logger.info("stopping \(ids.count) instance(s) before exit")
         var graces: [String: Double] = [:]
-        for entry in (try? await store.list(prefix: StateKeys.instances).entries) ?? [] {
+        for entry in (try? await store.list(prefix: StateKeys.instances(on: configuration.node.name)).entries) ?? [] {
             if let spec = try? StateCodec.decode(InstanceSpec.self, from: entry.value) { graces[spec.id] = spec.definition.killGracePeriod }
         }
         for id in ids {
@@ -331,12 +331,12 @@ public actor NodeAgent: Service {
     private func followAssignments() async {
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
             do {
-                let listing = try await store.list(prefix: StateKeys.instances)
+                let listing = try await store.list(prefix: StateKeys.instances(on: configuration.node.name))
                 assigned = Dictionary(
                     decodeAssigned(listing.entries).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
                 assignedLoaded = true
                 wakeSync()
-                let feed = store.watch(prefix: StateKeys.instances, after: listing.index)
+                let feed = store.watch(prefix: StateKeys.instances(on: configuration.node.name), after: listing.index)
                 try await cancelWhenGracefulShutdown {
                     for try await batch in feed { await self.applyAssigned(batch) }
                 }
@@ -353,7 +353,7 @@ public actor NodeAgent: Service {
 
     private func applyAssigned(_ batch: [StoreEvent]) {
         for event in batch {
-            let id = String(event.key.dropFirst(StateKeys.instances.count))
+            let id = StateKeys.instanceID(ofKey: event.key)
             if event.kind == .delete {
                 assigned[id] = nil
             } else if let spec = decodeAssigned([event.entry]).first {
@@ -398,7 +398,7 @@ public actor NodeAgent: Service {
     /// One pass: launch what should run, stop what should stop. Returns the index it read at.
     @discardableResult
     func sync() async throws -> UInt64 {
-        let listing = try await store.list(prefix: StateKeys.instances)
+        let listing = try await store.list(prefix: StateKeys.instances(on: configuration.node.name))
         try await sync(decodeAssigned(listing.entries))
         return listing.index
     }
@@ -769,7 +769,7 @@ public actor NodeAgent: Service {
         status.signal = exit.signal
         status.oomKilled = oomKilled
         status.draining = false
-        let memory = (try? await store.get(StateKeys.instance(id))).flatMap { try? StateCodec.decode(InstanceSpec.self, from: $0.value) }
+        let memory = (try? await store.get(StateKeys.instances(on: configuration.node.name) + id)).flatMap { try? StateCodec.decode(InstanceSpec.self, from: $0.value) }
         if let stopReason {
             status.state = .killed
             status.message = stopReason
@@ -823,6 +823,9 @@ public actor NodeAgent: Service {
     /// Adopts the processes that survived the agent, marks the rest lost, and kills any process that
     /// carries this agent's sandbox but belongs to no instance it should run.
     func recover() async throws {
+        // All of `instances/`, not only this node's prefix: records an earlier version kept as
+        // `instances/<id>` count too until the leader has moved them (else their processes would
+        // look like orphans here).
         let specs = StateCodec.decodeAll(InstanceSpec.self, from: try await store.list(prefix: StateKeys.instances).entries)
             .filter { $0.node == configuration.node.name }
         let specsByID = Dictionary(specs.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })

@@ -155,6 +155,9 @@ struct AgentCommand: AsyncParsableCommand {
             throw ValidationError("--service-ports must be FROM-TO with 1 <= FROM <= TO <= 65535, got '\(servicePorts)'")
         }
         guard parsedPorts != nil else { throw ValidationError("--ports must be FROM-TO with 1 <= FROM <= TO <= 65535, got '\(ports)'") }
+        if let nodeName, nodeName.isEmpty || nodeName.contains("/") || nodeName.hasPrefix(".") {
+            throw ValidationError("--node-name must be non-empty, without '/', and not start with '.' (it names the node's keys in the store), got '\(nodeName)'")
+        }
         guard (0...65535).contains(apiPort) else { throw ValidationError("--api-port must be between 0 and 65535") }
         guard (1...65535).contains(dnsPort) else { throw ValidationError("--dns-port must be between 1 and 65535") }
         guard (1...65535).contains(proxyPort) else { throw ValidationError("--proxy-port must be between 1 and 65535") }

@@ -49,6 +49,8 @@ public actor ControlPlane: Service {
     /// A commit failed without a definite answer (the store did not reply): memory may lag the
     /// store, and is read afresh before the next pass or change.
     private var stale = false
+    /// Instance records still at their old key (`instances/<id>`): the leader moves them.
+    private var legacyInstanceKeys: [String] = []
     private var generator = SystemRandomNumberGenerator()
     /// Whether this agent schedules. A lone agent always does; in a cluster the leader election
     /// says (`setRole`), and a follower keeps its memory in step with the store instead.
@@ -126,6 +128,8 @@ public actor ControlPlane: Service {
         }
         apps = Dictionary(all(AppRecord.self, StateKeys.apps).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
         specs = Dictionary(all(InstanceSpec.self, StateKeys.instances).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
+        // Records an earlier version kept as `instances/<id>` move under their node's prefix.
+        legacyInstanceKeys = snapshot[StateKeys.instances].map(\.key).filter { !$0.dropFirst(StateKeys.instances.count).contains("/") }
         statuses = Dictionary(all(InstanceStatus.self, StateKeys.statuses).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
         deployments = Dictionary(all(Deployment.self, StateKeys.deployments).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
         deploymentResults = Dictionary(all(DeploymentResult.self, StateKeys.deploymentResults).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
@@ -229,7 +233,7 @@ public actor ControlPlane: Service {
         for event in batch {
             let key = event.key
             if key.hasPrefix(StateKeys.instances) {
-                specs[name(event, after: StateKeys.instances)] = decoded(InstanceSpec.self, event)
+                specs[StateKeys.instanceID(ofKey: key)] = decoded(InstanceSpec.self, event)
             } else if key.hasPrefix(StateKeys.statuses) {
                 statuses[name(event, after: StateKeys.statuses)] = decoded(InstanceStatus.self, event)
             } else if key.hasPrefix(StateKeys.apps) {
@@ -656,7 +660,7 @@ public actor ControlPlane: Service {
         for var spec in known where spec.goal == .run {
             spec.goal = .stop
             spec.stopReason = scale ? "killed and scaled down through the API" : "killed through the API"
-            mutations.append((StateKeys.instance(spec.id), spec))
+            mutations.append((StateKeys.instance(spec), spec))
         }
         if !mutations.isEmpty {
             try await self.commit(puts: mutations)
@@ -843,6 +847,7 @@ public actor ControlPlane: Service {
         let now = Date()
         let nowText = Timestamp.format(now)
 
+        try await moveLegacyInstanceKeys()
         // `nodes` is kept current by `watchNodes` (agents register and renew themselves).
         // Instances on nodes that are down are settled first, in a commit of their own.
         try await settleUnreachable(now: now, nowText: nowText)
@@ -884,7 +889,7 @@ public actor ControlPlane: Service {
             if status.killedUnhealthy { pending.append(.unhealthyTaskKill(spec, reason: status.message ?? "unhealthy")) }
             nextSpecs[id] = nil
             nextStatuses[id] = nil
-            deletes += [StateKeys.instance(id), StateKeys.status(id)]
+            deletes += [StateKeys.instance(spec), StateKeys.status(id)]
         }
 
         // Plan every app, and every app that is gone but still has instances.
@@ -900,7 +905,7 @@ public actor ControlPlane: Service {
             let wasRunning = spec.goal == .run
             change(&spec)
             nextSpecs[id] = spec
-            puts.append((StateKeys.instance(id), spec))
+            puts.append((StateKeys.instance(spec), spec))
             if wasRunning && spec.goal == .stop { placement.stopping(spec) }
         }
         // Apps whose turn in a deployment has not come (their dependencies are not ready yet).
@@ -953,7 +958,7 @@ public actor ControlPlane: Service {
                     definition: app.definition, node: placement.node.name, host: placement.node.host, ports: placement.ports,
                     stagedAt: nowText, standby: plan.launchStandby)
                 nextSpecs[spec.id] = spec
-                puts.append((StateKeys.instance(spec.id), spec))
+                puts.append((StateKeys.instance(spec), spec))
             }
             if result.unplaced > 0 {
                 newQueue[appID] = QueueEntry(app: appID, count: result.unplaced, since: queue[appID]?.since ?? nowText, delaySeconds: 0, placement: result)
@@ -1064,6 +1069,26 @@ public actor ControlPlane: Service {
         pruneDeploymentResults()
     }
 
+    /// Moves instance records an earlier version wrote at `instances/<id>` to `instances/<node>/<id>`,
+    /// as many per commit as one transaction holds.
+    private func moveLegacyInstanceKeys() async throws {
+        guard !legacyInstanceKeys.isEmpty else { return }
+        var budget = PassBudget(limits: store.limits)
+        var moved: [String] = []
+        var puts: [(String, any Encodable & Sendable)] = []
+        for key in legacyInstanceKeys {
+            let id = StateKeys.instanceID(ofKey: key)
+            let spec = specs[id]
+            guard budget.take(operations: 2, bytes: spec.map(PassBudget.size(of:)) ?? 0) else { break }
+            if let spec { puts.append((StateKeys.instance(spec), spec)) }
+            moved.append(key)
+        }
+        try await commit(puts: puts, deletes: moved)
+        legacyInstanceKeys.removeFirst(moved.count)
+        logger.notice("moved \(moved.count) instance record(s) under their node's prefix\(legacyInstanceKeys.isEmpty ? "" : "; \(legacyInstanceKeys.count) to go")")
+        if !legacyInstanceKeys.isEmpty { wake() }
+    }
+
     /// In a cluster, instances on a node whose lease ended: `TASK_UNREACHABLE` at once; after the
     /// app's `unreachableStrategy.inactiveAfterSeconds` written off (asked to stop, so a node that
     /// comes back kills them) and replaced on nodes that are up; after `expungeAfterSeconds`
@@ -1110,12 +1135,12 @@ public actor ControlPlane: Service {
             }
         }
         guard !downNodes.isEmpty else { return }
-        var puts: [(String, any Encodable & Sendable)] = changedSpecs.sorted { $0.key < $1.key }.map { (StateKeys.instance($0.key), $0.value) }
+        var puts: [(String, any Encodable & Sendable)] = changedSpecs.sorted { $0.key < $1.key }.map { (StateKeys.instance($0.value), $0.value) }
         puts += changedStatuses.sorted { $0.key < $1.key }.map { (StateKeys.status($0.key), $0.value) }
         do {
             try await commit(
                 preconditions: downNodes.sorted().map { .absent(StateKeys.node($0)) }, puts: puts,
-                deletes: expunged.flatMap { [StateKeys.instance($0), StateKeys.status($0)] })
+                deletes: expunged.flatMap { id in [specs[id].map(StateKeys.instance) ?? StateKeys.instances + id, StateKeys.status(id)] })
         } catch FlotillaError.conflict {
             logger.notice("a node came back while its instances were being marked unreachable: left as they are")
             return

@@ -23,7 +23,12 @@ public enum StateKeys {
     public static func app(_ id: AppID) -> String { apps + id.flatName }
     public static func versions(of id: AppID) -> String { versions + id.flatName + "/" }
     public static func version(_ version: String, of id: AppID) -> String { versions(of: id) + version }
-    public static func instance(_ id: String) -> String { instances + id }
+    /// An instance's assignment lives under its node (`instances/<node>/<id>`): each agent lists
+    /// and watches only its own (`instances(on:)`).
+    public static func instance(_ spec: InstanceSpec) -> String { instances(on: spec.node) + spec.id }
+    public static func instances(on node: String) -> String { instances + node + "/" }
+    /// The instance id of an assignment key (the last component).
+    public static func instanceID(ofKey key: String) -> String { String(key.split(separator: "/", omittingEmptySubsequences: false).last ?? "") }
     public static func status(_ id: String) -> String { statuses + id }
     public static func deployment(_ id: String) -> String { deployments + id }
     public static func deploymentResult(_ id: String) -> String { deploymentResults + id }

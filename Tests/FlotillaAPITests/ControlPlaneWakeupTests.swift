@@ -59,4 +59,29 @@ import Testing
         }
         #expect(placed == 300, "only \(placed) of 300 instances were placed")
     }
+
+    /// Instance records an earlier version kept at `instances/<id>` move under their node's prefix,
+    /// where the node's agent watches: nothing else changes about them.
+    @Test func legacyInstanceKeysMoveUnderTheirNode() async throws {
+        let store = InMemoryStateStore()
+        let definition = AppDefinition(id: try AppID("/old/web"), cmd: "sleep 100", instances: 1)
+        let app = AppRecord(definition: definition, version: "v1", versionInfo: VersionInfo(lastScalingAt: "v1", lastConfigChangeAt: "v1"))
+        try await store.put(StateKeys.app(definition.id), try StateCodec.encode(app))
+        let spec = InstanceSpec(
+            id: InstanceSpec.newID(for: definition.id), appID: definition.id, version: "v1", configVersion: "v1", definition: definition,
+            node: "n1", host: "127.0.0.1", ports: [], stagedAt: "2026-01-01T00:00:00.000Z")
+        try await store.put(StateKeys.instances + spec.id, try StateCodec.encode(spec))
+        let (_, loop) = try await start(on: store, nodes: 1, cpus: 4, mem: 4096)
+        defer { loop.cancel() }
+        let deadline = ContinuousClock.now + .seconds(10)
+        var keys: [String] = []
+        while ContinuousClock.now < deadline {
+            keys = try await store.list(prefix: StateKeys.instances).entries.map(\.key)
+            if keys == [StateKeys.instance(spec)] { break }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(keys == ["instances/n1/" + spec.id])
+        let moved = try #require(try await store.get(StateKeys.instance(spec)))
+        #expect(try StateCodec.decode(InstanceSpec.self, from: moved.value) == spec)
+    }
 }
