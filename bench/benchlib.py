@@ -67,6 +67,18 @@ def serves(port):
         return False
 
 
+def stop_process(process, timeout=30):
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def wait_for_ping(base, log_name, timeout=30):
     """Waits for an agent's /ping; exits naming its log when it does not answer."""
     deadline = time.time() + timeout
@@ -99,12 +111,7 @@ class Agent:
         wait_for_ping(self.base, self.log.name)
 
     def stop(self):
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
     def wait_for_deployment(self, deployment_id, timeout=120):
         """Polls Flotilla's deployment status until it ends; returns (status, reason)."""

@@ -8,14 +8,13 @@ kill -9 of the leader to a survivor leading and accepting a write.
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import time
 import urllib.error
 import urllib.request
 
-from benchlib import free_port, wait_for_ping
+from benchlib import free_port, stop_process, wait_for_ping
 from registry_bench import Etcd
 
 
@@ -52,13 +51,7 @@ class ClusterAgent:
             return None
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def agreed_leader(agents, timeout=30):
