@@ -47,7 +47,8 @@ public enum ACLRequirement: Sendable, Equatable {
              "/v1/status/leader", "/v1/status/peers":
             return .anyToken
         case "/v1/auth/token/create", "/v1/auth/token/create-orphan": return .capability(path: "auth/token/create", anyOf: [.create, .update])
-        case "/v1/auth/token/lookup", "/v1/auth/token/revoke", "/v1/auth/token/renew":
+        case "/v1/auth/token/accessors": return .capability(path: "auth/token/accessors", anyOf: [.sudo])
+        case "/v1/auth/token/lookup", "/v1/auth/token/revoke", "/v1/auth/token/renew", "/v1/auth/token/lookup-accessor", "/v1/auth/token/revoke-accessor":
             return .capability(path: "auth/token/" + rest(after: "/v1/auth/token/"), anyOf: [.update])
         case "/v1/sys/policies/acl", "/v1/sys/policy": return .capability(path: "sys/policies/acl/", anyOf: [.list, .read])
         case "/v2/apps" where method == .post: return .marathonCreate(kind: "apps")

@@ -24,10 +24,18 @@ public struct AuthRoutes: Sendable {
             router.on("/v1/auth/token/revoke", method: verb) { request, _ in await handle { try await revoke(request) } }
             router.on("/v1/auth/token/lookup", method: verb) { request, _ in await handle { try await lookup(request) } }
             router.on("/v1/auth/token/lookup-self", method: verb) { request, _ in await handle { try await lookupSelf(request) } }
+            router.on("/v1/auth/token/lookup-accessor", method: verb) { request, _ in await handle { try await lookupAccessor(request) } }
+            router.on("/v1/auth/token/revoke-accessor", method: verb) { request, _ in await handle { try await revokeAccessor(request) } }
             router.on("/v1/sys/policies/acl/**", method: verb) { request, _ in await handle { try await putPolicy(request, prefix: "/v1/sys/policies/acl/") } }
             router.on("/v1/sys/policy/**", method: verb) { request, _ in await handle { try await putPolicy(request, prefix: "/v1/sys/policy/") } }
         }
         router.get("/v1/auth/token/lookup-self") { request, _ in await handle { try await lookupSelf(request) } }
+        router.get("/v1/auth/token/accessors") { request, _ in
+            await handle {
+                guard request.uri.queryParameters["list"] == "true" else { throw AuthError(status: 405, message: "list the accessors with LIST (or GET ?list=true)") }
+                return try Self.envelope(["keys": .array(try await tokens.accessors().map(JSONValue.string))])
+            }
+        }
         router.get("/v1/sys/policies/acl") { _, _ in await handle { try Self.envelope(["keys": .array(try await tokens.policyNames().map(JSONValue.string))]) } }
         router.get("/v1/sys/policy") { _, _ in
             await handle {
@@ -102,6 +110,22 @@ public struct AuthRoutes: Sendable {
             throw AuthError(status: 403, message: "bad token")
         }
         return try Self.envelope(Self.lookupData(info, id: secret))
+    }
+
+    /// A token's properties by its accessor; the answer never holds the token itself.
+    private func lookupAccessor(_ request: Request) async throws -> Response {
+        let body = try await VaultRoutes.body(request)
+        guard let accessor = body["accessor"]?.stringValue else { throw AuthError(status: 400, message: "missing accessor") }
+        guard let info = try await tokens.lookup(accessor: accessor) else { throw AuthError(status: 400, message: "invalid accessor") }
+        return try Self.envelope(Self.lookupData(info, id: ""))
+    }
+
+    private func revokeAccessor(_ request: Request) async throws -> Response {
+        let body = try await VaultRoutes.body(request)
+        guard let accessor = body["accessor"]?.stringValue else { throw AuthError(status: 400, message: "missing accessor") }
+        guard try await tokens.lookup(accessor: accessor) != nil else { throw AuthError(status: 400, message: "invalid accessor") }
+        try await tokens.revoke(accessor: accessor)
+        return Response(status: .noContent)
     }
 
     private func renewSelf(_ request: Request) async throws -> Response {

@@ -31,8 +31,8 @@ public struct VaultRoutes: Sendable {
                 router.on("\(m)/\(action)/**", method: verb) { request, _ in await handle { try await versions(request, action: method) } }
             }
         }
-        // Listing is `GET …?list=true`. Vault also takes the method `LIST`, but SwiftNIO's HTTP/1
-        // parser refuses methods it does not know (400) before any route sees them.
+        // Listing is `GET …?list=true`; the server turns Vault's `LIST` method into that before
+        // the HTTP parser (which knows no `LIST`) sees it.
         router.get("\(m)/metadata") { request, _ in await handle { try await metadataOrList(request, root: true) } }
         router.get("\(m)/metadata/**") { request, _ in await handle { try await metadataOrList(request, root: false) } }
         for verb in [HTTPRequest.Method.post, .put, .patch] {

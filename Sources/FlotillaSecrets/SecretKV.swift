@@ -128,7 +128,7 @@ public actor SecretKV {
         guard let (record, _) = try await load(path) else { return .missing }
         let wanted = (version ?? 0) == 0 ? record.currentVersion : version!
         guard let entry = record.versions.first(where: { $0.version == wanted }) else { return .missing }
-        guard entry.deletionTime.isEmpty, !entry.destroyed, let sealed = entry.sealed else {
+        guard !Self.isDeleted(entry, at: now()), !entry.destroyed, let sealed = entry.sealed else {
             return .gone(info: entry.info, customMetadata: record.customMetadata)
         }
         let plaintext = try cipher.open(sealed, context: Self.context(path, wanted))
@@ -176,7 +176,7 @@ public actor SecretKV {
             config.maxVersions = maxVersions
         }
         if let casRequired { config.casRequired = casRequired }
-        if let deleteVersionAfter { config.deleteVersionAfter = try Self.refuseAutomaticDeletion(deleteVersionAfter) }
+        if let deleteVersionAfter { config.deleteVersionAfter = try Self.deleteVersionAfter(deleteVersionAfter) }
         try await store.put(Self.configKey, try JSONEncoder().encode(config))
     }
 
@@ -217,9 +217,10 @@ public actor SecretKV {
     /// Soft-deletes the current version (`DELETE /v1/secret/data/<path>`).
     public func deleteLatest(_ path: String) async throws {
         try Self.validate(path)
-        let stamp = Timestamp.format(now())
+        let moment = now()
+        let stamp = Timestamp.format(moment)
         _ = try await change(path, create: false) { record in
-            if let index = record.versions.firstIndex(where: { $0.version == record.currentVersion }), record.versions[index].deletionTime.isEmpty {
+            if let index = record.versions.firstIndex(where: { $0.version == record.currentVersion }), !Self.isDeleted(record.versions[index], at: moment) {
                 record.versions[index].deletionTime = stamp
             }
         }
@@ -229,11 +230,12 @@ public actor SecretKV {
     public func setDeleted(_ path: String, versions: [Int], deleted: Bool) async throws {
         try Self.validate(path)
         guard !versions.isEmpty else { throw SecretKVError.invalid("no versions provided") }
-        let stamp = Timestamp.format(now())
+        let moment = now()
+        let stamp = Timestamp.format(moment)
         _ = try await change(path, create: false) { record in
             for index in record.versions.indices where versions.contains(record.versions[index].version) && !record.versions[index].destroyed {
                 if deleted {
-                    if record.versions[index].deletionTime.isEmpty { record.versions[index].deletionTime = stamp }
+                    if !Self.isDeleted(record.versions[index], at: moment) { record.versions[index].deletionTime = stamp }
                 } else {
                     record.versions[index].deletionTime = ""
                 }
@@ -265,7 +267,7 @@ public actor SecretKV {
                 throw SecretKVError.invalid("custom_metadata key '\(key.prefix(32))' or its value is too long (128 / 512 bytes)")
             }
         }
-        let after = try deleteVersionAfter.map(Self.refuseAutomaticDeletion)
+        let after = try deleteVersionAfter.map(Self.deleteVersionAfter)
         let config = try await config()
         _ = try await change(path, create: true) { record in
             if let maxVersions { record.maxVersions = maxVersions }
@@ -288,10 +290,11 @@ public actor SecretKV {
     /// that version is deleted or destroyed), to notice changes that matter to them.
     public func currentVersions() async throws -> [String: String] {
         var versions: [String: String] = [:]
+        let moment = now()
         for entry in try await store.list(prefix: Self.recordPrefix).entries {
             guard let record = try? JSONDecoder().decode(Record.self, from: entry.value) else { continue }
             let current = record.versions.first { $0.version == record.currentVersion }
-            let gone = current.map { !$0.deletionTime.isEmpty || $0.destroyed } ?? true
+            let gone = current.map { Self.isDeleted($0, at: moment) || $0.destroyed } ?? true
             versions[String(entry.key.dropFirst(Self.recordPrefix.count))] = "\(record.currentVersion)\(gone ? " deleted" : "")"
         }
         return versions
@@ -331,13 +334,26 @@ public actor SecretKV {
 
     static func context(_ path: String, _ version: Int) -> String { "kv2:\(path)#\(version)" }
 
-    /// Only "0s" (never) is honoured: a secret that deletes itself on a timer is not built yet, and
-    /// accepting the setting without acting on it would be a lie.
-    static func refuseAutomaticDeletion(_ value: String) throws -> String {
-        guard let seconds = GoDuration.seconds(value), seconds == 0 else {
-            throw SecretKVError.invalid("delete_version_after other than 0s is not supported here; versions are kept until deleted or pruned by max_versions")
+    /// A version is deleted once its deletion time has come: a soft delete stamps the moment it
+    /// happened, `delete_version_after` a moment in the version's future.
+    static func isDeleted(_ version: Record.Version, at moment: Date) -> Bool {
+        guard !version.deletionTime.isEmpty else { return false }
+        guard let due = Timestamp.parse(version.deletionTime) else { return true }
+        return due <= moment
+    }
+
+    /// `delete_version_after` in Go's canonical form (`1h0m0s`, `90s` → `1m30s`, `0s`: never).
+    static func deleteVersionAfter(_ value: String) throws -> String {
+        guard let seconds = GoDuration.seconds(value), seconds.isFinite, seconds >= 0, seconds <= 100 * 365 * 86_400 else {
+            throw SecretKVError.invalid("delete_version_after must be a duration such as 30s, 1h or 0s (never): got '\(value.prefix(40))'")
         }
-        return "0s"
+        let whole = Int(seconds.rounded(.down))
+        let (hours, minutes, rest) = (whole / 3600, (whole % 3600) / 60, whole % 60)
+        let fraction = seconds - Double(whole)
+        let secondsText = fraction > 0 ? String(format: "%g", Double(rest) + fraction) : "\(rest)"
+        if hours > 0 { return "\(hours)h\(minutes)m\(secondsText)s" }
+        if minutes > 0 { return "\(minutes)m\(secondsText)s" }
+        return "\(secondsText)s"
     }
 
     private func load(_ path: String) async throws -> (Record, UInt64)? {
@@ -371,8 +387,12 @@ public actor SecretKV {
 
     private nonisolated func appendVersion(to record: inout Record, path: String, plaintext: Data, config: SecretKVConfig) throws -> SecretVersionInfo {
         let version = record.currentVersion + 1
+        let created = now()
+        // The secret's own delete_version_after, else the engine's; 0 keeps versions until deleted.
+        let after = [record.deleteVersionAfter, config.deleteVersionAfter].lazy.compactMap { GoDuration.seconds($0) }.first { $0 > 0 }
         let entry = Record.Version(
-            version: version, createdTime: Timestamp.format(now()), deletionTime: "", destroyed: false,
+            version: version, createdTime: Timestamp.format(created), deletionTime: after.map { Timestamp.format(created.addingTimeInterval($0)) } ?? "",
+            destroyed: false,
             sealed: try cipher.seal(plaintext, context: Self.context(path, version)))
         record.versions.append(entry)
         record.currentVersion = version

@@ -176,6 +176,15 @@ public actor TokenStore {
         return record.info
     }
 
+    /// Every live token's accessor (Vault's `LIST auth/token/accessors`).
+    public func accessors() async throws -> [String] {
+        let moment = now()
+        return try await store.list(prefix: Self.tokenPrefix).entries
+            .compactMap { try? JSONDecoder().decode(TokenRecord.self, from: $0.value) }
+            .filter { record in record.info.expiresAt.map { $0 > moment } ?? true }
+            .map(\.info.accessor).sorted()
+    }
+
     public func lookup(accessor: String) async throws -> TokenInfo? {
         guard let entry = try await store.get(Self.tokenPrefix + accessor) else { return nil }
         return try JSONDecoder().decode(TokenRecord.self, from: entry.value).info

@@ -102,9 +102,9 @@ public struct FlotillaServer {
         // Bad TLS files stop the start before anything is opened (HTTP clients must be shut down).
         let server: HTTPServerBuilder
         if let tls = configuration.tls {
-            server = try .tls(.http1(), tlsConfiguration: try tls.serverConfiguration())
+            server = try .tls(.http1WithList(), tlsConfiguration: try tls.serverConfiguration())
         } else {
-            server = .http1()
+            server = .http1WithList()
         }
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
         let store = try await configuration.store.open(dataDirectory: configuration.dataDirectory, logger: logger)

@@ -74,8 +74,32 @@ import Testing
         #expect(metadata.customMetadata == ["owner": "shop"])
         if case .missing = try await kv.read("m", version: 1) {} else { Issue.record("a pruned version reads") }
         await #expect(throws: SecretKVError.self) {
-            try await kv.updateMetadata("m", maxVersions: nil, casRequired: nil, customMetadata: nil, deleteVersionAfter: "1h")
+            try await kv.updateMetadata("m", maxVersions: nil, casRequired: nil, customMetadata: nil, deleteVersionAfter: "soon")
         }
+    }
+
+    @Test func deleteVersionAfterDeletesNewVersionsWhenTheirTimeComes() async throws {
+        let clock = TestClock()
+        let kv = SecretKV(store: store, cipher: try await SecretsCipher.open(store: store, master: master), now: { clock.now })
+        try await kv.write("t", data: ["k": "before"], cas: nil)
+        try await kv.updateMetadata("t", maxVersions: nil, casRequired: nil, customMetadata: nil, deleteVersionAfter: "90s")
+        #expect(try await kv.metadata("t")?.deleteVersionAfter == "1m30s")
+        let info = try await kv.write("t", data: ["k": "timed"], cas: nil)
+        #expect(info.deletionTime == "2027-01-15T08:01:30.000Z")
+        clock.now += 89
+        #expect(value(try await kv.read("t")) == ["k": "timed"])
+        #expect(value(try await kv.read("t", version: 1)) == ["k": "before"])  // written before the setting: kept
+        clock.now += 1
+        if case .gone = try await kv.read("t") {} else { Issue.record("a version past its delete_version_after still reads") }
+        #expect(try await kv.currentVersions()["t"] == "2 deleted")
+        try await kv.setDeleted("t", versions: [2], deleted: false)
+        #expect(value(try await kv.read("t")) == ["k": "timed"])
+        // The engine's setting applies where the secret has none; the secret's own wins.
+        try await kv.updateConfig(maxVersions: nil, casRequired: nil, deleteVersionAfter: "1h")
+        #expect(try await kv.config().deleteVersionAfter == "1h0m0s")
+        #expect(try await kv.write("u", data: ["k": "v"], cas: nil).deletionTime == "2027-01-15T09:01:30.000Z")
+        #expect(try await kv.write("t", data: ["k": "v"], cas: nil).deletionTime == "2027-01-15T08:03:00.000Z")
+        #expect(try SecretKV.deleteVersionAfter("0") == "0s" && SecretKV.deleteVersionAfter("250ms") == "0.25s")
     }
 
     @Test func patchMergesIntoANewVersion() async throws {

@@ -138,8 +138,22 @@ def test_policies_are_listed_read_and_refused_when_malformed(root):
     assert 'path "secret/data/x"' in root.sys.read_policy(name="listed")["data"]["rules"]
     with pytest.raises(InvalidRequest):
         root.sys.create_or_update_policy(name="broken", policy='path "x" { capabilities = ["fly"] }')
+    assert "listed" in root.sys.list_acl_policies()["data"]["keys"]  # the method LIST
     root.sys.delete_policy(name="listed")
     assert "listed" not in root.sys.list_policies()["data"]["keys"]
+
+
+def test_accessors_are_listed_looked_up_and_revoked_with_sudo_only(acl_agent, root):
+    made = root.auth.token.create(policies=["default"], ttl="1h")["auth"]
+    assert made["accessor"] in root.auth.token.list_accessors()["data"]["keys"]
+    looked = root.auth.token.lookup_accessor(made["accessor"])["data"]
+    assert looked["accessor"] == made["accessor"] and looked["id"] == "" and made["client_token"] not in json.dumps(looked)
+    plain = hvac.Client(url=acl_agent.url, token=made["client_token"])
+    with pytest.raises(Forbidden):
+        plain.auth.token.list_accessors()
+    root.auth.token.revoke_accessor(made["accessor"])
+    assert made["accessor"] not in root.auth.token.list_accessors()["data"]["keys"]
+    assert not plain.is_authenticated()
 
 
 def test_the_cli_sends_its_token(acl_agent, root_token):

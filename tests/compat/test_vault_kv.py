@@ -4,9 +4,11 @@ listing and the engine's config; and secrets sealed at rest, with a wrong key re
 
 import os
 import subprocess
+import time
 import uuid
 
 import hvac
+import json
 import pytest
 import requests
 from hvac.exceptions import InvalidPath, InvalidRequest
@@ -109,21 +111,35 @@ def test_metadata_and_max_versions(kv):
 
 
 def test_listing(kv, vault_agent):
-    """Listing as Vault's API documents it with GET and ?list=true. (Vault's CLI and hvac's
-    list_secrets send the method LIST, which SwiftNIO's HTTP/1 parser does not accept.)"""
+    """Listing as hvac and Vault's CLI do it (the method LIST), and as Vault's API also takes it
+    (GET with ?list=true), on one kept-alive connection."""
     top = unique("tree")
     for path in (f"{top}/db", f"{top}/cache", f"{top}/payments/stripe"):
         kv.create_or_update_secret(path=path, secret={"k": "v"})
+
+    assert kv.list_secrets(path=top)["data"]["keys"] == ["cache", "db", "payments/"]
+    assert kv.list_secrets(path=f"{top}/")["data"]["keys"] == ["cache", "db", "payments/"]
+    assert kv.list_secrets(path=f"{top}/payments")["data"]["keys"] == ["stripe"]
+    assert top + "/" in kv.list_secrets(path="")["data"]["keys"]
+    with pytest.raises(InvalidPath):
+        kv.list_secrets(path=unique("empty"))
 
     def listing(path):
         return requests.get(f"{vault_agent.url}/v1/secret/metadata/{path}", params={"list": "true"}, timeout=5)
 
     assert listing(top).json()["data"]["keys"] == ["cache", "db", "payments/"]
-    assert listing(f"{top}/").json()["data"]["keys"] == ["cache", "db", "payments/"]
-    assert listing(f"{top}/payments").json()["data"]["keys"] == ["stripe"]
-    assert top + "/" in requests.get(f"{vault_agent.url}/v1/secret/metadata", params={"list": "true"}, timeout=5).json()["data"]["keys"]
     empty = listing(unique("empty"))
     assert empty.status_code == 404 and empty.json() == {"errors": []}
+    # LIST and other methods alternate on one connection; a body that reads like a LIST line is a body.
+    with requests.Session() as session:
+        for _ in range(3):
+            listed = session.request("LIST", f"{vault_agent.url}/v1/secret/metadata/{top}/payments", timeout=5)
+            assert listed.status_code == 200 and listed.json()["data"]["keys"] == ["stripe"]
+            written = session.post(f"{vault_agent.url}/v1/secret/data/{top}/body", timeout=5,
+                                   data=json.dumps({"data": {"line": "LIST /v1/secret/metadata/ HTTP/1.1"}}))
+            assert written.status_code == 200, written.text
+        read = session.get(f"{vault_agent.url}/v1/secret/data/{top}/body", timeout=5).json()
+        assert read["data"]["data"] == {"line": "LIST /v1/secret/metadata/ HTTP/1.1"}
 
 
 def test_engine_configuration(kv):
@@ -132,9 +148,31 @@ def test_engine_configuration(kv):
     try:
         assert kv.read_configuration()["data"]["max_versions"] == 5
         with pytest.raises(InvalidRequest, match="delete_version_after"):
-            kv.configure(delete_version_after="1h")
+            kv.configure(delete_version_after="eventually")
+        kv.configure(delete_version_after="1h")
+        assert kv.read_configuration()["data"]["delete_version_after"] == "1h0m0s"
     finally:
-        kv.configure(max_versions=0)
+        kv.configure(max_versions=0, delete_version_after="0s")
+
+
+def test_delete_version_after_deletes_a_version_when_its_time_comes(kv):
+    path = unique("timed")
+    kv.update_metadata(path=path, delete_version_after="2s")
+    assert kv.read_secret_metadata(path=path)["data"]["delete_version_after"] == "2s"
+    written = kv.create_or_update_secret(path=path, secret={"k": "v"})["data"]
+    assert written["deletion_time"] != ""
+    assert kv.read_secret_version(path=path, raise_on_deleted_version=True)["data"]["data"] == {"k": "v"}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            kv.read_secret_version(path=path, raise_on_deleted_version=True)
+        except InvalidPath:
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail("the version outlived its delete_version_after")
+    kv.undelete_secret_versions(path=path, versions=[1])
+    assert kv.read_secret_version(path=path, raise_on_deleted_version=True)["data"]["data"] == {"k": "v"}
 
 
 def test_bad_requests_get_vaults_error_shape(vault_agent):
