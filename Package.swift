@@ -122,13 +122,16 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
 
-        // The load balancer: HTTP and TCP on SwiftNIO, fed route-table snapshots.
+        // The load balancer: HTTP and TCP on its own epoll loops (TLS through swift-nio-ssl), fed route-table snapshots.
         .target(
             name: "FlotillaProxy",
             dependencies: [
                 "FlotillaCore", "CFlotillaIO",
                 .product(name: "NIOCore", package: "swift-nio"),
-                                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ],

@@ -34,6 +34,7 @@ public struct OperationsRoutes: Sendable {
             if let strip = rule.strip { parts.append("strip=\(strip)") }
             if let prepend = rule.prepend { parts.append("prepend=\(prepend)") }
             if rule.proto != .http { parts.append("proto=\(rule.proto.rawValue)") }
+            if rule.tlsSkipVerify { parts.append("tlsskipverify=true") }
             if let timeout = rule.connectTimeout { parts.append("connecttimeout=\(milliseconds(timeout))ms") }
             if let timeout = rule.readTimeout { parts.append("readtimeout=\(milliseconds(timeout))ms") }
             return parts.joined(separator: " ")
@@ -53,7 +54,7 @@ public struct OperationsRoutes: Sendable {
             for target in route.targets {
                 var entry = base
                 entry["service"] = .string(target.service)
-                entry["dst"] = .string(route.rule.proto == .tcp ? "\(target.host):\(target.port)" : "http://\(target.host):\(target.port)/")
+                entry["dst"] = .string(route.rule.proto == .tcp ? "\(target.host):\(target.port)" : "\(route.rule.proto == .https ? "https" : "http")://\(target.host):\(target.port)/")
                 entry["weight"] = .number(target.weight)
                 entries.append(.object(entry))
             }

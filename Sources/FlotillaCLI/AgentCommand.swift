@@ -56,6 +56,15 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "Write the load balancer's access log to this file (- for standard output).")
     var proxyAccessLog: String?
 
+    @Option(help: "The load balancer's HTTPS port: TLS is terminated there with a certificate picked by SNI from --proxy-cert-dir, and requests follow the same routes.")
+    var proxyHttpsPort: Int?
+
+    @Option(help: "The HTTPS listener's certificates: NAME.pem (or NAME.crt) with its key in NAME.key per host; served for the certificate's DNS names, default.pem when none matches; re-read when the files change.")
+    var proxyCertDir: String?
+
+    @Option(help: "More trust roots (a PEM file) for proto=https instances, beside the system's.")
+    var proxyUpstreamCa: String?
+
     @Option(help: "The datacenter name the Consul API and DNS report.")
     var datacenter: String = "dc1"
 
@@ -161,6 +170,12 @@ struct AgentCommand: AsyncParsableCommand {
         guard (0...65535).contains(apiPort) else { throw ValidationError("--api-port must be between 0 and 65535") }
         guard (1...65535).contains(dnsPort) else { throw ValidationError("--dns-port must be between 1 and 65535") }
         guard (1...65535).contains(proxyPort) else { throw ValidationError("--proxy-port must be between 1 and 65535") }
+        if let proxyHttpsPort {
+            guard (0...65535).contains(proxyHttpsPort) else { throw ValidationError("--proxy-https-port must be between 0 and 65535") }
+            guard proxyCertDir != nil else { throw ValidationError("--proxy-https-port needs --proxy-cert-dir DIR (NAME.pem + NAME.key per host)") }
+        } else if proxyCertDir != nil {
+            throw ValidationError("--proxy-cert-dir is for the HTTPS listener: give --proxy-https-port too")
+        }
         guard BalancingStrategy(rawValue: proxyStrategy) != nil else {
             throw ValidationError("--proxy-strategy must be one of \(BalancingStrategy.allCases.map(\.rawValue).joined(separator: ", "))")
         }
@@ -252,6 +267,9 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.proxyIdleTimeout = Self.duration(proxyIdleTimeout)
             configuration.proxyDrainTimeout = Self.duration(proxyDrainTimeout)
             configuration.proxyAccessLog = proxyAccessLog
+            configuration.proxyHTTPSPort = proxyHttpsPort
+            configuration.proxyCertificateDirectory = proxyCertDir
+            configuration.proxyUpstreamCA = proxyUpstreamCa
             configuration.servicePortRange = Self.portRange(servicePorts)!
             configuration.routeServicePorts = routeServicePorts
             configuration.ociRuntime = ociRuntime

@@ -1,6 +1,6 @@
 /// A proxy rule, written as a Fabio-style service tag:
 /// `urlprefix-[host]/path [strip=/path] [prepend=/p] [weight=0.N] [proto=http|https|tcp]
-/// [connecttimeout=DURATION] [readtimeout=DURATION]`, or `urlprefix-:PORT proto=tcp` for a TCP
+/// [tlsskipverify=true] [connecttimeout=DURATION] [readtimeout=DURATION]`, or `urlprefix-:PORT proto=tcp` for a TCP
 /// listener. Durations are Go's (`500ms`, `30s`, `2m`).
 public struct RouteRule: Sendable, Hashable {
     public enum Proto: String, Sendable, Hashable {
@@ -24,6 +24,8 @@ public struct RouteRule: Sendable, Hashable {
     /// How long an instance may take to start its response once the request is sent (nil: the
     /// proxy's default). Streaming bodies are not cut by it.
     public var readTimeout: Duration?
+    /// `proto=https` without checking the instance's certificate (`tlsskipverify=true`).
+    public var tlsSkipVerify = false
 
     public init(
         host: String = "", path: String = "/", proto: Proto = .http, strip: String? = nil, prepend: String? = nil, weight: Double? = nil,
@@ -58,11 +60,14 @@ public struct RouteRule: Sendable, Hashable {
             case "proto": guard let proto = Proto(rawValue: parts[1].lowercased()) else { return nil }; rule.proto = proto
             case "weight": guard let weight = Double(parts[1]), weight >= 0, weight <= 1 else { return nil }; rule.weight = weight
             case "host": rule.host = parts[1].lowercased()
+            case "tlsskipverify":
+                guard let skip = Bool(parts[1].lowercased()) else { return nil }
+                rule.tlsSkipVerify = skip
             case "connecttimeout", "readtimeout":
                 guard let seconds = GoDuration.seconds(parts[1]), seconds > 0, seconds <= 24 * 3600 else { return nil }
                 let duration = Duration.milliseconds(Int64((seconds * 1000).rounded(.up)))
                 if parts[0] == "connecttimeout" { rule.connectTimeout = duration } else { rule.readTimeout = duration }
-            default: continue  // Options Flotilla does not act on yet (redirect, allow, deny, tlsskipverify).
+            default: continue  // Options Flotilla does not act on yet (redirect, allow, deny): see docs/api.md.
             }
         }
         if target.hasPrefix(":") {

@@ -26,7 +26,8 @@ enum HeadWriter {
     /// `authority`: the host of an absolute-form target, which replaces the `Host` header
     /// (RFC 9112 §3.2.2).
     static func upstreamRequest(
-        _ head: HTTP1Head, target: String?, authority: String? = nil, clientAddress: String, upgrade: String?, allocator: ByteBufferAllocator
+        _ head: HTTP1Head, target: String?, authority: String? = nil, clientAddress: String, secure: Bool = false, upgrade: String?,
+        allocator: ByteBufferAllocator
     ) -> ByteBuffer {
         var out = allocator.buffer(capacity: head.bytes.readableBytes + 128 + 3 * clientAddress.utf8.count + (target?.utf8.count ?? 0))
         head.bytes.withUnsafeReadableBytes { bytes in
@@ -63,7 +64,7 @@ enum HeadWriter {
             out.writeString(clientAddress)
             out.writeStaticString("\r\nX-Real-IP: ")
             out.writeString(clientAddress)
-            out.writeStaticString("\r\nX-Forwarded-Proto: http\r\n")
+            if secure { out.writeStaticString("\r\nX-Forwarded-Proto: https\r\n") } else { out.writeStaticString("\r\nX-Forwarded-Proto: http\r\n") }
             if let authority {
                 out.writeStaticString("Host: ")
                 out.writeString(authority)

@@ -16,6 +16,8 @@ final class ProxyContext: Sendable {
     let ejectAfter: Int
     let coolDown: Duration
     let accessLog: AccessLog?
+    /// TLS to `proto=https` instances.
+    let upstreamTLS: UpstreamTLS?
     let logger: Logger
     /// Requests in flight per target are counted only for least-connections, the one strategy
     /// that reads them: the counters are shared by every event loop, and an atomic that two
@@ -25,8 +27,10 @@ final class ProxyContext: Sendable {
     init(
         routes: ProxyTableBox, picker: Picker, connectTimeout: TimeAmount, readTimeout: TimeAmount,
         idleTimeout: TimeAmount = .seconds(75), retryBufferLimit: Int,
-        metrics: ProxyMetrics, ejectAfter: Int = 3, coolDown: Duration = .seconds(10), accessLog: AccessLog? = nil, logger: Logger
+        metrics: ProxyMetrics, ejectAfter: Int = 3, coolDown: Duration = .seconds(10), accessLog: AccessLog? = nil,
+        upstreamTLS: UpstreamTLS? = nil, logger: Logger
     ) {
+        self.upstreamTLS = upstreamTLS
         self.routes = routes
         self.picker = picker
         self.connectTimeout = connectTimeout
@@ -121,6 +125,8 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
     private let loop: IOLoop
     private let pool: UpstreamPool
     private let clientAddress: String
+    /// The client came over the HTTPS listener.
+    private let secure: Bool
     private let allocator: ByteBufferAllocator
     private var clientWritable = true
     private var clientNeedsFlush = false
@@ -152,8 +158,9 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
     private var headStarted: NIODeadline?
 
     /// Takes over an accepted client connection.
-    init(shared: ProxyContext, loop: IOLoop, client: Stream, clientAddress: String) {
+    init(shared: ProxyContext, loop: IOLoop, client: Stream, clientAddress: String, secure: Bool = false) {
         self.shared = shared
+        self.secure = secure
         self.loop = loop
         self.client = client
         self.clientAddress = clientAddress
@@ -397,7 +404,8 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
         let target: String? = route.rewritesPath ? RouteTable.upstreamPath(path, rule: route.route.rule) : (absoluteForm ? path : nil)
         let upgrade = head.connectionUpgrade ? head.upgradeValue : nil
         let upstreamHead = HeadWriter.upstreamRequest(
-            head, target: target, authority: absoluteForm ? host : nil, clientAddress: clientAddress, upgrade: upgrade, allocator: allocator)
+            head, target: target, authority: absoluteForm ? host : nil, clientAddress: clientAddress, secure: secure, upgrade: upgrade,
+            allocator: allocator)
         log?.route = route.label
         nextExchangeID &+= 1
         exchange = Exchange(
@@ -485,7 +493,9 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
         }
         let id = current.id
         let attempt = current.attempts
-        pool.connect(host: state.host, port: state.port, key: state.key, timeout: current.connectTimeout) { [self] result in
+        pool.connect(
+            host: state.host, port: state.port, key: state.key, security: state.security, tls: shared.upstreamTLS, timeout: current.connectTimeout
+        ) { [self] result in
             guard let now = exchange, now.id == id, now.attempts == attempt, upstream == nil else {
                 if case .success(let connection) = result { connection.handler.close() }
                 return

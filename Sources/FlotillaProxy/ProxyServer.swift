@@ -8,6 +8,7 @@ public import Logging
 public import NIOCore
 public import Prometheus
 public import ServiceLifecycle
+import NIOPosix
 import Synchronization
 
 /// Flotilla's load balancer: an HTTP/1.1 proxy on one port, plus a TCP listener for every
@@ -28,6 +29,12 @@ public final class ProxyServer: Service {
         public var accessLogPath: String?
         /// On shutdown, how long requests under way have to be answered.
         public var drainTimeout: Duration
+        /// The HTTPS listener's port (0: any free one), or nil for none; it needs `certificateDirectory`.
+        public var httpsPort: Int?
+        /// Where the HTTPS listener's certificates are (see `CertificateDirectory`).
+        public var certificateDirectory: String?
+        /// More trust roots (a PEM file) for `proto=https` instances, beside the system's.
+        public var upstreamCAFile: String?
 
         public init(
             host: String, port: Int, strategy: BalancingStrategy = .roundRobin, connectTimeout: TimeAmount = .seconds(1),
@@ -58,6 +65,12 @@ public final class ProxyServer: Service {
     /// TCP route listening sockets by port.
     private let tcpListeners = Mutex<[Int: Int32]>([:])
     private let running = Mutex(false)
+    private let certificates: CertificateDirectory?
+    private let https: HTTPSListener?
+    private let nextLoop = Atomic<Int>(0)
+    private let httpsListeningPort = Mutex<Int?>(nil)
+    /// The HTTPS listener's port once it listens.
+    public var httpsPort: Int? { httpsListeningPort.withLock { $0 } }
     private let reconciling = AsyncLock()
     private let accessLog: AccessLog?
 
@@ -69,10 +82,28 @@ public final class ProxyServer: Service {
         metricsByRoute = metrics
         accessLog = try configuration.accessLogPath.map { try AccessLog(path: $0) }
         loops = try (0..<max(1, System.coreCount)).map { try IOLoop(index: $0, logger: logger) }
+        let group = MultiThreadedEventLoopGroup.singleton
+        let upstreamTLS: UpstreamTLS
+        do {
+            upstreamTLS = try UpstreamTLS(caFile: configuration.upstreamCAFile, group: group, logger: logger)
+        } catch {
+            throw CertificateError("cannot use --proxy-upstream-ca \(configuration.upstreamCAFile ?? ""): \(error)")
+        }
+        if configuration.httpsPort != nil {
+            guard let directory = configuration.certificateDirectory else {
+                throw CertificateError("the HTTPS listener needs certificates: give --proxy-cert-dir DIR (NAME.pem + NAME.key per host)")
+            }
+            let certificates = try CertificateDirectory(path: directory)
+            self.certificates = certificates
+            https = try HTTPSListener(certificates: certificates, group: group, logger: logger)
+        } else {
+            certificates = nil
+            https = nil
+        }
         shared = ProxyContext(
             routes: routes, picker: Picker(strategy: configuration.strategy),
             connectTimeout: configuration.connectTimeout, readTimeout: configuration.readTimeout, idleTimeout: configuration.idleTimeout,
-            retryBufferLimit: configuration.retryBufferLimit, metrics: metrics, accessLog: accessLog, logger: logger)
+            retryBufferLimit: configuration.retryBufferLimit, metrics: metrics, accessLog: accessLog, upstreamTLS: upstreamTLS, logger: logger)
     }
 
     /// The table the proxy serves now, for `/api/routes`.
@@ -84,16 +115,20 @@ public final class ProxyServer: Service {
         guard previous.table != table else { return }
         let (http, tcp, live) = targetStates.withLock { states -> ([RouteRuntime], [Int: RouteRuntime], Set<String>) in
             var live: Set<String> = []
-            func state(_ target: RouteTarget) -> TargetState {
-                let key = "\(target.host):\(target.port)"
+            func state(_ target: RouteTarget, _ security: UpstreamSecurity) -> TargetState {
+                let key = TargetState.key(host: target.host, port: target.port, security: security)
                 live.insert(key)
                 if let existing = states[key] { return existing }
-                let created = TargetState(host: target.host, port: target.port)
+                let created = TargetState(host: target.host, port: target.port, security: security)
                 states[key] = created
                 return created
             }
-            let http = table.http.map { RouteRuntime(route: $0, states: state, metrics: metricsByRoute.forRoute($0.rule.host + $0.rule.path)) }
-            let tcp = table.tcp.mapValues { RouteRuntime(route: $0, states: state, metrics: metricsByRoute.forRoute(":\($0.rule.tcpPort ?? 0)")) }
+            let http = table.http.map { route in
+                RouteRuntime(route: route, states: { state($0, Self.security(of: route.rule)) }, metrics: metricsByRoute.forRoute(route.rule.host + route.rule.path))
+            }
+            let tcp = table.tcp.mapValues { route in
+                RouteRuntime(route: route, states: { state($0, .plaintext) }, metrics: metricsByRoute.forRoute(":\(route.rule.tcpPort ?? 0)"))
+            }
             states = states.filter { live.contains($0.key) }
             return (http, tcp, live)
         }
@@ -120,9 +155,24 @@ public final class ProxyServer: Service {
             throw error
         }
         logger.info("proxy listening on \(configuration.host):\(listening.port) (\(configuration.strategy.rawValue))")
+        var certificateWatch: Task<Void, Never>?
+        if let https, let certificates, let httpsPort = configuration.httpsPort {
+            do {
+                let port = try await https.start(host: configuration.host, port: httpsPort) { [self] fd, client in adopt(fd, client: client) }
+                httpsListeningPort.withLock { $0 = port }
+                logger.info("proxy HTTPS listening on \(configuration.host):\(port), certificates from \(certificates.path): \(certificates.summary)")
+            } catch {
+                for fd in [listening.fd] { await stopListening(on: fd) }
+                for loop in loops { loop.stop() }
+                throw CertificateError("the proxy cannot listen for HTTPS on \(configuration.host):\(httpsPort): \(error)")
+            }
+            certificateWatch = Task { [logger] in await Self.watch(certificates, logger: logger) }
+        }
         running.withLock { $0 = true }
         await reconcileTCPListeners()
         try? await gracefulShutdown()
+        certificateWatch?.cancel()
+        await https?.stop()
         // No reconciliation is under way while the listeners close, and none opens one after.
         await reconciling.acquire()
         defer { reconciling.release() }
@@ -136,6 +186,33 @@ public final class ProxyServer: Service {
         await drain()
         for loop in loops { loop.stop() }
         accessLog?.close()
+    }
+
+    /// Which connections a route's instances take: `proto=https` is TLS, verified unless `tlsskipverify=true`.
+    static func security(of rule: RouteRule) -> UpstreamSecurity {
+        rule.proto == .https ? .tls(verify: !rule.tlsSkipVerify) : .plaintext
+    }
+
+    /// Gives the plaintext end of an HTTPS connection to a loop, as a client from `client`.
+    private func adopt(_ fd: Int32, client: String) {
+        let loop = loops[nextLoop.wrappingAdd(1, ordering: .relaxed).oldValue % loops.count]
+        let shared = self.shared
+        loop.execute {
+            guard let stream = try? Stream.accepted(fd: fd, loop: loop) else { return }
+            _ = ProxyHandler(shared: shared, loop: loop, client: stream, clientAddress: client, secure: true)
+        }
+    }
+
+    /// Serves renewed certificates: the directory is looked at every 2 s.
+    private static func watch(_ certificates: CertificateDirectory, logger: Logger) async {
+        while !Task.isCancelled {
+            try? await Task.sleep(for: .seconds(2))
+            do {
+                if try certificates.reloadIfChanged() { logger.info("proxy certificates reloaded from \(certificates.path): \(certificates.summary)") }
+            } catch {
+                logger.error("proxy certificates in \(certificates.path) not reloaded (the ones loaded before stay): \(error)")
+            }
+        }
     }
 
     /// Lets requests under way finish (their responses say `Connection: close`) and closes idle

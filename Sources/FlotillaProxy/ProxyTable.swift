@@ -8,16 +8,28 @@ import Synchronization
 final class TargetState: Sendable {
     let host: String
     let port: Int
+    let security: UpstreamSecurity
+    /// `host:port`, with the scheme for TLS (`https://` or `https+insecure://`): pooled
+    /// connections are per key.
     let key: String
     private let inFlightCount = Atomic<Int>(0)
     private let failures = Atomic<Int>(0)
     /// Uptime nanoseconds until which the target is left out; 0 when it is not ejected.
     private let ejectedUntil = Atomic<UInt64>(0)
 
-    init(host: String, port: Int) {
+    init(host: String, port: Int, security: UpstreamSecurity = .plaintext) {
         self.host = host
         self.port = port
-        key = "\(host):\(port)"
+        self.security = security
+        key = Self.key(host: host, port: port, security: security)
+    }
+
+    static func key(host: String, port: Int, security: UpstreamSecurity) -> String {
+        switch security {
+        case .plaintext: "\(host):\(port)"
+        case .tls(verify: true): "https://\(host):\(port)"
+        case .tls(verify: false): "https+insecure://\(host):\(port)"
+        }
     }
 
     var inFlight: Int { inFlightCount.load(ordering: .relaxed) }

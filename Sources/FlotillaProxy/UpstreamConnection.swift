@@ -340,14 +340,34 @@ final class UpstreamPool {
     }
 
     /// A new connection to `host:port`; `completion` runs on the loop.
-    func connect(host: String, port: Int, key: String, timeout: TimeAmount, completion: @escaping (Result<UpstreamConnection, SystemCallError>) -> Void) {
+    func connect(
+        host: String, port: Int, key: String, security: UpstreamSecurity = .plaintext, tls: UpstreamTLS? = nil, timeout: TimeAmount,
+        completion: @escaping (Result<UpstreamConnection, SystemCallError>) -> Void
+    ) {
         resolve(host: host, port: port) { [self] address in
             guard let address else {
                 completion(.failure(SystemCallError(errno: EHOSTUNREACH, "resolve \(host)")))
                 return
             }
-            connect(to: address, key: key, timeout: timeout, completion: completion)
+            switch security {
+            case .plaintext:
+                connect(to: address, key: key, timeout: timeout, completion: completion)
+            case .tls(let verify):
+                guard let tls else {
+                    completion(.failure(SystemCallError(errno: EPROTONOSUPPORT, "TLS to \(key)")))
+                    return
+                }
+                tls.connect(to: address, verify: verify, on: loop, timeout: timeout) { [self] result in
+                    completion(result.map { stream in adopt(stream, key: key) })
+                }
+            }
         }
+    }
+
+    private func adopt(_ stream: Stream, key: String) -> UpstreamConnection {
+        let handler = UpstreamHandler(key: key, stream: stream)
+        handler.pool = self
+        return UpstreamConnection(handler: handler)
     }
 
     /// The address of `host:port`, on the loop: an IP address at once; a name is resolved off
@@ -367,11 +387,7 @@ final class UpstreamPool {
 
     private func connect(to address: SocketAddress, key: String, timeout: TimeAmount, completion: @escaping (Result<UpstreamConnection, SystemCallError>) -> Void) {
         Stream.connect(to: address, on: loop, timeout: timeout) { [self] result in
-            completion(result.map { stream in
-                let handler = UpstreamHandler(key: key, stream: stream)
-                handler.pool = self
-                return UpstreamConnection(handler: handler)
-            })
+            completion(result.map { stream in adopt(stream, key: key) })
         }
     }
 

@@ -44,6 +44,11 @@ public struct FlotillaServer {
         public var proxyDrainTimeout: Duration = .seconds(5)
         /// The proxy's access log (`-`: standard output); nil for none.
         public var proxyAccessLog: String?
+        /// The proxy's HTTPS listener and its certificate directory; nil for none.
+        public var proxyHTTPSPort: Int?
+        public var proxyCertificateDirectory: String?
+        /// Extra trust roots for `proto=https` instances.
+        public var proxyUpstreamCA: String?
         /// Where apps' port-0 service ports come from.
         public var servicePortRange: ClosedRange<Int> = 10_000...20_000
         /// Route every app's service ports as TCP routes, not only those labelled
@@ -105,6 +110,24 @@ public struct FlotillaServer {
             server = try .tls(.http1WithList(), tlsConfiguration: try tls.serverConfiguration())
         } else {
             server = .http1WithList()
+        }
+        // The proxy's files (access log, certificates) are checked here too, for the same reason.
+        let metrics = PrometheusCollectorRegistry()
+        let proxy: ProxyServer
+        do {
+            var proxyConfiguration = ProxyServer.Configuration(
+                host: configuration.bindAddress, port: configuration.proxyPort, strategy: configuration.proxyStrategy,
+                connectTimeout: TimeAmount(configuration.proxyConnectTimeout), readTimeout: TimeAmount(configuration.proxyReadTimeout),
+                idleTimeout: TimeAmount(configuration.proxyIdleTimeout), drainTimeout: configuration.proxyDrainTimeout,
+                accessLogPath: configuration.proxyAccessLog)
+            proxyConfiguration.httpsPort = configuration.proxyHTTPSPort
+            proxyConfiguration.certificateDirectory = configuration.proxyCertificateDirectory
+            proxyConfiguration.upstreamCAFile = configuration.proxyUpstreamCA
+            proxy = try ProxyServer(configuration: proxyConfiguration, metrics: metrics, logger: logger)
+        } catch let error as CertificateError {
+            throw ServerError(error.description)
+        } catch {
+            throw ServerError(error.localizedDescription)
         }
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
         let store = try await configuration.store.open(dataDirectory: configuration.dataDirectory, logger: logger)
@@ -193,19 +216,6 @@ public struct FlotillaServer {
             workloadTokens: configuration.aclDefaultDeny ? InstanceTokens(tokens: tokens) : nil,
             logger: logger)
 
-        let metrics = PrometheusCollectorRegistry()
-        let proxy: ProxyServer
-        do {
-            proxy = try ProxyServer(
-                configuration: .init(
-                    host: configuration.bindAddress, port: configuration.proxyPort, strategy: configuration.proxyStrategy,
-                    connectTimeout: TimeAmount(configuration.proxyConnectTimeout), readTimeout: TimeAmount(configuration.proxyReadTimeout),
-                    idleTimeout: TimeAmount(configuration.proxyIdleTimeout), drainTimeout: configuration.proxyDrainTimeout,
-                    accessLogPath: configuration.proxyAccessLog),
-                metrics: metrics, logger: logger)
-        } catch {
-            throw ServerError("\(error.localizedDescription)")
-        }
         let checkDirectory = configuration.dataDirectory + "/checks"
         try FileManager.default.createDirectory(atPath: checkDirectory, withIntermediateDirectories: true)
         let networkProbe = NetworkProbe(directory: checkDirectory)
