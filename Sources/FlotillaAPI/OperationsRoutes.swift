@@ -35,6 +35,10 @@ public struct OperationsRoutes: Sendable {
             if let prepend = rule.prepend { parts.append("prepend=\(prepend)") }
             if rule.proto != .http { parts.append("proto=\(rule.proto.rawValue)") }
             if rule.tlsSkipVerify { parts.append("tlsskipverify=true") }
+            if let access = rule.access {
+                parts.append("\(access.mode.rawValue)=" + (access.malformed ? "invalid" : access.networks.map { "ip:\($0)" }.joined(separator: ",")))
+            }
+            if let redirect = rule.redirect { parts.append("redirect=\(redirect.status),\(redirect.location)") }
             if let timeout = rule.connectTimeout { parts.append("connecttimeout=\(milliseconds(timeout))ms") }
             if let timeout = rule.readTimeout { parts.append("readtimeout=\(milliseconds(timeout))ms") }
             return parts.joined(separator: " ")

@@ -1,6 +1,14 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import Foundation
+
 /// A proxy rule, written as a Fabio-style service tag:
 /// `urlprefix-[host]/path [strip=/path] [prepend=/p] [weight=0.N] [proto=http|https|tcp]
-/// [tlsskipverify=true] [connecttimeout=DURATION] [readtimeout=DURATION]`, or `urlprefix-:PORT proto=tcp` for a TCP
+/// [tlsskipverify=true] [allow=ip:CIDR,… | deny=ip:CIDR,…] [redirect=CODE,URL]
+/// [connecttimeout=DURATION] [readtimeout=DURATION]`, or `urlprefix-:PORT proto=tcp` for a TCP
 /// listener. Durations are Go's (`500ms`, `30s`, `2m`).
 public struct RouteRule: Sendable, Hashable {
     public enum Proto: String, Sendable, Hashable {
@@ -26,6 +34,10 @@ public struct RouteRule: Sendable, Hashable {
     public var readTimeout: Duration?
     /// `proto=https` without checking the instance's certificate (`tlsskipverify=true`).
     public var tlsSkipVerify = false
+    /// Who may use the route, by source address (`allow=` or `deny=`).
+    public var access: RouteAccess?
+    /// Answer every request with this redirect instead of proxying it (`redirect=301,https://…$path`).
+    public var redirect: RouteRedirect?
 
     public init(
         host: String = "", path: String = "/", proto: Proto = .http, strip: String? = nil, prepend: String? = nil, weight: Double? = nil,
@@ -60,6 +72,13 @@ public struct RouteRule: Sendable, Hashable {
             case "proto": guard let proto = Proto(rawValue: parts[1].lowercased()) else { return nil }; rule.proto = proto
             case "weight": guard let weight = Double(parts[1]), weight >= 0, weight <= 1 else { return nil }; rule.weight = weight
             case "host": rule.host = parts[1].lowercased()
+            case "allow", "deny":
+                // Fabio's rule: with both, allow wins.
+                if parts[0] == "deny", rule.access?.mode == .allow { continue }
+                rule.access = RouteAccess(mode: parts[0] == "allow" ? .allow : .deny, list: parts[1])
+            case "redirect":
+                guard let redirect = RouteRedirect(parts[1]) else { return nil }
+                rule.redirect = redirect
             case "tlsskipverify":
                 guard let skip = Bool(parts[1].lowercased()) else { return nil }
                 rule.tlsSkipVerify = skip
@@ -67,7 +86,7 @@ public struct RouteRule: Sendable, Hashable {
                 guard let seconds = GoDuration.seconds(parts[1]), seconds > 0, seconds <= 24 * 3600 else { return nil }
                 let duration = Duration.milliseconds(Int64((seconds * 1000).rounded(.up)))
                 if parts[0] == "connecttimeout" { rule.connectTimeout = duration } else { rule.readTimeout = duration }
-            default: continue  // Options Flotilla does not act on yet (redirect, allow, deny): see docs/api.md.
+            default: continue  // Fabio's other options (auth=, register=, …) are not acted on: see docs/api.md.
             }
         }
         if target.hasPrefix(":") {
@@ -82,6 +101,104 @@ public struct RouteRule: Sendable, Hashable {
         if !host.isEmpty { rule.host = String(host.split(separator: ":").first ?? "") }
         rule.path = String(target[slash...])
         return rule
+    }
+}
+
+/// Fabio's `allow=`/`deny=`: `ip:10.0.0.0/8,ip:192.168.1.7` (the `ip:` is optional). A request
+/// passes when its connection's address and every address in its `X-Forwarded-For` pass (a
+/// forged header can only narrow what a client may do). An entry that is no IP address or network
+/// makes the route refuse everyone: a mistyped allow list fails closed.
+public struct RouteAccess: Sendable, Hashable {
+    public enum Mode: String, Sendable, Hashable { case allow, deny }
+    public var mode: Mode
+    public var networks: [IPNetwork]
+    public var malformed: Bool
+
+    public init(mode: Mode, list: String) {
+        self.mode = mode
+        var networks: [IPNetwork] = []
+        var malformed = false
+        for entry in list.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !entry.isEmpty {
+            let text = entry.hasPrefix("ip:") ? String(entry.dropFirst(3)) : entry
+            if let network = IPNetwork(text) { networks.append(network) } else { malformed = true }
+        }
+        self.networks = networks
+        self.malformed = malformed || networks.isEmpty
+    }
+
+    /// Whether one address passes.
+    public func permits(_ address: String) -> Bool {
+        guard !malformed, let bytes = IPNetwork.bytes(of: address) else { return false }
+        let listed = networks.contains { $0.contains(bytes) }
+        return mode == .allow ? listed : !listed
+    }
+}
+
+/// An IPv4 or IPv6 network (`10.0.0.0/8`, `fd00::/8`, or one address).
+public struct IPNetwork: Sendable, Hashable, CustomStringConvertible {
+    public let bytes: [UInt8]
+    public let prefix: Int
+
+    public init?(_ text: String) {
+        let parts = text.split(separator: "/", maxSplits: 1, omittingEmptySubsequences: false)
+        guard let bytes = Self.bytes(of: String(parts[0])) else { return nil }
+        let width = bytes.count * 8
+        if parts.count == 2 {
+            guard let prefix = Int(parts[1]), (0...width).contains(prefix) else { return nil }
+            self.prefix = prefix
+        } else {
+            prefix = width
+        }
+        self.bytes = bytes
+    }
+
+    public var description: String {
+        (bytes.count == 4 ? bytes.map(String.init).joined(separator: ".") : "v6:" + bytes.map { String($0, radix: 16) }.joined(separator: ":")) + "/\(prefix)"
+    }
+
+    public func contains(_ address: [UInt8]) -> Bool {
+        guard address.count == bytes.count else { return false }
+        var remaining = prefix
+        for index in bytes.indices where remaining > 0 {
+            let bits = min(8, remaining)
+            let mask: UInt8 = bits == 8 ? 0xFF : ~(0xFF >> UInt8(bits))
+            if address[index] & mask != bytes[index] & mask { return false }
+            remaining -= bits
+        }
+        return true
+    }
+
+    /// The 4 or 16 bytes of a textual address (an IPv4-mapped IPv6 address gives its IPv4 bytes).
+    public static func bytes(of text: String) -> [UInt8]? {
+        let text = text.hasPrefix("[") && text.hasSuffix("]") ? String(text.dropFirst().dropLast()) : text
+        var v4 = in_addr()
+        if inet_pton(AF_INET, text, &v4) == 1 {
+            return withUnsafeBytes(of: &v4) { Array($0) }
+        }
+        var v6 = in6_addr()
+        guard inet_pton(AF_INET6, text, &v6) == 1 else { return nil }
+        let bytes = withUnsafeBytes(of: &v6) { Array($0) }
+        if bytes[0..<10].allSatisfy({ $0 == 0 }) && bytes[10] == 0xFF && bytes[11] == 0xFF { return Array(bytes[12...]) }
+        return bytes
+    }
+}
+
+/// Fabio's `redirect=CODE,URL`: `$path` in URL becomes the request's path and query.
+public struct RouteRedirect: Sendable, Hashable {
+    public var status: Int
+    public var location: String
+
+    public init?(_ text: String) {
+        let parts = text.split(separator: ",", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) }
+        guard parts.count == 2, let status = Int(parts[0]), [301, 302, 303, 307, 308].contains(status), !parts[1].isEmpty,
+            !parts[1].utf8.contains(where: { $0 < 0x21 || $0 == 0x7F })
+        else { return nil }
+        self.status = status
+        location = parts[1]
+    }
+
+    public func location(for path: String) -> String {
+        location.replacingOccurrences(of: "$path", with: path)
     }
 }
 

@@ -121,12 +121,18 @@ enum HeadWriter {
     }
 
     /// A response the proxy makes itself (404, 503, 502, 504, 400…): a short text body.
-    static func localResponse(status: Int, message: String, close: Bool, headRequest: Bool, allocator: ByteBufferAllocator) -> ByteBuffer {
-        var out = allocator.buffer(capacity: 160 + message.utf8.count)
+    static func localResponse(
+        status: Int, message: String, close: Bool, headRequest: Bool, location: String? = nil, allocator: ByteBufferAllocator
+    ) -> ByteBuffer {
+        var out = allocator.buffer(capacity: 160 + message.utf8.count + (location?.utf8.count ?? 0))
         out.writeStaticString("HTTP/1.1 ")
         out.writeString(String(status))
         out.writeInteger(UInt8(ascii: " "))
         out.writeString(reasonPhrase(status))
+        if let location {
+            out.writeStaticString("\r\nLocation: ")
+            out.writeString(location)
+        }
         out.writeStaticString("\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ")
         out.writeString(String(message.utf8.count))
         out.writeStaticString(close ? "\r\nConnection: close\r\n\r\n" : "\r\n\r\n")
@@ -136,7 +142,13 @@ enum HeadWriter {
 
     static func reasonPhrase(_ status: Int) -> String {
         switch status {
+        case 301: "Moved Permanently"
+        case 302: "Found"
+        case 303: "See Other"
+        case 307: "Temporary Redirect"
+        case 308: "Permanent Redirect"
         case 400: "Bad Request"
+        case 403: "Forbidden"
         case 404: "Not Found"
         case 405: "Method Not Allowed"
         case 408: "Request Timeout"

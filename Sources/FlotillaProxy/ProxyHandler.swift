@@ -393,6 +393,23 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
             answer(404, "no route for \(host)\(path)", keepAlive: keepAlive, headRequest: headRequest, body: framing, log: log, started: started)
             return
         }
+        if let access = route.route.rule.access, let refused = refusedAddress(access) {
+            route.metrics.record(statusClass: 4, latency: nil)
+            log?.route = route.label
+            answer(
+                403, "\(refused) may not use \(route.label)", keepAlive: keepAlive, headRequest: headRequest, body: framing, log: log,
+                started: started)
+            return
+        }
+        if let redirect = route.route.rule.redirect {
+            route.metrics.record(statusClass: 3, latency: nil)
+            log?.route = route.label
+            let location = redirect.location(for: path)
+            answer(
+                redirect.status, "moved to \(location)", keepAlive: keepAlive, headRequest: headRequest, body: framing, log: log,
+                started: started, location: location)
+            return
+        }
         guard !route.targets.isEmpty else {
             route.metrics.record(statusClass: 5, latency: nil)
             log?.route = route.label
@@ -451,9 +468,24 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
         writeLocal(status: error.status, message: error.reason, close: true, headRequest: false)
     }
 
-    /// Answers a routed-nowhere request here (404, 503), dropping whatever body comes with it.
+    /// The first address of this request an `allow=`/`deny=` rule refuses: the connection's, then
+    /// each in `X-Forwarded-For`; nil when all pass.
+    private func refusedAddress(_ access: RouteAccess) -> String? {
+        if !access.permits(clientAddress) { return clientAddress }
+        for field in head.fields where field.kind == .xForwardedFor {
+            for address in head.value(of: field).split(separator: ",") {
+                let blank: (Character) -> Bool = { $0 == " " || $0 == "\t" }
+                let trimmed = String(address.drop(while: blank).reversed().drop(while: blank).reversed())
+                if !trimmed.isEmpty, !access.permits(trimmed) { return trimmed }
+            }
+        }
+        return nil
+    }
+
+    /// Answers a request here (404, 503, 403, a redirect), dropping whatever body comes with it.
     private func answer(
-        _ status: Int, _ message: String, keepAlive: Bool, headRequest: Bool, body: BodyFramer.Framing?, log: AccessLog.Entry?, started: NIODeadline
+        _ status: Int, _ message: String, keepAlive: Bool, headRequest: Bool, body: BodyFramer.Framing?, log: AccessLog.Entry?, started: NIODeadline,
+        location: String? = nil
     ) {
         var close = !keepAlive
         if let body {
@@ -470,7 +502,7 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
             log.totalSeconds = Self.seconds(since: started)
             shared.accessLog?.record(log)
         }
-        writeLocal(status: status, message: message, close: close, headRequest: headRequest)
+        writeLocal(status: status, message: message, close: close, headRequest: headRequest, location: location)
     }
 
     // MARK: - Connecting upstream
@@ -774,8 +806,9 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
     }
 
     /// A response the proxy makes itself; with `close`, the connection's last.
-    private func writeLocal(status: Int, message: String, close: Bool, headRequest: Bool) {
-        let response = HeadWriter.localResponse(status: status, message: message + "\n", close: close, headRequest: headRequest, allocator: allocator)
+    private func writeLocal(status: Int, message: String, close: Bool, headRequest: Bool, location: String? = nil) {
+        let response = HeadWriter.localResponse(
+            status: status, message: message + "\n", close: close, headRequest: headRequest, location: location, allocator: allocator)
         if close {
             finish(with: response)
         } else {

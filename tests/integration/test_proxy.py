@@ -722,6 +722,41 @@ def register_external(agent, service_id, name, port, tag):
     assert response.status_code == 200, f"register {service_id}: {response.status_code} {response.text}"
 
 
+def test_allow_deny_and_redirect_routes(shared_agent, app_ids, backend_script):
+    """Fabio's allow=/deny= by source address (the connection's and X-Forwarded-For's), and
+    redirect=CODE,URL with $path."""
+    agent = shared_agent
+    app_id = app_ids.new()
+    suffix = unique_suffix(app_id)
+    deploy(agent, backend_app(app_id, backend_script))
+    port = agent.tasks(app_id)[0]["ports"][0]
+    tags = {
+        "open": "allow=ip:127.0.0.0/8", "closed": "deny=ip:127.0.0.1", "others": "allow=ip:10.0.0.0/8",
+        "typo": "allow=ip:127.0.0.1/40", "moved": "redirect=308,https://new.example$path",
+    }
+    for name, options in tags.items():
+        register_external(agent, f"{name}-{suffix}", f"{name}-{suffix}", port, f"urlprefix-/{name}-{suffix} {options}")
+    try:
+        for name in tags:
+            wait_for_targets(agent, f"/{name}-{suffix}", 1)
+        assert echo(proxied(agent, f"/open-{suffix}/x"))["path"] == f"/open-{suffix}/x"
+        forged = proxied(agent, f"/open-{suffix}/x", headers={"X-Forwarded-For": "203.0.113.9"})
+        assert forged.status_code == 403 and "203.0.113.9" in forged.text
+        for name in ("closed", "others", "typo"):
+            refused = proxied(agent, f"/{name}-{suffix}/x")
+            assert refused.status_code == 403, (name, refused.status_code, refused.text)
+        # A forged header cannot widen an allow list: the connection's own address still counts.
+        assert proxied(agent, f"/others-{suffix}/x", headers={"X-Forwarded-For": "10.1.2.3"}).status_code == 403
+        moved = proxied(agent, f"/moved-{suffix}/a/b?c=1", allow_redirects=False)
+        assert moved.status_code == 308 and moved.headers["Location"] == f"https://new.example/moved-{suffix}/a/b?c=1"
+        entry = route_entries(agent, f"/others-{suffix}")[0]
+        assert "allow=ip:10.0.0.0/8" in entry["opts"] and "invalid" in route_entries(agent, f"/typo-{suffix}")[0]["opts"]
+    finally:
+        for name in tags:
+            agent.put(f"/v1/agent/service/deregister/{name}-{suffix}")
+        agent.delete(f"/v2/apps{app_id}")
+
+
 def test_connect_failure_is_retried_and_the_dead_target_ejected(shared_agent, app_ids, backend_script):
     agent = shared_agent
     app_id = app_ids.new()
