@@ -119,6 +119,9 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "Require API clients to present a certificate signed by this CA (PEM): mutual TLS.")
     var tlsClientCa: String?
 
+    @Option(help: "In a cluster over TLS: the CA (PEM) that signed the other agents' certificates, for the requests agents send each other (they present --tls-cert); default: --tls-client-ca, else the system's roots.")
+    var tlsPeerCa: String?
+
     @Option(help: "The key secrets are sealed under (from 'flotilla secrets keygen'; mode 600); or the FLOTILLA_SECRETS_KEY environment variable. Without one, the secrets engine is off.")
     var secretsKeyFile: String?
 
@@ -199,6 +202,7 @@ struct AgentCommand: AsyncParsableCommand {
         guard ["allow", "default-deny"].contains(acl) else { throw ValidationError("--acl must be allow or default-deny, got '\(acl)'") }
         guard (tlsCert == nil) == (tlsKey == nil) else { throw ValidationError("--tls-cert and --tls-key go together") }
         if tlsClientCa != nil && tlsCert == nil { throw ValidationError("--tls-client-ca needs --tls-cert and --tls-key") }
+        if tlsPeerCa != nil && tlsCert == nil { throw ValidationError("--tls-peer-ca needs --tls-cert and --tls-key") }
         do {
             _ = try StoreLocation.parse(store, etcdPrefix: etcdPrefix, caFile: etcdCa, certFile: etcdCert, keyFile: etcdKey)
         } catch {
@@ -283,7 +287,7 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.store = try StoreLocation.parse(store, etcdPrefix: etcdPrefix, caFile: etcdCa, certFile: etcdCert, keyFile: etcdKey)
             configuration.server = server
             if let tlsCert, let tlsKey {
-                configuration.tls = TLSFiles(certificate: tlsCert, key: tlsKey, clientCA: tlsClientCa)
+                configuration.tls = TLSFiles(certificate: tlsCert, key: tlsKey, clientCA: tlsClientCa, peerCA: tlsPeerCa)
             }
             if let secretsKeyFile {
                 configuration.secretsKey = try SecretsMasterKey(file: secretsKeyFile)

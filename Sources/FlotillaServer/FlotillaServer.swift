@@ -111,6 +111,7 @@ public struct FlotillaServer {
         } else {
             server = .http1WithList()
         }
+        let peerTLS = try configuration.tls?.peerClientConfiguration()
         // The proxy's files (access log, certificates) are checked here too, for the same reason.
         let metrics = PrometheusCollectorRegistry()
         let proxy: ProxyServer
@@ -233,7 +234,7 @@ public struct FlotillaServer {
         let router = Router(context: FlotillaRequestContext.self)
         // First: the middleware covers only the routes added after it.
         router.add(middleware: ACLMiddleware<FlotillaRequestContext>(tokens: tokens, enforcing: configuration.aclDefaultDeny, audit: audit))
-        let forwardHTTP = HTTPClient(eventLoopGroupProvider: .singleton)
+        let forwardHTTP = HTTPClient(eventLoopGroupProvider: .singleton, configuration: .init(tlsConfiguration: peerTLS))
         if let cluster { router.add(middleware: LeaderForwardingMiddleware<FlotillaRequestContext>(role: cluster, client: forwardHTTP, control: control)) }
         if !configuration.aclDefaultDeny {
             logger.notice("ACLs are off: the API is open to whoever reaches it (--acl default-deny turns them on; 'flotilla acl bootstrap' makes the first token)")
@@ -416,11 +417,32 @@ public struct TLSFiles: Sendable {
     public var certificate: String
     public var key: String
     public var clientCA: String?
+    /// What signed the other agents' certificates, for the requests agents send each other
+    /// (forwarded writes, relayed logs and events); nil: `clientCA`, else the system's roots.
+    public var peerCA: String?
 
-    public init(certificate: String, key: String, clientCA: String? = nil) {
+    public init(certificate: String, key: String, clientCA: String? = nil, peerCA: String? = nil) {
         self.certificate = certificate
         self.key = key
         self.clientCA = clientCA
+        self.peerCA = peerCA
+    }
+
+    /// For requests to other agents: their certificate verified (for the address they advertise)
+    /// against `peerCA` (or `clientCA`) and the system's roots; this agent's own certificate
+    /// presented, for peers that require one.
+    func peerClientConfiguration() throws -> TLSConfiguration {
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        configuration.minimumTLSVersion = .tlsv12
+        if let authority = peerCA ?? clientCA {
+            guard (try? NIOSSLCertificate.fromPEMFile(authority))?.isEmpty == false else {
+                throw ServerError("cannot read the peer CA \(authority) (PEM certificates)")
+            }
+            configuration.additionalTrustRoots = [.file(authority)]
+        }
+        configuration.certificateChain = try NIOSSLCertificate.fromPEMFile(certificate).map { .certificate($0) }
+        configuration.privateKey = .privateKey(try NIOSSLPrivateKey(file: key, format: .pem))
+        return configuration
     }
 
     /// TLS 1.2 or later; with `clientCA`, a client without a certificate from it is refused.

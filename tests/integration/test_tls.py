@@ -10,7 +10,7 @@ import requests
 import trustme
 from marathon import MarathonApp, MarathonClient
 
-from support.flotilla import Agent
+from support.flotilla import Agent, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +112,72 @@ def test_bad_tls_files_stop_the_agent_with_a_clear_error(binary, pki, tmp_path):
     assert missing.returncode != 0 and "cannot read the TLS certificate" in missing.stdout + missing.stderr
     half = subprocess.run([str(binary), "agent", "--data-dir", str(tmp_path / "d"), "--tls-cert", str(pki["cert"])], capture_output=True, text=True, timeout=30)
     assert half.returncode != 0 and "--tls-cert and --tls-key go together" in half.stderr
+
+
+def test_agents_of_a_cluster_speak_mutual_tls_to_each_other(binary, authority, tmp_path, etcd):
+    """Two agents on etcd, each serving HTTPS that requires client certificates: a write sent to
+    the follower is forwarded to the leader, and an instance's log is relayed from its node, over
+    TLS that each side verifies (the peers present their own certificates; --tls-peer-ca)."""
+    files = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "agents.pem", "key": tmp_path / "agents.key",
+             "client_cert": tmp_path / "client.pem", "client_key": tmp_path / "client.key"}
+    authority.cert_pem.write_to_path(str(files["ca"]))
+    agents_cert = authority.issue_cert("127.0.0.2", "127.0.0.3")
+    agents_cert.private_key_pem.write_to_path(str(files["key"]))
+    with open(files["cert"], "wb") as chain:
+        for blob in agents_cert.cert_chain_pems:
+            chain.write(blob.bytes())
+    client = authority.issue_cert("operator@flotilla.test")
+    client.private_key_pem.write_to_path(str(files["client_key"]))
+    client.cert_chain_pems[0].write_to_path(str(files["client_cert"]))
+    cert = (str(files["client_cert"]), str(files["client_key"]))
+    tls = ["--tls-cert", str(files["cert"]), "--tls-key", str(files["key"]), "--tls-client-ca", str(files["ca"]),
+           "--tls-peer-ca", str(files["ca"]), "--store", etcd.store_url, "--server"]
+    agents = [Agent(binary, tmp_path / f"agent{n}", bind=f"127.0.0.{n}", node_name=f"node-{n}", extra_args=tls) for n in (2, 3)]
+
+    def get(agent, path):
+        return requests.get(f"https://{agent.bind}:{agent.api_port}{path}", verify=str(files["ca"]), cert=cert, timeout=10)
+
+    try:
+        for agent in agents:
+            agent.start()
+        for agent in agents:
+            def up(agent=agent):
+                assert agent.process.poll() is None, agent.log_tail()
+                try:
+                    return get(agent, "/ping").status_code == 200
+                except requests.exceptions.RequestException:
+                    return False
+            wait_until(up, timeout=60, what=f"{agent.node_name} answering over HTTPS")
+
+        def leader():
+            named = {get(agent, "/v2/leader").json().get("leader") for agent in agents}
+            return named.pop() if len(named) == 1 and None not in named else None
+
+        leading = wait_until(leader, timeout=30, what="one leader")
+        follower = next(agent for agent in agents if f"{agent.bind}:{agent.api_port}" != leading)
+        base = f"https://{follower.bind}:{follower.api_port}"
+        # A write to the follower is forwarded to the leader over mutual TLS.
+        created = requests.post(f"{base}/v2/apps", verify=str(files["ca"]), cert=cert, timeout=20, json={
+            "id": "/tls/peers", "cmd": "echo hello-from-$HOST >&2; exec sleep 300", "instances": 2, "cpus": 0.05, "mem": 16,
+            "constraints": [["hostname", "UNIQUE"]]})
+        assert created.status_code == 201, created.text
+
+        def spread():
+            tasks = get(follower, "/v2/apps/tls/peers/tasks").json()["tasks"]
+            return tasks if len(tasks) == 2 and {task["host"] for task in tasks} == {"127.0.0.2", "127.0.0.3"} else None
+
+        tasks = wait_until(spread, timeout=30, what="an instance on each node")
+        # The log of an instance on the other node, asked of each agent, is relayed over TLS.
+        for agent in agents:
+            (remote,) = [task for task in tasks if task["host"] != agent.bind]
+
+            def relayed(agent=agent, remote=remote):
+                answer = get(agent, f"/flotilla/v1/logs/{remote['id']}?stream=stderr&lines=10")
+                assert answer.status_code == 200, answer.text
+                return f"hello-from-{remote['host']}" in answer.text
+
+            wait_until(relayed, timeout=20, what=f"the log of {remote['id']} through {agent.node_name}")
+        requests.delete(f"{base}/v2/apps/tls/peers?force=true", verify=str(files["ca"]), cert=cert, timeout=20)
+    finally:
+        for agent in agents:
+            agent.stop()
