@@ -1,6 +1,8 @@
 import ArgumentParser
 import FlotillaCore
 import FlotillaSecrets
+import FlotillaServer
+import Logging
 import FlotillaStore
 import Foundation
 import NIOHTTP1
@@ -25,9 +27,14 @@ struct SecretsCommand: AsyncParsableCommand {
     struct RotateKey: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "rotate-key",
-            abstract: "Re-seal the data directory's secrets key under a new key; every secret stays readable.",
-            discussion: "Run it on the node whose data directory holds the state; restart the agent with --secrets-key-file NEW afterwards.")
+            abstract: "Re-seal the store's secrets key under a new key; every secret stays readable.",
+            discussion: "On SQLite, run it on the node whose data directory holds the state; on etcd, from anywhere that reaches it (--store etcd://…). Restart the agents with --secrets-key-file NEW afterwards.")
         @Option(help: "The agent's data directory.") var dataDir: String = AgentCommand.defaultDataDirectory()
+        @Option(help: "Where the state lives: sqlite[:PATH] (state.db in --data-dir) or etcd://HOST:PORT[,…], as the agent's --store.") var store: String = "sqlite"
+        @Option(help: "The etcd key prefix, as the agent's.") var etcdPrefix: String = "/flotilla"
+        @Option(help: "The etcd members' CA (PEM).") var etcdCa: String?
+        @Option(help: "A client certificate for etcd (PEM).") var etcdCert: String?
+        @Option(help: "The private key of --etcd-cert (PEM).") var etcdKey: String?
         @Option(help: "The key the secrets are sealed under now.") var oldKeyFile: String
         @Option(help: "The key to seal them under from now on (make one with 'flotilla secrets keygen').") var newKeyFile: String
         @Flag(help: "Print JSON.") var json = false
@@ -35,9 +42,12 @@ struct SecretsCommand: AsyncParsableCommand {
         func run() async throws {
             let old = try SecretsMasterKey(file: oldKeyFile)
             let new = try SecretsMasterKey(file: newKeyFile)
-            let store = try SQLiteStateStore(path: dataDir + "/state.db")
-            try await SecretsCipher.rotate(store: store, from: old, to: new)
-            if json { printJSON(["rotated": true]) } else { print("secrets in \(dataDir) are now sealed under \(newKeyFile)") }
+            let location = try StoreLocation.parse(store, etcdPrefix: etcdPrefix, caFile: etcdCa, certFile: etcdCert, keyFile: etcdKey)
+            let name = try await location.withStore(dataDirectory: dataDir, logger: Logger(label: "flotilla")) { store in
+                try await SecretsCipher.rotate(store: store, from: old, to: new)
+                return store.displayName
+            }
+            if json { printJSON(["rotated": true]) } else { print("secrets in \(name) are now sealed under \(newKeyFile)") }
         }
     }
 }

@@ -363,6 +363,13 @@ public enum StoreLocation: Sendable {
             }
         }
     }
+
+    /// Opens the store for `body` and closes it after (an offline tool's use).
+    public func withStore<T: Sendable>(dataDirectory: String, logger: Logger, _ body: (any StateStore) async throws -> T) async throws -> T {
+        let store = try await open(dataDirectory: dataDirectory, logger: logger)
+        defer { (store as? EtcdStateStore)?.close() }
+        return try await body(store)
+    }
 }
 
 /// The control plane as the registry's source of nodes and instances.

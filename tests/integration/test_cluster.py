@@ -14,15 +14,23 @@ and data directory; they share one etcd. Covered here:
   app's inactiveAfterSeconds; back again, it stops what was replaced and nothing is doubled;
 - every etcd member down for 10 s: no instance stops, each proxy still routes, writes answer 503,
   and everything recovers by itself;
-- three agents (two servers, one that only runs instances) spread by `GROUP_BY hostname`.
+- three agents (two servers, one that only runs instances) spread by `GROUP_BY hostname`;
+- secrets and tokens with the state on etcd: one key file for every agent, a secret written
+  through one agent read through the other (hvac), a token made on one used and revoked on the
+  other, an instance on either node given its secret; no secret value or token in etcd.
 """
 
 import json
 import os
 import signal
+import subprocess
 import time
+import uuid
 
+import hvac
+import pytest
 import requests
+from hvac.exceptions import Forbidden
 
 from support.flotilla import app_definition, wait_until
 
@@ -365,3 +373,86 @@ def test_all_of_etcd_down_stops_nothing_and_the_cluster_recovers(etcd, make_agen
     for agent in agents:
         assert set(before[agent.bind]) <= set(agent.instance_leaders(app_id)), f"an instance on {agent.bind} was replaced after the outage"
     assert len(running(leader, app_id)) == 3
+
+
+def test_secrets_and_tokens_are_shared_by_the_cluster_and_sealed_in_etcd(etcd, make_agent, binary, tmp_path, app_ids):
+    key = tmp_path / "secrets.key"
+    key.write_text(subprocess.run([str(binary), "secrets", "keygen"], capture_output=True, text=True, check=True).stdout)
+    key.chmod(0o600)
+    agents = []
+    for number in (2, 3):
+        extra = ["--store", etcd.store_url, "--server", "--secrets-key-file", str(key), "--acl", "default-deny"]
+        agents.append(make_agent(bind=f"127.0.0.{number}", node_name=f"node-{number}", extra_args=extra))
+    # Bootstrapping (once per store) needs no leader; finding the leader needs a token.
+    root = requests.put(f"{agents[1].url}/v1/acl/bootstrap", timeout=10).json()["SecretID"]
+    assert requests.put(f"{agents[0].url}/v1/acl/bootstrap", timeout=10).status_code == 403, "bootstrapped twice"
+    assert requests.get(f"{agents[0].url}/v2/leader", timeout=10).status_code in (401, 403)
+
+    def named_leader():
+        named = {requests.get(f"{agent.url}/v2/leader", headers={"X-Vault-Token": root}, timeout=5).json().get("leader") for agent in agents}
+        address = named.pop() if len(named) == 1 else None
+        return next((agent for agent in agents if f"{agent.bind}:{agent.api_port}" == address), None)
+
+    leader = wait_until(named_leader, timeout=20, what="one leader named by every agent")
+    other = next(agent for agent in agents if agent is not leader)
+    planted = f"planted-{uuid.uuid4().hex}"
+    by_leader = hvac.Client(url=leader.url, token=root)
+    by_other = hvac.Client(url=other.url, token=root)
+    by_leader.secrets.kv.v2.create_or_update_secret(path="shop/db", secret={"password": planted})
+    assert by_other.secrets.kv.v2.read_secret_version(path="shop/db", raise_on_deleted_version=True)["data"]["data"] == {"password": planted}
+    assert by_other.secrets.kv.v2.list_secrets(path="shop")["data"]["keys"] == ["db"]
+
+    by_other.sys.create_or_update_policy("shop-read", 'path "secret/data/shop/*" { capabilities = ["read"] }')
+    reader = by_other.auth.token.create(policies=["shop-read"], ttl="1h")["auth"]["client_token"]
+    reading = hvac.Client(url=leader.url, token=reader)
+    assert reading.secrets.kv.v2.read_secret_version(path="shop/db", raise_on_deleted_version=True)["data"]["data"]["password"] == planted
+    with pytest.raises(Forbidden):
+        reading.secrets.kv.v2.create_or_update_secret(path="shop/db", secret={"password": "x"})
+    by_other.auth.token.revoke(reader)
+
+    def refused():
+        try:
+            reading.secrets.kv.v2.read_secret_version(path="shop/db", raise_on_deleted_version=True)
+            return False
+        except Forbidden:
+            return True
+
+    # Caches on the other agent live up to 1 s.
+    wait_until(refused, timeout=10, what="the revoked token refused by the other agent")
+
+    # An instance on each node gets the secret, resolved on its node.
+    app_id = app_ids.new("sealed")
+    created = requests.post(f"{other.url}/v2/apps", headers={"X-Vault-Token": root}, timeout=20, json=app_definition(
+        app_id, "echo got-$DB_PASSWORD-on-$HOST > secret.txt && exec sleep 300", instances=2,
+        env={"DB_PASSWORD": {"secret": "db"}}, secrets={"db": {"source": "shop/db@password"}},
+        constraints=[["hostname", "UNIQUE"]]))
+    assert created.status_code == 201, created.text
+
+    def placed():
+        answer = requests.get(f"{leader.url}/v2/apps{app_id}/tasks", headers={"X-Vault-Token": root}, timeout=10).json()
+        tasks = [task for task in answer.get("tasks", []) if task["state"] == "TASK_RUNNING"]
+        return tasks if len(tasks) == 2 else None
+
+    for task in wait_until(placed, timeout=30, what="an instance on each node"):
+        agent = next(agent for agent in agents if agent.bind == task["host"])
+        written = agent.sandbox(task["id"]) / "secret.txt"
+        wait_until(written.exists, timeout=10, what=f"{written}")
+        assert written.read_text().strip() == f"got-{planted}-on-{task['host']}"
+
+    dump = etcd.etcdctl("get", "--prefix", "")
+    assert dump.returncode == 0, dump.stderr
+    assert dump.stdout and planted not in dump.stdout and root not in dump.stdout and reader not in dump.stdout
+    requests.delete(f"{leader.url}/v2/apps{app_id}?force=true", headers={"X-Vault-Token": root}, timeout=20)
+
+    # The key rotated in etcd from outside the agents; one restarted with the new key reads on.
+    new_key = tmp_path / "new.key"
+    new_key.write_text(subprocess.run([str(binary), "secrets", "keygen"], capture_output=True, text=True, check=True).stdout)
+    new_key.chmod(0o600)
+    rotated = subprocess.run([str(binary), "secrets", "rotate-key", "--store", etcd.store_url, "--old-key-file", str(key),
+                              "--new-key-file", str(new_key), "--json"], capture_output=True, text=True, timeout=60)
+    assert rotated.returncode == 0 and json.loads(rotated.stdout) == {"rotated": True}, rotated.stdout + rotated.stderr
+    other.stop()
+    key.write_text(new_key.read_text())
+    other.restart()
+    again = hvac.Client(url=other.url, token=root)
+    assert again.secrets.kv.v2.read_secret_version(path="shop/db", raise_on_deleted_version=True)["data"]["data"] == {"password": planted}
