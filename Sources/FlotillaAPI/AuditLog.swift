@@ -19,40 +19,87 @@ public struct AuditEntry: Codable, Sendable, Equatable {
     public var status: Int
     /// "allowed", or "denied" when access control refused it.
     public var decision: String
+
+    public init(
+        time: String, accessor: String, tokenName: String?, client: String, method: String, path: String, status: Int, decision: String
+    ) {
+        self.time = time
+        self.accessor = accessor
+        self.tokenName = tokenName
+        self.client = client
+        self.method = method
+        self.path = path
+        self.status = status
+        self.decision = decision
+    }
 }
 
 /// The append-only audit log (`<data-dir>/audit.log`, one JSON object a line): every write (any
 /// method but GET and HEAD) and every request access control refused. Lines are written with
 /// O_APPEND in one `write` each, so concurrent requests never interleave inside a line.
+///
+/// When a line would take the file past `maxBytes`, it is rotated: `audit.log` becomes
+/// `audit.log.1`, `.1` becomes `.2`, …, and the oldest beyond `keep` files is removed, so the log
+/// holds at most about `maxBytes × (keep + 1)`. (An outside rotator that copies and truncates
+/// works too: writes append wherever the file ends.)
 public final class AuditLog: Sendable {
     public let path: String
-    private let fd: Mutex<Int32>
+    public let maxBytes: Int64
+    public let keep: Int
+    private struct File {
+        var descriptor: Int32
+        var size: Int64
+    }
+    private let file: Mutex<File>
 
-    public init(path: String) throws {
+    public init(path: String, maxBytes: Int64 = 64 << 20, keep: Int = 5) throws {
         self.path = path
-        let descriptor = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
-        guard descriptor >= 0 else {
-            throw FlotillaError.unavailable("cannot open the audit log \(path): \(String(cString: strerror(errno)))")
-        }
-        fd = Mutex(descriptor)
+        self.maxBytes = max(4096, maxBytes)
+        self.keep = max(1, keep)
+        file = Mutex(try Self.open(path))
     }
 
     deinit {
-        fd.withLock { close($0) }
+        file.withLock { close($0.descriptor) }
+    }
+
+    private static func open(_ path: String) throws -> File {
+        let descriptor = Glibc.open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
+        guard descriptor >= 0 else {
+            throw FlotillaError.unavailable("cannot open the audit log \(path): \(String(cString: strerror(errno)))")
+        }
+        return File(descriptor: descriptor, size: max(0, Int64(lseek(descriptor, 0, SEEK_END))))
     }
 
     public func record(_ entry: AuditEntry) {
         guard var line = try? JSONEncoder().encode(entry) else { return }
         line.append(0x0A)
-        fd.withLock { descriptor in
-            _ = line.withUnsafeBytes { write(descriptor, $0.baseAddress, $0.count) }
+        file.withLock { file in
+            if file.size > 0, file.size + Int64(line.count) > maxBytes { rotate(&file) }
+            let written = line.withUnsafeBytes { write(file.descriptor, $0.baseAddress, $0.count) }
+            if written > 0 { file.size += Int64(written) }
         }
     }
 
-    /// The last `count` entries (at most), oldest first.
+    /// Shifts the files by one and starts an empty `audit.log`. A failure keeps writing where it was.
+    private func rotate(_ file: inout File) {
+        unlink("\(path).\(keep)")
+        for index in stride(from: keep - 1, through: 1, by: -1) {
+            rename("\(path).\(index)", "\(path).\(index + 1)")
+        }
+        guard rename(path, "\(path).1") == 0, let fresh = try? Self.open(path) else { return }
+        close(file.descriptor)
+        file = fresh
+    }
+
+    /// The last `count` entries (at most), oldest first, from the rotated files too when the
+    /// current one holds fewer.
     public func tail(_ count: Int) -> [AuditEntry] {
-        guard let data = FileManager.default.contents(atPath: path) else { return [] }
-        let lines = data.split(separator: 0x0A).suffix(max(0, count))
+        var lines: [Data.SubSequence] = []
+        for index in 0...keep where lines.count < count {
+            guard let data = FileManager.default.contents(atPath: index == 0 ? path : "\(path).\(index)") else { break }
+            lines = data.split(separator: 0x0A).suffix(max(0, count - lines.count)) + lines
+        }
         return lines.compactMap { try? JSONDecoder().decode(AuditEntry.self, from: Data($0)) }
     }
 

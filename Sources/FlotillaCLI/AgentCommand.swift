@@ -119,6 +119,12 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "Require API clients to present a certificate signed by this CA (PEM): mutual TLS.")
     var tlsClientCa: String?
 
+    @Option(help: "Rotate the audit log (<data-dir>/audit.log) when it would pass this many MiB; audit.log.1 … .N keep the older lines.")
+    var auditLogMaxMib: Int = 64
+
+    @Option(help: "How many rotated audit logs to keep.")
+    var auditLogKeep: Int = 5
+
     @Option(help: "In a cluster over TLS: the CA (PEM) that signed the other agents' certificates, for the requests agents send each other (they present --tls-cert); default: --tls-client-ca, else the system's roots.")
     var tlsPeerCa: String?
 
@@ -202,6 +208,7 @@ struct AgentCommand: AsyncParsableCommand {
         guard ["allow", "default-deny"].contains(acl) else { throw ValidationError("--acl must be allow or default-deny, got '\(acl)'") }
         guard (tlsCert == nil) == (tlsKey == nil) else { throw ValidationError("--tls-cert and --tls-key go together") }
         if tlsClientCa != nil && tlsCert == nil { throw ValidationError("--tls-client-ca needs --tls-cert and --tls-key") }
+        guard auditLogMaxMib >= 1, auditLogKeep >= 1 else { throw ValidationError("--audit-log-max-mib and --audit-log-keep must be at least 1") }
         if tlsPeerCa != nil && tlsCert == nil { throw ValidationError("--tls-peer-ca needs --tls-cert and --tls-key") }
         do {
             _ = try StoreLocation.parse(store, etcdPrefix: etcdPrefix, caFile: etcdCa, certFile: etcdCert, keyFile: etcdKey)
@@ -271,6 +278,8 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.proxyIdleTimeout = Self.duration(proxyIdleTimeout)
             configuration.proxyDrainTimeout = Self.duration(proxyDrainTimeout)
             configuration.proxyAccessLog = proxyAccessLog
+            configuration.auditLogMaxBytes = Int64(auditLogMaxMib) << 20
+            configuration.auditLogKeep = auditLogKeep
             configuration.proxyHTTPSPort = proxyHttpsPort
             configuration.proxyCertificateDirectory = proxyCertDir
             configuration.proxyUpstreamCA = proxyUpstreamCa

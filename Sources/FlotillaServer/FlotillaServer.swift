@@ -44,6 +44,9 @@ public struct FlotillaServer {
         public var proxyDrainTimeout: Duration = .seconds(5)
         /// The proxy's access log (`-`: standard output); nil for none.
         public var proxyAccessLog: String?
+        /// The audit log rotates past this size, keeping this many older files.
+        public var auditLogMaxBytes: Int64 = 64 << 20
+        public var auditLogKeep = 5
         /// The proxy's HTTPS listener and its certificate directory; nil for none.
         public var proxyHTTPSPort: Int?
         public var proxyCertificateDirectory: String?
@@ -138,7 +141,11 @@ public struct FlotillaServer {
         let events = EventBus()
         let tokens = TokenStore(store: store)
         let audit: AuditLog
-        do { audit = try AuditLog(path: configuration.dataDirectory + "/audit.log") } catch { throw ServerError("\(error)") }
+        do {
+            audit = try AuditLog(path: configuration.dataDirectory + "/audit.log", maxBytes: configuration.auditLogMaxBytes, keep: configuration.auditLogKeep)
+        } catch {
+            throw ServerError("\(error)")
+        }
         var secrets: SecretKV?
         if let key = configuration.secretsKey {
             do {
