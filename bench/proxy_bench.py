@@ -88,9 +88,10 @@ backend backend
     return subprocess.Popen(["haproxy", "-f", config, "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def wrk(url, seconds, connections):
+def wrk(url, seconds, connections, headers=()):
+    extra = [argument for header in headers for argument in ("-H", header)]
     output = subprocess.run(
-        ["wrk", f"-t{THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency", url], capture_output=True, text=True, check=True).stdout
+        ["wrk", f"-t{THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency", *extra, url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
     p50 = re.search(r"^\s+50%\s+(\S+)", output, re.M).group(1)
     p99 = re.search(r"^\s+99%\s+(\S+)", output, re.M).group(1)
