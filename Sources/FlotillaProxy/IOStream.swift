@@ -7,6 +7,17 @@ import CFlotillaIO
 import Logging
 import NIOCore
 
+/// A connected pair of non-blocking, close-on-exec UNIX stream sockets (TLS connections reach
+/// the core through one: see TLS.swift).
+enum SocketPair {
+    static func make() throws -> (core: Int32, tls: Int32) {
+        var fds: [Int32] = [-1, -1]
+        let kind = Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue)
+        guard socketpair(AF_UNIX, kind, 0, &fds) == 0 else { throw SystemCallError(errno: errno, "socketpair") }
+        return (fds[0], fds[1])
+    }
+}
+
 /// What a stream tells its owner. Every call comes on the stream's loop.
 protocol StreamDelegate: AnyObject {
     func streamRead(_ bytes: ByteBuffer)

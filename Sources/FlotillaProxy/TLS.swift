@@ -17,16 +17,6 @@ import Synchronization
 // other end and the TLS connection. Nothing in the core's request path knows TLS is there, and
 // the client's own address travels with the hand-over.
 
-/// A connected pair of non-blocking, close-on-exec UNIX stream sockets.
-enum SocketPair {
-    static func make() throws -> (core: Int32, tls: Int32) {
-        var fds: [Int32] = [-1, -1]
-        let kind = Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue)
-        guard socketpair(AF_UNIX, kind, 0, &fds) == 0 else { throw SystemCallError(errno: errno, "socketpair") }
-        return (fds[0], fds[1])
-    }
-}
-
 /// Relays bytes between two channels on one event loop (a TLS connection and its end of a
 /// socket pair), with backpressure: a side reads only while the other takes writes. When one side
 /// closes, the other closes once what was written to it has gone out.
