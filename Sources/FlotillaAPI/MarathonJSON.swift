@@ -5,7 +5,7 @@ import FlotillaScheduler
 /// Renders Flotilla's state in Marathon's JSON shapes. Only keys Marathon itself sends: clients such
 /// as the `marathon` Python library build objects from every key and reject unknown ones.
 public enum MarathonJSON {
-    public struct Embed: Sendable, OptionSet {
+    public struct Embed: Sendable, OptionSet, Hashable {
         public let rawValue: Int
         public init(rawValue: Int) { self.rawValue = rawValue }
         public static let tasks = Embed(rawValue: 1)
@@ -121,9 +121,15 @@ public enum MarathonJSON {
     }
 
     public static func app(_ record: AppRecord, in snapshot: ControlSnapshot, embed: Embed) -> JSONValue {
+        app(AppDetail(
+            record: record, instances: snapshot.instances(of: record.id), deployments: snapshot.deployments(of: record.id),
+            failure: snapshot.failures[record.id], stamp: snapshot.generation), embed: embed)
+    }
+
+    public static func app(_ detail: AppDetail, embed: Embed) -> JSONValue {
+        let record = detail.record
         var object = definition(record)
-        let instances = snapshot.instances(of: record.id)
-        let live = instances.filter { !$0.state.isTerminal }
+        let live = detail.instances.filter { !$0.state.isTerminal }
         if embed.contains(.counts) {
             object["tasksStaged"] = .number(Double(live.filter { $0.state == .staging || $0.state == .starting }.count))
             object["tasksRunning"] = .number(Double(live.filter { $0.state == .running }.count))
@@ -132,12 +138,12 @@ public enum MarathonJSON {
             object["tasksUnhealthy"] = .number(Double(checked ? live.filter { $0.status?.isHealthy == false }.count : 0))
         }
         if embed.contains(.deployments) {
-            object["deployments"] = .array(snapshot.deployments(of: record.id).map { .object(["id": .string($0.id)]) })
+            object["deployments"] = .array(detail.deployments.map { .object(["id": .string($0.id)]) })
         }
         if embed.contains(.tasks) {
             object["tasks"] = .array(live.map { task($0) })
         }
-        if embed.contains(.lastTaskFailure), let failure = snapshot.failures[record.id] {
+        if embed.contains(.lastTaskFailure), let failure = detail.failure {
             object["lastTaskFailure"] = taskFailure(failure)
         }
         return .object(object)

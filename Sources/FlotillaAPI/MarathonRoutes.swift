@@ -15,6 +15,7 @@ public struct MarathonRoutes: Sendable {
     let subscriptions: EventSubscriptions?
     let info: ServerInfo
     let cache = ResponseCache()
+    let fragments = AppFragments()
     let startedAt = Date()
 
     public struct ServerInfo: Sendable {
@@ -122,20 +123,45 @@ public struct MarathonRoutes: Sendable {
         if let body = cache.body(for: key, generation: generation) {
             return APIResponse.json(bytes: body)
         }
-        let snapshot = await control.snapshot()
         let embed = MarathonJSON.Embed.parse(request.queryValues("embed")).union([.counts, .deployments])
         let idFilter = request.uri.queryParameters["id"].map { String($0).lowercased() }
         let cmdFilter = request.uri.queryParameters["cmd"].map(String.init)
         let labelSelector = try request.uri.queryParameters["label"].map { try LabelSelector(String($0)) }
-        var apps: [JSONValue] = []
-        for record in snapshot.apps.values.sorted(by: { $0.id < $1.id }) {
+        // Each app's JSON is kept (by its embed set) until that app changes: a change re-renders
+        // the apps it touched, and the rest is copied.
+        let listing = await control.appListing()
+        var chosen: [(AppRecord, UInt64)] = []
+        for (record, stamp) in zip(listing.apps, listing.stamps) {
             if let idFilter, !record.id.path.contains(idFilter) { continue }
             if let cmdFilter, !(record.definition.cmd ?? "").contains(cmdFilter) { continue }
             if let labelSelector, !labelSelector.matches(record.definition.labels) { continue }
-            apps.append(MarathonJSON.app(record, in: snapshot, embed: embed))
+            chosen.append((record, stamp))
         }
-        let body = JSONValue.object(["apps": .array(apps)]).serialized()
-        cache.store(body, for: key, generation: snapshot.generation)
+        var bodies = chosen.map { fragments.body(for: $0.0.id, embed: embed, stamp: $0.1) }
+        let missing = Set(zip(chosen, bodies).compactMap { $1 == nil ? $0.0.id : nil })
+        if !missing.isEmpty {
+            let details = await control.appDetails(missing)
+            for (index, (record, _)) in chosen.enumerated() where bodies[index] == nil {
+                // An app deleted in between keeps the JSON it had when listed.
+                guard let detail = details[record.id] else {
+                    bodies[index] = MarathonJSON.app(
+                        AppDetail(record: record, instances: [], deployments: [], failure: nil, stamp: 0), embed: embed).serialized()
+                    continue
+                }
+                let body = MarathonJSON.app(detail, embed: embed).serialized()
+                fragments.store(body, for: record.id, embed: embed, stamp: detail.stamp)
+                bodies[index] = body
+            }
+        }
+        var body: [UInt8] = []
+        body.reserveCapacity(bodies.reduce(16) { $0 + ($1?.count ?? 0) + 1 })
+        body.append(contentsOf: #"{"apps":["#.utf8)
+        for (index, fragment) in bodies.enumerated() {
+            if index > 0 { body.append(UInt8(ascii: ",")) }
+            body.append(contentsOf: fragment!)
+        }
+        body.append(contentsOf: "]}".utf8)
+        cache.store(body, for: key, generation: generation)
         return APIResponse.json(bytes: body)
     }
 

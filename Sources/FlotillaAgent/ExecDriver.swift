@@ -2,6 +2,7 @@ import CFlotillaSpawn
 import FlotillaCore
 import Foundation
 import Glibc
+import NIOPosix
 
 /// Runs an instance as a plain process: its own session and process group, its own cgroup, its
 /// sandbox as working directory, output to its log files.
@@ -10,7 +11,13 @@ struct ExecDriver: InstanceDriver {
 
     var name: String { "exec" }
 
+    /// The start's blocking work (cgroup directories, fork and exec) runs on NIO's thread pool:
+    /// starts go side by side and the agent's actor stays free.
     func start(_ spec: InstanceSpec, context: LaunchContext) async throws -> SupervisedProcess {
+        try await NIOThreadPool.singleton.runIfActive { try startBlocking(spec, context: context) }
+    }
+
+    private func startBlocking(_ spec: InstanceSpec, context: LaunchContext) throws -> SupervisedProcess {
         let environment = InstanceEnvironment.build(for: spec, sandbox: context.sandbox, agentEnvironment: context.agentEnvironment, secrets: context.secrets,
             extraEnvironment: context.extraEnvironment)
         let arguments: [String]
@@ -52,7 +59,9 @@ struct ExecDriver: InstanceDriver {
     /// removes the cgroup once it is empty. Waits without blocking a thread.
     func cleanUp(instanceID: String, process: SupervisedProcess?, state: [String: String]) async {
         await cgroups.killAll(instanceID: instanceID, processGroup: process?.pid)
-        cgroups.remove(instanceID: instanceID)
+        // Removing a cgroup can take milliseconds (the kernel offlines its memory): off the actor.
+        let cgroups = self.cgroups
+        try? await NIOThreadPool.singleton.runIfActive { cgroups.remove(instanceID: instanceID) }
     }
 }
 

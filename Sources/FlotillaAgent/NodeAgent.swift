@@ -62,7 +62,23 @@ public actor NodeAgent: Service {
     private var healthTasks: [String: Task<Void, Never>] = [:]
     /// One task per instance whose readiness check has not passed yet.
     private var readinessTasks: [String: Task<Void, Never>] = [:]
-    private let writeLock = AsyncLock()
+    /// Instances waiting for a start slot, in order (`launchQueue` from `launchHead` on), with the
+    /// spec each was queued with; at most `maximumConcurrentStarts` start at once.
+    private var launchQueue: [String] = []
+    private var launchHead = 0
+    private var queuedSpecs: [String: InstanceSpec] = [:]
+    private var launchWorkers = 0
+    /// Starts inside a driver whose instance was stopped meanwhile: undone when the driver returns.
+    private var cancelledStarts: Set<String> = []
+    static let maximumConcurrentStarts = 8
+    /// Statuses to commit (ids, newest in `written`), and the writers waiting for that commit:
+    /// writes that arrive while one commits go together in the next (group commit).
+    private var pendingStatusIDs: [String] = []
+    private var pendingStatusSet: Set<String> = []
+    private var flushWaiters: [CheckedContinuation<Void, any Error>] = []
+    private var flushing = false
+    /// Statuses per transaction (etcd takes at most 128 operations in one).
+    static let statusesPerCommit = 100
     /// Made in `run()` and shut down when it ends: an agent that never runs owns no client.
     private var httpClient: HTTPClient?
     /// Downloads Marathon's `fetch` artifacts into sandboxes; made in `run()`.
@@ -400,6 +416,7 @@ public actor NodeAgent: Service {
     func sync() async throws -> UInt64 {
         let listing = try await store.list(prefix: StateKeys.instances(on: configuration.node.name))
         try await sync(decodeAssigned(listing.entries))
+        await waitForLaunches()
         return listing.index
     }
 
@@ -425,16 +442,58 @@ public actor NodeAgent: Service {
             if let status, status.state.isTerminal { continue }
             switch spec.goal {
             case .run:
-                if preparing[spec.id] == nil, !starting.contains(spec.id), status == nil || status?.state == .staging {
-                    if let update = await launch(spec) { updates.append(update) }
+                if preparing[spec.id] == nil, !starting.contains(spec.id), queuedSpecs[spec.id] == nil, status == nil || status?.state == .staging {
+                    queueLaunch(spec)
                 }
             case .stop:
                 preparing.removeValue(forKey: spec.id)?.cancel()
+                queuedSpecs[spec.id] = nil
+                if starting.contains(spec.id) { cancelledStarts.insert(spec.id) }
                 updates.append(InstanceStatus(id: spec.id, state: .killed, message: spec.stopReason, updatedAt: now))
             }
         }
         if !updates.isEmpty { try await write(updates) }
         collectGarbage(keeping: Set(specs.map(\.id)))
+    }
+
+    /// Queues a start; workers (at most `maximumConcurrentStarts`) take them in order, so a
+    /// thousand starts neither go one by one nor crowd out health checks and the API.
+    private func queueLaunch(_ spec: InstanceSpec) {
+        guard launching else { return }
+        queuedSpecs[spec.id] = spec
+        launchQueue.append(spec.id)
+        while launchWorkers < Self.maximumConcurrentStarts, launchWorkers < queuedSpecs.count {
+            launchWorkers += 1
+            Task { await self.launchWorker() }
+        }
+    }
+
+    private func launchWorker() async {
+        while launchHead < launchQueue.count {
+            let id = launchQueue[launchHead]
+            launchHead += 1
+            // A spec no longer queued was stopped (or taken) meanwhile.
+            guard let spec = queuedSpecs.removeValue(forKey: id), launching, processes[id] == nil else { continue }
+            if let update = await launch(spec) {
+                do { try await write([update]) } catch { logger.error("could not record the start of \(id): \(error)") }
+            }
+        }
+        launchWorkers -= 1
+        if launchWorkers == 0 {
+            launchQueue.removeAll(keepingCapacity: true)
+            launchHead = 0
+            let waiters = launchesDoneWaiters
+            launchesDoneWaiters.removeAll()
+            for waiter in waiters { waiter.resume() }
+        }
+    }
+
+    private var launchesDoneWaiters: [CheckedContinuation<Void, Never>] = []
+
+    /// Returns once no start is queued or under way in a worker.
+    func waitForLaunches() async {
+        guard launchWorkers > 0 else { return }
+        await withCheckedContinuation { launchesDoneWaiters.append($0) }
     }
 
     /// Starts an instance, or begins preparing it (an image pull) in the background. Returns the
@@ -488,6 +547,7 @@ public actor NodeAgent: Service {
     /// with the rest (`start` checks again once its driver returns).
     private func stopLaunching() {
         launching = false
+        queuedSpecs.removeAll()
         for task in preparing.values { task.cancel() }
         preparing.removeAll()
     }
@@ -514,6 +574,7 @@ public actor NodeAgent: Service {
         defer {
             startsInFlight -= 1
             starting.remove(spec.id)
+            cancelledStarts.remove(spec.id)
         }
         let now = Timestamp.format(Date())
         do {
@@ -529,7 +590,10 @@ public actor NodeAgent: Service {
             try FileManager.default.createDirectory(atPath: context.sandbox, withIntermediateDirectories: true)
             guard launching else { return nil }
             let process = try await driver.start(spec, context: context)
-            guard launching else {
+            // The driver starts off the actor: the agent may have begun stopping meanwhile, or the
+            // scheduler stopped (or removed) the instance. Either way the start is undone.
+            let unwanted = cancelledStarts.remove(spec.id) != nil || (assignedLoaded && assigned[spec.id]?.goal != .run)
+            guard launching, !unwanted else {
                 // The agent began stopping while the driver started it: undo the start.
                 driver.signal(process, instanceID: spec.id, SIGKILL)
                 await driver.cleanUp(instanceID: spec.id, process: process, state: process.state)
@@ -743,12 +807,18 @@ public actor NodeAgent: Service {
 
     // MARK: - Exits
 
+    /// Exits are handled side by side: their clean-ups (cgroups, mounts) run off the actor and
+    /// their statuses go out together.
     private func consumeExits() async {
-        for await (id, exit) in watcher.exits {
-            do {
-                try await handleExit(of: id, exit)
-            } catch {
-                logger.error("could not record the exit of \(id): \(error)")
+        await withDiscardingTaskGroup { group in
+            for await (id, exit) in watcher.exits {
+                group.addTask {
+                    do {
+                        try await self.handleExit(of: id, exit)
+                    } catch {
+                        self.logger.error("could not record the exit of \(id): \(error)")
+                    }
+                }
             }
         }
     }
@@ -769,13 +839,12 @@ public actor NodeAgent: Service {
         status.signal = exit.signal
         status.oomKilled = oomKilled
         status.draining = false
-        let memory = (try? await store.get(StateKeys.instances(on: configuration.node.name) + id)).flatMap { try? StateCodec.decode(InstanceSpec.self, from: $0.value) }
         if let stopReason {
             status.state = .killed
             status.message = stopReason
         } else if oomKilled {
             status.state = .failed
-            let limit = memory.map { " of \(Int($0.definition.mem)) MiB" } ?? ""
+            let limit = (assigned[id] ?? queuedSpecs[id]).map { " of \(Int($0.definition.mem)) MiB" } ?? ""
             status.message = "OOM killed: the instance exceeded its memory limit\(limit)"
         } else if exit.isUnknown {
             status.state = .failed
@@ -810,12 +879,46 @@ public actor NodeAgent: Service {
     /// status; each records its newest version first, and commits go one at a time taking the
     /// newest, so a write that waited for the store never puts an older status back.
     private func write(_ statuses: [InstanceStatus]) async throws {
-        for status in statuses { written[status.id] = status }
-        await writeLock.acquire()
-        defer { writeLock.release() }
-        let newest = statuses.map { written[$0.id] ?? $0 }
-        let mutations = try newest.map { StoreMutation.put(StateKeys.status($0.id), try StateCodec.encode($0)) }
-        _ = try await store.commit(StoreTransaction(mutations: mutations))
+        guard !statuses.isEmpty else { return }
+        for status in statuses {
+            written[status.id] = status
+            if pendingStatusSet.insert(status.id).inserted { pendingStatusIDs.append(status.id) }
+        }
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            flushWaiters.append(continuation)
+            if !flushing {
+                flushing = true
+                Task { await self.flushStatuses() }
+            }
+        }
+    }
+
+    /// Commits pending statuses (the newest of each, in transactions of `statusesPerCommit`) until
+    /// none is left; each writer hears how the commit that carried its statuses went.
+    private func flushStatuses() async {
+        while !pendingStatusIDs.isEmpty {
+            let ids = pendingStatusIDs
+            pendingStatusIDs = []
+            pendingStatusSet = []
+            let waiters = flushWaiters
+            flushWaiters = []
+            var failure: (any Error)?
+            do {
+                for start in stride(from: 0, to: ids.count, by: Self.statusesPerCommit) {
+                    let chunk = ids[start..<min(ids.count, start + Self.statusesPerCommit)]
+                    let mutations = try chunk.compactMap { id in
+                        try written[id].map { StoreMutation.put(StateKeys.status(id), try StateCodec.encode($0)) }
+                    }
+                    if !mutations.isEmpty { _ = try await store.commit(StoreTransaction(mutations: mutations)) }
+                }
+            } catch {
+                failure = error
+            }
+            for waiter in waiters {
+                if let failure { waiter.resume(throwing: failure) } else { waiter.resume() }
+            }
+        }
+        flushing = false
     }
 
     // MARK: - Recovery after a restart

@@ -20,16 +20,23 @@ public actor ControlPlane: Service {
 
     // Everything a read shows; each change bumps `generation`, so readers can cache what they
     // render from a snapshot until the state moves.
-    var apps: [AppID: AppRecord] = [:] { didSet { generation &+= 1 } }
-    private var specs: [String: InstanceSpec] = [:] { didSet { generation &+= 1 } }
-    private var statuses: [String: InstanceStatus] = [:] { didSet { generation &+= 1 } }
-    private var deployments: [String: Deployment] = [:] { didSet { generation &+= 1 } }
+    // The five that an app's JSON is made of also say which apps they touched (`Tracked`), so
+    // `/v2/apps` re-renders only those (`appListing`, `appDetails`).
+    var apps = Tracked<AppID, AppRecord>.byApp() { didSet { if !draining { generation &+= 1 } } }
+    private var specs = Tracked.specs() { didSet { if !draining { generation &+= 1 } } }
+    private var statuses = Tracked.statuses() { didSet { if !draining { generation &+= 1 } } }
+    private var deployments = Tracked.deployments() { didSet { if !draining { generation &+= 1 } } }
     private var deploymentResults: [String: DeploymentResult] = [:]
     /// Groups with a record of their own (dependencies, version); others are implied by app ids.
     var groupRecords: [GroupID: GroupRecord] = [:] { didSet { generation &+= 1 } }
     /// Failed deployments whose rollback is being started: still reported as running.
     private var rollingBack: [String: Deployment] = [:]
-    private var failures: [AppID: TaskFailure] = [:] { didSet { generation &+= 1 } }
+    private var failures = Tracked<AppID, TaskFailure>.byApp() { didSet { if !draining { generation &+= 1 } } }
+    /// Per app (by flat name): the generation its JSON last changed at; `stampEpoch` for all.
+    private var appStamps: [String: UInt64] = [:]
+    private var stampEpoch: UInt64 = 0
+    /// Set while touches are drained: that changes nothing a reader sees.
+    private var draining = false
     private var nodes: [String: NodeInfo] = [:] { didSet { generation &+= 1 } }
     /// Nodes that registered once and whose live record is gone (their lease ended): down.
     private var downNodes: [String: NodeInfo] = [:] { didSet { generation &+= 1 } }
@@ -126,14 +133,14 @@ public actor ControlPlane: Service {
                 self.logger.error("skipping unreadable record \(key): \(error)")
             }
         }
-        apps = Dictionary(all(AppRecord.self, StateKeys.apps).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
-        specs = Dictionary(all(InstanceSpec.self, StateKeys.instances).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
+        apps.replaceAll(with: Dictionary(all(AppRecord.self, StateKeys.apps).map { ($0.id, $0) }, uniquingKeysWith: { $1 }))
+        specs.replaceAll(with: Dictionary(all(InstanceSpec.self, StateKeys.instances).map { ($0.id, $0) }, uniquingKeysWith: { $1 }))
         // Records an earlier version kept as `instances/<id>` move under their node's prefix.
         legacyInstanceKeys = snapshot[StateKeys.instances].map(\.key).filter { !$0.dropFirst(StateKeys.instances.count).contains("/") }
-        statuses = Dictionary(all(InstanceStatus.self, StateKeys.statuses).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
-        deployments = Dictionary(all(Deployment.self, StateKeys.deployments).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
+        statuses.replaceAll(with: Dictionary(all(InstanceStatus.self, StateKeys.statuses).map { ($0.id, $0) }, uniquingKeysWith: { $1 }))
+        deployments.replaceAll(with: Dictionary(all(Deployment.self, StateKeys.deployments).map { ($0.id, $0) }, uniquingKeysWith: { $1 }))
         deploymentResults = Dictionary(all(DeploymentResult.self, StateKeys.deploymentResults).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
-        failures = Dictionary(all(TaskFailure.self, StateKeys.failures).map { ($0.appID, $0) }, uniquingKeysWith: { $1 })
+        failures.replaceAll(with: Dictionary(all(TaskFailure.self, StateKeys.failures).map { ($0.appID, $0) }, uniquingKeysWith: { $1 }))
         nodes = Dictionary(all(NodeInfo.self, StateKeys.nodes).map { ($0.name, $0) }, uniquingKeysWith: { $1 })
         groupRecords = Dictionary(all(GroupRecord.self, StateKeys.groups).map { ($0.id, $0) }, uniquingKeysWith: { $1 })
         index = snapshot.index
@@ -358,10 +365,58 @@ public actor ControlPlane: Service {
 
     public func snapshot() -> ControlSnapshot {
         var instances: [String: Instance] = [:]
+        instances.reserveCapacity(specs.count)
         for (id, spec) in specs { instances[id] = Instance(spec: spec, status: statuses[id]) }
         return ControlSnapshot(
-            apps: apps, instances: instances, deployments: deployments, failures: failures, queue: queue, nodes: nodes, downNodes: downNodes,
-            index: index, generation: generation)
+            apps: apps.dictionary, instances: instances, deployments: deployments.dictionary, failures: failures.dictionary, queue: queue,
+            nodes: nodes, downNodes: downNodes, index: index, generation: generation)
+    }
+
+    /// Folds what the tracked dictionaries touched into the per-app stamps.
+    private func drainTouches() {
+        draining = true
+        defer { draining = false }
+        for touches in [apps.drain(), specs.drain(), statuses.drain(), deployments.drain(), failures.drain()] {
+            if touches.all {
+                stampEpoch = generation
+                appStamps.removeAll()
+            }
+            for name in touches.apps { appStamps[name] = generation }
+        }
+    }
+
+    private func stamp(of id: AppID) -> UInt64 {
+        max(stampEpoch, appStamps[id.flatName] ?? 0)
+    }
+
+    /// Every app, by id, with the stamp its JSON has now: a fragment rendered at an app's stamp
+    /// is good until the stamp moves.
+    public func appListing() -> AppListing {
+        drainTouches()
+        let sorted = apps.values.sorted { $0.id < $1.id }
+        return AppListing(apps: sorted, stamps: sorted.map { stamp(of: $0.id) }, generation: generation)
+    }
+
+    /// What the JSON of these apps is made of (one pass over the instances), with their stamps.
+    public func appDetails(_ ids: Set<AppID>) -> [AppID: AppDetail] {
+        guard !ids.isEmpty else { return [:] }
+        drainTouches()
+        var details: [AppID: AppDetail] = [:]
+        for id in ids {
+            guard let record = apps[id] else { continue }
+            details[id] = AppDetail(record: record, instances: [], deployments: [], failure: failures[id], stamp: stamp(of: id))
+        }
+        for (id, spec) in specs where details[spec.appID] != nil {
+            details[spec.appID]!.instances.append(Instance(spec: spec, status: statuses[id]))
+        }
+        for deployment in deployments.values {
+            for app in deployment.affectedApps where details[app] != nil { details[app]!.deployments.append(deployment) }
+        }
+        for id in details.keys {
+            details[id]!.instances.sort { $0.spec.stagedAt < $1.spec.stagedAt }
+            details[id]!.deployments.sort { $0.version < $1.version }
+        }
+        return details
     }
 
     /// An active deployment, or how a finished one ended.
@@ -975,7 +1030,7 @@ public actor ControlPlane: Service {
         var failed: [(Deployment, String)] = []
         var advancedSteps: [(Deployment, [Int])] = []
         for deployment in nextDeployments.values.sorted(by: { $0.version < $1.version }) {
-            switch DeploymentProgress.evaluate(deployment, apps: apps, now: now, instances: { live[$0] ?? [] }) {
+            switch DeploymentProgress.evaluate(deployment, apps: apps.dictionary, now: now, instances: { live[$0] ?? [] }) {
             case .succeeded:
                 succeeded.append(deployment)
             case .failed(let reason):
@@ -1037,7 +1092,7 @@ public actor ControlPlane: Service {
         // Results become visible in the same step as the deployments leave. A failed deployment
         // that rolls back stays visible as running until its result can name the rollback, so no
         // reader sees "failed" without where it went back to.
-        let rollingBackIDs = Set(failed.filter { DeploymentProgress.rollsBack($0.0, apps: apps) }.map { $0.0.id })
+        let rollingBackIDs = Set(failed.filter { DeploymentProgress.rollsBack($0.0, apps: apps.dictionary) }.map { $0.0.id })
         for (deployment, _) in failed where rollingBackIDs.contains(deployment.id) { rollingBack[deployment.id] = deployment }
         for result in results where !rollingBackIDs.contains(result.id) { deploymentResults[result.id] = result }
         for deployment in succeeded {

@@ -26,6 +26,31 @@ public struct ControlSnapshot: Sendable {
     }
 }
 
+/// The apps, sorted by id, each with the stamp of its JSON (see `ControlPlane.appListing`).
+public struct AppListing: Sendable {
+    public var apps: [AppRecord]
+    public var stamps: [UInt64]
+    public var generation: UInt64
+}
+
+/// What one app's JSON is made of: its record, instances (oldest first), deployments and last
+/// failure, with the stamp they were read at.
+public struct AppDetail: Sendable {
+    public var record: AppRecord
+    public var instances: [Instance]
+    public var deployments: [Deployment]
+    public var failure: TaskFailure?
+    public var stamp: UInt64
+
+    public init(record: AppRecord, instances: [Instance], deployments: [Deployment], failure: TaskFailure?, stamp: UInt64) {
+        self.record = record
+        self.instances = instances
+        self.deployments = deployments
+        self.failure = failure
+        self.stamp = stamp
+    }
+}
+
 /// An app with instances waiting to launch: not placeable yet, or held back by crash backoff.
 public struct QueueEntry: Sendable {
     public var app: AppID

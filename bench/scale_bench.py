@@ -1,0 +1,250 @@
+"""Drives bench/scale.sh: one node at scale, on a release agent on loopback.
+
+1. One app of 1,000 `sleep` instances: POST → all TASK_RUNNING; then DELETE → every process gone.
+2. 1,000 apps of one instance each: `GET /v2/apps?embed=apps.tasks` (the call marathon-lb and
+   Traefik make after every event), first render after a change and warm; `GET /v2/apps` p50/p99
+   (wrk); a reconcile pass (the agent's own histogram).
+3. 100 subscribers on `/v2/events`: from a write's request to each subscriber's receipt of its
+   event, p50/p99.
+4. 10,000 instances (100 apps × 100): all TASK_RUNNING, the agent's RSS, its idle CPU.
+
+Instances have no ports (`portDefinitions: []`): the node's port range is not what is measured.
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import threading
+import time
+import urllib.request
+
+from benchlib import Agent, call, cpu_seconds, rss_kib
+
+SLEEP = "exec sleep {marker}"
+
+
+def app(app_id, instances, marker, **fields):
+    return {"id": app_id, "cmd": SLEEP.format(marker=marker), "instances": instances, "cpus": 0.001, "mem": 4,
+            "portDefinitions": [], "backoffSeconds": 1, **fields}
+
+
+def processes_with(marker):
+    """PIDs of `sleep MARKER` processes."""
+    wanted = f"sleep\0{marker}\0".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    if cmdline.read() == wanted:
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def running_count(agent, app_ids):
+    apps = call(agent.base, "GET", "/v2/apps")["apps"]
+    wanted = set(app_ids)
+    return sum(entry["tasksRunning"] for entry in apps if entry["id"] in wanted)
+
+
+class NotRunning(Exception):
+    pass
+
+
+def wait_running(agent, app_ids, count, timeout):
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        if running_count(agent, app_ids) >= count:
+            return time.perf_counter()
+        time.sleep(0.05)
+    raise NotRunning(f"only {running_count(agent, app_ids):,} of {count:,} running after {timeout} s")
+
+
+def report(row):
+    """One row of the table (name, value), printed at once: a later phase may not finish."""
+    print(f"| {row[0]} | {row[1]} |", flush=True)
+
+
+def timed_get(agent, path):
+    started = time.perf_counter()
+    with urllib.request.urlopen(agent.base + path, timeout=60) as response:
+        body = response.read()
+    return (time.perf_counter() - started) * 1000, len(body)
+
+
+def metric(agent, name):
+    """The sum and count of a Prometheus histogram or summary the agent exports, or None."""
+    with urllib.request.urlopen(agent.base + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    total = count = None
+    for line in text.splitlines():
+        if line.startswith(name + "_sum"):
+            total = float(line.split()[-1])
+        elif line.startswith(name + "_count"):
+            count = float(line.split()[-1])
+    return (total, count) if total is not None and count else None
+
+
+def wrk_latency(url, seconds=10, connections=4):
+    output = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url], capture_output=True, text=True, check=True).stdout
+    figures = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in ("50%", "99%"):
+            figures[parts[0]] = parts[1]
+        if line.startswith("Requests/sec:"):
+            figures["rps"] = float(parts[1])
+    return figures
+
+
+class Subscriber(threading.Thread):
+    """One `/v2/events` client: the arrival time of each event, by the app id it names."""
+
+    def __init__(self, port):
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.sock.sendall(b"GET /v2/events HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n")
+        self.arrivals = {}
+        self.ready = threading.Event()
+
+    def run(self):
+        buffer = b""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            now = time.perf_counter()
+            self.ready.set()
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                marker = line.find(b"/bench/sse-")
+                if line.startswith(b"data:") and marker >= 0 and b'"api_post_event"' in line:
+                    end = line.find(b'"', marker)
+                    self.arrivals.setdefault(line[marker:end].decode(), now)
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--binary", required=True)
+    parser.add_argument("--work", required=True)
+    parser.add_argument("--big", type=int, default=10_000, help="instances in the last phase (100 apps)")
+    arguments = parser.parse_args()
+
+    agent = Agent(arguments.binary, arguments.work)
+    print("| measure | result |")
+    print("|---|---|", flush=True)
+    try:
+        # 1. One app of 1,000.
+        started = time.perf_counter()
+        call(agent.base, "POST", "/v2/apps", app("/bench/one", 1000, 3601))
+        running = wait_running(agent, ["/bench/one"], 1000, 120)
+        report(("1,000 instances of one app → all TASK_RUNNING", f"{running - started:.2f} s"))
+        started = time.perf_counter()
+        call(agent.base, "DELETE", "/v2/apps/bench/one")
+        while processes_with(3601) and time.perf_counter() - started < 120:
+            time.sleep(0.02)
+        gone = time.perf_counter()
+        left = len(processes_with(3601))
+        report(("destroy of 1,000 instances → every process gone", f"{gone - started:.2f} s" + (f" ({left} left)" if left else "")))
+
+        # 2. 1,000 apps of one instance.
+        apps = [app(f"/bench/apps/a{number:04d}", 1, 3602) for number in range(1000)]
+        call(agent.base, "POST", "/v2/groups", {"id": "/bench/apps", "apps": apps})
+        wait_running(agent, [entry["id"] for entry in apps], 1000, 120)
+        time.sleep(2)
+        first, warm = [], []
+        for round_ in range(10):
+            call(agent.base, "PUT", f"/v2/apps/bench/apps/a{round_:04d}?force=true", {"labels": {"round": str(round_)}})
+            time.sleep(0.3)
+            first.append(timed_get(agent, "/v2/apps?embed=apps.tasks")[0])
+            warm.extend(timed_get(agent, "/v2/apps?embed=apps.tasks")[0] for _ in range(3))
+        size = timed_get(agent, "/v2/apps?embed=apps.tasks")[1]
+        report(("`GET /v2/apps?embed=apps.tasks`, 1,000 apps / 1,000 tasks, first render after a change (median of 10)",
+                     f"{statistics.median(first):.1f} ms ({size / 1024:.0f} KiB)"))
+        report(("… the same, unchanged since the last render (median)", f"{statistics.median(warm):.1f} ms"))
+        plain = wrk_latency(agent.base + "/v2/apps")
+        report(("`GET /v2/apps`, 1,000 apps, wrk -c4: p50 / p99", f"{plain['50%']} / {plain['99%']} ({plain['rps']:,.0f} req/s)"))
+        reconcile = metric(agent, "flotilla_reconcile_seconds")
+        if reconcile:
+            report(("reconcile pass, 1,000 apps / 1,000 instances (mean)", f"{1000 * reconcile[0] / reconcile[1]:.2f} ms over {reconcile[1]:.0f} passes"))
+
+        # 3. 100 event subscribers.
+        subscribers = [Subscriber(agent.port) for _ in range(100)]
+        for subscriber in subscribers:
+            subscriber.start()
+        call(agent.base, "POST", "/v2/apps", app("/bench/sse-warmup", 0, 3603))
+        for subscriber in subscribers:
+            subscriber.ready.wait(10)
+        sent = {}
+        for number in range(20):
+            app_id = f"/bench/sse-{number:03d}"
+            sent[app_id] = time.perf_counter()
+            call(agent.base, "POST", "/v2/apps", app(app_id, 0, 3603))
+            time.sleep(0.05)
+        time.sleep(2)
+        delays = [1000 * (subscriber.arrivals[app_id] - at) for subscriber in subscribers for app_id, at in sent.items() if app_id in subscriber.arrivals]
+        missing = len(subscribers) * len(sent) - len(delays)
+        for subscriber in subscribers:
+            subscriber.close()
+        delays.sort()
+        report(("`/v2/events`, 100 subscribers: write's request → each subscriber has the event, p50 / p99",
+                     f"{delays[len(delays) // 2]:.1f} / {delays[int(len(delays) * 0.99)]:.1f} ms" + (f" ({missing} not delivered)" if missing else "")))
+        call(agent.base, "DELETE", "/v2/groups/bench/apps?force=true")
+        while processes_with(3602):
+            time.sleep(0.1)
+
+        # 4. 10,000 instances.
+        per_app = arguments.big // 100
+        big = [app(f"/bench/big/b{number:03d}", per_app, 3604) for number in range(100)]
+        started = time.perf_counter()
+        call(agent.base, "POST", "/v2/groups", {"id": "/bench/big", "apps": big})
+        try:
+            running = wait_running(agent, [entry["id"] for entry in big], per_app * 100, 600)
+        except NotRunning as shortfall:
+            report((f"{per_app * 100:,} instances (100 apps × {per_app}) → all TASK_RUNNING", str(shortfall)))
+            return
+        report((f"{per_app * 100:,} instances (100 apps × {per_app}) → all TASK_RUNNING", f"{running - started:.1f} s"))
+        time.sleep(10)
+        cpu_before, clock_before = cpu_seconds(agent.process.pid), time.perf_counter()
+        time.sleep(30)
+        idle = (cpu_seconds(agent.process.pid) - cpu_before) / (time.perf_counter() - clock_before)
+        report((f"… agent RSS / idle CPU with {per_app * 100:,} instances", f"{rss_kib(agent.process.pid) / 1024:.0f} MiB / {100 * idle:.1f} % of a core"))
+        for path in ("/v2/apps", "/v2/apps?embed=apps.tasks"):
+            times = [timed_get(agent, path)[0] for _ in range(5)]
+            report((f"`GET {path}` with {per_app * 100:,} instances (median of 5)", f"{statistics.median(times):.1f} ms"))
+        reconcile = metric(agent, "flotilla_reconcile_seconds")
+        if reconcile:
+            report((f"reconcile pass, mean since start", f"{1000 * reconcile[0] / reconcile[1]:.2f} ms over {reconcile[1]:.0f} passes"))
+        started = time.perf_counter()
+        call(agent.base, "DELETE", "/v2/groups/bench/big?force=true")
+        while processes_with(3604) and time.perf_counter() - started < 600:
+            time.sleep(0.1)
+        report((f"destroy of {per_app * 100:,} instances → every process gone", f"{time.perf_counter() - started:.1f} s"))
+    finally:
+        agent.stop()
+        for marker in (3601, 3602, 3603, 3604):
+            for pid in processes_with(marker):
+                try:
+                    os.kill(pid, 9)
+                except OSError:
+                    pass
+
+
+if __name__ == "__main__":
+    main()
