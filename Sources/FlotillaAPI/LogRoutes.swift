@@ -44,8 +44,12 @@ public struct LogRoutes: Sendable {
             return await relay.get(request, to: remote.api, by: localNode, what: "instance \(instanceID)'s log (on node \(remote.name))")
         }
         let path = sandboxRoot + "/" + instanceID + "/" + stream
-        guard FileManager.default.fileExists(atPath: path) else {
-            throw FlotillaError.notFound("no \(stream) log for instance '\(instanceID)' on this node")
+        if !FileManager.default.fileExists(atPath: path) {
+            // An instance this node is still starting has no sandbox yet: its log is empty so far
+            // (and followed from the moment it appears); one unknown here has no log at all.
+            guard await control.snapshot().instances[instanceID] != nil else {
+                throw FlotillaError.notFound("no \(stream) log for instance '\(instanceID)' on this node")
+            }
         }
         let initial = Self.tail(path: path, lines: lines)
         if !follow {
@@ -59,7 +63,12 @@ public struct LogRoutes: Sendable {
             var idleChecks = 0
             while !Task.isCancelled {
                 try? await Task.sleep(for: .milliseconds(250))
-                guard let handle = FileHandle(forReadingAtPath: path) else { break }
+                guard let handle = FileHandle(forReadingAtPath: path) else {
+                    // Not created yet (still starting) or removed with its sandbox.
+                    idleChecks += 1
+                    if idleChecks % 8 == 0, await control.snapshot().instances[instanceID] == nil { break }
+                    continue
+                }
                 let size = (try? handle.seekToEnd()) ?? 0
                 if size < offset { offset = 0 }  // rotated: the file was truncated
                 if size > offset {

@@ -474,9 +474,8 @@ public actor NodeAgent: Service {
             launchHead += 1
             // A spec no longer queued was stopped (or taken) meanwhile.
             guard let spec = queuedSpecs.removeValue(forKey: id), launching, processes[id] == nil else { continue }
-            if let update = await launch(spec) {
-                do { try await write([update]) } catch { logger.error("could not record the start of \(id): \(error)") }
-            }
+            // Not waited for: the next start goes on while this status joins the next commit.
+            if let update = await launch(spec) { writeLater([update]) }
         }
         launchWorkers -= 1
         if launchWorkers == 0 {
@@ -880,16 +879,26 @@ public actor NodeAgent: Service {
     /// newest, so a write that waited for the store never puts an older status back.
     private func write(_ statuses: [InstanceStatus]) async throws {
         guard !statuses.isEmpty else { return }
+        enqueue(statuses)
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            flushWaiters.append(continuation)
+        }
+    }
+
+    /// Like `write`, without waiting for the commit: the statuses are the newest at once, and a
+    /// failed commit is logged.
+    private func writeLater(_ statuses: [InstanceStatus]) {
+        enqueue(statuses)
+    }
+
+    private func enqueue(_ statuses: [InstanceStatus]) {
         for status in statuses {
             written[status.id] = status
             if pendingStatusSet.insert(status.id).inserted { pendingStatusIDs.append(status.id) }
         }
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-            flushWaiters.append(continuation)
-            if !flushing {
-                flushing = true
-                Task { await self.flushStatuses() }
-            }
+        if !flushing {
+            flushing = true
+            Task { await self.flushStatuses() }
         }
     }
 
@@ -913,6 +922,7 @@ public actor NodeAgent: Service {
                 }
             } catch {
                 failure = error
+                logger.error("could not record the statuses of \(ids.count) instance(s): \(error)")
             }
             for waiter in waiters {
                 if let failure { waiter.resume(throwing: failure) } else { waiter.resume() }

@@ -775,6 +775,13 @@ public actor ControlPlane: Service {
     private func wake() { wakeupContinuation.yield() }
 
     /// Reconciles on every wake-up; wake-ups coalesce, so a burst of changes costs one pass.
+    /// Told how long each reconcile pass took (its commit included): `/metrics`.
+    private var passObserver: (@Sendable (Duration) -> Void)?
+
+    public func observePasses(_ observer: @escaping @Sendable (Duration) -> Void) {
+        passObserver = observer
+    }
+
     private func reconcileLoop() async {
         wake()
         for await _ in wakeups {
@@ -783,7 +790,9 @@ public actor ControlPlane: Service {
             await lock.acquire()
             do {
                 try await refreshIfNeeded()
+                let began = ContinuousClock.now
                 try await reconcile()
+                passObserver?(ContinuousClock.now - began)
             } catch is CancellationError {
                 // Shutting down.
             } catch {

@@ -173,7 +173,7 @@ def test_agents_of_a_cluster_speak_mutual_tls_to_each_other(binary, authority, t
 
             def relayed(agent=agent, remote=remote):
                 answer = get(agent, f"/flotilla/v1/logs/{remote['id']}?stream=stderr&lines=10")
-                assert answer.status_code == 200, answer.text
+                assert answer.status_code == 200, f"{answer.status_code}: {answer.text}"
                 return f"hello-from-{remote['host']}" in answer.text
 
             wait_until(relayed, timeout=20, what=f"the log of {remote['id']} through {agent.node_name}")
