@@ -37,7 +37,20 @@ public actor ControlPlane: Service {
     private var stampEpoch: UInt64 = 0
     /// Set while touches are drained: that changes nothing a reader sees.
     private var draining = false
-    private var nodes: [String: NodeInfo] = [:] { didSet { generation &+= 1 } }
+    /// Apps (by flat name) touched since a reconcile pass last planned them.
+    private var dirtyApps: Set<String> = []
+    /// Apps whose plan changes with time alone (a warm set's keep-alive): planned every pass.
+    private var timedApps: Set<String> = []
+    /// Every app is planned in the next pass (after a reload or a change of nodes).
+    private var replanAll = true
+    private var lastFullPass = ContinuousClock.now
+    private let fullPassInterval: Duration = .seconds(60)
+    private var nodes: [String: NodeInfo] = [:] {
+        didSet {
+            generation &+= 1
+            replanAll = true  // placement has other room
+        }
+    }
     /// Nodes that registered once and whose live record is gone (their lease ended): down.
     private var downNodes: [String: NodeInfo] = [:] { didSet { generation &+= 1 } }
     private var backoffs: [AppID: Backoff] = [:]
@@ -380,8 +393,10 @@ public actor ControlPlane: Service {
             if touches.all {
                 stampEpoch = generation
                 appStamps.removeAll()
+                replanAll = true
             }
             for name in touches.apps { appStamps[name] = generation }
+            dirtyApps.formUnion(touches.apps)
         }
     }
 
@@ -775,12 +790,22 @@ public actor ControlPlane: Service {
     private func wake() { wakeupContinuation.yield() }
 
     /// Reconciles on every wake-up; wake-ups coalesce, so a burst of changes costs one pass.
-    /// Told how long each reconcile pass took (its commit included): `/metrics`.
-    private var passObserver: (@Sendable (Duration) -> Void)?
+    /// Told about each reconcile pass (its time, commit included, and what it planned): `/metrics`.
+    private var passObserver: (@Sendable (PassReport) -> Void)?
 
-    public func observePasses(_ observer: @escaping @Sendable (Duration) -> Void) {
+    public func observePasses(_ observer: @escaping @Sendable (PassReport) -> Void) {
         passObserver = observer
     }
+
+    /// One reconcile pass: how long it took and which apps it planned.
+    public struct PassReport: Sendable {
+        public var duration: Duration
+        /// The apps planned (by flat name).
+        public var planned: Set<String>
+        /// Every app was planned (after a reload, a change of nodes, or the periodic full pass).
+        public var full: Bool
+    }
+    private var lastPass: (planned: Set<String>, full: Bool) = ([], false)
 
     private func reconcileLoop() async {
         wake()
@@ -792,7 +817,7 @@ public actor ControlPlane: Service {
                 try await refreshIfNeeded()
                 let began = ContinuousClock.now
                 try await reconcile()
-                passObserver?(ContinuousClock.now - began)
+                passObserver?(PassReport(duration: ContinuousClock.now - began, planned: lastPass.planned, full: lastPass.full))
             } catch is CancellationError {
                 // Shutting down.
             } catch {
@@ -916,8 +941,22 @@ public actor ControlPlane: Service {
         // Instances on nodes that are down are settled first, in a commit of their own.
         try await settleUnreachable(now: now, nowText: nowText)
 
-        var nextSpecs = specs
-        var nextStatuses = statuses
+        // Which apps this pass plans: those whose inputs changed since they were last planned, and
+        // those whose plan depends on time (a backoff or a warm set running out, a deployment under
+        // way); every app after a reload, a change of nodes, and once a minute as a safety net.
+        drainTouches()
+        let full = replanAll || ContinuousClock.now - lastFullPass > fullPassInterval
+        var planning: Set<String>
+        if full {
+            planning = Set(apps.members.keys).union(specs.members.keys)
+        } else {
+            planning = dirtyApps.union(timedApps)
+            for id in queue.keys { planning.insert(id.flatName) }
+            for deployment in deployments.values { planning.formUnion(deployment.affectedApps.map(\.flatName)) }
+        }
+        lastPass = (planning, full)
+        var nextSpecs = PassChanges(specs)
+        var nextStatuses = PassChanges(statuses)
         var nextFailures = failures
         var nextDeployments = deployments
         var nextBackoffs = backoffs
@@ -930,53 +969,69 @@ public actor ControlPlane: Service {
         var deletes: [String] = []
 
         // Ended instances: remember failures, start backoff, count crashes against deployments, forget them.
-        for (id, spec) in specs {
-            guard let status = statuses[id], status.state.isTerminal else { continue }
-            guard budget.take(operations: 3, bytes: 4096) else { break }
-            let unexpected = spec.goal == .run && (status.state.countsAsFailure || status.killedUnhealthy)
-            if unexpected, let app = apps[spec.appID] {
-                // Marathon backs off after any end the app did not ask for, exit 0 included.
-                var backoff = nextBackoffs[spec.appID] ?? Backoff()
-                backoff.recordFailure(of: app.definition, at: now)
-                nextBackoffs[spec.appID] = backoff
-                let failure = TaskFailure(
-                    appID: spec.appID, taskID: id, host: spec.host, node: spec.node, state: status.killedUnhealthy ? .killed : status.state,
-                    message: status.message ?? "", timestamp: status.updatedAt, version: spec.version)
-                nextFailures[spec.appID] = failure
-                puts.append((StateKeys.failure(spec.appID), failure))
-                for deployment in nextDeployments.values {
-                    guard let counted = DeploymentProgress.recordingCrash(deployment, of: spec, status: status) else { continue }
-                    nextDeployments[deployment.id] = counted
-                    changedDeployments.insert(deployment.id)
+        // (An instance's end touches its app, so only the planned apps can have any.)
+        for flat in planning.sorted() {
+            for id in specs.members[flat] ?? [] {
+                guard let spec = specs[id], let status = statuses[id], status.state.isTerminal else { continue }
+                guard budget.take(operations: 3, bytes: 4096) else { break }
+                let unexpected = spec.goal == .run && (status.state.countsAsFailure || status.killedUnhealthy)
+                if unexpected, let app = apps[spec.appID] {
+                    // Marathon backs off after any end the app did not ask for, exit 0 included.
+                    var backoff = nextBackoffs[spec.appID] ?? Backoff()
+                    backoff.recordFailure(of: app.definition, at: now)
+                    nextBackoffs[spec.appID] = backoff
+                    let failure = TaskFailure(
+                        appID: spec.appID, taskID: id, host: spec.host, node: spec.node, state: status.killedUnhealthy ? .killed : status.state,
+                        message: status.message ?? "", timestamp: status.updatedAt, version: spec.version)
+                    nextFailures[spec.appID] = failure
+                    puts.append((StateKeys.failure(spec.appID), failure))
+                    for deployment in nextDeployments.values {
+                        guard let counted = DeploymentProgress.recordingCrash(deployment, of: spec, status: status) else { continue }
+                        nextDeployments[deployment.id] = counted
+                        changedDeployments.insert(deployment.id)
+                    }
                 }
+                if status.killedUnhealthy { pending.append(.unhealthyTaskKill(spec, reason: status.message ?? "unhealthy")) }
+                nextSpecs[id] = nil
+                nextStatuses[id] = nil
+                deletes += [StateKeys.instance(spec), StateKeys.status(id)]
             }
-            if status.killedUnhealthy { pending.append(.unhealthyTaskKill(spec, reason: status.message ?? "unhealthy")) }
-            nextSpecs[id] = nil
-            nextStatuses[id] = nil
-            deletes += [StateKeys.instance(spec), StateKeys.status(id)]
         }
 
-        // Plan every app, and every app that is gone but still has instances.
-        let snapshotInstances = nextSpecs.values.map { Instance(spec: $0, status: nextStatuses[$0.id]) }
+        // Plan the apps (and apps that are gone but still have instances).
+        func instances(of flat: String) -> [Instance] {
+            nextSpecs.values(ofApp: flat).map { Instance(spec: $0, status: nextStatuses[$0.id]) }
+        }
         var byApp: [AppID: [Instance]] = [:]
-        for instance in snapshotInstances { byApp[instance.spec.appID, default: []].append(instance) }
-        // Indexed once for the whole pass: placing an app costs O(log nodes) per instance.
-        var placement = PlacementState(ClusterSnapshot(nodes: nodes.values.sorted { $0.name < $1.name }, instances: snapshotInstances))
-        let appIDs = Set(apps.keys).union(byApp.keys).sorted()
-        var newQueue: [AppID: QueueEntry] = [:]
+        var appIDs: Set<AppID> = []
+        for flat in planning {
+            for id in apps.members[flat] ?? [] { appIDs.insert(id) }
+            for instance in instances(of: flat) {
+                byApp[instance.spec.appID, default: []].append(instance)
+                appIDs.insert(instance.spec.appID)
+            }
+        }
+        // Indexed once, the first time an app launches in this pass (it reads every instance):
+        // placing an app then costs O(log nodes) per instance.
+        var placement: PlacementState?
+        var newQueue = full ? [:] : queue.filter { !planning.contains($0.key.flatName) }
+        var nextTimed = full ? [] : timedApps.subtracting(planning)
         func update(_ id: String, _ change: (inout InstanceSpec) -> Void) {
             guard var spec = nextSpecs[id], budget.take(operations: 1, bytes: PassBudget.size(of: spec)) else { return }
             let wasRunning = spec.goal == .run
             change(&spec)
             nextSpecs[id] = spec
             puts.append((StateKeys.instance(spec), spec))
-            if wasRunning && spec.goal == .stop { placement.stopping(spec) }
+            if wasRunning && spec.goal == .stop { placement?.stopping(spec) }
         }
         // Apps whose turn in a deployment has not come (their dependencies are not ready yet).
         let heldBack = nextDeployments.values.reduce(into: Set<AppID>()) { $0.formUnion(DeploymentSteps.heldBack($1)) }
-        for appID in appIDs where !heldBack.contains(appID) {
+        for appID in appIDs.sorted() where !heldBack.contains(appID) {
             let app = apps[appID]
-            let plan = Reconciler.plan(app: app, instances: byApp[appID] ?? [], now: now)
+            let appInstances = byApp[appID] ?? []
+            // A warm set's keep-alive runs out with time: its app is planned every pass until then.
+            if appInstances.contains(where: { $0.spec.standbyUntil != nil }) { nextTimed.insert(appID.flatName) }
+            let plan = Reconciler.plan(app: app, instances: appInstances, now: now)
             for stop in plan.stop {
                 update(stop.instanceID) {
                     $0.goal = .stop
@@ -1014,7 +1069,11 @@ public actor ControlPlane: Service {
             let affordable = budget.room(eachOf: PassBudget.size(of: sample) + 64)
             if affordable < plan.launch { budget.leaveRestForNextPass() }
             guard affordable > 0 else { continue }
-            let result = placement.place(app.definition, count: min(plan.launch, affordable), using: &generator)
+            if placement == nil {
+                let everyInstance = nextSpecs.allValues.map { Instance(spec: $0, status: nextStatuses[$0.id]) }
+                placement = PlacementState(ClusterSnapshot(nodes: nodes.values.sorted { $0.name < $1.name }, instances: everyInstance))
+            }
+            let result = placement!.place(app.definition, count: min(plan.launch, affordable), using: &generator)
             budget.take(operations: result.placements.count, bytes: result.placements.count * (PassBudget.size(of: sample) + 64))
             for placement in result.placements {
                 let spec = InstanceSpec(
@@ -1034,7 +1093,11 @@ public actor ControlPlane: Service {
 
         // Deployments: the pure state machine says which arrived, failed or passed a step.
         var live: [AppID: [Instance]] = [:]
-        for spec in nextSpecs.values { live[spec.appID, default: []].append(Instance(spec: spec, status: nextStatuses[spec.id])) }
+        for deployment in nextDeployments.values {
+            for app in deployment.affectedApps where live[app] == nil {
+                live[app] = instances(of: app.flatName).filter { $0.spec.appID == app }
+            }
+        }
         var succeeded: [Deployment] = []
         var failed: [(Deployment, String)] = []
         var advancedSteps: [(Deployment, [Int])] = []
@@ -1071,13 +1134,24 @@ public actor ControlPlane: Service {
             try await commit(puts: puts, deletes: deletes, deletePrefixes: results.map { StateKeys.removedApps(of: $0.id) })
             // Committed: memory shows it, in one step (no await between these).
             for id in ended { nextDeployments[id] = nil }
-            specs = nextSpecs
-            statuses = nextStatuses
+            specs.apply(nextSpecs.changes)
+            statuses.apply(nextStatuses.changes)
             failures = nextFailures
             deployments = nextDeployments
         }
         backoffs = nextBackoffs
         if !(queue.isEmpty && newQueue.isEmpty) { queue = newQueue }
+        timedApps = nextTimed
+        // Planned: clean until something touches them again (this pass's own commit touched the
+        // apps it changed, and those are planned once more next time). A pass that ran out of
+        // room leaves them all to the next.
+        if !budget.exhausted {
+            dirtyApps.subtract(planning)
+            if full {
+                replanAll = false
+                lastFullPass = .now
+            }
+        }
         // A pass that ran out of room in its transaction goes on at once.
         if budget.exhausted { wake() }
         for event in pending { events.publish(event) }
@@ -1131,6 +1205,42 @@ public actor ControlPlane: Service {
             deploymentResults[deployment.id] = result
         }
         pruneDeploymentResults()
+    }
+
+    /// What a pass changes in one of the tracked dictionaries, kept aside (the dictionary itself is
+    /// not copied) and applied once the store has committed it.
+    private struct PassChanges<Value: Sendable> {
+        let base: Tracked<String, Value>
+        private(set) var changes: [String: Value?] = [:]
+
+        init(_ base: Tracked<String, Value>) { self.base = base }
+
+        subscript(key: String) -> Value? {
+            get {
+                if let changed = changes[key] { return changed }
+                return base[key]
+            }
+            set { changes[key] = .some(newValue) }
+        }
+
+        /// The values of one app, as the pass has them now.
+        func values(ofApp flat: String) -> [Value] {
+            var keys = base.members[flat] ?? []
+            for (key, value) in changes where value != nil && Self.belongs(key, to: flat) { keys.insert(key) }
+            return keys.compactMap { self[$0] }
+        }
+
+        /// Every value, as the pass has them now.
+        var allValues: [Value] {
+            var all = base.dictionary
+            for (key, value) in changes { all[key] = value }
+            return Array(all.values)
+        }
+
+        /// Instance ids start with their app's flat name.
+        private static func belongs(_ key: String, to flat: String) -> Bool {
+            InstanceSpec.appFlatName(ofInstanceID: key).map { $0 == flat } ?? false
+        }
     }
 
     /// Moves instance records an earlier version wrote at `instances/<id>` to `instances/<node>/<id>`,

@@ -14,18 +14,22 @@ struct Tracked<Key: Hashable & Sendable, Value: Sendable>: Sendable, Sequence {
     private(set) var touched: Set<String> = []
     /// Every app is touched (a wholesale replacement).
     private(set) var touchedAll = false
+    /// The keys of each app's values (by flat name), kept as the values change: a pass that plans
+    /// one app reads its instances without looking at the others'.
+    private(set) var members: [String: Set<Key>] = [:]
 
     init(_ dictionary: [Key: Value] = [:], appsOf: @escaping @Sendable (Key, Value) -> [String]) {
         self.dictionary = dictionary
         self.appsOf = appsOf
         touchedAll = true
+        rebuildMembers()
     }
 
     subscript(key: Key) -> Value? {
         get { dictionary[key] }
         set {
-            if let old = dictionary[key] { touched.formUnion(appsOf(key, old)) }
-            if let newValue { touched.formUnion(appsOf(key, newValue)) }
+            if let old = dictionary[key] { leave(key, old) }
+            if let newValue { join(key, newValue) }
             dictionary[key] = newValue
         }
     }
@@ -34,13 +38,46 @@ struct Tracked<Key: Hashable & Sendable, Value: Sendable>: Sendable, Sequence {
     mutating func replaceAll(with dictionary: [Key: Value]) {
         self.dictionary = dictionary
         touchedAll = true
+        rebuildMembers()
+    }
+
+    /// Several changes at once (nil removes): what a committed pass applies.
+    mutating func apply(_ changes: [Key: Value?]) {
+        for (key, value) in changes { self[key] = value }
     }
 
     @discardableResult
     mutating func removeValue(forKey key: Key) -> Value? {
         guard let old = dictionary.removeValue(forKey: key) else { return nil }
-        touched.formUnion(appsOf(key, old))
+        leave(key, old)
         return old
+    }
+
+    /// The values of one app (by flat name).
+    func values(ofApp flatName: String) -> [Value] {
+        (members[flatName] ?? []).compactMap { dictionary[$0] }
+    }
+
+    private mutating func join(_ key: Key, _ value: Value) {
+        for app in appsOf(key, value) {
+            touched.insert(app)
+            members[app, default: []].insert(key)
+        }
+    }
+
+    private mutating func leave(_ key: Key, _ value: Value) {
+        for app in appsOf(key, value) {
+            touched.insert(app)
+            members[app]?.remove(key)
+            if members[app]?.isEmpty == true { members[app] = nil }
+        }
+    }
+
+    private mutating func rebuildMembers() {
+        members = [:]
+        for (key, value) in dictionary {
+            for app in appsOf(key, value) { members[app, default: []].insert(key) }
+        }
     }
 
     /// The touches so far, forgotten here.

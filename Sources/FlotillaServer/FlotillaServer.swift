@@ -158,12 +158,15 @@ public struct FlotillaServer {
         }
         let control = ControlPlane(
             store: store, events: events, logger: logger, servicePortRange: configuration.servicePortRange, secretsEnabled: secrets != nil)
-        let passes = metrics.makeDurationHistogram(
-            name: "flotilla_reconcile_seconds", labels: [],
-            buckets: [.microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25),
-                      .milliseconds(50), .milliseconds(100), .milliseconds(250), .seconds(1)],
-            help: "How long the control plane's reconcile passes take, their commit included")
-        await control.observePasses { passes.record($0) }
+        func passes(_ scope: String) -> DurationHistogram {
+            metrics.makeDurationHistogram(
+                name: "flotilla_reconcile_seconds", labels: [("scope", scope)],
+                buckets: [.microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5),
+                          .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100), .milliseconds(250), .seconds(1)],
+                help: "How long the control plane's reconcile passes take, their commit included: scope=changed plans the apps that changed, scope=all every app")
+        }
+        let changedPasses = passes("changed"), fullPasses = passes("all")
+        await control.observePasses { ($0.full ? fullPasses : changedPasses).record($0.duration) }
         // In a cluster one elected server schedules; every agent follows the store until it leads.
         let scheme = configuration.tls == nil ? "http" : "https"
         let apiHost = configuration.bindAddress == "0.0.0.0" || configuration.bindAddress == "::" ? configuration.node.host : configuration.bindAddress
