@@ -77,17 +77,29 @@ def timed_get(agent, path):
     return (time.perf_counter() - started) * 1000, len(body)
 
 
-def metric(agent, name):
-    """The sum and count of a Prometheus histogram or summary the agent exports, or None."""
+def metric(agent, name, labels=""):
+    """The sum and count of a Prometheus histogram the agent exports (the series whose labels
+    include `labels`, e.g. 'scope="changed"'), or None."""
     with urllib.request.urlopen(agent.base + "/metrics", timeout=10) as response:
         text = response.read().decode()
     total = count = None
     for line in text.splitlines():
-        if line.startswith(name + "_sum"):
+        series = line.split()[0] if line and not line.startswith("#") else ""
+        if labels not in series:
+            continue
+        if series.startswith(name + "_sum"):
             total = float(line.split()[-1])
-        elif line.startswith(name + "_count"):
+        elif series.startswith(name + "_count"):
             count = float(line.split()[-1])
     return (total, count) if total is not None and count else None
+
+
+def report_passes(agent, what):
+    """The reconcile passes so far, those that planned what changed and the full ones."""
+    for scope, kind in (("changed", "planning the apps that changed"), ("all", "planning every app")):
+        passes = metric(agent, "flotilla_reconcile_seconds", f'scope="{scope}"')
+        if passes:
+            report((f"reconcile pass {kind}, {what} (mean)", f"{1000 * passes[0] / passes[1]:.2f} ms over {passes[1]:.0f} passes"))
 
 
 def wrk_latency(url, seconds=10, connections=4):
@@ -144,98 +156,25 @@ def main():
     parser.add_argument("--binary", required=True)
     parser.add_argument("--work", required=True)
     parser.add_argument("--big", type=int, default=10_000, help="instances in the last phase (100 apps)")
+    parser.add_argument("--phases", default="1234", help="which phases to run (default all: 1234)")
     arguments = parser.parse_args()
 
     agent = Agent(arguments.binary, arguments.work)
     print("| measure | result |")
     print("|---|---|", flush=True)
     try:
-        # 1. One app of 1,000.
-        started = time.perf_counter()
-        call(agent.base, "POST", "/v2/apps", app("/bench/one", 1000, 3601))
-        running = wait_running(agent, ["/bench/one"], 1000, 120)
-        report(("1,000 instances of one app → all TASK_RUNNING", f"{running - started:.2f} s"))
-        started = time.perf_counter()
-        call(agent.base, "DELETE", "/v2/apps/bench/one")
-        while processes_with(3601) and time.perf_counter() - started < 120:
-            time.sleep(0.02)
-        gone = time.perf_counter()
-        left = len(processes_with(3601))
-        report(("destroy of 1,000 instances → every process gone", f"{gone - started:.2f} s" + (f" ({left} left)" if left else "")))
-
-        # 2. 1,000 apps of one instance.
-        apps = [app(f"/bench/apps/a{number:04d}", 1, 3602) for number in range(1000)]
-        call(agent.base, "POST", "/v2/groups", {"id": "/bench/apps", "apps": apps})
-        wait_running(agent, [entry["id"] for entry in apps], 1000, 120)
-        time.sleep(2)
-        first, warm = [], []
-        for round_ in range(10):
-            call(agent.base, "PUT", f"/v2/apps/bench/apps/a{round_:04d}?force=true", {"labels": {"round": str(round_)}})
-            time.sleep(0.3)
-            first.append(timed_get(agent, "/v2/apps?embed=apps.tasks")[0])
-            warm.extend(timed_get(agent, "/v2/apps?embed=apps.tasks")[0] for _ in range(3))
-        size = timed_get(agent, "/v2/apps?embed=apps.tasks")[1]
-        report(("`GET /v2/apps?embed=apps.tasks`, 1,000 apps / 1,000 tasks, first render after a change (median of 10)",
-                     f"{statistics.median(first):.1f} ms ({size / 1024:.0f} KiB)"))
-        report(("… the same, unchanged since the last render (median)", f"{statistics.median(warm):.1f} ms"))
-        plain = wrk_latency(agent.base + "/v2/apps")
-        report(("`GET /v2/apps`, 1,000 apps, wrk -c4: p50 / p99", f"{plain['50%']} / {plain['99%']} ({plain['rps']:,.0f} req/s)"))
-        reconcile = metric(agent, "flotilla_reconcile_seconds")
-        if reconcile:
-            report(("reconcile pass, 1,000 apps / 1,000 instances (mean)", f"{1000 * reconcile[0] / reconcile[1]:.2f} ms over {reconcile[1]:.0f} passes"))
-
-        # 3. 100 event subscribers.
-        subscribers = [Subscriber(agent.port) for _ in range(100)]
-        for subscriber in subscribers:
-            subscriber.start()
-        call(agent.base, "POST", "/v2/apps", app("/bench/sse-warmup", 0, 3603))
-        for subscriber in subscribers:
-            subscriber.ready.wait(10)
-        sent = {}
-        for number in range(20):
-            app_id = f"/bench/sse-{number:03d}"
-            sent[app_id] = time.perf_counter()
-            call(agent.base, "POST", "/v2/apps", app(app_id, 0, 3603))
-            time.sleep(0.05)
-        time.sleep(2)
-        delays = [1000 * (subscriber.arrivals[app_id] - at) for subscriber in subscribers for app_id, at in sent.items() if app_id in subscriber.arrivals]
-        missing = len(subscribers) * len(sent) - len(delays)
-        for subscriber in subscribers:
-            subscriber.close()
-        delays.sort()
-        report(("`/v2/events`, 100 subscribers: write's request → each subscriber has the event, p50 / p99",
-                     f"{delays[len(delays) // 2]:.1f} / {delays[int(len(delays) * 0.99)]:.1f} ms" + (f" ({missing} not delivered)" if missing else "")))
-        call(agent.base, "DELETE", "/v2/groups/bench/apps?force=true")
-        while processes_with(3602):
-            time.sleep(0.1)
-
-        # 4. 10,000 instances.
-        per_app = arguments.big // 100
-        big = [app(f"/bench/big/b{number:03d}", per_app, 3604) for number in range(100)]
-        started = time.perf_counter()
-        call(agent.base, "POST", "/v2/groups", {"id": "/bench/big", "apps": big})
-        try:
-            running = wait_running(agent, [entry["id"] for entry in big], per_app * 100, 600)
-        except NotRunning as shortfall:
-            report((f"{per_app * 100:,} instances (100 apps × {per_app}) → all TASK_RUNNING", str(shortfall)))
-            return
-        report((f"{per_app * 100:,} instances (100 apps × {per_app}) → all TASK_RUNNING", f"{running - started:.1f} s"))
-        time.sleep(10)
-        cpu_before, clock_before = cpu_seconds(agent.process.pid), time.perf_counter()
-        time.sleep(30)
-        idle = (cpu_seconds(agent.process.pid) - cpu_before) / (time.perf_counter() - clock_before)
-        report((f"… agent RSS / idle CPU with {per_app * 100:,} instances", f"{rss_kib(agent.process.pid) / 1024:.0f} MiB / {100 * idle:.1f} % of a core"))
-        for path in ("/v2/apps", "/v2/apps?embed=apps.tasks"):
-            times = [timed_get(agent, path)[0] for _ in range(5)]
-            report((f"`GET {path}` with {per_app * 100:,} instances (median of 5)", f"{statistics.median(times):.1f} ms"))
-        reconcile = metric(agent, "flotilla_reconcile_seconds")
-        if reconcile:
-            report((f"reconcile pass, mean since start", f"{1000 * reconcile[0] / reconcile[1]:.2f} ms over {reconcile[1]:.0f} passes"))
-        started = time.perf_counter()
-        call(agent.base, "DELETE", "/v2/groups/bench/big?force=true")
-        while processes_with(3604) and time.perf_counter() - started < 600:
-            time.sleep(0.1)
-        report((f"destroy of {per_app * 100:,} instances → every process gone", f"{time.perf_counter() - started:.1f} s"))
+        if "1" in arguments.phases:
+            one_app_of_a_thousand(agent)
+        if "2" in arguments.phases:
+            a_thousand_apps(agent)
+        if "3" in arguments.phases:
+            event_subscribers(agent)
+        if "2" in arguments.phases:
+            call(agent.base, "DELETE", "/v2/groups/bench/apps?force=true")
+            while processes_with(3602):
+                time.sleep(0.1)
+        if "4" in arguments.phases:
+            ten_thousand(agent, arguments.big)
     finally:
         agent.stop()
         for marker in (3601, 3602, 3603, 3604):
@@ -244,6 +183,94 @@ def main():
                     os.kill(pid, 9)
                 except OSError:
                     pass
+
+
+def one_app_of_a_thousand(agent):
+    """1. One app of 1,000: all running, then destroyed."""
+    started = time.perf_counter()
+    call(agent.base, "POST", "/v2/apps", app("/bench/one", 1000, 3601))
+    running = wait_running(agent, ["/bench/one"], 1000, 120)
+    report(("1,000 instances of one app → all TASK_RUNNING", f"{running - started:.2f} s"))
+    started = time.perf_counter()
+    call(agent.base, "DELETE", "/v2/apps/bench/one")
+    while processes_with(3601) and time.perf_counter() - started < 120:
+        time.sleep(0.02)
+    gone = time.perf_counter()
+    left = len(processes_with(3601))
+    report(("destroy of 1,000 instances → every process gone", f"{gone - started:.2f} s" + (f" ({left} left)" if left else "")))
+
+
+def a_thousand_apps(agent):
+    """2. 1,000 apps of one instance: listings and reconcile passes."""
+    apps = [app(f"/bench/apps/a{number:04d}", 1, 3602) for number in range(1000)]
+    call(agent.base, "POST", "/v2/groups", {"id": "/bench/apps", "apps": apps})
+    wait_running(agent, [entry["id"] for entry in apps], 1000, 120)
+    time.sleep(2)
+    first, warm = [], []
+    for round_ in range(10):
+        call(agent.base, "PUT", f"/v2/apps/bench/apps/a{round_:04d}?force=true", {"labels": {"round": str(round_)}})
+        time.sleep(0.3)
+        first.append(timed_get(agent, "/v2/apps?embed=apps.tasks")[0])
+        warm.extend(timed_get(agent, "/v2/apps?embed=apps.tasks")[0] for _ in range(3))
+    size = timed_get(agent, "/v2/apps?embed=apps.tasks")[1]
+    report(("`GET /v2/apps?embed=apps.tasks`, 1,000 apps / 1,000 tasks, first render after a change (median of 10)",
+           f"{statistics.median(first):.1f} ms ({size / 1024:.0f} KiB)"))
+    report(("… the same, unchanged since the last render (median)", f"{statistics.median(warm):.1f} ms"))
+    plain = wrk_latency(agent.base + "/v2/apps")
+    report(("`GET /v2/apps`, 1,000 apps, wrk -c4: p50 / p99", f"{plain['50%']} / {plain['99%']} ({plain['rps']:,.0f} req/s)"))
+    report_passes(agent, "since start, up to 1,000 apps / 1,000 instances")
+
+
+def event_subscribers(agent):
+    """3. 100 subscribers on /v2/events."""
+    subscribers = [Subscriber(agent.port) for _ in range(100)]
+    for subscriber in subscribers:
+        subscriber.start()
+    call(agent.base, "POST", "/v2/apps", app("/bench/sse-warmup", 0, 3603))
+    for subscriber in subscribers:
+        subscriber.ready.wait(10)
+    sent = {}
+    for number in range(20):
+        app_id = f"/bench/sse-{number:03d}"
+        sent[app_id] = time.perf_counter()
+        call(agent.base, "POST", "/v2/apps", app(app_id, 0, 3603))
+        time.sleep(0.05)
+    time.sleep(2)
+    delays = [1000 * (subscriber.arrivals[app_id] - at) for subscriber in subscribers for app_id, at in sent.items() if app_id in subscriber.arrivals]
+    missing = len(subscribers) * len(sent) - len(delays)
+    for subscriber in subscribers:
+        subscriber.close()
+    delays.sort()
+    report(("`/v2/events`, 100 subscribers: write's request → each subscriber has the event, p50 / p99",
+           f"{delays[len(delays) // 2]:.1f} / {delays[int(len(delays) * 0.99)]:.1f} ms" + (f" ({missing} not delivered)" if missing else "")))
+
+
+def ten_thousand(agent, big_count):
+    """4. 10,000 instances (100 apps): all running, RSS, idle CPU, listings, destroy."""
+    per_app = big_count // 100
+    big = [app(f"/bench/big/b{number:03d}", per_app, 3604) for number in range(100)]
+    started = time.perf_counter()
+    call(agent.base, "POST", "/v2/groups", {"id": "/bench/big", "apps": big})
+    try:
+        running = wait_running(agent, [entry["id"] for entry in big], per_app * 100, 600)
+    except NotRunning as shortfall:
+        report((f"{per_app * 100:,} instances (100 apps × {per_app}) → all TASK_RUNNING", str(shortfall)))
+        return
+    report((f"{per_app * 100:,} instances (100 apps × {per_app}) → all TASK_RUNNING", f"{running - started:.1f} s"))
+    time.sleep(10)
+    cpu_before, clock_before = cpu_seconds(agent.process.pid), time.perf_counter()
+    time.sleep(30)
+    idle = (cpu_seconds(agent.process.pid) - cpu_before) / (time.perf_counter() - clock_before)
+    report((f"… agent RSS / idle CPU with {per_app * 100:,} instances", f"{rss_kib(agent.process.pid) / 1024:.0f} MiB / {100 * idle:.1f} % of a core"))
+    for path in ("/v2/apps", "/v2/apps?embed=apps.tasks"):
+        times = [timed_get(agent, path)[0] for _ in range(5)]
+        report((f"`GET {path}` with {per_app * 100:,} instances (median of 5)", f"{statistics.median(times):.1f} ms"))
+    report_passes(agent, f"since start, up to {per_app * 100:,} instances")
+    started = time.perf_counter()
+    call(agent.base, "DELETE", "/v2/groups/bench/big?force=true")
+    while processes_with(3604) and time.perf_counter() - started < 600:
+        time.sleep(0.1)
+    report((f"destroy of {per_app * 100:,} instances → every process gone", f"{time.perf_counter() - started:.1f} s"))
 
 
 if __name__ == "__main__":

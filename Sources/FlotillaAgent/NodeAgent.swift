@@ -448,7 +448,12 @@ public actor NodeAgent: Service {
             case .stop:
                 preparing.removeValue(forKey: spec.id)?.cancel()
                 queuedSpecs[spec.id] = nil
-                if starting.contains(spec.id) { cancelledStarts.insert(spec.id) }
+                if starting.contains(spec.id) {
+                    // Inside its driver: the start is undone when it returns, and only then is
+                    // the instance killed (no process outlives the status that says it ended).
+                    cancelledStarts.insert(spec.id)
+                    continue
+                }
                 updates.append(InstanceStatus(id: spec.id, state: .killed, message: spec.stopReason, updatedAt: now))
             }
         }
@@ -593,12 +598,17 @@ public actor NodeAgent: Service {
             // scheduler stopped (or removed) the instance. Either way the start is undone.
             let unwanted = cancelledStarts.remove(spec.id) != nil || (assignedLoaded && assigned[spec.id]?.goal != .run)
             guard launching, !unwanted else {
-                // The agent began stopping while the driver started it: undo the start.
+                // The agent began stopping, or the scheduler stopped the instance, while the
+                // driver started it: undo the start; then the instance is killed.
                 driver.signal(process, instanceID: spec.id, SIGKILL)
                 await driver.cleanUp(instanceID: spec.id, process: process, state: process.state)
                 if process.signalFD >= 0 { close(process.signalFD) }
                 await workloadTokens?.revoke(instances: [spec.id])
-                return nil
+                guard launching else { return nil }
+                let reason = assigned[spec.id]?.stopReason ?? spec.stopReason ?? "killed"
+                let killed = InstanceStatus(id: spec.id, state: .killed, driver: driver.name, message: reason, updatedAt: Timestamp.format(Date()))
+                written[spec.id] = killed
+                return killed
             }
             processes[spec.id] = process
             let pidfd = CFlotillaSpawnBridge.pidfd(for: process.pid)
@@ -922,10 +932,15 @@ public actor NodeAgent: Service {
                 }
             } catch {
                 failure = error
-                logger.error("could not record the statuses of \(ids.count) instance(s): \(error)")
+                logger.error("could not record the statuses of \(ids.count) instance(s), trying again: \(error)")
+                // Kept: what a launch handed over without waiting is written once the store answers.
+                for id in ids where pendingStatusSet.insert(id).inserted { pendingStatusIDs.append(id) }
             }
             for waiter in waiters {
                 if let failure { waiter.resume(throwing: failure) } else { waiter.resume() }
+            }
+            if failure != nil {
+                guard (try? await Task.sleep(for: .milliseconds(500))) != nil else { break }
             }
         }
         flushing = false

@@ -376,13 +376,20 @@ public actor ControlPlane: Service {
         generationWaiters.removeValue(forKey: id)?.resume(returning: generation)
     }
 
+    /// The last snapshot made, good while the generation and index stay (with ten thousand
+    /// instances a snapshot costs a few milliseconds; readers between two changes share one).
+    private var lastSnapshot: ControlSnapshot?
+
     public func snapshot() -> ControlSnapshot {
+        if let lastSnapshot, lastSnapshot.generation == generation, lastSnapshot.index == index { return lastSnapshot }
         var instances: [String: Instance] = [:]
         instances.reserveCapacity(specs.count)
         for (id, spec) in specs { instances[id] = Instance(spec: spec, status: statuses[id]) }
-        return ControlSnapshot(
+        let snapshot = ControlSnapshot(
             apps: apps.dictionary, instances: instances, deployments: deployments.dictionary, failures: failures.dictionary, queue: queue,
             nodes: nodes, downNodes: downNodes, index: index, generation: generation)
+        lastSnapshot = snapshot
+        return snapshot
     }
 
     /// Folds what the tracked dictionaries touched into the per-app stamps.
@@ -1276,7 +1283,10 @@ public actor ControlPlane: Service {
         var changedStatuses: [String: InstanceStatus] = [:]
         var expunged: [String] = []
         var budget = PassBudget(limits: store.limits)
-        for (id, spec) in specs.sorted(by: { $0.key < $1.key }) where nodes[spec.node] == nil {
+        // Usually no instance is on a node that is down: found without sorting every instance.
+        let onLostNodes = specs.filter { nodes[$0.value.node] == nil }
+        guard !onLostNodes.isEmpty else { return }
+        for (id, spec) in onLostNodes.sorted(by: { $0.key < $1.key }) {
             // Many instances on a lost node: as many as one transaction holds now, the rest next pass.
             guard budget.take(operations: 2, bytes: PassBudget.size(of: spec) + 2048) else {
                 wake()
