@@ -58,10 +58,12 @@ public actor NodeAgent: Service {
     private var starting: Set<String> = []
     /// Instances being stopped, with the reason the exit will be reported with.
     private var stopping: [String: String] = [:]
-    /// One task per running instance that runs its health checks.
-    private var healthTasks: [String: Task<Void, Never>] = [:]
-    /// One task per instance whose readiness check has not passed yet.
-    private var readinessTasks: [String: Task<Void, Never>] = [:]
+    /// Every health and readiness check of this node, on one timer (`HealthScheduler`).
+    private let healthScheduler = HealthScheduler()
+    /// Instances whose health checks are scheduled.
+    private var healthChecked: Set<String> = []
+    /// Instances whose readiness check is scheduled (until its first ready answer).
+    private var readinessChecked: Set<String> = []
     /// Instances waiting for a start slot, in order (`launchQueue` from `launchHead` on), with the
     /// spec each was queued with; at most `maximumConcurrentStarts` start at once.
     private var launchQueue: [String] = []
@@ -683,49 +685,44 @@ public actor NodeAgent: Service {
     // MARK: - Health
 
     private func startHealthChecks(_ spec: InstanceSpec, startedAt: Date) {
-        guard !spec.definition.healthChecks.isEmpty, healthTasks[spec.id] == nil, let httpClient else { return }
+        guard !spec.definition.healthChecks.isEmpty, !healthChecked.contains(spec.id), let httpClient else { return }
         let probe = HealthProbe(httpClient: httpClient, commands: commands)
         let sandbox = sandbox(of: spec.id)
         let environment = InstanceEnvironment.build(for: spec, sandbox: sandbox, agentEnvironment: agentEnvironment)
         let driver = driver(for: spec) ?? driver(named: nil)
         let id = spec.id
         let shell: @Sendable (String) -> [String] = { driver.commandArguments(for: $0, instanceID: id) }
-        healthTasks[spec.id] = Task {
-            await withDiscardingTaskGroup { group in
-                for (index, check) in spec.definition.healthChecks.enumerated() {
-                    group.addTask {
-                        // Spread the first checks of many instances so they do not land together.
-                        let jitter = Double.random(in: 0...min(1.0, check.intervalSeconds * 0.1))
-                        try? await Task.sleep(for: .milliseconds(Int64(jitter * 1000)))
-                        while !Task.isCancelled {
-                            let began = ContinuousClock.now
-                            let outcome = await probe.run(check, for: spec, environment: environment, sandbox: sandbox, shell: shell)
-                            if Task.isCancelled { return }
-                            await self.record(outcome, check: check, index: index, spec: spec, startedAt: startedAt)
-                            try? await Task.sleep(until: began + .milliseconds(Int64(check.intervalSeconds * 1000)))
-                        }
-                    }
+        healthChecked.insert(id)
+        let scheduler = healthScheduler
+        Task {
+            for (index, check) in spec.definition.healthChecks.enumerated() {
+                // Spread the first checks of many instances so they do not land together.
+                let jitter = Double.random(in: 0...min(1.0, check.intervalSeconds * 0.1))
+                await scheduler.schedule(instance: id, firstAfter: .milliseconds(Int64(jitter * 1000)), interval: .milliseconds(Int64(check.intervalSeconds * 1000))) {
+                    let outcome = await probe.run(check, for: spec, environment: environment, sandbox: sandbox, shell: shell)
+                    return await self.record(outcome, check: check, index: index, spec: spec, startedAt: startedAt)
                 }
             }
         }
     }
 
     private func stopHealthChecks(_ id: String) {
-        healthTasks.removeValue(forKey: id)?.cancel()
-        readinessTasks.removeValue(forKey: id)?.cancel()
+        guard healthChecked.remove(id) != nil || readinessChecked.remove(id) != nil else { return }
+        readinessChecked.remove(id)
+        let scheduler = healthScheduler
+        Task { await scheduler.cancel(instance: id) }
     }
 
     /// Asks the readiness check every interval until the first ready answer, then stops.
     private func startReadinessCheck(_ check: ReadinessCheck, spec: InstanceSpec) {
-        guard readinessTasks[spec.id] == nil, let httpClient else { return }
+        guard !readinessChecked.contains(spec.id), let httpClient else { return }
         let probe = HealthProbe(httpClient: httpClient, commands: commands)
-        readinessTasks[spec.id] = Task {
-            while !Task.isCancelled {
-                let began = ContinuousClock.now
+        readinessChecked.insert(spec.id)
+        let scheduler = healthScheduler
+        Task {
+            await scheduler.schedule(instance: spec.id, firstAfter: .zero, interval: .milliseconds(Int64(check.intervalSeconds * 1000))) {
                 let answer = await probe.readiness(check, for: spec)
-                if Task.isCancelled { return }
-                if await self.recordReadiness(answer, check: check, spec: spec) { return }
-                try? await Task.sleep(until: began + .milliseconds(Int64(check.intervalSeconds * 1000)))
+                return await !self.recordReadiness(answer, check: check, spec: spec)
             }
         }
     }
@@ -750,21 +747,21 @@ public actor NodeAgent: Service {
             status.updatedAt = Timestamp.format(Date())
             do { try await write([status]) } catch { logger.error("could not record the readiness of \(spec.id): \(error)") }
         }
-        if result.ready { readinessTasks[spec.id] = nil }
+        if result.ready { readinessChecked.remove(spec.id) }
         return result.ready
     }
 
-    private func stopAllHealthChecks() {
-        for task in healthTasks.values { task.cancel() }
-        healthTasks.removeAll()
-        for task in readinessTasks.values { task.cancel() }
-        readinessTasks.removeAll()
+    private func stopAllHealthChecks() async {
+        healthChecked.removeAll()
+        readinessChecked.removeAll()
+        await healthScheduler.shutdown()
     }
 
     /// Folds one check result into the instance's status; writes it when health changed or a
     /// check failed, and kills the instance after `maxConsecutiveFailures` failures past its grace.
-    private func record(_ outcome: ProbeOutcome, check: HealthCheck, index: Int, spec: InstanceSpec, startedAt: Date) async {
-        guard processes[spec.id] != nil, stopping[spec.id] == nil, var status = written[spec.id] else { return }
+    /// Returns whether to go on checking (not once the instance is stopping or gone).
+    private func record(_ outcome: ProbeOutcome, check: HealthCheck, index: Int, spec: InstanceSpec, startedAt: Date) async -> Bool {
+        guard processes[spec.id] != nil, stopping[spec.id] == nil, var status = written[spec.id] else { return false }
         while status.health.count < spec.definition.healthChecks.count { status.health.append(HealthResult()) }
         var result = status.health[index]
         let before = result
@@ -812,6 +809,7 @@ public actor NodeAgent: Service {
             status.updatedAt = nowText
             do { try await write([status]) } catch { logger.error("could not record the health of \(spec.id): \(error)") }
         }
+        return !shouldKill
     }
 
     // MARK: - Exits

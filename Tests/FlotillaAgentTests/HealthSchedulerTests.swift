@@ -1,0 +1,88 @@
+import Foundation
+import Synchronization
+import Testing
+@testable import FlotillaAgent
+
+/// The node's checks share one timer: probes run at their interval, never more than the bound at
+/// once, stop when cancelled or when a probe says so.
+@Suite struct HealthSchedulerTests {
+    final class Counter: Sendable {
+        let state = Mutex<(runs: [String: Int], inFlight: Int, peak: Int)>(([:], 0, 0))
+        func begin(_ name: String) {
+            state.withLock {
+                $0.runs[name, default: 0] += 1
+                $0.inFlight += 1
+                $0.peak = max($0.peak, $0.inFlight)
+            }
+        }
+        func end() { state.withLock { $0.inFlight -= 1 } }
+        func runs(_ name: String) -> Int { state.withLock { $0.runs[name] ?? 0 } }
+        var peak: Int { state.withLock { $0.peak } }
+        var total: Int { state.withLock { $0.runs.values.reduce(0, +) } }
+    }
+
+    @Test func probesRunAtTheirIntervalAndStopWhenCancelled() async throws {
+        let scheduler = HealthScheduler(concurrency: 8)
+        let counter = Counter()
+        await scheduler.schedule(instance: "a", firstAfter: .zero, interval: .milliseconds(50)) {
+            counter.begin("a"); counter.end(); return true
+        }
+        await scheduler.schedule(instance: "b", firstAfter: .zero, interval: .milliseconds(400)) {
+            counter.begin("b"); counter.end(); return true
+        }
+        try await Task.sleep(for: .milliseconds(520))
+        let a = counter.runs("a"), b = counter.runs("b")
+        // 0, 50, …, 500 ms: about 11 runs of a; 0 and 400 ms: 2 of b (a loaded machine runs fewer).
+        #expect((3...12).contains(a), "a ran \(a) times")
+        #expect((1...2).contains(b), "b ran \(b) times")
+        await scheduler.cancel(instance: "a")
+        let cancelledAt = counter.runs("a")
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(counter.runs("a") <= cancelledAt + 1, "a went on after it was cancelled")
+        #expect(await scheduler.scheduled == 1)
+        await scheduler.shutdown()
+    }
+
+    @Test func aProbeThatSaysStopIsNotRunAgain() async throws {
+        let scheduler = HealthScheduler()
+        let counter = Counter()
+        await scheduler.schedule(instance: "ready", firstAfter: .zero, interval: .milliseconds(20)) {
+            counter.begin("ready"); counter.end()
+            return counter.runs("ready") < 3  // ready at the third answer
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(counter.runs("ready") == 3)
+        #expect(await scheduler.scheduled == 0)
+        await scheduler.shutdown()
+    }
+
+    @Test func aThousandDueChecksRunWithinTheBound() async throws {
+        let scheduler = HealthScheduler(concurrency: 16)
+        let counter = Counter()
+        for number in 0..<1000 {
+            await scheduler.schedule(instance: "i\(number)", firstAfter: .zero, interval: .seconds(60)) {
+                counter.begin("i\(number)")
+                try? await Task.sleep(for: .milliseconds(2))
+                counter.end()
+                return true
+            }
+        }
+        let deadline = ContinuousClock.now + .seconds(20)
+        while counter.total < 1000, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(counter.total == 1000)
+        #expect(counter.peak <= 16 && counter.peak > 1, "peak \(counter.peak)")
+        await scheduler.shutdown()
+    }
+}
+
+@Suite struct MinHeapTests {
+    @Test func popsInOrder() {
+        var heap = MinHeap<Int>()
+        var generator = SystemRandomNumberGenerator()
+        let values = (0..<500).map { _ in Int.random(in: 0..<1000, using: &generator) }
+        for value in values { heap.push(value) }
+        var popped: [Int] = []
+        while let value = heap.pop() { popped.append(value) }
+        #expect(popped == values.sorted())
+    }
+}
