@@ -11,10 +11,10 @@ struct ExecDriver: InstanceDriver {
 
     var name: String { "exec" }
 
-    /// The start's blocking work (cgroup directories, fork and exec) runs on NIO's thread pool:
-    /// starts go side by side and the agent's actor stays free.
+    /// The start's blocking work (cgroup directories, clone and exec) runs on the drivers' own
+    /// threads: starts go side by side and the agent's actor stays free.
     func start(_ spec: InstanceSpec, context: LaunchContext) async throws -> SupervisedProcess {
-        try await NIOThreadPool.singleton.runIfActive { try startBlocking(spec, context: context) }
+        try await DriverThreads.pool.runIfActive { try startBlocking(spec, context: context) }
     }
 
     private func startBlocking(_ spec: InstanceSpec, context: LaunchContext) throws -> SupervisedProcess {
@@ -61,8 +61,20 @@ struct ExecDriver: InstanceDriver {
         await cgroups.killAll(instanceID: instanceID, processGroup: process?.pid)
         // Removing a cgroup can take milliseconds (the kernel offlines its memory): off the actor.
         let cgroups = self.cgroups
-        try? await NIOThreadPool.singleton.runIfActive { cgroups.remove(instanceID: instanceID) }
+        try? await DriverThreads.pool.runIfActive { cgroups.remove(instanceID: instanceID) }
     }
+}
+
+/// Threads for the drivers' blocking calls. They wait on the kernel (a cgroup's creation or
+/// removal takes milliseconds on v1; exec reads the program from disk), not on the CPU, so there
+/// are as many as the agent runs starts at once rather than one per core as in NIO's shared pool,
+/// which would let two slow calls hold every other start and every file read of the agent.
+enum DriverThreads {
+    static let pool: NIOThreadPool = {
+        let pool = NIOThreadPool(numberOfThreads: NodeAgent.maximumConcurrentStarts)
+        pool.start()
+        return pool
+    }()
 }
 
 extension Array {

@@ -48,7 +48,7 @@ enum ProcessSpawner {
         }
         guard pid > 0 else {
             let what = [
-                "", "fork", "setsid", "joining the cgroup", "redirecting output", "entering the sandbox", "exec of \(path)",
+                "", "clone", "setsid", "joining the cgroup", "redirecting output", "entering the sandbox", "exec of \(path)",
                 "switching to user '\(userName ?? "")'",
             ]
             var hint = ""

@@ -1013,7 +1013,14 @@ public actor ControlPlane: Service {
         var appIDs: Set<AppID> = []
         for flat in planning {
             for id in apps.members[flat] ?? [] { appIDs.insert(id) }
-            for instance in instances(of: flat) {
+            let found = instances(of: flat)
+            // Usually one app per flat name (`/a/b` and `/a_b` share one): the array as it is.
+            if let first = found.first?.spec.appID, found.allSatisfy({ $0.spec.appID == first }), byApp[first] == nil {
+                byApp[first] = found
+                appIDs.insert(first)
+                continue
+            }
+            for instance in found {
                 byApp[instance.spec.appID, default: []].append(instance)
                 appIDs.insert(instance.spec.appID)
             }
@@ -1083,10 +1090,13 @@ public actor ControlPlane: Service {
             let result = placement!.place(app.definition, count: min(plan.launch, affordable), using: &generator)
             budget.take(operations: result.placements.count, bytes: result.placements.count * (PassBudget.size(of: sample) + 64))
             for placement in result.placements {
-                let spec = InstanceSpec(
-                    id: InstanceSpec.newID(for: appID), appID: appID, version: app.version, configVersion: app.configVersion,
-                    definition: app.definition, node: placement.node.name, host: placement.node.host, ports: placement.ports,
-                    stagedAt: nowText, standby: plan.launchStandby)
+                // Copies of the sample share its definition.
+                var spec = sample
+                spec.id = InstanceSpec.newID(for: appID)
+                spec.node = placement.node.name
+                spec.host = placement.node.host
+                spec.ports = placement.ports
+                spec.standby = plan.launchStandby
                 nextSpecs[spec.id] = spec
                 puts.append((StateKeys.instance(spec), spec))
             }

@@ -44,8 +44,17 @@ public struct InstanceSpec: Sendable, Hashable, Codable {
     /// The app version the instance was started from, and the config version it carries.
     public var version: String
     public var configVersion: String
-    /// The definition to run, as it was at `version`.
-    public var definition: AppDefinition
+    /// The definition to run, as it was at `version`. Kept in a shared box (copy on write): the
+    /// instances of one version share one, and copying an instance, which the scheduler does for
+    /// every instance it plans, costs one retain instead of one per field of the definition.
+    public var definition: AppDefinition {
+        _read { yield definitionBox.value }
+        _modify {
+            if !isKnownUniquelyReferenced(&definitionBox) { definitionBox = DefinitionBox(definitionBox.value) }
+            yield &definitionBox.value
+        }
+    }
+    private var definitionBox: DefinitionBox
     public var node: String
     public var host: String
     public var ports: [Int]
@@ -68,7 +77,7 @@ public struct InstanceSpec: Sendable, Hashable, Codable {
         self.appID = appID
         self.version = version
         self.configVersion = configVersion
-        self.definition = definition
+        self.definitionBox = DefinitionBox(definition)
         self.node = node
         self.host = host
         self.ports = ports
@@ -89,7 +98,7 @@ public struct InstanceSpec: Sendable, Hashable, Codable {
         appID = try container.decode(AppID.self, forKey: .appID)
         version = try container.decode(String.self, forKey: .version)
         configVersion = try container.decode(String.self, forKey: .configVersion)
-        definition = try container.decode(AppDefinition.self, forKey: .definition)
+        definitionBox = DefinitionBox(try container.decode(AppDefinition.self, forKey: .definition))
         node = try container.decode(String.self, forKey: .node)
         host = try container.decode(String.self, forKey: .host)
         ports = try container.decode([Int].self, forKey: .ports)
@@ -98,6 +107,23 @@ public struct InstanceSpec: Sendable, Hashable, Codable {
         stagedAt = try container.decode(String.self, forKey: .stagedAt)
         standby = try container.decodeIfPresent(Bool.self, forKey: .standby) ?? false
         standbyUntil = try container.decodeIfPresent(String.self, forKey: .standbyUntil)
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(id, forKey: .id)
+        try container.encode(appID, forKey: .appID)
+        try container.encode(version, forKey: .version)
+        try container.encode(configVersion, forKey: .configVersion)
+        try container.encode(definition, forKey: .definition)
+        try container.encode(node, forKey: .node)
+        try container.encode(host, forKey: .host)
+        try container.encode(ports, forKey: .ports)
+        try container.encode(goal, forKey: .goal)
+        try container.encodeIfPresent(stopReason, forKey: .stopReason)
+        try container.encode(stagedAt, forKey: .stagedAt)
+        try container.encode(standby, forKey: .standby)
+        try container.encodeIfPresent(standbyUntil, forKey: .standbyUntil)
     }
 
     /// A fresh instance id for an app: the app path with `/` as `_`, a dot, a UUID.
@@ -109,6 +135,24 @@ public struct InstanceSpec: Sendable, Hashable, Codable {
     public static func appFlatName(ofInstanceID id: String) -> Substring? {
         guard let dot = id.lastIndex(of: ".") else { return nil }
         return id[..<dot]
+    }
+}
+
+/// An instance's definition, shared between copies until one of them changes it.
+private final class DefinitionBox: Hashable, @unchecked Sendable {
+    // Mutated only through `InstanceSpec.definition`'s `_modify`, after making the box unique.
+    var value: AppDefinition
+
+    init(_ value: AppDefinition) {
+        self.value = value
+    }
+
+    static func == (lhs: DefinitionBox, rhs: DefinitionBox) -> Bool {
+        lhs === rhs || lhs.value == rhs.value
+    }
+
+    func hash(into hasher: inout Hasher) {
+        hasher.combine(value)
     }
 }
 
@@ -237,13 +281,54 @@ public struct HealthResult: Sendable, Hashable, Codable {
 }
 
 /// An instance as the API shows it: the scheduler's spec joined with the agent's latest status.
+///
+/// Held in one shared box (copy on write): the scheduler gathers, filters and sorts thousands of
+/// these on every pass, and a copy then costs one retain, an array of them eight bytes each.
 public struct Instance: Sendable, Hashable {
-    public var spec: InstanceSpec
-    public var status: InstanceStatus?
+    public var spec: InstanceSpec {
+        _read { yield storage.spec }
+        _modify {
+            makeUnique()
+            yield &storage.spec
+        }
+    }
+
+    public var status: InstanceStatus? {
+        _read { yield storage.status }
+        _modify {
+            makeUnique()
+            yield &storage.status
+        }
+    }
+
+    private var storage: Storage
 
     public init(spec: InstanceSpec, status: InstanceStatus?) {
-        self.spec = spec
-        self.status = status
+        storage = Storage(spec: spec, status: status)
+    }
+
+    private mutating func makeUnique() {
+        if !isKnownUniquelyReferenced(&storage) { storage = Storage(spec: storage.spec, status: storage.status) }
+    }
+
+    public static func == (lhs: Instance, rhs: Instance) -> Bool {
+        lhs.storage === rhs.storage || (lhs.storage.spec == rhs.storage.spec && lhs.storage.status == rhs.storage.status)
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(storage.spec)
+        hasher.combine(storage.status)
+    }
+
+    // Mutated only after `makeUnique`.
+    private final class Storage: @unchecked Sendable {
+        var spec: InstanceSpec
+        var status: InstanceStatus?
+
+        init(spec: InstanceSpec, status: InstanceStatus?) {
+            self.spec = spec
+            self.status = status
+        }
     }
 
     public var id: String { spec.id }

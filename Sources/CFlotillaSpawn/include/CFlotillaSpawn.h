@@ -3,7 +3,7 @@
 
 #include <sys/types.h>
 
-/// What the child does between fork and exec. Everything is prepared by the caller, so the child
+/// What the child does between clone and exec. Everything is prepared by the caller, so the child
 /// only makes async-signal-safe calls.
 typedef struct {
     const char *path;               /* absolute path of the program */
@@ -21,13 +21,13 @@ typedef struct {
     int group_count;
 } flotilla_spawn_request;
 
-/// Forks a child that starts a new session (so it leads its own process group), joins the given
+/// Starts a child (clone with CLONE_VM | CLONE_VFORK: no copy of the agent's memory) that starts a new session (so it leads its own process group), joins the given
 /// cgroups (writing "0" moves the writer itself, so there is no window in which it runs outside
 /// them), resets signal dispositions, wires stdin to /dev/null and stdout/stderr to the given
 /// descriptors, closes every other descriptor, and execs.
 /// With `set_user`, it drops to that user (supplementary groups, then gid, then uid) before the chdir.
-/// Returns the pid, or -1 with `*error_stage` (1 fork, 2 setsid, 3 cgroup, 4 stdio, 5 chdir, 6 exec, 7 user)
-/// and `*error_number` set. A failure after fork is reported by the child through a close-on-exec pipe.
+/// Returns the pid, or -1 with `*error_stage` (1 clone, 2 setsid, 3 cgroup, 4 stdio, 5 chdir, 6 exec, 7 user)
+/// and `*error_number` set. A failure after clone is reported by the child through a close-on-exec pipe.
 pid_t flotilla_spawn(const flotilla_spawn_request *request, int *error_stage, int *error_number);
 
 /// pidfd_open(2): a descriptor that becomes readable when the process exits. Works for non-children.
