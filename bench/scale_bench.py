@@ -1,12 +1,14 @@
 """Drives bench/scale.sh: one node at scale, on a release agent on loopback.
 
-1. One app of 1,000 `sleep` instances: POST → all TASK_RUNNING; then DELETE → every process gone.
+1. One app of 1,000 `sleep` instances: POST → all TASK_RUNNING; then DELETE → every process gone,
+   without a drain and with the default one (2 s out of discovery before the SIGTERM).
 2. 1,000 apps of one instance each: `GET /v2/apps?embed=apps.tasks` (the call marathon-lb and
    Traefik make after every event), first render after a change and warm; `GET /v2/apps` p50/p99
    (wrk); a reconcile pass (the agent's own histogram).
 3. 100 subscribers on `/v2/events`: from a write's request to each subscriber's receipt of its
    event, p50/p99.
-4. 10,000 instances (100 apps × 100): all TASK_RUNNING, the agent's RSS, its idle CPU.
+4. 10,000 instances (100 apps × 100): all TASK_RUNNING, the agent's RSS, its idle CPU, listings,
+   reconcile passes (while starting and idle), destroy.
 
 Instances have no ports (`portDefinitions: []`): the node's port range is not what is measured.
 """
@@ -186,18 +188,30 @@ def main():
 
 
 def one_app_of_a_thousand(agent):
-    """1. One app of 1,000: all running, then destroyed."""
-    started = time.perf_counter()
-    call(agent.base, "POST", "/v2/apps", app("/bench/one", 1000, 3601))
-    running = wait_running(agent, ["/bench/one"], 1000, 120)
-    report(("1,000 instances of one app → all TASK_RUNNING", f"{running - started:.2f} s"))
-    started = time.perf_counter()
-    call(agent.base, "DELETE", "/v2/apps/bench/one")
-    while processes_with(3601) and time.perf_counter() - started < 120:
-        time.sleep(0.02)
-    gone = time.perf_counter()
-    left = len(processes_with(3601))
-    report(("destroy of 1,000 instances → every process gone", f"{gone - started:.2f} s" + (f" ({left} left)" if left else "")))
+    """1. One app of 1,000: all running, then destroyed, with the default drain (out of discovery
+    for 2 s before the SIGTERM) and without one (`drainSeconds: 0`)."""
+    for drain, label in ((0, "`drainSeconds: 0`"), (None, "default 2 s drain first")):
+        fields = {} if drain is None else {"drainSeconds": drain}
+        started = time.perf_counter()
+        call(agent.base, "POST", "/v2/apps", app("/bench/one", 1000, 3601, **fields))
+        running = wait_running(agent, ["/bench/one"], 1000, 120)
+        report((f"1,000 instances of one app → all TASK_RUNNING ({label})", f"{running - started:.2f} s"))
+        wait_deployments(agent)
+        started = time.perf_counter()
+        call(agent.base, "DELETE", "/v2/apps/bench/one")
+        while processes_with(3601) and time.perf_counter() - started < 120:
+            time.sleep(0.02)
+        gone = time.perf_counter()
+        left = len(processes_with(3601))
+        report((f"destroy of 1,000 instances → every process gone ({label})", f"{gone - started:.2f} s" + (f" ({left} left)" if left else "")))
+        wait_deployments(agent)
+
+
+def wait_deployments(agent, timeout=120):
+    """Until no deployment is under way (a measure of a steady state starts from one)."""
+    deadline = time.perf_counter() + timeout
+    while call(agent.base, "GET", "/v2/deployments") and time.perf_counter() < deadline:
+        time.sleep(0.1)
 
 
 def a_thousand_apps(agent):
@@ -213,6 +227,7 @@ def a_thousand_apps(agent):
         first.append(timed_get(agent, "/v2/apps?embed=apps.tasks")[0])
         warm.extend(timed_get(agent, "/v2/apps?embed=apps.tasks")[0] for _ in range(3))
     size = timed_get(agent, "/v2/apps?embed=apps.tasks")[1]
+    wait_deployments(agent)
     report(("`GET /v2/apps?embed=apps.tasks`, 1,000 apps / 1,000 tasks, first render after a change (median of 10)",
            f"{statistics.median(first):.1f} ms ({size / 1024:.0f} KiB)"))
     report(("… the same, unchanged since the last render (median)", f"{statistics.median(warm):.1f} ms"))
@@ -266,6 +281,12 @@ def ten_thousand(agent, big_count):
         times = [timed_get(agent, path)[0] for _ in range(5)]
         report((f"`GET {path}` with {per_app * 100:,} instances (median of 5)", f"{statistics.median(times):.1f} ms"))
     report_passes(agent, f"since start, up to {per_app * 100:,} instances")
+    before = metric(agent, "flotilla_reconcile_seconds", 'scope="changed"') or (0.0, 0.0)
+    time.sleep(10)
+    after = metric(agent, "flotilla_reconcile_seconds", 'scope="changed"') or (0.0, 0.0)
+    if after[1] > before[1]:
+        report((f"… idle passes with {per_app * 100:,} instances (10 s, mean)",
+               f"{1000 * (after[0] - before[0]) / (after[1] - before[1]):.2f} ms over {after[1] - before[1]:.0f} passes"))
     started = time.perf_counter()
     call(agent.base, "DELETE", "/v2/groups/bench/big?force=true")
     while processes_with(3604) and time.perf_counter() - started < 600:

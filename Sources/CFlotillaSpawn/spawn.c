@@ -8,8 +8,10 @@
 #include <sched.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -41,6 +43,25 @@ static void close_all_except(int keep) {
     }
 }
 
+/* The open-file limit the agent started with, given back to what it starts (as Go's os/exec
+ * does): a program that closes every descriptor up to its limit must not loop a million times. */
+static struct rlimit original_open_files;
+static int open_files_raised = 0;
+
+long flotilla_raise_open_file_limit(void) {
+    struct rlimit limit;
+    if (getrlimit(RLIMIT_NOFILE, &limit) != 0) return -1;
+    if (!open_files_raised) original_open_files = limit;
+    if (limit.rlim_cur < limit.rlim_max) {
+        struct rlimit raised = {limit.rlim_max, limit.rlim_max};
+        if (setrlimit(RLIMIT_NOFILE, &raised) == 0) {
+            open_files_raised = 1;
+            limit = raised;
+        }
+    }
+    return limit.rlim_cur == RLIM_INFINITY ? -1 : (long)limit.rlim_cur;
+}
+
 typedef struct {
     const flotilla_spawn_request *request;
     int pipe_fd;
@@ -67,6 +88,7 @@ static int child_main(void *argument) {
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
+    if (open_files_raised) syscall(SYS_prlimit64, 0, RLIMIT_NOFILE, &original_open_files, NULL);
     if (setsid() < 0) report_and_exit(pipe_fd, 2);
     for (int index = 0; index < request->cgroup_count; index++) {
         int fd = open(request->cgroup_procs_files[index], O_WRONLY | O_CLOEXEC);
@@ -175,4 +197,28 @@ int flotilla_pidfd_signal(int pidfd, int signal) {
 
 int flotilla_eventfd(void) {
     return eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+}
+
+int flotilla_epoll_create(void) {
+    return epoll_create1(EPOLL_CLOEXEC);
+}
+
+int flotilla_epoll_add(int epoll_fd, int fd) {
+    struct epoll_event event;
+    memset(&event, 0, sizeof(event));
+    event.events = EPOLLIN;
+    event.data.fd = fd;
+    return epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &event);
+}
+
+int flotilla_epoll_remove(int epoll_fd, int fd) {
+    return epoll_ctl(epoll_fd, EPOLL_CTL_DEL, fd, NULL);
+}
+
+int flotilla_epoll_wait(int epoll_fd, int *ready_fds, int capacity) {
+    struct epoll_event events[256];
+    if (capacity > 256) capacity = 256;
+    int count = epoll_wait(epoll_fd, events, capacity, -1);
+    for (int index = 0; index < count; index++) ready_fds[index] = events[index].data.fd;
+    return count;
 }

@@ -22,7 +22,7 @@ struct ExecDriver: InstanceDriver {
             extraEnvironment: context.extraEnvironment)
         let arguments: [String]
         if let command = spec.definition.cmd, !command.isEmpty {
-            arguments = ["/bin/sh", "-c", command]
+            arguments = SimpleCommand.words(of: command, searchPath: environment["PATH"] ?? "") ?? ["/bin/sh", "-c", command]
         } else {
             arguments = spec.definition.args ?? []
         }
@@ -62,6 +62,35 @@ struct ExecDriver: InstanceDriver {
         // Removing a cgroup can take milliseconds (the kernel offlines its memory): off the actor.
         let cgroups = self.cgroups
         try? await DriverThreads.pool.runIfActive { cgroups.remove(instanceID: instanceID) }
+    }
+}
+
+/// A `cmd` the shell would only split into words and run (`exec sleep 3600`,
+/// `./server --port=8080`): exec'd directly, as the shell would end up doing, without starting a
+/// shell first (which costs as much as the rest of a start). Anything a shell would interpret —
+/// quotes, `$`, globs, redirections, `;`, `&&`, a leading `VAR=value`, a builtin — still runs
+/// through `/bin/sh -c`.
+enum SimpleCommand {
+    private static let plain = Set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./:=,@%+".utf8)
+    /// Words a shell treats specially, or whose builtin differs from the program of that name.
+    private static let shellWords: Set<String> = [
+        "cd", "export", "set", "unset", "ulimit", "umask", "exit", "eval", ".", "source", "read", "wait", "trap", "shift", "alias",
+        "unalias", "type", "command", "hash", "jobs", "readonly", "return", "local", "times", "time", "echo", "printf", "kill", "test",
+        "pwd", "getopts", "break", "continue", "fg", "bg", "if", "then", "else", "elif", "fi", "case", "esac", "for", "while", "until",
+        "do", "done", "in", "function", "select", "exec", "builtin", "let", "declare", "typeset", "newgrp",
+    ]
+
+    /// The words to exec (the first found on `searchPath`), or nil when a shell is needed.
+    static func words(of command: String, searchPath: String) -> [String]? {
+        var words = command.split(whereSeparator: { $0 == " " || $0 == "\t" }).map(String.init)
+        guard words.allSatisfy({ $0.utf8.allSatisfy(plain.contains) }) else { return nil }
+        // `exec` replaces the shell with the rest: what running it directly does.
+        if words.first == "exec" { words.removeFirst() }
+        // A relative path names a file in the sandbox, which the shell would find once there.
+        guard let program = words.first, !program.contains("="), !shellWords.contains(program),
+            !program.contains("/") || program.hasPrefix("/"), ProcessSpawner.resolve(program, searchPath: searchPath) != nil
+        else { return nil }
+        return words
     }
 }
 

@@ -9,7 +9,7 @@ struct SupervisedProcess: Sendable {
     /// With the pid, names one process for good (`/proc/<pid>/stat` field 22), so a restarted agent
     /// never adopts a stranger that reused the pid.
     var startTicks: UInt64
-    /// A pidfd for signalling without pid-reuse races (the watcher owns another one).
+    /// A pidfd: signals go through it (no pid-reuse races) and the watcher waits on it for the exit.
     var signalFD: Int32
     /// The driver's notes, kept in the instance status (`driverState`): opaque to everyone else.
     var state: [String: String]

@@ -425,6 +425,7 @@ public actor NodeAgent: Service {
     /// One pass over this node's instance records.
     func sync(_ specs: [InstanceSpec]) async throws {
         var updates: [InstanceStatus] = []
+        var launches: [InstanceSpec] = []
         let now = Timestamp.format(Date())
         for spec in specs {
             let status = written[spec.id]
@@ -445,7 +446,7 @@ public actor NodeAgent: Service {
             switch spec.goal {
             case .run:
                 if preparing[spec.id] == nil, !starting.contains(spec.id), queuedSpecs[spec.id] == nil, status == nil || status?.state == .staging {
-                    queueLaunch(spec)
+                    launches.append(spec)
                 }
             case .stop:
                 preparing.removeValue(forKey: spec.id)?.cancel()
@@ -459,8 +460,11 @@ public actor NodeAgent: Service {
                 updates.append(InstanceStatus(id: spec.id, state: .killed, message: spec.stopReason, updatedAt: now))
             }
         }
+        // In order of id, which starts with the app's name: an app's instances start together,
+        // so their statuses touch (and the scheduler replans) one app at a time, not all of them.
+        for spec in launches.sorted(by: { $0.id < $1.id }) { queueLaunch(spec) }
         if !updates.isEmpty { try await write(updates) }
-        collectGarbage(keeping: Set(specs.map(\.id)))
+        if Date().timeIntervalSince(lastCollection) > 60 { collectGarbage(keeping: Set(specs.map(\.id))) }
     }
 
     /// Queues a start; workers (at most `maximumConcurrentStarts`) take them in order, so a
@@ -613,8 +617,8 @@ public actor NodeAgent: Service {
                 return killed
             }
             processes[spec.id] = process
-            let pidfd = CFlotillaSpawnBridge.pidfd(for: process.pid)
-            if pidfd >= 0 { watcher.watch(pidfd: pidfd, key: spec.id) }
+            // The descriptor signals go through is the one watched: one per instance.
+            watcher.watch(pidfd: process.signalFD, key: spec.id, closesWhenDone: false)
             logger.info("started \(spec.id) with \(driver.name) (pid \(process.pid))")
             var status = InstanceStatus(
                 id: spec.id, state: .running, driver: driver.name, driverState: process.state, startedAt: now, updatedAt: now,
@@ -968,6 +972,7 @@ public actor NodeAgent: Service {
         }
 
         var updates: [InstanceStatus] = []
+        var launches: [InstanceSpec] = []
         let now = Timestamp.format(Date())
         for spec in specs {
             let status = written[spec.id]
@@ -1024,16 +1029,14 @@ public actor NodeAgent: Service {
     }
 
     private func adopt(id: String, pid: Int32, ticks: UInt64, state: [String: String]) {
-        let watchFD = CFlotillaSpawnBridge.pidfd(for: pid)
-        let signalFD = CFlotillaSpawnBridge.pidfd(for: pid)
+        let pidfd = CFlotillaSpawnBridge.pidfd(for: pid)
         // The pid could have been reused between reading its start time and opening the pidfd.
-        guard watchFD >= 0, ProcFS.startTicks(of: pid) == ticks else {
-            if watchFD >= 0 { close(watchFD) }
-            if signalFD >= 0 { close(signalFD) }
+        guard pidfd >= 0, ProcFS.startTicks(of: pid) == ticks else {
+            if pidfd >= 0 { close(pidfd) }
             return
         }
-        processes[id] = SupervisedProcess(pid: pid, startTicks: ticks, signalFD: signalFD, state: state)
-        watcher.watch(pidfd: watchFD, key: id)
+        processes[id] = SupervisedProcess(pid: pid, startTicks: ticks, signalFD: pidfd, state: state)
+        watcher.watch(pidfd: pidfd, key: id, closesWhenDone: false)
     }
 
     private func killGroup(_ pid: Int32, instanceID: String) async {
@@ -1044,17 +1047,42 @@ public actor NodeAgent: Service {
         }
     }
 
+    /// Raises the agent's soft open-file limit to the hard one: each instance holds one descriptor
+    /// (its pidfd) for as long as it runs. Says when the limit caps how many instances can run.
+    public static func raiseOpenFileLimit(logger: Logger) {
+        let limit = CFlotillaSpawnBridge.raiseOpenFileLimit()
+        if limit >= 0 && limit < 65536 {
+            logger.notice("open-file limit \(limit): at most about \(max(0, limit - 1000)) instances can run on this node; raise it (LimitNOFILE= in the unit, ulimit -Hn) for more")
+        }
+    }
+
     // MARK: - Housekeeping
 
+    /// Checks the sizes of running instances' logs, at most every 2 s and at most
+    /// `logChecksPerRound` instances a time, taking them in turn: with ten thousand instances a
+    /// log is looked at every 20 s, and the agent does not stat twenty thousand files a second.
     private func rotateLogs() {
-        for id in processes.keys { logs(of: id).rotateIfNeeded() }
+        let now = ContinuousClock.now
+        guard now - lastLogCheck >= .seconds(2) else { return }
+        lastLogCheck = now
+        if logCheckOrder.isEmpty { logCheckOrder = Array(processes.keys) }
+        var checked = 0
+        while checked < Self.logChecksPerRound, let id = logCheckOrder.popLast() {
+            guard processes[id] != nil else { continue }
+            logs(of: id).rotateIfNeeded()
+            checked += 1
+        }
     }
+
+    static let logChecksPerRound = 1000
+    private var lastLogCheck = ContinuousClock.now - .seconds(10)
+    /// The instances whose logs this round of checks has not looked at yet.
+    private var logCheckOrder: [String] = []
 
     /// Removes sandboxes of instances the store no longer knows, an hour after their last write, so
     /// `flotilla logs` still works for a recently failed instance.
     private func collectGarbage(keeping live: Set<String>) {
         let now = Date()
-        guard now.timeIntervalSince(lastCollection) > 60 else { return }
         lastCollection = now
         written = written.filter { live.contains($0.key) }
         let manager = FileManager.default

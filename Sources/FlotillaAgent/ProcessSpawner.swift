@@ -57,11 +57,20 @@ enum ProcessSpawner {
             }
             throw AgentError.launch("\(what[safe: Int(stage)] ?? "spawn") failed: \(String(cString: strerror(number)))\(hint)")
         }
+        let pidfd = flotilla_pidfd_open(pid)
+        guard pidfd >= 0 else {
+            // Without a pidfd the process could be neither watched nor signalled safely.
+            let reason = String(cString: strerror(errno))
+            kill(-pid, SIGKILL)
+            var ignored: Int32 = 0
+            waitpid(pid, &ignored, 0)
+            throw AgentError.launch("cannot watch the process (pidfd_open: \(reason)); if it says too many open files, raise the agent's open-file limit (one descriptor per instance)")
+        }
         let ticks = ProcFS.startTicks(of: pid) ?? 0
         var recorded = state
         recorded["pid"] = String(pid)
         recorded["startTicks"] = String(ticks)
-        return SupervisedProcess(pid: pid, startTicks: ticks, signalFD: flotilla_pidfd_open(pid), state: recorded)
+        return SupervisedProcess(pid: pid, startTicks: ticks, signalFD: pidfd, state: recorded)
     }
 
     /// Signals the process's group and, through its pidfd, the process itself.

@@ -19,73 +19,80 @@ public struct ProcessExit: Sendable, Hashable {
     public var isUnknown: Bool { code == nil && signal == nil }
 }
 
-/// Watches processes through pidfds on one dedicated thread blocked in `poll(2)`: no polling
-/// timers, no SIGCHLD handler to share, and it works for processes adopted after a restart
-/// (which are not our children). Each exit is delivered once, on `exits`.
+/// Watches processes through pidfds on one dedicated thread blocked in `epoll_wait(2)`: no
+/// polling timers, no SIGCHLD handler to share, and it works for processes adopted after a restart
+/// (which are not our children). Each exit is delivered once, on `exits`. Watching one more
+/// process, or one exiting, costs the same with ten thousand watched as with one.
 final class ProcessWatcher: Sendable {
-    struct Watched: Sendable {
+    private struct Watched {
         let key: String
-        let pidfd: Int32
+        let closesWhenDone: Bool
     }
 
     private struct State {
-        var watched: [Int32: String] = [:]  // pidfd → key
+        var watched: [Int32: Watched] = [:]  // pidfd → what it is
         var stopped = false
     }
 
     let exits: AsyncStream<(key: String, exit: ProcessExit)>
     private let continuation: AsyncStream<(key: String, exit: ProcessExit)>.Continuation
     private let state = Mutex(State())
-    /// Written to wake the poll loop when the watched set changes.
+    private let epollFD: Int32
+    /// Written to wake the loop when the watcher stops.
     private let wakeFD: Int32
 
     init() {
         (exits, continuation) = AsyncStream.makeStream(of: (key: String, exit: ProcessExit).self)
+        epollFD = flotilla_epoll_create()
         wakeFD = flotilla_eventfd()
+        _ = flotilla_epoll_add(epollFD, wakeFD)
         let thread = Thread { [self] in self.loop() }
         thread.name = "flotilla-process-watcher"
         thread.start()
     }
 
-    /// Starts watching `pidfd` (taking ownership of it) under `key`.
-    func watch(pidfd: Int32, key: String) {
-        state.withLock { $0.watched[pidfd] = key }
-        wake()
+    /// Starts watching `pidfd` under `key`. With `closesWhenDone` the watcher owns the descriptor
+    /// and closes it after the exit; without, it stays the caller's (who signals through it too,
+    /// and closes it only once the exit was delivered: one descriptor per instance, not two).
+    func watch(pidfd: Int32, key: String, closesWhenDone: Bool = true) {
+        guard pidfd >= 0 else { return }
+        state.withLock { $0.watched[pidfd] = Watched(key: key, closesWhenDone: closesWhenDone) }
+        if flotilla_epoll_add(epollFD, pidfd) != 0 {
+            // Not watchable (cannot happen for a pidfd short of memory): deliver an unknown exit
+            // rather than lose the process.
+            let watched = state.withLock { $0.watched.removeValue(forKey: pidfd) }
+            if watched?.closesWhenDone == true { close(pidfd) }
+            continuation.yield((key, ProcessExit(code: nil, signal: nil)))
+        }
     }
 
     func stop() {
         state.withLock { $0.stopped = true }
-        wake()
-    }
-
-    private func wake() {
         var one: UInt64 = 1
         _ = write(wakeFD, &one, 8)
     }
 
     private func loop() {
+        var ready = [Int32](repeating: -1, count: 256)
         while true {
-            let (descriptors, stopped) = state.withLock { ($0.watched.keys.sorted(), $0.stopped) }
-            if stopped {
+            if state.withLock({ $0.stopped }) {
                 continuation.finish()
                 return
             }
-            var fds = [pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0)]
-            fds += descriptors.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
-            let ready = poll(&fds, nfds_t(fds.count), -1)
-            if ready < 0 {
-                if errno == EINTR { continue }
-                usleep(10_000)
+            let count = ready.withUnsafeMutableBufferPointer { flotilla_epoll_wait(epollFD, $0.baseAddress, Int32($0.count)) }
+            if count < 0 {
+                if errno != EINTR { usleep(10_000) }
                 continue
             }
-            if fds[0].revents != 0 {
-                var counter: UInt64 = 0
-                _ = read(wakeFD, &counter, 8)
-            }
-            for entry in fds.dropFirst() where entry.revents != 0 {
+            for fd in ready.prefix(Int(count)) {
+                if fd == wakeFD {
+                    var counter: UInt64 = 0
+                    _ = read(wakeFD, &counter, 8)
+                    continue
+                }
                 var code: Int32 = 0
                 var signal: Int32 = 0
-                let result = flotilla_pidfd_reap(entry.fd, &code, &signal)
+                let result = flotilla_pidfd_reap(fd, &code, &signal)
                 let exit: ProcessExit
                 if result == 1 {
                     exit = signal != 0 ? ProcessExit(code: nil, signal: signal) : ProcessExit(code: code, signal: nil)
@@ -94,9 +101,10 @@ final class ProcessWatcher: Sendable {
                 } else {
                     exit = ProcessExit(code: nil, signal: nil)  // not our child: the outcome is unknown
                 }
-                let key = state.withLock { $0.watched.removeValue(forKey: entry.fd) }
-                close(entry.fd)
-                if let key { continuation.yield((key, exit)) }
+                _ = flotilla_epoll_remove(epollFD, fd)
+                let watched = state.withLock { $0.watched.removeValue(forKey: fd) }
+                if watched?.closesWhenDone != false { close(fd) }
+                if let watched { continuation.yield((watched.key, exit)) }
             }
         }
     }

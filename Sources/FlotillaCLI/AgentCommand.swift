@@ -134,7 +134,7 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(name: .customLong("attribute"), help: "A node attribute for constraints, key=value (repeatable).")
     var attributes: [String] = []
 
-    @Option(help: "Rotate an instance's stdout/stderr when it passes this many MiB.")
+    @Option(help: "Rotate an instance's stdout/stderr once it passes this many MiB (checked every 2 s, up to 1,000 instances a round).")
     var logMaxMib: Int = 10
 
     @Option(help: "What happens to instances when the agent exits: keep (the next agent adopts them) or stop.")

@@ -794,7 +794,22 @@ public actor ControlPlane: Service {
 
     // MARK: - Reconciliation
 
-    private func wake() { wakeupContinuation.yield() }
+    /// Asks for a pass now. A status an agent reports is `urgent: false`: such passes run at most
+    /// every `statusCoalescing`, so a thousand instances reporting in over two seconds cost tens
+    /// of passes rather than hundreds (a pass plans every instance of the apps it touches). An
+    /// API write, a tick or a pass that must go on wakes at once, ending the wait.
+    private func wake(urgent: Bool = true) {
+        if urgent {
+            urgentWake = true
+            coalescing?.cancel()
+        }
+        wakeupContinuation.yield()
+    }
+
+    private var urgentWake = false
+    private var coalescing: Task<Void, Never>?
+    private var lastPassEnded = ContinuousClock.now - .seconds(1)
+    static let statusCoalescing = Duration.milliseconds(25)
 
     /// Reconciles on every wake-up; wake-ups coalesce, so a burst of changes costs one pass.
     /// Told about each reconcile pass (its time, commit included, and what it planned): `/metrics`.
@@ -813,18 +828,31 @@ public actor ControlPlane: Service {
         public var full: Bool
     }
     private var lastPass: (planned: Set<String>, full: Bool) = ([], false)
+    /// When each deployment under way was last evaluated.
+    private var lastEvaluated: [String: ContinuousClock.Instant] = [:]
+    /// The instances of apps in deployments, as the pass that last planned each app left them.
+    private var deploymentInstances: [AppID: [Instance]] = [:]
 
     private func reconcileLoop() async {
         wake()
         for await _ in wakeups {
             if Task.isCancelled || Task.isShuttingDownGracefully { return }
             guard leading else { continue }
+            let since = ContinuousClock.now - lastPassEnded
+            if !urgentWake, since < Self.statusCoalescing {
+                let wait = Task { _ = try? await Task.sleep(for: Self.statusCoalescing - since) }
+                coalescing = wait
+                await wait.value
+                coalescing = nil
+            }
+            urgentWake = false
             await lock.acquire()
             do {
                 try await refreshIfNeeded()
                 let began = ContinuousClock.now
                 try await reconcile()
-                passObserver?(PassReport(duration: ContinuousClock.now - began, planned: lastPass.planned, full: lastPass.full))
+                lastPassEnded = .now
+                passObserver?(PassReport(duration: lastPassEnded - began, planned: lastPass.planned, full: lastPass.full))
             } catch is CancellationError {
                 // Shutting down.
             } catch {
@@ -910,7 +938,7 @@ public actor ControlPlane: Service {
             }
         }
         if let last = batch.last { index = max(index, last.index) }
-        if changed { wake() }
+        if changed { wake(urgent: false) }
         return true
     }
 
@@ -959,7 +987,8 @@ public actor ControlPlane: Service {
         } else {
             planning = dirtyApps.union(timedApps)
             for id in queue.keys { planning.insert(id.flatName) }
-            for deployment in deployments.values { planning.formUnion(deployment.affectedApps.map(\.flatName)) }
+            // A deployment's apps are planned when something touches them like any other (their
+            // instances' statuses, the deployment's own record when it passes a step).
         }
         lastPass = (planning, full)
         var nextSpecs = PassChanges(specs)
@@ -1108,17 +1137,34 @@ public actor ControlPlane: Service {
             }
         }
 
-        // Deployments: the pure state machine says which arrived, failed or passed a step.
+        // Deployments: the pure state machine says which arrived, failed or passed a step. One is
+        // looked at when this pass planned one of its apps (only those can have moved it on), and
+        // at least every second for its progress deadline.
         var live: [AppID: [Instance]] = [:]
-        for deployment in nextDeployments.values {
+        let evaluated = nextDeployments.values.filter { deployment in
+            full || changedDeployments.contains(deployment.id) || deployment.affectedApps.contains { planning.contains($0.flatName) }
+                || ContinuousClock.now - (lastEvaluated[deployment.id] ?? lastFullPass) >= .seconds(1)
+        }
+        // An app's instances change only when something touches it, so those of the apps this
+        // pass did not plan are the ones gathered before (a deployment of a hundred apps does not
+        // gather ten thousand instances for every status that arrives).
+        for deployment in evaluated {
+            lastEvaluated[deployment.id] = .now
             for app in deployment.affectedApps where live[app] == nil {
-                live[app] = instances(of: app.flatName).filter { $0.spec.appID == app }
+                if !full, !planning.contains(app.flatName), let known = deploymentInstances[app] {
+                    live[app] = known
+                } else {
+                    live[app] = instances(of: app.flatName).filter { $0.spec.appID == app }
+                }
             }
         }
+        lastEvaluated = lastEvaluated.filter { nextDeployments[$0.key] != nil }
+        let deploying = nextDeployments.values.reduce(into: Set<AppID>()) { $0.formUnion($1.affectedApps) }
+        deploymentInstances = deploymentInstances.filter { deploying.contains($0.key) }.merging(live) { $1 }
         var succeeded: [Deployment] = []
         var failed: [(Deployment, String)] = []
         var advancedSteps: [(Deployment, [Int])] = []
-        for deployment in nextDeployments.values.sorted(by: { $0.version < $1.version }) {
+        for deployment in evaluated.sorted(by: { $0.version < $1.version }) {
             switch DeploymentProgress.evaluate(deployment, apps: apps.dictionary, now: now, instances: { live[$0] ?? [] }) {
             case .succeeded:
                 succeeded.append(deployment)

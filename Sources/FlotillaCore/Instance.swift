@@ -39,53 +39,156 @@ public struct InstanceSpec: Sendable, Hashable, Codable {
     }
 
     /// Marathon's task id: `shop_cart.<uuid>`.
-    public var id: String
-    public var appID: AppID
-    /// The app version the instance was started from, and the config version it carries.
-    public var version: String
-    public var configVersion: String
-    /// The definition to run, as it was at `version`. Kept in a shared box (copy on write): the
-    /// instances of one version share one, and copying an instance, which the scheduler does for
-    /// every instance it plans, costs one retain instead of one per field of the definition.
-    public var definition: AppDefinition {
-        _read { yield definitionBox.value }
+    public var id: String {
+        _read { yield storage.fields.id }
         _modify {
-            if !isKnownUniquelyReferenced(&definitionBox) { definitionBox = DefinitionBox(definitionBox.value) }
-            yield &definitionBox.value
+            makeUnique()
+            yield &storage.fields.id
         }
     }
-    private var definitionBox: DefinitionBox
-    public var node: String
-    public var host: String
-    public var ports: [Int]
-    public var goal: Goal
+    public var appID: AppID {
+        _read { yield storage.fields.appID }
+        _modify {
+            makeUnique()
+            yield &storage.fields.appID
+        }
+    }
+    /// The app version the instance was started from, and the config version it carries.
+    public var version: String {
+        _read { yield storage.fields.version }
+        _modify {
+            makeUnique()
+            yield &storage.fields.version
+        }
+    }
+    public var configVersion: String {
+        _read { yield storage.fields.configVersion }
+        _modify {
+            makeUnique()
+            yield &storage.fields.configVersion
+        }
+    }
+    /// The definition to run, as it was at `version`. Kept in a box of its own too: the instances
+    /// of one version share one, and changing an instance's other fields copies a pointer to it.
+    public var definition: AppDefinition {
+        _read { yield storage.fields.definition.value }
+        _modify {
+            makeUnique()
+            if !isKnownUniquelyReferenced(&storage.fields.definition) {
+                storage.fields.definition = DefinitionBox(storage.fields.definition.value)
+            }
+            yield &storage.fields.definition.value
+        }
+    }
+    public var node: String {
+        _read { yield storage.fields.node }
+        _modify {
+            makeUnique()
+            yield &storage.fields.node
+        }
+    }
+    public var host: String {
+        _read { yield storage.fields.host }
+        _modify {
+            makeUnique()
+            yield &storage.fields.host
+        }
+    }
+    public var ports: [Int] {
+        _read { yield storage.fields.ports }
+        _modify {
+            makeUnique()
+            yield &storage.fields.ports
+        }
+    }
+    public var goal: Goal {
+        _read { yield storage.fields.goal }
+        _modify {
+            makeUnique()
+            yield &storage.fields.goal
+        }
+    }
     /// Why the instance was asked to stop ("scaled down", "replaced by a new version", "killed through the API").
-    public var stopReason: String?
-    public var stagedAt: String
+    public var stopReason: String? {
+        _read { yield storage.fields.stopReason }
+        _modify {
+            makeUnique()
+            yield &storage.fields.stopReason
+        }
+    }
+    public var stagedAt: String {
+        _read { yield storage.fields.stagedAt }
+        _modify {
+            makeUnique()
+            yield &storage.fields.stagedAt
+        }
+    }
     /// Running but out of service: a blue-green set that is not (or no longer) live. It gets no
     /// traffic and is not in discovery; switching it in is instant.
-    public var standby: Bool
+    public var standby: Bool {
+        _read { yield storage.fields.standby }
+        _modify {
+            makeUnique()
+            yield &storage.fields.standby
+        }
+    }
     /// For an old blue-green set kept warm after a switch: when it is stopped.
-    public var standbyUntil: String?
+    public var standbyUntil: String? {
+        _read { yield storage.fields.standbyUntil }
+        _modify {
+            makeUnique()
+            yield &storage.fields.standbyUntil
+        }
+    }
+
+    // Every field in one shared box (copy on write): the scheduler copies specs out of its maps
+    // for every instance it plans, and a copy then costs one retain.
+    private struct Fields: Hashable {
+        var id: String
+        var appID: AppID
+        var version: String
+        var configVersion: String
+        var definition: DefinitionBox
+        var node: String
+        var host: String
+        var ports: [Int]
+        var goal: Goal
+        var stopReason: String?
+        var stagedAt: String
+        var standby: Bool
+        var standbyUntil: String?
+    }
+
+    // Mutated only after `makeUnique`.
+    private final class Storage: @unchecked Sendable {
+        var fields: Fields
+        init(_ fields: Fields) { self.fields = fields }
+    }
+
+    private var storage: Storage
+
+    private mutating func makeUnique() {
+        if !isKnownUniquelyReferenced(&storage) { storage = Storage(storage.fields) }
+    }
+
+    public static func == (lhs: InstanceSpec, rhs: InstanceSpec) -> Bool {
+        lhs.storage === rhs.storage || lhs.storage.fields == rhs.storage.fields
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(storage.fields)
+    }
 
     public init(
         id: String, appID: AppID, version: String, configVersion: String, definition: AppDefinition, node: String,
         host: String, ports: [Int], goal: Goal = .run, stopReason: String? = nil, stagedAt: String, standby: Bool = false,
         standbyUntil: String? = nil
     ) {
-        self.id = id
-        self.appID = appID
-        self.version = version
-        self.configVersion = configVersion
-        self.definitionBox = DefinitionBox(definition)
-        self.node = node
-        self.host = host
-        self.ports = ports
-        self.goal = goal
-        self.stopReason = stopReason
-        self.stagedAt = stagedAt
-        self.standby = standby
-        self.standbyUntil = standbyUntil
+        storage = Storage(
+            Fields(
+                id: id, appID: appID, version: version, configVersion: configVersion, definition: DefinitionBox(definition), node: node,
+                host: host, ports: ports, goal: goal, stopReason: stopReason, stagedAt: stagedAt, standby: standby,
+                standbyUntil: standbyUntil))
     }
 
     enum CodingKeys: String, CodingKey {
@@ -94,19 +197,21 @@ public struct InstanceSpec: Sendable, Hashable, Codable {
 
     public init(from decoder: any Decoder) throws {
         let container = try decoder.container(keyedBy: CodingKeys.self)
-        id = try container.decode(String.self, forKey: .id)
-        appID = try container.decode(AppID.self, forKey: .appID)
-        version = try container.decode(String.self, forKey: .version)
-        configVersion = try container.decode(String.self, forKey: .configVersion)
-        definitionBox = DefinitionBox(try container.decode(AppDefinition.self, forKey: .definition))
-        node = try container.decode(String.self, forKey: .node)
-        host = try container.decode(String.self, forKey: .host)
-        ports = try container.decode([Int].self, forKey: .ports)
-        goal = try container.decode(Goal.self, forKey: .goal)
-        stopReason = try container.decodeIfPresent(String.self, forKey: .stopReason)
-        stagedAt = try container.decode(String.self, forKey: .stagedAt)
-        standby = try container.decodeIfPresent(Bool.self, forKey: .standby) ?? false
-        standbyUntil = try container.decodeIfPresent(String.self, forKey: .standbyUntil)
+        storage = Storage(
+            Fields(
+                id: try container.decode(String.self, forKey: .id),
+                appID: try container.decode(AppID.self, forKey: .appID),
+                version: try container.decode(String.self, forKey: .version),
+                configVersion: try container.decode(String.self, forKey: .configVersion),
+                definition: DefinitionBox(try container.decode(AppDefinition.self, forKey: .definition)),
+                node: try container.decode(String.self, forKey: .node),
+                host: try container.decode(String.self, forKey: .host),
+                ports: try container.decode([Int].self, forKey: .ports),
+                goal: try container.decode(Goal.self, forKey: .goal),
+                stopReason: try container.decodeIfPresent(String.self, forKey: .stopReason),
+                stagedAt: try container.decode(String.self, forKey: .stagedAt),
+                standby: try container.decodeIfPresent(Bool.self, forKey: .standby) ?? false,
+                standbyUntil: try container.decodeIfPresent(String.self, forKey: .standbyUntil)))
     }
 
     public func encode(to encoder: any Encoder) throws {

@@ -107,6 +107,7 @@ public struct FlotillaServer {
     }
 
     public static func run(_ configuration: Configuration, logger: Logger) async throws {
+        NodeAgent.raiseOpenFileLimit(logger: logger)
         // Bad TLS files stop the start before anything is opened (HTTP clients must be shut down).
         let server: HTTPServerBuilder
         if let tls = configuration.tls {

@@ -44,4 +44,18 @@ int flotilla_pidfd_signal(int pidfd, int signal);
 /// A non-blocking, close-on-exec eventfd for waking a poll loop.
 int flotilla_eventfd(void);
 
+/// Raises the agent's soft open-file limit to its hard limit (an instance holds a descriptor of
+/// the agent's); children started afterwards get the original limit back. Returns the limit now
+/// (-1: unlimited or unknown).
+long flotilla_raise_open_file_limit(void);
+
+/// An epoll instance (close-on-exec), and descriptors added to it for reading, or removed.
+int flotilla_epoll_create(void);
+int flotilla_epoll_add(int epoll_fd, int fd);
+int flotilla_epoll_remove(int epoll_fd, int fd);
+
+/// Blocks until descriptors are ready; fills `ready_fds` with up to `capacity` (at most 256) of
+/// them and returns how many, or -1 with errno.
+int flotilla_epoll_wait(int epoll_fd, int *ready_fds, int capacity);
+
 #endif
