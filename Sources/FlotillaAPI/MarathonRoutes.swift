@@ -16,6 +16,7 @@ public struct MarathonRoutes: Sendable {
     let info: ServerInfo
     let cache = ResponseCache()
     let fragments = AppFragments()
+    let streamHub: EventStreamHub
     let startedAt = Date()
 
     public struct ServerInfo: Sendable {
@@ -47,6 +48,7 @@ public struct MarathonRoutes: Sendable {
         self.relay = relay
         self.control = control
         self.events = events
+        self.streamHub = EventStreamHub(events: events)
         self.subscriptions = subscriptions
         self.info = info
     }
@@ -479,20 +481,13 @@ public struct MarathonRoutes: Sendable {
     /// `/v2/events`: server-sent events, one `data:` line per event, flushed as it happens.
     private func eventStream(_ request: Request, remoteAddress: String) -> Response {
         let wanted = Set(request.queryValues("event_type"))
-        let subscription = events.subscribe()
+        // Rendered once for every stream (the hub's), filtered here.
+        let subscription = streamHub.subscribe()
         let (stream, continuation) = AsyncStream.makeStream(of: ByteBuffer.self)
         events.publish(.eventStreamAttached(remoteAddress: remoteAddress))
         let task = Task {
-            func send(_ published: PublishedEvent) {
-                let event = MarathonEvent(published)
-                guard wanted.isEmpty || wanted.contains(event.type) else { return }
-                var bytes = Array("event: \(event.type)\ndata: ".utf8)
-                JSONValue.object(event.fields).write(into: &bytes)
-                bytes.append(contentsOf: "\n\n".utf8)
-                continuation.yield(ByteBuffer(bytes: bytes))
-            }
             // `attached` arrives through the subscription (it went out on the bus), so it comes first.
-            for await event in subscription { send(event) }
+            for await frame in subscription where wanted.isEmpty || wanted.contains(frame.type) { continuation.yield(frame.bytes) }
             continuation.finish()
         }
         // A comment line every few seconds: keeps proxies from closing a quiet stream, and finds
