@@ -379,12 +379,31 @@ public actor ControlPlane: Service {
     /// The last snapshot made, good while the generation and index stay (with ten thousand
     /// instances a snapshot costs a few milliseconds; readers between two changes share one).
     private var lastSnapshot: ControlSnapshot?
+    /// The instance ids of each app in `lastSnapshot` (by flat name).
+    private var snapshotMembers: [String: Set<String>] = [:]
 
     public func snapshot() -> ControlSnapshot {
         if let lastSnapshot, lastSnapshot.generation == generation, lastSnapshot.index == index { return lastSnapshot }
-        var instances: [String: Instance] = [:]
-        instances.reserveCapacity(specs.count)
-        for (id, spec) in specs { instances[id] = Instance(spec: spec, status: statuses[id]) }
+        drainTouches()
+        var instances: [String: Instance]
+        if let lastSnapshot, stampEpoch <= lastSnapshot.generation {
+            // The previous snapshot's instances, with those of the apps touched since joined anew
+            // (the registry takes a snapshot on every change: ten thousand instances, one app moved).
+            instances = lastSnapshot.instances
+            for (flat, stamp) in appStamps where stamp > lastSnapshot.generation {
+                for id in snapshotMembers[flat] ?? [] { instances[id] = nil }
+                let ids = specs.members[flat] ?? []
+                for id in ids {
+                    if let spec = specs[id] { instances[id] = Instance(spec: spec, status: statuses[id]) }
+                }
+                snapshotMembers[flat] = ids.isEmpty ? nil : ids
+            }
+        } else {
+            instances = [:]
+            instances.reserveCapacity(specs.count)
+            for (id, spec) in specs { instances[id] = Instance(spec: spec, status: statuses[id]) }
+            snapshotMembers = specs.members
+        }
         let snapshot = ControlSnapshot(
             apps: apps.dictionary, instances: instances, deployments: deployments.dictionary, failures: failures.dictionary, queue: queue,
             nodes: nodes, downNodes: downNodes, index: index, generation: generation)
@@ -832,6 +851,12 @@ public actor ControlPlane: Service {
     private var lastEvaluated: [String: ContinuousClock.Instant] = [:]
     /// The instances of apps in deployments, as the pass that last planned each app left them.
     private var deploymentInstances: [AppID: [Instance]] = [:]
+    /// Whether each app in a deployment had arrived, when it was last looked at.
+    private var deploymentComplete: [CompletionKey: Bool] = [:]
+    private struct CompletionKey: Hashable {
+        var app: AppID
+        var version: String?
+    }
 
     private func reconcileLoop() async {
         wake()
@@ -1161,11 +1186,21 @@ public actor ControlPlane: Service {
         lastEvaluated = lastEvaluated.filter { nextDeployments[$0.key] != nil }
         let deploying = nextDeployments.values.reduce(into: Set<AppID>()) { $0.formUnion($1.affectedApps) }
         deploymentInstances = deploymentInstances.filter { deploying.contains($0.key) }.merging(live) { $1 }
+        // Whether an app has arrived changes only with the app or its instances, so it is known
+        // for the apps this pass did not plan (by app and version: a removal asks of no version).
+        var complete = full ? [:] : deploymentComplete.filter { deploying.contains($0.key.app) && !planning.contains($0.key.app.flatName) }
+        func isComplete(_ app: AppRecord?, _ id: AppID) -> Bool {
+            let key = CompletionKey(app: id, version: app?.version)
+            if let known = complete[key] { return known }
+            let answer = Reconciler.isComplete(app: app, instances: live[id] ?? [])
+            complete[key] = answer
+            return answer
+        }
         var succeeded: [Deployment] = []
         var failed: [(Deployment, String)] = []
         var advancedSteps: [(Deployment, [Int])] = []
         for deployment in evaluated.sorted(by: { $0.version < $1.version }) {
-            switch DeploymentProgress.evaluate(deployment, apps: apps.dictionary, now: now, instances: { live[$0] ?? [] }) {
+            switch DeploymentProgress.evaluate(deployment, apps: apps.dictionary, now: now, instances: { live[$0] ?? [] }, isComplete: isComplete) {
             case .succeeded:
                 succeeded.append(deployment)
             case .failed(let reason):
@@ -1180,6 +1215,7 @@ public actor ControlPlane: Service {
                 break
             }
         }
+        deploymentComplete = complete
         let ended = Set(succeeded.map(\.id) + failed.map(\.0.id))
         deletes += ended.sorted().map { StateKeys.deployment($0) }
         for id in changedDeployments.subtracting(ended).sorted() {

@@ -214,10 +214,11 @@ public actor Registry: Service {
             let began = ContinuousClock.now
             await rebuild(await source.registryInput())
             // A rebuild reads every instance: under a stream of changes (ten thousand starting)
-            // the registry takes at most half a core, and the changes that arrive meanwhile
-            // share the next rebuild. A quiet registry rebuilds at once.
+            // the registry takes at most a quarter of a core, and the changes that arrive
+            // meanwhile share the next rebuild (at most 250 ms later). A quiet registry, or a
+            // small one, rebuilds at once.
             let took = ContinuousClock.now - began
-            if took > .milliseconds(1) { try? await Task.sleep(for: min(took, .milliseconds(100))) }
+            if took > .milliseconds(1) { try? await Task.sleep(for: min(took * 3, .milliseconds(250))) }
         }
     }
 

@@ -17,14 +17,21 @@ public enum DeploymentProgress: Sendable, Equatable {
     /// - Parameters:
     ///   - apps: the apps as they should be now.
     ///   - instances: an app's instances (ended ones excluded or not; ended ones never count).
+    ///   - isComplete: `Reconciler.isComplete` of an app (nil: it is to be gone) and its
+    ///     instances; a caller that knows which apps did not change since may answer from memory.
     public static func evaluate(
-        _ deployment: Deployment, apps: [AppID: AppRecord], now: Date, instances: (AppID) -> [Instance]
+        _ deployment: Deployment, apps: [AppID: AppRecord], now: Date, instances: (AppID) -> [Instance],
+        isComplete: ((AppRecord?, AppID) -> Bool)? = nil
     ) -> DeploymentProgress {
+        func complete(_ app: AppRecord?, _ id: AppID) -> Bool {
+            if let isComplete { return isComplete(app, id) }
+            return Reconciler.isComplete(app: app, instances: instances(id))
+        }
         let arrived = deployment.targets.allSatisfy { target in
             let app = target.targetVersion == nil ? nil : apps[target.app]
             // An app the deployment brought that was removed since has nothing left to wait for.
             if target.targetVersion != nil && app == nil { return true }
-            return Reconciler.isComplete(app: app, instances: instances(target.app))
+            return complete(app, target.app)
         }
         if arrived { return .succeeded }
         if let reason = failureReason(of: deployment, apps: apps, now: now, instances: instances) { return .failed(reason: reason) }
@@ -32,7 +39,7 @@ public enum DeploymentProgress: Sendable, Equatable {
             switch action.action {
             case .startApplication: return true
             case .stopApplication: return instances(action.app).allSatisfy(\.state.isTerminal)
-            case .scaleApplication, .restartApplication: return Reconciler.isComplete(app: apps[action.app], instances: instances(action.app))
+            case .scaleApplication, .restartApplication: return complete(apps[action.app], action.app)
             }
         }
         if progress.currentStep != deployment.currentStep { return .advanced(currentStep: progress.currentStep, finished: progress.finished) }

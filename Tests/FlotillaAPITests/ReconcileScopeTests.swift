@@ -76,5 +76,16 @@ import Testing
         #expect(after.allSatisfy { !$0.full })
         let b = await bInstances()
         #expect(b.count == 1 && b.first?.id != victim.id, "b was not relaunched")
+
+        // The snapshot, brought up to date app by app since the last one, is what the store holds.
+        try await Task.sleep(for: .milliseconds(200))
+        let storedSpecs = StateCodec.decodeAll(InstanceSpec.self, from: try await store.list(prefix: StateKeys.instances).entries)
+        let storedStatuses = StateCodec.decodeAll(InstanceStatus.self, from: try await store.list(prefix: StateKeys.statuses).entries)
+        let snapshot = await control.snapshot().instances
+        #expect(Set(snapshot.keys) == Set(storedSpecs.map(\.id)))
+        for spec in storedSpecs {
+            #expect(snapshot[spec.id]?.spec == spec)
+            #expect(snapshot[spec.id]?.status == storedStatuses.first { $0.id == spec.id })
+        }
     }
 }
