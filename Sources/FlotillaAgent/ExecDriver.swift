@@ -66,10 +66,10 @@ struct ExecDriver: InstanceDriver {
 }
 
 /// A `cmd` the shell would only split into words and run (`exec sleep 3600`,
-/// `./server --port=8080`): exec'd directly, as the shell would end up doing, without starting a
+/// `/app/server --port=8080`): exec'd directly, as the shell would end up doing, without starting a
 /// shell first (which costs as much as the rest of a start). Anything a shell would interpret —
-/// quotes, `$`, globs, redirections, `;`, `&&`, a leading `VAR=value`, a builtin — still runs
-/// through `/bin/sh -c`.
+/// quotes, `$`, globs, redirections, `;`, `&&`, a leading `VAR=value`, a builtin, a path relative
+/// to the sandbox — still runs through `/bin/sh -c`.
 enum SimpleCommand {
     private static let plain = Set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./:=,@%+".utf8)
     /// Words a shell treats specially, or whose builtin differs from the program of that name.

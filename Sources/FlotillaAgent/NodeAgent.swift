@@ -710,9 +710,13 @@ public actor NodeAgent: Service {
         }
     }
 
+    /// The cancel reaches the scheduler in a task of its own, so it may overtake a schedule still
+    /// on its way: such a check runs once more, finds the instance gone (`record` and
+    /// `recordReadiness` say stop) and is not run again.
     private func stopHealthChecks(_ id: String) {
-        guard healthChecked.remove(id) != nil || readinessChecked.remove(id) != nil else { return }
-        readinessChecked.remove(id)
+        let checked = healthChecked.remove(id) != nil
+        let waitingForReady = readinessChecked.remove(id) != nil
+        guard checked || waitingForReady else { return }
         let scheduler = healthScheduler
         Task { await scheduler.cancel(instance: id) }
     }
