@@ -96,6 +96,11 @@ public enum ACLRequirement: Sendable, Equatable {
             }
             return needs("marathon/" + target)
         }
+        // An app's stats are read with the app's own read permission.
+        if path.hasPrefix("/flotilla/v1/apps/"), path.hasSuffix("/stats") {
+            let id = rest(after: "/flotilla/v1/apps/").dropLast("/stats".count)
+            return needs("marathon/apps/" + id.trimmingCharacters(in: CharacterSet(charactersIn: "/")))
+        }
         if path.hasPrefix("/flotilla/v1/") { return needs("flotilla/" + rest(after: "/flotilla/v1/")) }
         return needs(String(path.drop { $0 == "/" }))
     }

@@ -19,6 +19,13 @@ enum APIResponse {
         return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
     }
 
+    /// A `Codable` value as JSON (keys sorted, absent optionals left out).
+    static func encoded(_ value: some Encodable, status: HTTPResponse.Status = .ok) throws -> Response {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        return json(bytes: Array(try encoder.encode(value)), status: status)
+    }
+
     /// Marathon's error body, `{"message": …, "details": [{"path": …, "errors": […]}]}`, with the status
     /// that fits the error.
     static func marathonError(_ error: any Error) -> Response {

@@ -9,7 +9,8 @@ public struct Cgroups: Sendable {
     public enum Mode: Sendable, Equatable {
         /// The directory under which instance cgroups are made (`<agent cgroup>/flotilla`).
         case v2(parent: String)
-        /// Per controller (`memory`, `cpu`, `pids`), the directory instance cgroups go under.
+        /// Per controller (`memory`, `cpu`, `pids`, and `cpuacct` where it is mounted apart from
+        /// `cpu`), the directory instance cgroups go under.
         case v1(parents: [String: String])
         case disabled(reason: String)
     }
@@ -59,9 +60,13 @@ public struct Cgroups: Sendable {
         }
         var parents: [String: String] = [:]
         var problems: [String] = []
-        for controller in ["memory", "cpu", "pids"] {
+        // cpuacct (CPU time, for metrics) gets a directory of its own only where it is not
+        // mounted with cpu; it is optional.
+        var controllers = ["memory", "cpu", "pids"]
+        if let cpuacct = mounts.v1["cpuacct"], cpuacct != mounts.v1["cpu"] { controllers.append("cpuacct") }
+        for controller in controllers {
             guard let mount = mounts.v1[controller], let path = v1Paths[controller] else {
-                problems.append("no \(controller) controller mounted")
+                if controller != "cpuacct" { problems.append("no \(controller) controller mounted") }
                 continue
             }
             let parent = join(mount, path, namespace)
@@ -93,6 +98,8 @@ public struct Cgroups: Sendable {
             let parent = base + "/" + namespace
             try makeDirectory(parent)
             try write("+memory +cpu +pids", to: parent + "/cgroup.subtree_control")
+            // Disk I/O accounting (`io.stat`, for metrics) where the io controller is offered.
+            if (try? write("+io", to: base + "/cgroup.subtree_control")) != nil { try? write("+io", to: parent + "/cgroup.subtree_control") }
             return Cgroups(mode: .v2(parent: parent))
         } catch {
             return Cgroups(mode: .disabled(reason: "cannot prepare cgroup v2 under \(base): \(error)"))

@@ -178,6 +178,13 @@ public actor NodeAgent: Service {
 
     func sandbox(of instanceID: String) -> String { sandboxRoot + "/" + instanceID }
 
+    /// The instances this agent supervises now (started, not yet exited), for metrics.
+    public func supervisedInstances() -> [SupervisedInstance] {
+        processes.compactMap { id, process in
+            assigned[id].map { SupervisedInstance(id: id, app: $0.appID, pid: process.pid, driver: $0.definition.driver) }
+        }
+    }
+
     func logs(of instanceID: String) -> InstanceLogs {
         InstanceLogs(directory: sandbox(of: instanceID), maxBytes: configuration.logMaxBytes, keep: configuration.logKeep)
     }

@@ -125,6 +125,9 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "How many rotated audit logs to keep.")
     var auditLogKeep: Int = 5
 
+    @Option(help: "Measure instances (CPU, memory, I/O from their cgroups) and the node every this many seconds, for /metrics, the stats API and 'flotilla top'; 0 turns it off.")
+    var metricsInterval: Double = 5
+
     @Option(help: "In a cluster over TLS: the CA (PEM) that signed the other agents' certificates, for the requests agents send each other (they present --tls-cert); default: --tls-client-ca, else the system's roots.")
     var tlsPeerCa: String?
 
@@ -209,6 +212,9 @@ struct AgentCommand: AsyncParsableCommand {
         guard (tlsCert == nil) == (tlsKey == nil) else { throw ValidationError("--tls-cert and --tls-key go together") }
         if tlsClientCa != nil && tlsCert == nil { throw ValidationError("--tls-client-ca needs --tls-cert and --tls-key") }
         guard auditLogMaxMib >= 1, auditLogKeep >= 1 else { throw ValidationError("--audit-log-max-mib and --audit-log-keep must be at least 1") }
+        guard metricsInterval == 0 || (metricsInterval >= 0.5 && metricsInterval <= 3600) else {
+            throw ValidationError("--metrics-interval must be 0 (off) or between 0.5 and 3600 seconds, got \(metricsInterval)")
+        }
         if tlsPeerCa != nil && tlsCert == nil { throw ValidationError("--tls-peer-ca needs --tls-cert and --tls-key") }
         do {
             _ = try StoreLocation.parse(store, etcdPrefix: etcdPrefix, caFile: etcdCa, certFile: etcdCert, keyFile: etcdKey)
@@ -280,6 +286,7 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.proxyAccessLog = proxyAccessLog
             configuration.auditLogMaxBytes = Int64(auditLogMaxMib) << 20
             configuration.auditLogKeep = auditLogKeep
+            configuration.metricsInterval = metricsInterval == 0 ? nil : .milliseconds(Int64(metricsInterval * 1000))
             configuration.proxyHTTPSPort = proxyHttpsPort
             configuration.proxyCertificateDirectory = proxyCertDir
             configuration.proxyUpstreamCA = proxyUpstreamCa

@@ -47,6 +47,8 @@ public struct FlotillaServer {
         /// The audit log rotates past this size, keeping this many older files.
         public var auditLogMaxBytes: Int64 = 64 << 20
         public var auditLogKeep = 5
+        /// How often instances and the node are measured for `/metrics` and the stats API; nil: never.
+        public var metricsInterval: Duration? = .seconds(5)
         /// The proxy's HTTPS listener and its certificate directory; nil for none.
         public var proxyHTTPSPort: Int?
         public var proxyCertificateDirectory: String?
@@ -234,6 +236,12 @@ public struct FlotillaServer {
             workloadTokens: configuration.aclDefaultDeny ? InstanceTokens(tokens: tokens) : nil,
             logger: logger)
 
+        let usage = configuration.metricsInterval.map { interval in
+            UsageCollector(
+                agent: agent, cgroups: cgroups, registry: metrics, node: configuration.node.name, dataDirectory: configuration.dataDirectory,
+                interval: interval, logger: logger)
+        }
+
         let checkDirectory = configuration.dataDirectory + "/checks"
         try FileManager.default.createDirectory(atPath: checkDirectory, withIntermediateDirectories: true)
         let networkProbe = NetworkProbe(directory: checkDirectory)
@@ -277,6 +285,15 @@ public struct FlotillaServer {
         VaultRoutes(kv: secrets).add(to: router)
         AuthRoutes(tokens: tokens).add(to: router)
         AuditRoutes(audit: audit).add(to: router)
+        let nodeName = configuration.node.name
+        StatsRoutes(
+            control: control, localNode: nodeName,
+            local: { app in
+                guard let usage else { return NodeStats(node: nil, instances: []) }
+                return NodeStats(node: await usage.nodeReport(), instances: await usage.reports(app: app))
+            },
+            requests: { _ in nil }, client: cluster == nil ? nil : forwardHTTP
+        ).add(to: router)
         OperationsRoutes(
             routes: { proxy.currentRoutes },
             metrics: {
@@ -304,6 +321,9 @@ public struct FlotillaServer {
             Entry(service: dns),
             Entry(service: proxy),
             Entry(service: agent),
+        ]
+        if let usage { services.append(Entry(service: usage)) }
+        services += [
             Entry(
                 service: ImageCollector(
                     control: control, images: images, thresholdPercent: configuration.imageGCThresholdPercent, interval: .seconds(300),

@@ -1,0 +1,248 @@
+"""Instance and node metrics: measured from real cgroups and /proc, shown by the stats API and
+`flotilla top`, exposed on /metrics and scraped by a real Prometheus."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.parse
+
+import pytest
+import requests
+
+from support.flotilla import app_definition, free_tcp_port, wait_until
+
+MIB = 1 << 20
+# Busy in the shell: one core as long as it runs.
+BURN = "while :; do :; done"
+# Holds 48 MiB of anonymous memory, touched so that it is resident.
+HOLD = "exec python3 -c 'import time; x = bytearray(48 << 20); time.sleep(600)'"
+
+
+def app_stats(agent, app_id):
+    reply = agent.get(f"/flotilla/v1/apps{app_id}/stats")
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def series(text, name, **labels):
+    """Values of one metric in Prometheus' text format whose labels include `labels`."""
+    values = []
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, _, value = line.rpartition(" ")
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', head))
+        if all(found.get(key) == wanted for key, wanted in labels.items()):
+            values.append(float(value))
+    return values
+
+
+@pytest.fixture
+def metrics_agent(make_agent):
+    return make_agent(extra_args=["--metrics-interval", "1"])
+
+
+def test_stats_show_what_instances_use(metrics_agent, app_ids):
+    agent = metrics_agent
+    burn, hold = app_ids.new("burn"), app_ids.new("hold")
+    agent.create_app(app_definition(burn, BURN, cpus=0.5, mem=64))
+    agent.create_app(app_definition(hold, HOLD, cpus=0.1, mem=128))
+    agent.wait_for_running(burn, 1)
+    agent.wait_for_running(hold, 1)
+
+    def busy():
+        stats = app_stats(agent, burn)
+        cores = [i.get("cpuCores") or 0 for i in stats["instances"]]
+        return stats if cores and cores[0] > 0.5 else None
+
+    stats = wait_until(busy, timeout=30, what="the burning instance to use more than half a core")
+    assert stats["app"] == burn
+    assert stats["summary"]["instances"] == 1
+    assert stats["summary"]["cpuCores"] > 0.5
+    instance = stats["instances"][0]
+    assert instance["node"] == "test-node"
+    assert instance["cpuSeconds"] > 0
+    assert instance["memoryLimitBytes"] == 64 * MIB
+
+    def resident():
+        stats = app_stats(agent, hold)
+        memory = [i.get("memoryBytes") or 0 for i in stats["instances"]]
+        return stats if memory and memory[0] > 40 * MIB else None
+
+    stats = wait_until(resident, timeout=30, what="the holding instance to have 40 MiB resident")
+    instance = stats["instances"][0]
+    assert instance["memoryBytes"] < 128 * MIB
+    assert instance["memoryRSSBytes"] > 40 * MIB
+    assert instance["memoryLimitBytes"] == 128 * MIB
+    assert instance["processes"] >= 1
+    assert instance["oomKills"] == 0
+
+    everything = agent.get("/flotilla/v1/stats").json()
+    (node,) = everything["nodes"]
+    assert node["node"] == "test-node" and node["cpus"] >= 1
+    assert node["memoryTotalBytes"] > node["memoryAvailableBytes"] > 0
+    assert node["diskTotalBytes"] > 0 and node["instances"] >= 2
+    apps = {summary["app"]: summary for summary in everything["apps"]}
+    assert apps[burn]["cpuCores"] > 0.5 and apps[hold]["memoryBytes"] > 40 * MIB
+    assert everything["unreachable"] == []
+    only = agent.get("/flotilla/v1/stats", params={"app": hold}).json()
+    assert [i["app"] for i in only["instances"]] == [hold]
+
+
+def test_a_cpu_quota_shows_as_throttling(metrics_agent, app_ids):
+    agent = metrics_agent
+    app_id = app_ids.new()
+    agent.create_app(app_definition(app_id, BURN, cpus=0.1, resourceLimits={"cpus": 0.2}))
+    agent.wait_for_running(app_id, 1)
+
+    def throttled():
+        instances = app_stats(agent, app_id)["instances"]
+        # Two samples at least: a rate needs them.
+        return instances if instances and (instances[0].get("cpuThrottledSeconds") or 0) > 0.2 and "cpuCores" in instances[0] else None
+
+    (instance,) = wait_until(throttled, timeout=30, what="throttling under a 0.2-CPU quota")
+    assert instance["cpuThrottledPeriods"] > 0
+    # Held to its quota (with room for a noisy machine's measurement).
+    assert instance["cpuCores"] < 0.35
+
+
+def test_metrics_carry_app_instance_and_node_labels_and_go_with_the_instance(metrics_agent, app_ids):
+    agent = metrics_agent
+    app_id = app_ids.new()
+    agent.create_app(app_definition(app_id, HOLD, mem=128))
+    (task,) = agent.wait_for_running(app_id, 1)
+
+    def exposed():
+        text = agent.get("/metrics").text
+        return text if series(text, "flotilla_instance_memory_bytes", app=app_id, instance=task["id"], node="test-node") else None
+
+    text = wait_until(exposed, timeout=20, what="the instance's memory on /metrics")
+    assert series(text, "flotilla_instance_memory_limit_bytes", app=app_id) == [128 * MIB]
+    assert series(text, "flotilla_instance_cpu_seconds_total", app=app_id)[0] >= 0
+    assert "# TYPE flotilla_instance_cpu_seconds_total counter" in text
+    assert series(text, "flotilla_node_memory_total_bytes", node="test-node")[0] > 0
+    assert len(series(text, "flotilla_node_cpu_seconds_total", node="test-node")) == 8
+    assert series(text, "flotilla_metrics_collection_seconds", node="test-node")
+
+    assert agent.delete(f"/v2/apps{app_id}").status_code == 200
+    wait_until(
+        lambda: not series(agent.get("/metrics").text, "flotilla_instance_memory_bytes", app=app_id),
+        timeout=20, what="the destroyed app's series to leave /metrics")
+
+
+def test_stats_refuse_what_they_cannot_answer(metrics_agent):
+    assert metrics_agent.get("/flotilla/v1/apps/no/such/app/stats").status_code == 404
+    reply = metrics_agent.get("/flotilla/v1/stats", params={"app": "bad id!"})
+    assert reply.status_code == 400 and "app id" in reply.json()["message"]
+    assert metrics_agent.get("/flotilla/v1/stats", params={"local": "maybe"}).status_code == 400
+
+
+def test_metrics_can_be_turned_off(make_agent, app_ids):
+    agent = make_agent(extra_args=["--metrics-interval", "0"])
+    app_id = app_ids.new()
+    agent.create_app(app_definition(app_id, "exec sleep 600"))
+    agent.wait_for_running(app_id, 1)
+    time.sleep(1.5)
+    assert app_stats(agent, app_id)["instances"] == []
+    assert "flotilla_instance_" not in agent.get("/metrics").text
+    bad = subprocess.run(
+        [str(agent.binary), "agent", "--metrics-interval", "0.1", "--data-dir", str(agent.data_dir / "other")],
+        capture_output=True, text=True, timeout=30)
+    assert bad.returncode != 0 and "--metrics-interval" in bad.stderr
+
+
+def test_top_prints_apps_and_json(metrics_agent, app_ids):
+    agent = metrics_agent
+    app_id = app_ids.new()
+    agent.create_app(app_definition(app_id, BURN, cpus=0.5, instances=2))
+    agent.wait_for_running(app_id, 2)
+
+    def measured():
+        result = agent.cli("top", "--json")
+        assert result.returncode == 0, result.stderr
+        rows = {row["app"]: row for row in json.loads(result.stdout)["apps"]}
+        row = rows.get(app_id)
+        return row if row and row["instances"] == 2 and row["cpuCores"] > 0.5 else None
+
+    row = wait_until(measured, timeout=30, what="flotilla top --json to show the app busy")
+    assert row["memoryBytes"] > 0
+    table = agent.cli("top", "--once")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:4] == ["APP", "INSTANCES", "CPU", "MEMORY"]
+    (line,) = [line for line in lines if line.startswith(app_id + " ")]
+    assert line.split()[1] == "2"
+
+
+# --- a real Prometheus ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    binary = shutil.which("prometheus") or "/usr/bin/prometheus"
+    if not os.path.exists(binary):
+        pytest.fail("prometheus is not installed (scripts/test.sh installs Debian's 'prometheus')")
+
+    started = []
+
+    def start(target):
+        port = free_tcp_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: flotilla\n    honor_labels: true\n    static_configs:\n"
+            f"      - targets: ['{target}']\n")
+        process = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=open(tmp_path / "prometheus.log", "wb"), stderr=subprocess.STDOUT)
+        started.append(process)
+        url = f"http://127.0.0.1:{port}"
+
+        def ready():
+            try:
+                return requests.get(url + "/-/ready", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(ready, timeout=30, what="prometheus to be ready")
+        return url
+
+    yield start
+    for process in started:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_prometheus_scrapes_an_instances_memory(metrics_agent, app_ids, prometheus):
+    agent = metrics_agent
+    app_id = app_ids.new()
+    agent.create_app(app_definition(app_id, HOLD, mem=128))
+    (task,) = agent.wait_for_running(app_id, 1)
+    url = prometheus(f"127.0.0.1:{agent.api_port}")
+    query = f'flotilla_instance_memory_bytes{{app="{app_id}"}}'
+
+    def answered():
+        reply = requests.get(url + "/api/v1/query", params={"query": query}, timeout=5).json()
+        assert reply["status"] == "success", reply
+        results = reply["data"]["result"]
+        return results if results and float(results[0]["value"][1]) > 40 * MIB else None
+
+    (result,) = wait_until(answered, timeout=60, interval=1, what="prometheus to have the instance's memory")
+    assert result["metric"]["instance"] == task["id"]
+    assert result["metric"]["node"] == "test-node"
+    # The scrape itself is healthy, and CPU is there as a rate Prometheus can compute.
+    up = requests.get(url + "/api/v1/query", params={"query": "up"}, timeout=5).json()["data"]["result"]
+    assert [float(r["value"][1]) for r in up] == [1.0]
+    rate = urllib.parse.quote(f'rate(flotilla_instance_cpu_seconds_total{{app="{app_id}"}}[10s])')
+    wait_until(
+        lambda: requests.get(f"{url}/api/v1/query?query={rate}", timeout=5).json()["data"]["result"],
+        timeout=30, interval=1, what="a CPU rate from prometheus")
