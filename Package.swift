@@ -134,7 +134,6 @@ let package = Package(
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-                .product(name: "Prometheus", package: "swift-prometheus"),
             ],
             // The data path's state lives in event-loop-confined handlers; the dynamic exclusivity
             // checks on their properties cost ~2% of the proxy's CPU and guard nothing here.
@@ -237,7 +236,7 @@ let package = Package(
             dependencies: [
                 "FlotillaCore", "FlotillaProxy",
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
         ),

@@ -17,20 +17,16 @@ import NIOHTTP1
 public struct StatsRoutes: Sendable {
     /// What this node measured: of one app, or of all.
     public typealias LocalStats = @Sendable (AppID?) async -> NodeStats
-    /// The proxy's request figures of an app's routes over the last interval.
-    public typealias Requests = @Sendable (AppID) async -> RequestFigures?
 
     let control: ControlPlane
     let localNode: String
     let local: LocalStats
-    let requests: Requests
     let client: HTTPClient?
 
-    public init(control: ControlPlane, localNode: String, local: @escaping LocalStats, requests: @escaping Requests, client: HTTPClient?) {
+    public init(control: ControlPlane, localNode: String, local: @escaping LocalStats, client: HTTPClient?) {
         self.control = control
         self.localNode = localNode
         self.local = local
-        self.requests = requests
         self.client = client
     }
 
@@ -101,15 +97,8 @@ public struct StatsRoutes: Sendable {
             }
         }
         let instances = parts.flatMap(\.instances).sorted { ($0.app, $0.id) < ($1.app, $1.id) }
-        var apps = AppUsageSummary.byApp(instances)
-        if let app, apps.isEmpty { apps = [AppUsageSummary(app: app.path, instances: [])] }
-        for index in apps.indices {
-            if let id = try? AppID(apps[index].app), let figures = await requests(id) {
-                apps[index].requestsPerSecond = figures.requestsPerSecond
-                apps[index].errorRate = figures.errorRate
-                apps[index].p99Seconds = figures.p99Seconds
-            }
-        }
+        let windows = AppUsageSummary.requestsByApp(parts.compactMap(\.requests))
+        let apps = AppUsageSummary.byApp(instances, requests: windows, including: app.map { [$0.path] } ?? [])
         return ClusterStats(
             nodes: parts.compactMap(\.node).sorted { $0.node < $1.node }, apps: apps, instances: instances,
             unreachable: unreachable.sorted { $0.node < $1.node })

@@ -27,6 +27,8 @@ public actor UsageCollector: Service {
     private let dataDirectory: String
     public nonisolated let interval: Duration
     private let logger: Logger
+    /// Called after each round with the monotonic time (the proxy samples its request counters).
+    private let afterRound: (@Sendable (Double) -> Void)?
 
     private var instances: [String: UsageHistory] = [:]
     private var nodeSamples: [(time: Double, usage: NodeUsage)] = []
@@ -36,8 +38,9 @@ public actor UsageCollector: Service {
 
     public init(
         agent: NodeAgent, cgroups: Cgroups, registry: PrometheusCollectorRegistry, node: String, dataDirectory: String, interval: Duration,
-        logger: Logger
+        logger: Logger, afterRound: (@Sendable (Double) -> Void)? = nil
     ) {
+        self.afterRound = afterRound
         self.agent = agent
         self.cgroups = cgroups
         self.registry = registry
@@ -53,6 +56,7 @@ public actor UsageCollector: Service {
         while !Task.isShuttingDownGracefully && !Task.isCancelled {
             let started = ContinuousClock.now
             await collect()
+            afterRound?(Self.monotonicSeconds())
             let spent = ContinuousClock.now - started
             lastRoundSeconds = spent.seconds
             roundSeconds.set(lastRoundSeconds)

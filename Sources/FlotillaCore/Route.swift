@@ -209,13 +209,16 @@ public struct RouteTarget: Sendable, Hashable {
     public var host: String
     public var port: Int
     public var weight: Double
+    /// The Flotilla app the instance belongs to (nil: a service registered from outside).
+    public var app: String?
 
-    public init(serviceID: String, service: String, host: String, port: Int, weight: Double) {
+    public init(serviceID: String, service: String, host: String, port: Int, weight: Double, app: String? = nil) {
         self.serviceID = serviceID
         self.service = service
         self.host = host
         self.port = port
         self.weight = weight
+        self.app = app
     }
 }
 
@@ -224,11 +227,14 @@ public struct Route: Sendable, Hashable {
     public var rule: RouteRule
     public var targets: [RouteTarget]
     public var services: [String]
+    /// The Flotilla apps whose services declare the route, healthy or not.
+    public var apps: [String]
 
-    public init(rule: RouteRule, targets: [RouteTarget], services: [String]) {
+    public init(rule: RouteRule, targets: [RouteTarget], services: [String], apps: [String] = []) {
         self.rule = rule
         self.targets = targets
         self.services = services
+        self.apps = apps
     }
 }
 

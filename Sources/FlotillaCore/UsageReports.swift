@@ -81,10 +81,13 @@ public struct NodeUsageReport: Sendable, Codable, Equatable {
 public struct NodeStats: Sendable, Codable, Equatable {
     public var node: NodeUsageReport?
     public var instances: [InstanceUsageReport]
+    /// Requests through this node's proxy over the last interval, by app id (absent: none measured).
+    public var requests: [String: RequestWindow]?
 
-    public init(node: NodeUsageReport?, instances: [InstanceUsageReport]) {
+    public init(node: NodeUsageReport?, instances: [InstanceUsageReport], requests: [String: RequestWindow]? = nil) {
         self.node = node
         self.instances = instances
+        self.requests = requests
     }
 }
 
@@ -115,9 +118,35 @@ public struct AppUsageSummary: Sendable, Codable, Equatable {
         cpuThrottledSeconds = instances.reduce(0) { $0 + ($1.cpuThrottledSeconds ?? 0) }
     }
 
-    /// Summaries by app, sorted by app id.
-    public static func byApp(_ instances: [InstanceUsageReport]) -> [AppUsageSummary] {
-        Dictionary(grouping: instances, by: \.app).map { AppUsageSummary(app: $0.key, instances: $0.value) }.sorted { $0.app < $1.app }
+    /// The request figures of a window (rates, error share, p99).
+    public mutating func apply(_ window: RequestWindow) {
+        let figures = window.figures
+        requestsPerSecond = figures.requestsPerSecond
+        errorRate = figures.errorRate
+        p99Seconds = figures.p99Seconds
+    }
+
+    /// Summaries by app, sorted by app id: every app with an instance, with requests through a
+    /// proxy, or named in `including`.
+    public static func byApp(
+        _ instances: [InstanceUsageReport], requests: [String: RequestWindow] = [:], including: [String] = []
+    ) -> [AppUsageSummary] {
+        let grouped = Dictionary(grouping: instances, by: \.app)
+        let apps = Set(grouped.keys).union(requests.keys).union(including)
+        return apps.sorted().map { app in
+            var summary = AppUsageSummary(app: app, instances: grouped[app] ?? [])
+            if let window = requests[app] { summary.apply(window) }
+            return summary
+        }
+    }
+
+    /// Nodes' request windows added up by app (each node's proxy counts what went through it).
+    public static func requestsByApp(_ nodes: [[String: RequestWindow]]) -> [String: RequestWindow] {
+        var total: [String: RequestWindow] = [:]
+        for node in nodes {
+            for (app, window) in node { total[app] = total[app].map { $0.adding(window) } ?? window }
+        }
+        return total
     }
 }
 
@@ -133,5 +162,60 @@ public struct RequestFigures: Sendable, Codable, Equatable {
         self.requestsPerSecond = requestsPerSecond
         self.errorRate = errorRate
         self.p99Seconds = p99Seconds
+    }
+}
+
+/// Requests through one node's proxy to one app over a window: what an agent reports of itself
+/// (`NodeStats.requests`) so that another can add nodes up before working out rates and p99.
+public struct RequestWindow: Sendable, Codable, Equatable {
+    /// Upper bounds (seconds) of the upstream-latency buckets; one more bucket past the last (+Inf).
+    public static let latencyBounds: [Double] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+
+    public var seconds: Double
+    public var requests: UInt64
+    /// Answers with a 5xx status, the proxy's own 502/503/504 included.
+    public var errors: UInt64
+    /// Requests that got a response head from an instance, by latency bucket (not cumulative;
+    /// `latencyBounds.count + 1` of them).
+    public var latency: [UInt64]
+
+    public init(seconds: Double, requests: UInt64, errors: UInt64, latency: [UInt64]) {
+        self.seconds = seconds
+        self.requests = requests
+        self.errors = errors
+        self.latency = latency
+    }
+
+    /// Two nodes' windows of one app: counts add up; the window is the longer of the two.
+    public func adding(_ other: RequestWindow) -> RequestWindow {
+        let width = max(latency.count, other.latency.count)
+        let buckets = (0..<width).map { (latency.indices.contains($0) ? latency[$0] : 0) &+ (other.latency.indices.contains($0) ? other.latency[$0] : 0) }
+        return RequestWindow(seconds: max(seconds, other.seconds), requests: requests &+ other.requests, errors: errors &+ other.errors, latency: buckets)
+    }
+
+    public var figures: RequestFigures {
+        RequestFigures(
+            requestsPerSecond: seconds > 0 ? Double(requests) / seconds : 0,
+            errorRate: requests > 0 ? Double(errors) / Double(requests) : nil,
+            p99Seconds: Self.quantile(0.99, of: latency))
+    }
+
+    /// A quantile from bucket counts, as Prometheus' `histogram_quantile` works it out: linear
+    /// within the bucket it falls in; the last finite bound when it falls in +Inf; nil without counts.
+    public static func quantile(_ q: Double, of buckets: [UInt64]) -> Double? {
+        let total = buckets.reduce(0, &+)
+        guard total > 0 else { return nil }
+        let rank = q * Double(total)
+        var below: UInt64 = 0
+        for (index, count) in buckets.enumerated() {
+            if count > 0, Double(below &+ count) >= rank {
+                guard index < latencyBounds.count else { return latencyBounds.last }
+                let lower = index == 0 ? 0 : latencyBounds[index - 1]
+                let upper = latencyBounds[index]
+                return lower + (upper - lower) * max(0, rank - Double(below)) / Double(count)
+            }
+            below &+= count
+        }
+        return latencyBounds.last
     }
 }

@@ -12,7 +12,7 @@ final class ProxyContext: Sendable {
     let idleTimeout: TimeAmount
     let retryBufferLimit: Int
     let metrics: ProxyMetrics
-    let noRouteMetrics: RouteMetrics
+    let noRouteMetrics: RequestCounters
     let ejectAfter: Int
     let coolDown: Duration
     let accessLog: AccessLog?
@@ -89,6 +89,9 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
         var lastTried: TargetState?
         var attempts = 0
         var target: TargetState?
+        /// Where the answer is counted besides the route: the picked instance's app, or the
+        /// route's own app until one is picked.
+        var app: RequestCounters?
         var sentParts = 0
         var responseStarted = false
         var status = 0
@@ -112,6 +115,7 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
             self.readTimeout = readTimeout
             self.requestComplete = requestComplete
             self.log = log
+            app = route.soleApp
         }
     }
 
@@ -167,7 +171,14 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
         pool = loop.pool
         allocator = loop.allocator
         client.delegate = self
+        shared.metrics.connectionOpened(shard: loop.index)
         scheduleIdleCheck()
+    }
+
+    /// An answer given without an instance: counted on the route and on its app, if it has one.
+    private func record(_ route: RouteRuntime, statusClass: Int) {
+        route.metrics.record(statusClass: statusClass, latencyNanoseconds: nil, shard: loop.index)
+        route.soleApp?.record(statusClass: statusClass, latencyNanoseconds: nil, shard: loop.index)
     }
 
     private func scheduleIdleCheck() {
@@ -384,17 +395,17 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
 
         if head.methodEnd == 7, head.method == "CONNECT" {
             // Not a forward proxy: a tunnel to an arbitrary host is never routed.
-            shared.noRouteMetrics.record(statusClass: 4, latency: nil)
+            shared.noRouteMetrics.record(statusClass: 4, latencyNanoseconds: nil, shard: loop.index)
             answer(405, "CONNECT is not supported: this is a reverse proxy", keepAlive: false, headRequest: false, body: framing, log: log, started: started)
             return
         }
         guard let route = pool.table(from: shared.routes).match(host: host, path: path) else {
-            shared.noRouteMetrics.record(statusClass: 4, latency: nil)
+            shared.noRouteMetrics.record(statusClass: 4, latencyNanoseconds: nil, shard: loop.index)
             answer(404, "no route for \(host)\(path)", keepAlive: keepAlive, headRequest: headRequest, body: framing, log: log, started: started)
             return
         }
         if let access = route.route.rule.access, let refused = refusedAddress(access) {
-            route.metrics.record(statusClass: 4, latency: nil)
+            record(route, statusClass: 4)
             log?.route = route.label
             answer(
                 403, "\(refused) may not use \(route.label)", keepAlive: keepAlive, headRequest: headRequest, body: framing, log: log,
@@ -402,7 +413,7 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
             return
         }
         if let redirect = route.route.rule.redirect {
-            route.metrics.record(statusClass: 3, latency: nil)
+            record(route, statusClass: 3)
             log?.route = route.label
             let location = redirect.location(for: path)
             answer(
@@ -411,7 +422,7 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
             return
         }
         guard !route.targets.isEmpty else {
-            route.metrics.record(statusClass: 5, latency: nil)
+            record(route, statusClass: 5)
             log?.route = route.label
             answer(
                 503, "no healthy instance of \(route.services) for \(route.label)", keepAlive: keepAlive, headRequest: headRequest, body: framing,
@@ -463,7 +474,7 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
 
     /// A head that cannot be parsed: a 4xx/5xx and the connection closes (its framing is lost).
     private func reject(_ error: HTTP1Error) {
-        shared.noRouteMetrics.record(statusClass: error.status / 100, latency: nil)
+        shared.noRouteMetrics.record(statusClass: error.status / 100, latencyNanoseconds: nil, shard: loop.index)
         shared.logger.debug("rejected a request from \(clientAddress): \(error.reason)")
         writeLocal(status: error.status, message: error.reason, close: true, headRequest: false)
     }
@@ -516,6 +527,7 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
         }
         let state = picked.state
         current.lastTried = state
+        if let app = picked.app { current.app = app }
         current.attempts += 1
         current.target = nil
         current.sentParts = 0
@@ -574,7 +586,7 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
     private func retryOrFail(_ status: Int, _ message: String) {
         guard let current = exchange else { return }
         if current.replayable && current.attempts < 2 {
-            shared.metrics.retried()
+            shared.metrics.retried(shard: loop.index)
             connect()
         } else {
             fail(status: status, message)
@@ -630,7 +642,9 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
         current.status = response.status
         let latency = NIODeadline.now() - current.started
         current.upstreamLatency = Double(latency.nanoseconds) / 1e9
-        current.route.metrics.record(statusClass: response.status / 100, latency: .nanoseconds(latency.nanoseconds))
+        let nanoseconds = UInt64(max(0, latency.nanoseconds))
+        current.route.metrics.record(statusClass: response.status / 100, latencyNanoseconds: nanoseconds, shard: loop.index)
+        current.app?.record(statusClass: response.status / 100, latencyNanoseconds: nanoseconds, shard: loop.index)
         if response.status == 101 {
             guard let upgrade = current.upgrade else {
                 shared.logger.info("\(current.target?.key ?? "upstream") switched protocols without being asked")
@@ -792,7 +806,8 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
         dropUpstream()
         exchange = nil
         waitingSince = nil
-        current.route.metrics.record(statusClass: status / 100, latency: nil)
+        current.route.metrics.record(statusClass: status / 100, latencyNanoseconds: nil, shard: loop.index)
+        current.app?.record(statusClass: status / 100, latencyNanoseconds: nil, shard: loop.index)
         shared.logger.info("\(status) for \(current.route.label): \(message)")
         logExchange(current, status: status, upstream: current.lastTried)
         // An unfinished body leaves the connection's framing behind the client's: close it.
@@ -864,6 +879,7 @@ final class ProxyHandler: StreamDelegate, UpstreamDelegate, Draining {
     }
 
     func streamClosed(_ error: SystemCallError?) {
+        shared.metrics.connectionClosed(shard: loop.index)
         timer?.cancel()
         timer = nil
         idleCheck?.cancel()

@@ -6,7 +6,6 @@ import Musl
 public import FlotillaCore
 public import Logging
 public import NIOCore
-public import Prometheus
 public import ServiceLifecycle
 import NIOPosix
 import Synchronization
@@ -75,13 +74,13 @@ public final class ProxyServer: Service {
     private let accessLog: AccessLog?
 
     /// Throws when the access log cannot be opened.
-    public init(configuration: Configuration, metrics registry: PrometheusCollectorRegistry, logger: Logger) throws {
+    public init(configuration: Configuration, logger: Logger) throws {
         self.configuration = configuration
         self.logger = logger
-        let metrics = ProxyMetrics(registry: registry)
+        loops = try (0..<max(1, System.coreCount)).map { try IOLoop(index: $0, logger: logger) }
+        let metrics = ProxyMetrics(shards: loops.count)
         metricsByRoute = metrics
         accessLog = try configuration.accessLogPath.map { try AccessLog(path: $0) }
-        loops = try (0..<max(1, System.coreCount)).map { try IOLoop(index: $0, logger: logger) }
         let group = MultiThreadedEventLoopGroup.singleton
         let upstreamTLS: UpstreamTLS
         do {
@@ -106,6 +105,9 @@ public final class ProxyServer: Service {
             retryBufferLimit: configuration.retryBufferLimit, metrics: metrics, accessLog: accessLog, upstreamTLS: upstreamTLS, logger: logger)
     }
 
+    /// The proxy's counters: rendered on `/metrics`, sampled for stats.
+    public var metrics: ProxyMetrics { metricsByRoute }
+
     /// The table the proxy serves now, for `/api/routes`.
     public var currentRoutes: RouteTable { routes.current.table }
 
@@ -123,12 +125,18 @@ public final class ProxyServer: Service {
                 states[key] = created
                 return created
             }
+            let metrics = metricsByRoute
             let http = table.http.map { route in
-                RouteRuntime(route: route, states: { state($0, Self.security(of: route.rule)) }, metrics: metricsByRoute.forRoute(route.rule.host + route.rule.path))
+                RouteRuntime(
+                    route: route, states: { state($0, Self.security(of: route.rule)) }, metrics: metrics.forRoute(route.rule.host + route.rule.path),
+                    apps: metrics.forApp)
             }
             let tcp = table.tcp.mapValues { route in
-                RouteRuntime(route: route, states: { state($0, .plaintext) }, metrics: metricsByRoute.forRoute(":\(route.rule.tcpPort ?? 0)"))
+                RouteRuntime(route: route, states: { state($0, .plaintext) }, metrics: metrics.forRoute(":\(route.rule.tcpPort ?? 0)"), apps: metrics.forApp)
             }
+            let routeApps = table.http.flatMap { $0.apps + $0.targets.compactMap(\.app) } + table.tcp.values.flatMap { $0.apps + $0.targets.compactMap(\.app) }
+            metrics.retain(
+                routes: Set(table.http.map { $0.rule.host + $0.rule.path } + table.tcp.values.map { ":\($0.rule.tcpPort ?? 0)" }), apps: Set(routeApps))
             states = states.filter { live.contains($0.key) }
             return (http, tcp, live)
         }

@@ -67,6 +67,8 @@ final class RouteRuntime: Sendable {
         let state: TargetState
         let weight: Double
         let service: String
+        /// The counters of the target's app; nil for a service registered from outside.
+        let app: RequestCounters?
     }
 
     let route: Route
@@ -74,17 +76,21 @@ final class RouteRuntime: Sendable {
     let targets: [Target]
     let weighted: Bool
     let services: String
-    let metrics: RouteMetrics
+    let metrics: RequestCounters
+    /// Where answers that reach no instance (403, 503, a redirect) are counted: the route's app,
+    /// when exactly one app declares it.
+    let soleApp: RequestCounters?
     /// Read per request, so worked out once: whether the path changes on the way, and the
     /// route's own timeouts.
     let rewritesPath: Bool
     let connectTimeout: TimeAmount?
     let readTimeout: TimeAmount?
 
-    init(route: Route, states: (RouteTarget) -> TargetState, metrics: RouteMetrics) {
+    init(route: Route, states: (RouteTarget) -> TargetState, metrics: RequestCounters, apps: (String) -> RequestCounters) {
         self.route = route
         label = route.rule.host + route.rule.path
-        targets = route.targets.map { Target(state: states($0), weight: $0.weight, service: $0.service) }
+        targets = route.targets.map { Target(state: states($0), weight: $0.weight, service: $0.service, app: $0.app.map(apps)) }
+        soleApp = route.apps.count == 1 ? apps(route.apps[0]) : nil
         weighted = Set(route.targets.map(\.weight)).count > 1
         services = route.services.joined(separator: ", ")
         self.metrics = metrics

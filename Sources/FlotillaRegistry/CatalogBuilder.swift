@@ -27,6 +27,9 @@ public enum CatalogBuilder {
     /// (`urlprefix-:SERVICEPORT proto=tcp`), as marathon-lb serves them.
     public static let servicePortRouteLabel = "FLOTILLA_SERVICE_PORT_ROUTE"
 
+    /// The service meta key that names the instance's app.
+    public static let appMetaKey = "flotilla-app"
+
     /// Name and tags of each port of an app that is registered (ignored ports are left out).
     static func naming(
         of definition: AppDefinition, portCount: Int, routeServicePorts: Bool = false
@@ -68,7 +71,7 @@ public enum CatalogBuilder {
             let hostPort = spec.ports[port.index]
             let serviceID = "\(spec.id):\(hostPort)"
             var meta = [
-                "flotilla-app": spec.appID.path, "flotilla-instance": spec.id, "flotilla-version": spec.version,
+                appMetaKey: spec.appID.path, "flotilla-instance": spec.id, "flotilla-version": spec.version,
             ]
             if let portName = port.portName { meta["flotilla-port-name"] = portName }
             entries.append(

@@ -72,6 +72,8 @@ public struct RegistryView: Sendable {
     var floorIndex: UInt64
     /// Tags of every service apps declare, registered or not (for routes with no instance).
     public var declaredTags: [String: [String]] = [:]
+    /// The apps that declare each of those services.
+    public var declaredApps: [String: Set<String>] = [:]
 
     /// The index to report for a topic: when its answer last changed (never 0, never backwards).
     public func index(of topic: RegistryTopic) -> UInt64 { max(1, topicIndexes[topic] ?? floorIndex) }
@@ -437,13 +439,18 @@ public actor Registry: Service {
         }
         topicContent = content
         var declared: [String: [String]] = [:]
+        var declaredApps: [String: Set<String>] = [:]
         for app in input.apps {
-            for service in CatalogBuilder.declaredServices(of: app, routeServicePorts: routeServicePorts) { declared[service.name, default: []] += service.tags }
+            for service in CatalogBuilder.declaredServices(of: app, routeServicePorts: routeServicePorts) {
+                declared[service.name, default: []] += service.tags
+                declaredApps[service.name, default: []].insert(app.id.path)
+            }
         }
         var newView = RegistryView(
             nodes: nodes, services: services, datacenter: datacenter, localNode: localNode, topicIndexes: topicIndexes,
             floorIndex: view.floorIndex)
         newView.declaredTags = declared
+        newView.declaredApps = declaredApps
         newView.extraNodeChecks = extraNodeChecks
         view = newView
         for (id, waiter) in waiters where view.index(of: waiter.topic) > waiter.after {

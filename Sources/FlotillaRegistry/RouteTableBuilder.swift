@@ -13,12 +13,14 @@ public enum RouteTableBuilder {
         var rules: [Key: RouteRule] = [:]
         var members: [Key: [(CatalogService, Double?)]] = [:]
         var services: [Key: Set<String>] = [:]
+        var apps: [Key: Set<String>] = [:]
         for entry in view.services {
             for tag in entry.tags {
                 guard let rule = RouteRule.parse(tag) else { continue }
                 let key = Key(host: rule.host, path: rule.path, tcpPort: rule.tcpPort)
                 if rules[key] == nil { rules[key] = rule }
                 services[key, default: []].insert(entry.name)
+                if let app = entry.meta[CatalogBuilder.appMetaKey] { apps[key, default: []].insert(app) }
                 if view.status(of: entry) == .passing { members[key, default: []].append((entry, rule.weight)) }
             }
         }
@@ -29,6 +31,7 @@ public enum RouteTableBuilder {
                 let key = Key(host: rule.host, path: rule.path, tcpPort: rule.tcpPort)
                 if rules[key] == nil { rules[key] = rule }
                 services[key, default: []].insert(service)
+                apps[key, default: []].formUnion(view.declaredApps[service] ?? [])
             }
         }
         var http: [Route] = []
@@ -36,7 +39,8 @@ public enum RouteTableBuilder {
         for (key, rule) in rules {
             var plain = rule
             plain.weight = nil
-            let route = Route(rule: plain, targets: weighted(members[key] ?? []), services: services[key, default: []].sorted())
+            let route = Route(
+                rule: plain, targets: weighted(members[key] ?? []), services: services[key, default: []].sorted(), apps: apps[key, default: []].sorted())
             if let port = key.tcpPort { tcp[port] = route } else { http.append(route) }
         }
         return RouteTable(http: http, tcp: tcp, index: index)
@@ -72,7 +76,9 @@ public enum RouteTableBuilder {
             total = Double(members.count)
         }
         return zip(members, shares).map { member, share in
-            RouteTarget(serviceID: member.0.id, service: member.0.name, host: member.0.address, port: member.0.port, weight: share / total)
+            RouteTarget(
+                serviceID: member.0.id, service: member.0.name, host: member.0.address, port: member.0.port, weight: share / total,
+                app: member.0.meta[CatalogBuilder.appMetaKey])
         }.sorted { $0.serviceID < $1.serviceID }
     }
 }

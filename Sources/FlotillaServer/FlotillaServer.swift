@@ -130,7 +130,7 @@ public struct FlotillaServer {
             proxyConfiguration.httpsPort = configuration.proxyHTTPSPort
             proxyConfiguration.certificateDirectory = configuration.proxyCertificateDirectory
             proxyConfiguration.upstreamCAFile = configuration.proxyUpstreamCA
-            proxy = try ProxyServer(configuration: proxyConfiguration, metrics: metrics, logger: logger)
+            proxy = try ProxyServer(configuration: proxyConfiguration, logger: logger)
         } catch let error as CertificateError {
             throw ServerError(error.description)
         } catch {
@@ -239,7 +239,7 @@ public struct FlotillaServer {
         let usage = configuration.metricsInterval.map { interval in
             UsageCollector(
                 agent: agent, cgroups: cgroups, registry: metrics, node: configuration.node.name, dataDirectory: configuration.dataDirectory,
-                interval: interval, logger: logger)
+                interval: interval, logger: logger, afterRound: { [proxyMetrics = proxy.metrics] time in proxyMetrics.sample(at: time) })
         }
 
         let checkDirectory = configuration.dataDirectory + "/checks"
@@ -289,16 +289,18 @@ public struct FlotillaServer {
         StatsRoutes(
             control: control, localNode: nodeName,
             local: { app in
-                guard let usage else { return NodeStats(node: nil, instances: []) }
-                return NodeStats(node: await usage.nodeReport(), instances: await usage.reports(app: app))
+                let windows = proxy.metrics.requestWindows().filter { app == nil || $0.key == app!.path }
+                guard let usage else { return NodeStats(node: nil, instances: [], requests: windows) }
+                return NodeStats(node: await usage.nodeReport(), instances: await usage.reports(app: app), requests: windows)
             },
-            requests: { _ in nil }, client: cluster == nil ? nil : forwardHTTP
+            client: cluster == nil ? nil : forwardHTTP
         ).add(to: router)
         OperationsRoutes(
             routes: { proxy.currentRoutes },
             metrics: {
                 var buffer: [UInt8] = []
                 metrics.emit(into: &buffer)
+                proxy.metrics.render(into: &buffer)
                 return buffer
             }
         ).add(to: router)

@@ -1,6 +1,5 @@
 import FlotillaCore
 @testable import FlotillaProxy
-import Prometheus
 import Testing
 
 @Suite struct PickerTests {
@@ -19,8 +18,10 @@ import Testing
         let targets = weights.enumerated().map {
             RouteTarget(serviceID: "s\($0.offset)", service: "web", host: "127.0.0.1", port: 9000 + $0.offset, weight: $0.element)
         }
-        let metrics = ProxyMetrics(registry: PrometheusCollectorRegistry()).forRoute("/")
-        return RouteRuntime(route: Route(rule: RouteRule(), targets: targets, services: ["web"]), states: states.state, metrics: metrics)
+        let metrics = ProxyMetrics(shards: 1)
+        return RouteRuntime(
+            route: Route(rule: RouteRule(), targets: targets, services: ["web"]), states: states.state, metrics: metrics.forRoute("/"),
+            apps: metrics.forApp)
     }
 
     @Test func roundRobinIsEven() {

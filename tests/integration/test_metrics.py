@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -176,6 +177,97 @@ def test_top_prints_apps_and_json(metrics_agent, app_ids):
     assert lines[0].split()[:4] == ["APP", "INSTANCES", "CPU", "MEMORY"]
     (line,) = [line for line in lines if line.startswith(app_id + " ")]
     assert line.split()[1] == "2"
+
+
+# --- requests through the proxy --------------------------------------------------------------
+
+# Answers /fail with 500, anything else with 200 after `delay` seconds (`?delay=`).
+BACKEND = """
+import http.server, os, time, urllib.parse
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        url = urllib.parse.urlparse(self.path)
+        delay = float(urllib.parse.parse_qs(url.query).get("delay", ["0"])[0])
+        time.sleep(delay)
+        status = 500 if url.path == "/fail" else 200
+        body = b"ok"
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT0"])), Handler).serve_forever()
+"""
+
+
+def test_requests_per_app_rates_errors_and_p99(metrics_agent, app_ids, tmp_path):
+    agent = metrics_agent
+    script = tmp_path / "backend.py"
+    script.write_text(BACKEND)
+    app_id = app_ids.new("web")
+    prefix = "/" + app_id.rsplit("/", 1)[1]
+    agent.create_app(app_definition(
+        app_id, f"exec python3 {script}", instances=2, portDefinitions=[{"port": 0}],
+        labels={"SERVICE_TAGS": f"urlprefix-{prefix} strip={prefix}"},
+        healthChecks=[{"protocol": "HTTP", "path": "/health", "portIndex": 0, "gracePeriodSeconds": 10,
+                       "intervalSeconds": 1, "timeoutSeconds": 1, "maxConsecutiveFailures": 3}]))
+    agent.wait_for_running(app_id, 2)
+
+    def routed():
+        reply = requests.get(f"{agent.proxy_url}{prefix}/ok", timeout=5)
+        return reply.status_code == 200
+
+    wait_until(routed, timeout=30, what="the app to be routed")
+    # Until the instances pass their checks the route answers 503, counted on the app too.
+    before = agent.get("/metrics").text
+    ok_before = series(before, "flotilla_app_requests_total", app=app_id, code="2xx")[0]
+    failed_before = series(before, "flotilla_app_requests_total", app=app_id, code="5xx")[0]
+    route_failed_before = series(before, "flotilla_proxy_requests_total", route=prefix, code="5xx")[0]
+    observed_before = series(before, "flotilla_app_upstream_latency_seconds_bucket", app=app_id, le="+Inf")[0]
+    with requests.Session() as session:
+        for _ in range(40):
+            assert session.get(f"{agent.proxy_url}{prefix}/ok", params={"delay": "0.02"}, timeout=5).status_code == 200
+        for _ in range(10):
+            assert session.get(f"{agent.proxy_url}{prefix}/fail", timeout=5).status_code == 500
+
+    text = agent.get("/metrics").text
+    assert series(text, "flotilla_app_requests_total", app=app_id, code="2xx") == [ok_before + 40], text
+    assert series(text, "flotilla_app_requests_total", app=app_id, code="5xx") == [failed_before + 10]
+    assert series(text, "flotilla_app_upstream_latency_seconds_bucket", app=app_id, le="+Inf") == [observed_before + 50]
+    assert series(text, "flotilla_proxy_requests_total", route=prefix, code="5xx") == [route_failed_before + 10]
+    # A client connection held open shows in the gauge.
+    with socket.create_connection(("127.0.0.1", agent.proxy_port), timeout=5):
+        def open_connections():
+            match = re.search(r"^flotilla_proxy_open_connections (\d+)$", agent.get("/metrics").text, re.M)
+            return match and int(match.group(1)) >= 1
+        wait_until(open_connections, timeout=5, what="flotilla_proxy_open_connections to count the open connection")
+
+    # The figures for people cover the last interval (1 s here): the traffic must fall in one.
+    def figures():
+        summary = app_stats(agent, app_id)["summary"]
+        return summary if summary.get("requestsPerSecond") else None
+
+    stop = time.monotonic() + 20
+    found = None
+    with requests.Session() as session:
+        while time.monotonic() < stop and found is None:
+            for number in range(20):
+                path = "/fail" if number % 5 == 0 else "/ok"
+                session.get(f"{agent.proxy_url}{prefix}{path}", params={"delay": "0.02"}, timeout=5)
+            found = figures()
+            if found and (found.get("errorRate") is None or found.get("p99Seconds") is None):
+                found = None
+    assert found, "no request figures in the app's stats"
+    assert found["requestsPerSecond"] > 1
+    assert 0.05 < found["errorRate"] < 0.5
+    assert 0.01 <= found["p99Seconds"] <= 1
+
+    result = agent.cli("top", "--json", "--app", app_id)
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)["apps"]
+    assert row["app"] == app_id and "requestsPerSecond" in row
 
 
 # --- a real Prometheus ----------------------------------------------------------------------
