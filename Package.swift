@@ -177,12 +177,27 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
 
+        // Alert rules evaluated each interval; notifications to webhooks and Alertmanager.
+        .target(
+            name: "FlotillaAlerts",
+            dependencies: [
+                "FlotillaCore",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOFoundationCompat", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+
         // The composition root: one ServiceGroup.
         .target(
             name: "FlotillaServer",
             dependencies: [
                 "FlotillaCore", "FlotillaStore", "FlotillaEtcd", "FlotillaScheduler", "FlotillaAgent", "FlotillaControl", "FlotillaAPI",
-                "FlotillaRegistry", "FlotillaProxy", "FlotillaImage", "FlotillaSecrets",
+                "FlotillaRegistry", "FlotillaProxy", "FlotillaImage", "FlotillaSecrets", "FlotillaAlerts",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Hummingbird", package: "hummingbird"),
@@ -230,6 +245,7 @@ let package = Package(
             swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaSecretsTests", dependencies: ["FlotillaCore", "FlotillaStore", "FlotillaSecrets"], swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaSchedulerTests", dependencies: ["FlotillaCore", "FlotillaScheduler"], swiftSettings: swiftSettings),
+        .testTarget(name: "FlotillaAlertsTests", dependencies: ["FlotillaCore", "FlotillaAlerts"], swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaRegistryTests", dependencies: ["FlotillaCore", "FlotillaStore", "FlotillaRegistry"], swiftSettings: swiftSettings),
         .testTarget(
             name: "FlotillaProxyTests",

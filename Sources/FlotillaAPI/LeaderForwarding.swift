@@ -42,7 +42,8 @@ public final class ClusterView: Sendable {
 
 /// On a follower, Marathon writes (`/v2/…` other than GET and HEAD) and changes to the node list
 /// (`/flotilla/v1/nodes/…`) go to the leader, which alone schedules; the answer comes back
-/// unchanged, as Marathon's standby masters proxy to the leader. Reads are served where they arrive.
+/// unchanged, as Marathon's standby masters proxy to the leader. Reads are served where they
+/// arrive, but for `/flotilla/v1/alerts`: only the leader evaluates alerts.
 public struct LeaderForwardingMiddleware<Context: RequestContext>: RouterMiddleware {
     let role: ClusterView
     let client: HTTPClient
@@ -60,8 +61,10 @@ public struct LeaderForwardingMiddleware<Context: RequestContext>: RouterMiddlew
     }
 
     public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        guard request.method != .get, request.method != .head,
-            request.uri.path.hasPrefix("/v2/") || request.uri.path.hasPrefix("/flotilla/v1/nodes/")
+        // Alerts are evaluated by the leader alone: it answers for them.
+        let leaderReads = request.uri.path == "/flotilla/v1/alerts"
+        guard leaderReads || request.method != .get && request.method != .head
+            && (request.uri.path.hasPrefix("/v2/") || request.uri.path.hasPrefix("/flotilla/v1/nodes/"))
         else {
             return try await next(request, context)
         }

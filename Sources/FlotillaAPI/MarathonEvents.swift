@@ -83,6 +83,12 @@ public struct MarathonEvent: Sendable, Hashable {
             return ("event_stream_detached", ["remoteAddress": .string(address)])
         case .subscriptionChanged(let url, let clientIP, let subscribed):
             return (subscribed ? "subscribe_event" : "unsubscribe_event", ["clientIp": .string(clientIP), "callbackUrl": .string(url)])
+        case .alertChanged(let status, let previous):
+            var fields: [String: JSONValue] = [:]
+            if case .object(let object)? = try? JSONValue(encoding: status) { fields = object }
+            fields["appId"] = .string(status.app)
+            fields["previous"] = .string(previous.rawValue)
+            return ("alert_state_changed_event", fields)
         }
     }
 

@@ -128,6 +128,12 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "Measure instances (CPU, memory, I/O from their cgroups) and the node every this many seconds, for /metrics, the stats API and 'flotilla top'; 0 turns it off.")
     var metricsInterval: Double = 5
 
+    @Option(help: "POST each alert level change (JSON) to this URL, in order, retried with backoff; repeatable.")
+    var alertWebhook: [String] = []
+
+    @Option(help: "Send firing alerts to this Alertmanager (its base URL, e.g. http://127.0.0.1:9093; POST /api/v2/alerts); repeatable.")
+    var alertmanager: [String] = []
+
     @Option(help: "In a cluster over TLS: the CA (PEM) that signed the other agents' certificates, for the requests agents send each other (they present --tls-cert); default: --tls-client-ca, else the system's roots.")
     var tlsPeerCa: String?
 
@@ -215,6 +221,13 @@ struct AgentCommand: AsyncParsableCommand {
         guard metricsInterval == 0 || (metricsInterval >= 0.5 && metricsInterval <= 3600) else {
             throw ValidationError("--metrics-interval must be 0 (off) or between 0.5 and 3600 seconds, got \(metricsInterval)")
         }
+        for (flag, urls) in [("--alert-webhook", alertWebhook), ("--alertmanager", alertmanager)] {
+            for url in urls {
+                guard let parsed = URL(string: url), ["http", "https"].contains(parsed.scheme?.lowercased() ?? ""), parsed.host?.isEmpty == false else {
+                    throw ValidationError("\(flag) wants an http:// or https:// URL, got '\(url)'")
+                }
+            }
+        }
         if tlsPeerCa != nil && tlsCert == nil { throw ValidationError("--tls-peer-ca needs --tls-cert and --tls-key") }
         do {
             _ = try StoreLocation.parse(store, etcdPrefix: etcdPrefix, caFile: etcdCa, certFile: etcdCert, keyFile: etcdKey)
@@ -287,6 +300,8 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.auditLogMaxBytes = Int64(auditLogMaxMib) << 20
             configuration.auditLogKeep = auditLogKeep
             configuration.metricsInterval = metricsInterval == 0 ? nil : .milliseconds(Int64(metricsInterval * 1000))
+            configuration.alertWebhooks = alertWebhook
+            configuration.alertmanagers = alertmanager
             configuration.proxyHTTPSPort = proxyHttpsPort
             configuration.proxyCertificateDirectory = proxyCertDir
             configuration.proxyUpstreamCA = proxyUpstreamCa

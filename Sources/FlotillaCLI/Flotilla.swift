@@ -11,7 +11,7 @@ public struct Flotilla: AsyncParsableCommand {
         subcommands: [
             AgentCommand.self, DeployCommand.self, AppsCommand.self, AppCommand.self, ScaleCommand.self,
             RestartCommand.self, RollbackCommand.self, DestroyCommand.self, TasksCommand.self, VersionsCommand.self,
-            LogsCommand.self, TopCommand.self, DeploymentsCommand.self, ServicesCommand.self, NodesCommand.self, KVCommand.self, RoutesCommand.self,
+            LogsCommand.self, TopCommand.self, AlertsCommand.self, DeploymentsCommand.self, ServicesCommand.self, NodesCommand.self, KVCommand.self, RoutesCommand.self,
             ImagesCommand.self, ImageCommand.self, SecretsCommand.self, SecretCommand.self, ACLCommand.self, AuditCommand.self,
         ])
 

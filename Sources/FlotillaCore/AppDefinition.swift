@@ -44,6 +44,8 @@ public struct AppDefinition: Sendable, Hashable, Codable {
     /// Marathon's `secrets`: a name for each secret the app uses, and where its value comes from.
     /// `env` values (`{"secret": "db"}`) and secret volumes refer to the names.
     public var secrets: [String: SecretSource] = [:]
+    /// Alert rules on the app's figures (`GET /flotilla/v1/alerts`).
+    public var alerts: [AlertRule] = []
     /// An OCI image to run (Marathon's `container`); nil for a command run as a plain process.
     public var container: ContainerSpec?
     /// `host`, or `container/bridge` for a container in its own network namespace.
@@ -125,7 +127,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         case id, cmd, args, env, instances, cpus, mem, disk, gpus, portDefinitions, ports, requirePorts, labels
         case constraints, healthChecks, readinessChecks, backoffSeconds, backoffFactor, maxLaunchDelaySeconds
         case taskKillGracePeriodSeconds, drainSeconds, restartOnSecretChange, upgradeStrategy, killSelection, user, dependencies, uris, fetch
-        case acceptedResourceRoles, container, resourceLimits, unreachableStrategy, check, executorResources, secrets
+        case acceptedResourceRoles, container, resourceLimits, unreachableStrategy, check, executorResources, secrets, alerts
         case tty, networks, role, ipAddress, residency, executor
     }
 
@@ -214,6 +216,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         check = try container.decodeIfPresent(JSONValue.self, forKey: .check).flatMap { $0 == .null ? nil : $0 }
         executorResources = try container.decodeIfPresent(JSONValue.self, forKey: .executorResources).flatMap { $0 == .null ? nil : $0 }
         secrets = try container.decodeIfPresent([String: SecretSource].self, forKey: .secrets) ?? [:]
+        alerts = try container.decodeIfPresent([AlertRule].self, forKey: .alerts) ?? []
 
         // Fields whose other values need what this agent does not have: refused, saying so.
         if try container.decodeIfPresent(Bool.self, forKey: .tty) == true {
@@ -270,6 +273,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         try container.encodeIfPresent(check, forKey: .check)
         try container.encodeIfPresent(executorResources, forKey: .executorResources)
         if !secrets.isEmpty { try container.encode(secrets, forKey: .secrets) }
+        if !alerts.isEmpty { try container.encode(alerts, forKey: .alerts) }
         try container.encodeIfPresent(self.container, forKey: .container)
         try container.encode([["mode": network.rawValue]], forKey: .networks)
     }
@@ -346,6 +350,12 @@ extension AppDefinition {
         if let cmd {
             check(cmd.trimmingCharacters(in: .whitespaces).isEmpty || cmd.count > 1, "/cmd", "must be longer than one character")
         }
+        var alertNames: Set<String> = []
+        for (index, rule) in alerts.enumerated() {
+            problems += rule.problems(at: "/alerts/\(index)")
+            check(alertNames.insert(rule.name).inserted, "/alerts/\(index)/name", "another alert of the app is named \(rule.name)")
+        }
+        check(alerts.count <= 50, "/alerts", "at most 50 alert rules per app")
         for (name, secret) in secrets.sorted(by: { $0.key < $1.key }) {
             check(!name.isEmpty && !name.contains("/"), "/secrets/\(name)", "a secret's name must be non-empty and without '/'")
             check(secret.path != nil, "/secrets/\(name)/source", "must be a secret path such as shop/db or shop/db@password")

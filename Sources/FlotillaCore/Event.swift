@@ -35,6 +35,8 @@ public enum ControlEvent: Sendable, Hashable {
     case eventStreamDetached(remoteAddress: String)
     /// An HTTP callback was subscribed or unsubscribed.
     case subscriptionChanged(callbackURL: String, clientIP: String, subscribed: Bool)
+    /// An alert changed level (`ok`, `warning`, `critical`).
+    case alertChanged(AlertStatus, previous: AlertLevel)
 }
 
 /// An event and when it happened.

@@ -39,4 +39,14 @@ public enum GoDuration {
         guard flush(), total >= 0 else { return nil }
         return total
     }
+
+    /// Seconds in the same syntax, shortest first: `2h`, `5m`, `30s`, `1.5s`, `250ms`.
+    public static func format(_ seconds: Double) -> String {
+        func whole(_ value: Double) -> Bool { value == value.rounded() && abs(value) < 1e15 }
+        if seconds >= 3600, whole(seconds / 3600) { return "\(Int64(seconds / 3600))h" }
+        if seconds >= 60, whole(seconds / 60) { return "\(Int64(seconds / 60))m" }
+        if whole(seconds) { return "\(Int64(seconds))s" }
+        if seconds < 1, whole(seconds * 1000) { return "\(Int64(seconds * 1000))ms" }
+        return "\(seconds)s"
+    }
 }

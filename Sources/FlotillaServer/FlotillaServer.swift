@@ -1,5 +1,6 @@
 import AsyncHTTPClient
 public import FlotillaAgent
+import FlotillaAlerts
 import FlotillaAPI
 import FlotillaImage
 import FlotillaControl
@@ -18,6 +19,7 @@ import HummingbirdTLS
 import NIOSSL
 public import Logging
 import ServiceLifecycle
+import Synchronization
 import UnixSignals
 
 /// The composition root: one process, one `ServiceGroup` (store → control plane → agent → API),
@@ -49,6 +51,9 @@ public struct FlotillaServer {
         public var auditLogKeep = 5
         /// How often instances and the node are measured for `/metrics` and the stats API; nil: never.
         public var metricsInterval: Duration? = .seconds(5)
+        /// Where alert level changes are POSTed (JSON), and the Alertmanagers firing alerts go to.
+        public var alertWebhooks: [String] = []
+        public var alertmanagers: [String] = []
         /// The proxy's HTTPS listener and its certificate directory; nil for none.
         public var proxyHTTPSPort: Int?
         public var proxyCertificateDirectory: String?
@@ -286,15 +291,25 @@ public struct FlotillaServer {
         AuthRoutes(tokens: tokens).add(to: router)
         AuditRoutes(audit: audit).add(to: router)
         let nodeName = configuration.node.name
-        StatsRoutes(
+        let gatherer = StatsGatherer(
             control: control, localNode: nodeName,
             local: { app in
                 let windows = proxy.metrics.requestWindows().filter { app == nil || $0.key == app!.path }
                 guard let usage else { return NodeStats(node: nil, instances: [], requests: windows) }
                 return NodeStats(node: await usage.nodeReport(), instances: await usage.reports(app: app), requests: windows)
             },
-            client: cluster == nil ? nil : forwardHTTP
-        ).add(to: router)
+            client: cluster == nil ? nil : forwardHTTP)
+        StatsRoutes(control: control, gatherer: gatherer).add(to: router)
+
+        let alertEngine = Self.alertEngine(
+            configuration: configuration, control: control, gatherer: gatherer, cluster: cluster, tokens: tokens, events: events,
+            client: forwardHTTP, metricsText: {
+                var buffer: [UInt8] = []
+                metrics.emit(into: &buffer)
+                proxy.metrics.render(into: &buffer)
+                return String(decoding: buffer, as: UTF8.self)
+            }, logger: logger)
+        AlertRoutes(control: control, statuses: { app in await alertEngine.statuses(app: app) }).add(to: router)
         OperationsRoutes(
             routes: { proxy.currentRoutes },
             metrics: {
@@ -325,6 +340,7 @@ public struct FlotillaServer {
             Entry(service: agent),
         ]
         if let usage { services.append(Entry(service: usage)) }
+        services.append(Entry(service: alertEngine))
         services += [
             Entry(
                 service: ImageCollector(
@@ -517,6 +533,87 @@ public struct TLSFiles: Sendable {
             configuration.certificateVerification = .noHostnameVerification
         }
         return configuration
+    }
+}
+
+extension FlotillaServer {
+    /// The alert engine: every interval the leader (or the only node) reads every app's figures
+    /// across the cluster and the `/metrics` series its rules name, and evaluates their rules.
+    static func alertEngine(
+        configuration: Configuration, control: ControlPlane, gatherer: StatsGatherer, cluster: ClusterView?, tokens: TokenStore,
+        events: EventBus, client: HTTPClient, metricsText: @escaping @Sendable () -> String, logger: Logger
+    ) -> AlertEngine {
+        let interval = configuration.metricsInterval ?? .seconds(5)
+        let scheme = configuration.tls == nil ? "http" : "https"
+        let host = configuration.bindAddress == "0.0.0.0" ? configuration.node.host : configuration.bindAddress
+        let notifier = AlertNotifier(
+            configuration: .init(
+                webhooks: configuration.alertWebhooks, alertmanagers: configuration.alertmanagers,
+                apiBase: "\(scheme)://\(host):\(configuration.apiPort)", node: configuration.node.name),
+            client: client, logger: logger)
+        // With ACLs, the leader asks the other agents for their figures with a token of its own
+        // that may read stats and nothing else.
+        let node = configuration.node.name
+        let credentials = InternalCredential(enabled: configuration.aclDefaultDeny && cluster != nil) {
+            try? await tokens.revoke(meta: "alert-evaluation", in: [node])
+            return try await tokens.create(
+                policies: [], displayName: "alert-evaluation-" + node, ttlSeconds: 0, renewable: false, uses: 0, parent: nil,
+                meta: ["alert-evaluation": node], inlinePolicy: "path \"flotilla/stats\" { capabilities = [\"read\"] }"
+            ).secret
+        }
+        return AlertEngine(
+            interval: interval,
+            inputs: {
+                if let cluster, !cluster.isLeader { return nil }
+                let records = await control.snapshot().apps.values.filter { !$0.definition.alerts.isEmpty }
+                guard !records.isEmpty else { return AlertInputs(apps: [], series: MetricSums()) }
+                var headers = HTTPFields()
+                if let token = await credentials.value(logger: logger) { headers[.authorization] = "Bearer " + token }
+                let stats = await gatherer.gather(app: nil, localOnly: false, headers: headers)
+                if !stats.unreachable.isEmpty {
+                    logger.debug("alerts: no figures from \(stats.unreachable.map(\.node).joined(separator: ", "))")
+                }
+                let instances = Dictionary(grouping: stats.instances, by: \.app)
+                let figures = Dictionary(stats.apps.map { ($0.app, $0) }, uniquingKeysWith: { first, _ in first })
+                let names = AlertInputs.seriesNames(records.flatMap(\.definition.alerts))
+                let series = names.isEmpty ? MetricSums() : MetricSums.parse(metricsText(), names: names)
+                let apps = records.map { record in
+                    let id = record.definition.id.path
+                    let summary = figures[id]
+                    let requests = summary?.requestsPerSecond.map {
+                        RequestFigures(requestsPerSecond: $0, errorRate: summary?.errorRate, p99Seconds: summary?.p99Seconds)
+                    }
+                    return AlertInputs.App(
+                        id: id, memMiB: record.definition.mem, rules: record.definition.alerts, instances: instances[id] ?? [], requests: requests)
+                }
+                return AlertInputs(apps: apps, series: series)
+            },
+            events: events, notifier: notifier.isEnabledNow ? notifier : nil, logger: logger)
+    }
+}
+
+/// A secret made once, on first use (and again after a failure).
+final class InternalCredential: Sendable {
+    private let enabled: Bool
+    private let make: @Sendable () async throws -> String
+    private let made = Mutex<String?>(nil)
+
+    init(enabled: Bool, make: @escaping @Sendable () async throws -> String) {
+        self.enabled = enabled
+        self.make = make
+    }
+
+    func value(logger: Logger) async -> String? {
+        guard enabled else { return nil }
+        if let secret = made.withLock({ $0 }) { return secret }
+        do {
+            let secret = try await make()
+            made.withLock { $0 = secret }
+            return secret
+        } catch {
+            logger.warning("alerts: cannot make the token to read other nodes' figures: \(error)")
+            return nil
+        }
     }
 }
 

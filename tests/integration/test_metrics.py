@@ -14,7 +14,7 @@ import urllib.parse
 import pytest
 import requests
 
-from support.flotilla import app_definition, free_tcp_port, wait_until
+from support.flotilla import app_definition, free_tcp_port, wait_for_ready, wait_until
 
 MIB = 1 << 20
 # Busy in the shell: one core as long as it runs.
@@ -294,14 +294,7 @@ def prometheus(tmp_path):
             stdout=open(tmp_path / "prometheus.log", "wb"), stderr=subprocess.STDOUT)
         started.append(process)
         url = f"http://127.0.0.1:{port}"
-
-        def ready():
-            try:
-                return requests.get(url + "/-/ready", timeout=1).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_until(ready, timeout=30, what="prometheus to be ready")
+        wait_for_ready(url, "prometheus")
         return url
 
     yield start

@@ -104,6 +104,18 @@ def wait_until(predicate, timeout=20, interval=0.2, what=None):
         time.sleep(interval)
 
 
+def wait_for_ready(url: str, what: str, timeout=30):
+    """Waits until `url + "/-/ready"` answers 200 (Prometheus' and Alertmanager's readiness)."""
+
+    def ready():
+        try:
+            return requests.get(url + "/-/ready", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_until(ready, timeout=timeout, what=f"{what} to be ready")
+
+
 # Small enough that many instances fit on a test agent's 4 cpus / 4096 MiB.
 SMALL_RESOURCES = {"cpus": 0.1, "mem": 64}
 
