@@ -153,7 +153,7 @@ extension LogRoutes {
 
     static func fetch(_ uri: String, from api: String, node: String, relay: NodeRelay, request: Request) async -> Result<[LogLine], LogPeerError> {
         do {
-            let answer = try await relay.open(request, uri: uri, to: api, by: node, deadline: .now() + .seconds(30))
+            let answer = try await relay.open(request, uri: uri, to: api, by: node, deadline: .now() + .seconds(10))
             let body = try await answer.body.collect(upTo: 256 << 20)
             guard answer.status == .ok else {
                 let text = String(buffer: body)

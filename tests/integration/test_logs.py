@@ -2,7 +2,9 @@
 follower across a rolling restart, and retention of ended instances' logs."""
 
 import json
+import os
 import re
+import signal
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -265,3 +267,46 @@ def test_cli_logs_of_an_app(agent, app_ids):
     assert {item["instance"] for item in objects} == ids and all(item["line"].startswith("ERROR") for item in objects)
     bad = agent.cli("logs", app_id, "--since", "soon")
     assert bad.returncode != 0 and "since" in bad.stderr, bad.stderr
+
+
+def test_a_cluster_merges_every_node_and_names_one_that_is_down(etcd, make_agent, app_ids):
+    agents = [
+        make_agent(bind=f"127.0.0.{number}", node_name=f"node-{number}", extra_args=["--store", etcd.store_url, "--server"])
+        for number in (2, 3)
+    ]
+    asked, other = agents
+    app_id = app_ids.new()
+    asked.create_app(
+        app_definition(
+            app_id, 'echo "hello from $MESOS_TASK_ID"; sleep 120', instances=2, constraints=[["hostname", "GROUP_BY"]],
+            unreachableStrategy={"inactiveAfterSeconds": 600, "expungeAfterSeconds": 600},
+        )
+    )
+
+    def both_nodes():
+        response = app_logs(asked, app_id, format="json", stream="stdout")
+        if response.status_code != 200:
+            return None
+        objects = json_lines(response)
+        return objects if {item["node"] for item in objects} == {"node-2", "node-3"} else None
+
+    objects = wait_until(both_nodes, timeout=45, what="lines of both nodes' instances through node-2")
+    assert all(item["line"] == f"hello from {item['instance']}" for item in objects), objects
+    assert "X-Flotilla-Missing-Nodes" not in app_logs(asked, app_id).headers
+
+    os.kill(other.process.pid, signal.SIGSTOP)
+    try:
+        def down():
+            nodes = {node["name"]: node for node in asked.get("/flotilla/v1/nodes").json()}
+            return nodes.get("node-3", {}).get("status") == "down"
+
+        wait_until(down, timeout=30, what="node-3 shown down")
+        response = app_logs(asked, app_id, stream="stdout")
+        assert response.status_code == 200, response.text
+        assert response.headers.get("X-Flotilla-Missing-Nodes") == "node-3", dict(response.headers)
+        assert response.text.startswith("# node node-3: "), response.text
+        assert "hello from" in response.text, "node-2's lines are still there"
+        notices = [item for item in json_lines(app_logs(asked, app_id, format="json")) if "error" in item]
+        assert [notice["node"] for notice in notices] == ["node-3"], notices
+    finally:
+        os.kill(other.process.pid, signal.SIGCONT)
