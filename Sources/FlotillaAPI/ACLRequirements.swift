@@ -101,6 +101,10 @@ public enum ACLRequirement: Sendable, Equatable {
             let id = rest(after: "/flotilla/v1/apps/").dropLast("/stats".count)
             return needs("marathon/apps/" + id.trimmingCharacters(in: CharacterSet(charactersIn: "/")))
         }
+        // An app's merged logs too (`/flotilla/v1/logs?app=/shop/cart`); one instance's stay `flotilla/logs/<id>`.
+        if path == "/flotilla/v1/logs", let app = FormQuery.parameters(query)["app"] {
+            return needs("marathon/apps/" + app.trimmingCharacters(in: CharacterSet(charactersIn: "/")))
+        }
         if path.hasPrefix("/flotilla/v1/") { return needs("flotilla/" + rest(after: "/flotilla/v1/")) }
         return needs(String(path.drop { $0 == "/" }))
     }

@@ -5,7 +5,9 @@ public import Hummingbird
 import NIOCore
 
 /// `GET /flotilla/v1/logs/{instanceId}?stream=stdout|stderr&lines=N&follow=true`: an instance's
-/// output from its sandbox, optionally followed as it grows (and across rotation).
+/// output from its sandbox, optionally followed as it grows (and across rotation); the logs of an
+/// instance that ended stay readable for as long as `--log-retention` keeps them. An app's
+/// instances merged: `LogRoutes+App.swift`.
 ///
 /// In a cluster, an instance that runs on another node has its logs there: the request is relayed
 /// to that node's agent and its answer streamed back, so `flotilla logs` works from any agent.
@@ -23,6 +25,13 @@ public struct LogRoutes: Sendable {
     }
 
     public func add<Context: RequestContext>(to router: Router<Context>) {
+        router.get("/flotilla/v1/logs") { request, _ in
+            do {
+                return try await self.appLogs(request)
+            } catch {
+                return APIResponse.marathonError(error)
+            }
+        }
         router.get("/flotilla/v1/logs/:instance") { request, context in
             do {
                 return try await self.logs(request, instanceID: context.parameters.get("instance") ?? "")

@@ -29,15 +29,9 @@ public struct NodeRelay: Sendable {
     /// `GET base + the request's path and query` on the other agent; its status, headers and body
     /// (streamed, for as long as both ends keep the connection) come back unchanged.
     func get(_ request: Request, to base: String, by node: String, what: String) async -> Response {
-        var outgoing = HTTPClientRequest(url: base + request.uri.description)
-        outgoing.method = .GET
-        for field in request.headers where !Self.hopByHop.contains(field.name.canonicalName) {
-            outgoing.headers.add(name: field.name.rawName, value: field.value)
-        }
-        outgoing.headers.add(name: Self.relayedHeader.rawName, value: node)
         do {
             // No overall deadline: a followed log or an event stream lasts as long as the client wants it.
-            let answer = try await client.execute(outgoing, deadline: .distantFuture)
+            let answer = try await open(request, uri: request.uri.description, to: base, by: node, deadline: .distantFuture)
             var headers = HTTPFields()
             for (name, value) in answer.headers where !Self.hopByHop.contains(name.lowercased()) {
                 if let field = HTTPField.Name(name) { headers.append(HTTPField(name: field, value: value)) }
@@ -48,5 +42,17 @@ public struct NodeRelay: Sendable {
                 .object(["message": .string("\(what) is at \(base), which did not answer (\(error)): retry, or ask that agent directly")]),
                 status: .badGateway)
         }
+    }
+
+    /// `GET base + uri` on the other agent with the caller's headers (its token), marked relayed:
+    /// for a caller that reads the answer itself (the logs of an app, merged from every node).
+    func open(_ request: Request, uri: String, to base: String, by node: String, deadline: NIODeadline) async throws -> HTTPClientResponse {
+        var outgoing = HTTPClientRequest(url: base + uri)
+        outgoing.method = .GET
+        for field in request.headers where !Self.hopByHop.contains(field.name.canonicalName) {
+            outgoing.headers.add(name: field.name.rawName, value: field.value)
+        }
+        outgoing.headers.add(name: Self.relayedHeader.rawName, value: node)
+        return try await client.execute(outgoing, deadline: deadline)
     }
 }

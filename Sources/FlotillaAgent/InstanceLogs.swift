@@ -1,13 +1,17 @@
-import Foundation
+import FlotillaCore
+public import Foundation
 import Glibc
 
-/// An instance's `stdout` and `stderr` files in its sandbox, rotated by size.
+/// An instance's `stdout` and `stderr` files in its sandbox, rotated by size, each with its time
+/// index (`stdout.times`, see `LogTimeIndex`).
 ///
 /// The process writes its files directly (opened `O_APPEND`), so its output never depends on the
-/// agent being up: an agent restart loses no line and stalls no instance. Rotation copies the file
-/// to `.1` (shifting older ones) and truncates it in place; `O_APPEND` writers continue at the new
-/// end. A line written between the copy and the truncation can be lost; that is the price of not
-/// putting a relay process in front of every instance.
+/// agent being up: an agent restart loses no line and stalls no instance, and a line costs the
+/// instance one `write` however fast it writes. The agent samples the files' sizes to date their
+/// lines (`recordTimes`). Rotation copies the file to `.1` (shifting older ones) and truncates it
+/// in place; `O_APPEND` writers continue at the new end. A line written between the copy and the
+/// truncation can be lost; that is the price of not putting a relay process in front of every
+/// instance.
 public struct InstanceLogs: Sendable {
     public let directory: String
     public let maxBytes: Int64
@@ -35,6 +39,36 @@ public struct InstanceLogs: Sendable {
         return (out, err)
     }
 
+    /// The sizes of both files as last sampled (stdout, stderr), to tell whether they grew.
+    public typealias SampledSizes = (stdout: Int64, stderr: Int64)
+
+    /// Dates what the instance wrote since the last sample: each file that grew gets one line in its
+    /// index (one `stat` per file, one short append per file that grew), then rotates if it has
+    /// passed `maxBytes`. Returns the sizes to hand to the next call.
+    public func recordTimes(since last: SampledSizes?, now: Date = Date()) -> SampledSizes {
+        let millis = Int64((now.timeIntervalSince1970 * 1000).rounded(.down))
+        var sizes: SampledSizes = (0, 0)
+        for (index, path) in [stdoutPath, stderrPath].enumerated() {
+            let previous = index == 0 ? last?.stdout : last?.stderr
+            var size = Self.size(of: path) ?? 0
+            if size > 0, size != previous {
+                Self.append(LogTimeIndex.line(endOffset: UInt64(size), millis: millis), to: path + LogTimeIndex.fileSuffix)
+            }
+            if size > maxBytes {
+                rotate(path)
+                size = 0
+            }
+            if index == 0 { sizes.stdout = size } else { sizes.stderr = size }
+        }
+        return sizes
+    }
+
+    /// Marks the files' last write as now, when the instance has ended: retention counts an ended
+    /// instance's logs from its end, not from the last line it wrote.
+    public func markEnded() {
+        for path in [stdoutPath, stderrPath] { utimes(path, nil) }
+    }
+
     /// Rotates whichever file has grown past `maxBytes`.
     public func rotateIfNeeded() {
         for path in [stdoutPath, stderrPath] {
@@ -43,18 +77,33 @@ public struct InstanceLogs: Sendable {
         }
     }
 
+    /// Shifts the generations of a file and of its time index together, so `.N.times` always
+    /// dates `.N`.
     func rotate(_ path: String) {
         let manager = FileManager.default
+        let times = path + LogTimeIndex.fileSuffix
         if keep > 0 {
-            try? manager.removeItem(atPath: "\(path).\(keep)")
-            if keep > 1 {
-                for generation in stride(from: keep - 1, through: 1, by: -1) {
-                    try? manager.moveItem(atPath: "\(path).\(generation)", toPath: "\(path).\(generation + 1)")
+            for suffix in ["", LogTimeIndex.fileSuffix] {
+                try? manager.removeItem(atPath: "\(path).\(keep)\(suffix)")
+                if keep > 1 {
+                    for generation in stride(from: keep - 1, through: 1, by: -1) {
+                        try? manager.moveItem(atPath: "\(path).\(generation)\(suffix)", toPath: "\(path).\(generation + 1)\(suffix)")
+                    }
                 }
             }
             try? manager.copyItem(atPath: path, toPath: "\(path).1")
+            try? manager.copyItem(atPath: times, toPath: "\(path).1\(LogTimeIndex.fileSuffix)")
         }
         truncate(path, 0)
+        truncate(times, 0)
+    }
+
+    static func append(_ text: String, to path: String) {
+        let descriptor = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o640)
+        guard descriptor >= 0 else { return }
+        defer { close(descriptor) }
+        var bytes = Array(text.utf8)
+        _ = bytes.withUnsafeMutableBytes { write(descriptor, $0.baseAddress, $0.count) }
     }
 
     /// The last `lines` lines of a log file, for failure messages.

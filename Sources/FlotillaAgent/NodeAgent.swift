@@ -15,6 +15,8 @@ public actor NodeAgent: Service {
         public var dataDirectory: String
         public var logMaxBytes: Int64
         public var logKeep: Int
+        /// How long and how much of instances' logs this node keeps, those of ended instances too.
+        public var logRetention: LogRetention = .default
         /// Whether instances stop with the agent. By default they keep running, and the next agent adopts
         /// them, so upgrading or restarting the agent drops no request.
         public var stopInstancesOnExit: Bool
@@ -219,6 +221,7 @@ public actor NodeAgent: Service {
         try await recover()
         await withDiscardingTaskGroup { group in
             group.addTask { await self.consumeExits() }
+            group.addTask { await self.sampleLogsLoop() }
             if let ttl = self.configuration.nodeLeaseTTL {
                 group.addTask { await self.heartbeat(record: record, lease: lease, ttl: ttl) }
             }
@@ -342,7 +345,6 @@ public actor NodeAgent: Service {
                     } catch {
                         logger.error("agent sync failed, retrying: \(error)")
                     }
-                    rotateLogs()
                 }
                 await waitForAssignments(timeout: .seconds(2))
             }
@@ -471,7 +473,7 @@ public actor NodeAgent: Service {
         // so their statuses touch (and the scheduler replans) one app at a time, not all of them.
         for spec in launches.sorted(by: { $0.id < $1.id }) { queueLaunch(spec) }
         if !updates.isEmpty { try await write(updates) }
-        if Date().timeIntervalSince(lastCollection) > 60 { collectGarbage(keeping: Set(specs.map(\.id))) }
+        if Date().timeIntervalSince(lastCollection) > collectionInterval { collectGarbage(keeping: Set(specs.map(\.id))) }
     }
 
     /// Queues a start; workers (at most `maximumConcurrentStarts`) take them in order, so a
@@ -852,6 +854,10 @@ public actor NodeAgent: Service {
         defer { exitsInFlight -= 1 }
         let stopReason = stopping.removeValue(forKey: id)
         stopHealthChecks(id)
+        // The last lines are dated now, not at the next round (which skips instances that ended).
+        let files = logs(of: id)
+        _ = files.recordTimes(since: sampledLogSizes.removeValue(forKey: id))
+        files.markEnded()
         let oomKilled = cgroups.wasOOMKilled(instanceID: id)
         var status = written[id] ?? InstanceStatus(id: id, state: .running, driverState: process.state, updatedAt: "")
         await driver(named: status.driver).cleanUp(instanceID: id, process: process, state: status.driverState)
@@ -1069,40 +1075,62 @@ public actor NodeAgent: Service {
 
     // MARK: - Housekeeping
 
-    /// Checks the sizes of running instances' logs, at most every 2 s and at most
-    /// `logChecksPerRound` instances a time, taking them in turn: with ten thousand instances a
-    /// log is looked at every 20 s, and the agent does not stat twenty thousand files a second.
-    private func rotateLogs() {
-        let now = ContinuousClock.now
-        guard now - lastLogCheck >= .seconds(2) else { return }
-        lastLogCheck = now
+    /// Dates and rotates running instances' logs about once a second (`InstanceLogs.recordTimes`),
+    /// at most `logChecksPerRound` instances a round, taking them in turn: with ten thousand
+    /// instances a log is looked at every 10 s, and the agent does not stat twenty thousand files
+    /// a second.
+    private func sampleLogsLoop() async {
+        while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            sampleLogs()
+            try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .seconds(1)) }
+        }
+    }
+
+    private func sampleLogs() {
         if logCheckOrder.isEmpty { logCheckOrder = Array(processes.keys) }
         var checked = 0
         while checked < Self.logChecksPerRound, let id = logCheckOrder.popLast() {
             guard processes[id] != nil else { continue }
-            logs(of: id).rotateIfNeeded()
+            sampledLogSizes[id] = logs(of: id).recordTimes(since: sampledLogSizes[id])
             checked += 1
         }
     }
 
     static let logChecksPerRound = 1000
-    private var lastLogCheck = ContinuousClock.now - .seconds(10)
     /// The instances whose logs this round of checks has not looked at yet.
     private var logCheckOrder: [String] = []
+    /// Each running instance's log sizes at its last sample.
+    private var sampledLogSizes: [String: InstanceLogs.SampledSizes] = [:]
 
-    /// Removes sandboxes of instances the store no longer knows, an hour after their last write, so
-    /// `flotilla logs` still works for a recently failed instance.
+    /// How often `collectGarbage` runs: a minute, or a quarter of the retention age when shorter.
+    private var collectionInterval: Double { min(60, max(1, (configuration.logRetention.age ?? 240) / 4)) }
+
+    /// Applies `--log-retention` to every sandbox's logs (ended instances' too), and tidies the
+    /// sandboxes of instances the store no longer knows: after an hour only their logs stay (so
+    /// `flotilla logs` still reads an instance that failed), and once retention has taken those,
+    /// the sandbox goes.
     private func collectGarbage(keeping live: Set<String>) {
         let now = Date()
         lastCollection = now
         written = written.filter { live.contains($0.key) }
         let manager = FileManager.default
-        for entry in (try? manager.contentsOfDirectory(atPath: sandboxRoot)) ?? [] where !live.contains(entry) && processes[entry] == nil {
+        let entries = (try? manager.contentsOfDirectory(atPath: sandboxRoot)) ?? []
+        var files: [LogRetentionPlan.File] = []
+        for entry in entries {
+            files += LogRetentionPlan.files(inSandbox: sandboxRoot + "/" + entry, running: processes[entry] != nil)
+        }
+        for path in LogRetentionPlan(retention: configuration.logRetention).expired(files, now: now) {
+            try? manager.removeItem(atPath: path)
+        }
+        for entry in entries where !live.contains(entry) && processes[entry] == nil && !starting.contains(entry) && preparing[entry] == nil {
             let path = sandboxRoot + "/" + entry
-            if let modified = (try? manager.attributesOfItem(atPath: path))?[.modificationDate] as? Date,
-                now.timeIntervalSince(modified) > 3600
-            {
+            guard let modified = (try? manager.attributesOfItem(atPath: path))?[.modificationDate] as? Date else { continue }
+            let names = (try? manager.contentsOfDirectory(atPath: path)) ?? []
+            let logs = names.filter(LogRetentionPlan.isLogFile)
+            if logs.isEmpty, now.timeIntervalSince(modified) > 60 {
                 try? manager.removeItem(atPath: path)
+            } else if !logs.isEmpty, logs.count < names.count, now.timeIntervalSince(modified) > 3600 {
+                for name in names where !LogRetentionPlan.isLogFile(name) { try? manager.removeItem(atPath: path + "/" + name) }
             }
         }
     }

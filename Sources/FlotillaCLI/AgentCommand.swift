@@ -143,8 +143,11 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(name: .customLong("attribute"), help: "A node attribute for constraints, key=value (repeatable).")
     var attributes: [String] = []
 
-    @Option(help: "Rotate an instance's stdout/stderr once it passes this many MiB (checked every 2 s, up to 1,000 instances a round).")
+    @Option(help: "Rotate an instance's stdout/stderr once it passes this many MiB (checked every second, up to 1,000 instances a round).")
     var logMaxMib: Int = 10
+
+    @Option(help: "Keep instances' logs (rotated ones, and those of instances that ended) this long and/or up to this much on the node, oldest removed first: 7d, 12h, 1GiB, 7d,1GiB.")
+    var logRetention: String = "7d,1GiB"
 
     @Option(help: "What happens to instances when the agent exits: keep (the next agent adopts them) or stop.")
     var onExit: ExitPolicy = .keep
@@ -217,6 +220,7 @@ struct AgentCommand: AsyncParsableCommand {
         guard ["allow", "default-deny"].contains(acl) else { throw ValidationError("--acl must be allow or default-deny, got '\(acl)'") }
         guard (tlsCert == nil) == (tlsKey == nil) else { throw ValidationError("--tls-cert and --tls-key go together") }
         if tlsClientCa != nil && tlsCert == nil { throw ValidationError("--tls-client-ca needs --tls-cert and --tls-key") }
+        do { _ = try LogRetention.parse(logRetention) } catch { throw ValidationError("--log-retention: \(error)") }
         guard auditLogMaxMib >= 1, auditLogKeep >= 1 else { throw ValidationError("--audit-log-max-mib and --audit-log-keep must be at least 1") }
         guard metricsInterval == 0 || (metricsInterval >= 0.5 && metricsInterval <= 3600) else {
             throw ValidationError("--metrics-interval must be 0 (off) or between 0.5 and 3600 seconds, got \(metricsInterval)")
@@ -299,6 +303,7 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.proxyAccessLog = proxyAccessLog
             configuration.auditLogMaxBytes = Int64(auditLogMaxMib) << 20
             configuration.auditLogKeep = auditLogKeep
+            configuration.logRetention = try LogRetention.parse(logRetention)
             configuration.metricsInterval = metricsInterval == 0 ? nil : .milliseconds(Int64(metricsInterval * 1000))
             configuration.alertWebhooks = alertWebhook
             configuration.alertmanagers = alertmanager

@@ -1,6 +1,7 @@
 import ArgumentParser
 import FlotillaCore
 import Foundation
+import Glibc
 import NIOCore
 import NIOHTTP1
 import Yams
@@ -216,39 +217,123 @@ struct DeploymentsCommand: AsyncParsableCommand {
 }
 
 struct LogsCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "logs", abstract: "Print an instance's output (or each instance's of an app).")
+    static let configuration = CommandConfiguration(
+        commandName: "logs", abstract: "Print an instance's output, or every instance's of an app merged by time.",
+        discussion: """
+            flotilla logs /shop/cart -f --grep ERROR --since 10m
+            flotilla logs shop_cart.6f1c… --stderr
+            An app's lines carry their time and instance (one colour per instance on a terminal); \
+            --json prints them as NDJSON objects (time, instance, app, node, stream, line).
+            """)
     @Argument(help: "An instance id, or an app id.") var target: String
-    @Flag(name: .shortAndLong, help: "Keep printing as the output grows.") var follow = false
+    @Flag(name: .shortAndLong, help: "Keep printing as the output grows (an app's: its new instances too).") var follow = false
     @Flag(help: "Show standard error instead of standard output.") var stderr = false
+    @Option(help: "stdout, stderr or both (an app's default: both; an instance's: stdout).") var stream: String?
     @Option(help: "How many lines from the end to start with.") var lines = 100
+    @Option(help: "Only lines containing this text (an app's logs).") var grep: String?
+    @Flag(help: "--grep is a regular expression.") var regex = false
+    @Option(help: "Only lines from then on: an RFC 3339 time or a duration back from now (10m, 2h, 1d).") var since: String?
+    @Option(help: "Only lines until then: an RFC 3339 time or a duration back from now.") var until: String?
     @OptionGroup var options: ClientOptions
+
+    func validate() throws {
+        if stderr, let stream, stream != "stderr" { throw ValidationError("--stderr and --stream \(stream) disagree") }
+        if let stream, !["stdout", "stderr", "both"].contains(stream) { throw ValidationError("--stream must be stdout, stderr or both") }
+        if regex && grep == nil { throw ValidationError("--regex needs --grep") }
+    }
 
     func run() async throws {
         let client = try options.client()
-        var instances = [target]
         var isApp = target.contains("/")
         if !isApp { isApp = try await client.request(.GET, APIClient.appPath(target)).status == 200 }
-        if isApp {
-            let tasks = try await client.call(.GET, APIClient.appPath(target) + "/tasks")["tasks"]?.arrayValue ?? []
-            instances = tasks.map { $0.text("id") }
-            guard !instances.isEmpty else { throw CLIError("\(target) has no instances") }
+        if isApp { return try await appLogs(client) }
+        guard grep == nil, since == nil, until == nil, stream != "both" else {
+            throw CLIError("--grep, --since, --until and --stream both read an app's logs: give the app's id")
         }
-        let stream = stderr ? "stderr" : "stdout"
+        let chosen = stderr ? "stderr" : (stream ?? "stdout")
         if follow {
-            guard instances.count == 1 else {
-                throw CLIError("\(target) has \(instances.count) instances; follow one of: \(instances.joined(separator: " "))")
-            }
-            try await client.stream("/flotilla/v1/logs/\(instances[0])?stream=\(stream)&lines=\(lines)&follow=true") { chunk in
+            try await client.stream("/flotilla/v1/logs/\(target)?stream=\(chosen)&lines=\(lines)&follow=true") { chunk in
                 FileHandle.standardOutput.write(Data(chunk.readableBytesView))
             }
             return
         }
-        for instance in instances {
-            let reply = try await client.request(.GET, "/flotilla/v1/logs/\(instance)?stream=\(stream)&lines=\(lines)")
-            guard reply.status == 200 else { throw CLIError(APIClient.describeError(reply)) }
-            if instances.count > 1 { print("==> \(instance) <==") }
-            FileHandle.standardOutput.write(reply.body)
+        let reply = try await client.request(.GET, "/flotilla/v1/logs/\(target)?stream=\(chosen)&lines=\(lines)")
+        guard reply.status == 200 else { throw CLIError(APIClient.describeError(reply)) }
+        FileHandle.standardOutput.write(reply.body)
+    }
+
+    /// The merged form, asked for as NDJSON and printed line by line as it comes.
+    private func appLogs(_ client: APIClient) async throws {
+        var parameters: [(String, String)] = [
+            ("app", "/" + target.split(separator: "/").joined(separator: "/")), ("stream", stderr ? "stderr" : (stream ?? "both")),
+            ("lines", String(lines)), ("format", "json"),
+        ]
+        if follow { parameters.append(("follow", "true")) }
+        if let grep { parameters.append(("grep", grep)) }
+        if regex { parameters.append(("regex", "true")) }
+        if let since { parameters.append(("since", since)) }
+        if let until { parameters.append(("until", until)) }
+        var allowed = CharacterSet.alphanumerics
+        allowed.insert(charactersIn: "-._~")
+        let query = parameters.map { "\($0)=\($1.addingPercentEncoding(withAllowedCharacters: allowed) ?? $1)" }.joined(separator: "&")
+        var printer = LogPrinter(json: options.json, colour: isatty(STDOUT_FILENO) == 1, showingStream: (stderr ? "stderr" : (stream ?? "both")) == "both")
+        try await client.stream("/flotilla/v1/logs?" + query) { chunk in printer.take(chunk.readableBytesView) }
+        printer.finish()
+    }
+}
+
+/// Prints an app's NDJSON log lines: as they are with `--json`, else `time instance line` with a
+/// colour per instance on a terminal. Notices about nodes that did not answer go to standard error.
+struct LogPrinter {
+    let json: Bool
+    let colour: Bool
+    let showingStream: Bool
+    private var pending: [UInt8] = []
+    private var colours: [String: Int] = [:]
+    static let palette = [36, 33, 32, 35, 34, 31, 96, 93, 92, 95, 94, 91]
+
+    init(json: Bool, colour: Bool, showingStream: Bool) {
+        self.json = json
+        self.colour = colour
+        self.showingStream = showingStream
+    }
+
+    mutating func take(_ bytes: some Collection<UInt8>) {
+        pending += bytes
+        guard let last = pending.lastIndex(of: UInt8(ascii: "\n")) else { return }
+        var output: [UInt8] = []
+        for line in pending[...last].split(separator: UInt8(ascii: "\n")) { render(line, into: &output) }
+        pending.removeSubrange(...last)
+        FileHandle.standardOutput.write(Data(output))
+    }
+
+    mutating func finish() {
+        guard !pending.isEmpty else { return }
+        pending.append(UInt8(ascii: "\n"))
+        take([])
+    }
+
+    private mutating func render(_ bytes: ArraySlice<UInt8>, into output: inout [UInt8]) {
+        guard let line = LogLine(json: bytes) else {
+            // A node that is down or did not answer: said, not printed among the lines.
+            if let notice = try? JSONValue.parse(Data(bytes)), let node = notice["node"]?.stringValue {
+                FileHandle.standardError.write(Data("flotilla: node \(node): \(notice.text("error")); its lines are missing\n".utf8))
+            }
+            return
         }
+        if json {
+            output += bytes
+            output.append(UInt8(ascii: "\n"))
+            return
+        }
+        var label = line.instance
+        if showingStream { label += ":" + line.stream.rawValue }
+        if colour {
+            let code = colours[line.instance] ?? Self.palette[colours.count % Self.palette.count]
+            colours[line.instance] = code
+            label = "\u{1B}[\(code)m\(label)\u{1B}[0m"
+        }
+        output += "\(line.time) \(label) \(line.text)\n".utf8
     }
 }
 

@@ -32,6 +32,8 @@ public struct FlotillaServer {
         public var node: NodeInfo
         public var stopInstancesOnExit: Bool
         public var logMaxBytes: Int64
+        /// `--log-retention`: how long and how much of instances' logs the node keeps.
+        public var logRetention: LogRetention = .default
         public var version: String
         public var dnsPort: Int
         public var dnsDomain: String
@@ -229,6 +231,7 @@ public struct FlotillaServer {
         var agentConfiguration = NodeAgent.Configuration(
             node: advertised, dataDirectory: configuration.dataDirectory, logMaxBytes: configuration.logMaxBytes,
             stopInstancesOnExit: configuration.stopInstancesOnExit)
+        agentConfiguration.logRetention = configuration.logRetention
         if cluster != nil { agentConfiguration.nodeLeaseTTL = configuration.nodeLeaseTTL }
         let agent = NodeAgent(
             configuration: agentConfiguration,

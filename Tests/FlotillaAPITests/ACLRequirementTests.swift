@@ -28,6 +28,10 @@ import Testing
         #expect(of(.delete, "/v2/apps/shop/cart") == .capability(path: "marathon/apps/shop/cart", anyOf: [.delete]))
         #expect(of(.get, "/v2/apps") == .capability(path: "marathon/apps", anyOf: [.read]))
         #expect(of(.get, "/flotilla/v1/logs") == .capability(path: "flotilla/logs", anyOf: [.read]))
+        #expect(of(.get, "/flotilla/v1/logs/shop_cart.1234") == .capability(path: "flotilla/logs/shop_cart.1234", anyOf: [.read]))
+        // An app's merged logs are read with the app's own read permission.
+        #expect(of(.get, "/flotilla/v1/logs", "app=/shop/cart&follow=true") == .capability(path: "marathon/apps/shop/cart", anyOf: [.read]))
+        #expect(of(.get, "/flotilla/v1/logs", "grep=x&app=%2Fshop%2Fcart") == .capability(path: "marathon/apps/shop/cart", anyOf: [.read]))
         #expect(of(.get, "/metrics") == .capability(path: "sys/metrics", anyOf: [.read]))
         #expect(of(.put, "/v1/sys/policies/acl/reader") == .capability(path: "sys/policies/acl/reader", anyOf: [.create, .update]))
     }
