@@ -177,9 +177,10 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
 
-        // Alert rules evaluated each interval; notifications to webhooks and Alertmanager.
+        // What watches the figures each interval: alert rules (notifications to webhooks and
+        // Alertmanager) and autoscaling.
         .target(
-            name: "FlotillaAlerts",
+            name: "FlotillaWatch",
             dependencies: [
                 "FlotillaCore",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
@@ -197,7 +198,7 @@ let package = Package(
             name: "FlotillaServer",
             dependencies: [
                 "FlotillaCore", "FlotillaStore", "FlotillaEtcd", "FlotillaScheduler", "FlotillaAgent", "FlotillaControl", "FlotillaAPI",
-                "FlotillaRegistry", "FlotillaProxy", "FlotillaImage", "FlotillaSecrets", "FlotillaAlerts",
+                "FlotillaRegistry", "FlotillaProxy", "FlotillaImage", "FlotillaSecrets", "FlotillaWatch",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Hummingbird", package: "hummingbird"),
@@ -245,7 +246,7 @@ let package = Package(
             swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaSecretsTests", dependencies: ["FlotillaCore", "FlotillaStore", "FlotillaSecrets"], swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaSchedulerTests", dependencies: ["FlotillaCore", "FlotillaScheduler"], swiftSettings: swiftSettings),
-        .testTarget(name: "FlotillaAlertsTests", dependencies: ["FlotillaCore", "FlotillaAlerts"], swiftSettings: swiftSettings),
+        .testTarget(name: "FlotillaWatchTests", dependencies: ["FlotillaCore", "FlotillaWatch"], swiftSettings: swiftSettings),
         .testTarget(name: "FlotillaRegistryTests", dependencies: ["FlotillaCore", "FlotillaStore", "FlotillaRegistry"], swiftSettings: swiftSettings),
         .testTarget(
             name: "FlotillaProxyTests",

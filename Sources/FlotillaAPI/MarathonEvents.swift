@@ -89,6 +89,12 @@ public struct MarathonEvent: Sendable, Hashable {
             fields["appId"] = .string(status.app)
             fields["previous"] = .string(previous.rawValue)
             return ("alert_state_changed_event", fields)
+        case .autoscaled(let app, let from, let to, let reason, let metric, let value, let target, let deployment):
+            return ("autoscale_event", [
+                "appId": .string(app), "from": .number(Double(from)), "to": .number(Double(to)), "reason": .string(reason),
+                "metric": .string(metric), "value": value.map(JSONValue.number) ?? .null, "target": .number(target),
+                "deploymentId": .string(deployment),
+            ])
         }
     }
 

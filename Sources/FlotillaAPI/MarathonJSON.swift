@@ -89,6 +89,7 @@ public enum MarathonJSON {
         if let resources = app.executorResources { object["executorResources"] = resources }
         if !app.secrets.isEmpty { object["secrets"] = try? JSONValue(encoding: app.secrets) }
         if !app.alerts.isEmpty { object["alerts"] = try? JSONValue(encoding: app.alerts) }
+        if let autoscale = app.autoscale { object["autoscale"] = try? JSONValue(encoding: autoscale) }
         // Flotilla's own fields appear only when set away from their defaults, so Marathon clients
         // that reject unknown keys keep working with apps that do not use them.
         if app.drainSeconds != AppDefinition.Defaults.drainSeconds { object["drainSeconds"] = .number(app.drainSeconds) }

@@ -79,12 +79,7 @@ public struct AlertRule: Sendable, Hashable, Codable {
     public init(from decoder: any Decoder) throws {
         let container = try decoder.container(keyedBy: CodingKeys.self)
         // Errors name the field from the definition's root (`/alerts/0/metric`).
-        let base = decoder.codingPath.map { "/" + ($0.intValue.map(String.init) ?? $0.stringValue) }.joined()
-        let unknown = try decoder.container(keyedBy: AnyKey.self).allKeys.map(\.stringValue).filter { CodingKeys(rawValue: $0) == nil }
-        if let field = unknown.sorted().first {
-            throw FlotillaError.invalid([FieldError(
-                "\(base)/\(field)", "unknown field of an alert rule; the fields are: \(CodingKeys.allCases.map(\.rawValue).joined(separator: ", "))")])
-        }
+        let base = try FieldNames.refuseUnknown(in: decoder, known: CodingKeys.allCases.map(\.rawValue), of: "an alert rule")
         name = try container.decode(String.self, forKey: .name)
         let metricName = try container.decode(String.self, forKey: .metric)
         guard let metric = AlertMetric(metricName) else {
@@ -145,13 +140,6 @@ public struct AlertRule: Sendable, Hashable, Codable {
     }
 }
 
-private struct AnyKey: CodingKey {
-    var stringValue: String
-    var intValue: Int? { nil }
-    init(stringValue: String) { self.stringValue = stringValue }
-    init?(intValue: Int) { nil }
-}
-
 public enum AlertLevel: String, Sendable, Hashable, Codable, Comparable {
     case ok, warning, critical
 
@@ -190,7 +178,7 @@ public struct AlertTracker: Sendable {
     }
 
     /// The value over the window: the mean of the samples in it, or for a counter series its rate.
-    static func windowed(_ samples: [(time: Double, value: Double)], rate: Bool) -> Double? {
+    public static func windowed(_ samples: [(time: Double, value: Double)], rate: Bool) -> Double? {
         guard let last = samples.last else { return nil }
         if rate {
             guard let first = samples.first, last.time > first.time else { return nil }

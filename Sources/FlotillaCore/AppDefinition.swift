@@ -46,6 +46,8 @@ public struct AppDefinition: Sendable, Hashable, Codable {
     public var secrets: [String: SecretSource] = [:]
     /// Alert rules on the app's figures (`GET /flotilla/v1/alerts`).
     public var alerts: [AlertRule] = []
+    /// Instances follow a figure between bounds; nil: `instances` is left to the user.
+    public var autoscale: AutoscalePolicy?
     /// An OCI image to run (Marathon's `container`); nil for a command run as a plain process.
     public var container: ContainerSpec?
     /// `host`, or `container/bridge` for a container in its own network namespace.
@@ -127,7 +129,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         case id, cmd, args, env, instances, cpus, mem, disk, gpus, portDefinitions, ports, requirePorts, labels
         case constraints, healthChecks, readinessChecks, backoffSeconds, backoffFactor, maxLaunchDelaySeconds
         case taskKillGracePeriodSeconds, drainSeconds, restartOnSecretChange, upgradeStrategy, killSelection, user, dependencies, uris, fetch
-        case acceptedResourceRoles, container, resourceLimits, unreachableStrategy, check, executorResources, secrets, alerts
+        case acceptedResourceRoles, container, resourceLimits, unreachableStrategy, check, executorResources, secrets, alerts, autoscale
         case tty, networks, role, ipAddress, residency, executor
     }
 
@@ -217,6 +219,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         executorResources = try container.decodeIfPresent(JSONValue.self, forKey: .executorResources).flatMap { $0 == .null ? nil : $0 }
         secrets = try container.decodeIfPresent([String: SecretSource].self, forKey: .secrets) ?? [:]
         alerts = try container.decodeIfPresent([AlertRule].self, forKey: .alerts) ?? []
+        autoscale = try container.decodeIfPresent(AutoscalePolicy.self, forKey: .autoscale)
 
         // Fields whose other values need what this agent does not have: refused, saying so.
         if try container.decodeIfPresent(Bool.self, forKey: .tty) == true {
@@ -274,6 +277,7 @@ public struct AppDefinition: Sendable, Hashable, Codable {
         try container.encodeIfPresent(executorResources, forKey: .executorResources)
         if !secrets.isEmpty { try container.encode(secrets, forKey: .secrets) }
         if !alerts.isEmpty { try container.encode(alerts, forKey: .alerts) }
+        try container.encodeIfPresent(autoscale, forKey: .autoscale)
         try container.encodeIfPresent(self.container, forKey: .container)
         try container.encode([["mode": network.rawValue]], forKey: .networks)
     }
@@ -283,9 +287,12 @@ public struct AppDefinition: Sendable, Hashable, Codable {
 
     /// Whether two definitions differ in anything that requires restarting instances (anything but
     /// `instances`): Marathon's distinction between a scaling change and a config change.
+    /// `alerts` and `autoscale` concern the agent, not the instances: changing them restarts nothing.
     public func requiresRestart(comparedTo other: AppDefinition) -> Bool {
         var scaled = other
         scaled.instances = instances
+        scaled.alerts = alerts
+        scaled.autoscale = autoscale
         return scaled != self
     }
 }
@@ -356,6 +363,7 @@ extension AppDefinition {
             check(alertNames.insert(rule.name).inserted, "/alerts/\(index)/name", "another alert of the app is named \(rule.name)")
         }
         check(alerts.count <= 50, "/alerts", "at most 50 alert rules per app")
+        if let autoscale { problems += autoscale.problems(at: "/autoscale") }
         for (name, secret) in secrets.sorted(by: { $0.key < $1.key }) {
             check(!name.isEmpty && !name.contains("/"), "/secrets/\(name)", "a secret's name must be non-empty and without '/'")
             check(secret.path != nil, "/secrets/\(name)/source", "must be a secret path such as shop/db or shop/db@password")

@@ -37,6 +37,8 @@ public enum ControlEvent: Sendable, Hashable {
     case subscriptionChanged(callbackURL: String, clientIP: String, subscribed: Bool)
     /// An alert changed level (`ok`, `warning`, `critical`).
     case alertChanged(AlertStatus, previous: AlertLevel)
+    /// Autoscaling changed an app's instances (by the deployment named), and why.
+    case autoscaled(app: String, from: Int, to: Int, reason: String, metric: String, value: Double?, target: Double, deploymentID: String)
 }
 
 /// An event and when it happened.

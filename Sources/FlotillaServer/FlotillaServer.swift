@@ -1,6 +1,6 @@
 import AsyncHTTPClient
 public import FlotillaAgent
-import FlotillaAlerts
+import FlotillaWatch
 import FlotillaAPI
 import FlotillaImage
 import FlotillaControl
@@ -304,7 +304,7 @@ public struct FlotillaServer {
             client: cluster == nil ? nil : forwardHTTP)
         StatsRoutes(control: control, gatherer: gatherer).add(to: router)
 
-        let alertEngine = Self.alertEngine(
+        let watchEngine = Self.watchEngine(
             configuration: configuration, control: control, gatherer: gatherer, cluster: cluster, tokens: tokens, events: events,
             client: forwardHTTP, metricsText: {
                 var buffer: [UInt8] = []
@@ -312,7 +312,7 @@ public struct FlotillaServer {
                 proxy.metrics.render(into: &buffer)
                 return String(decoding: buffer, as: UTF8.self)
             }, logger: logger)
-        AlertRoutes(control: control, statuses: { app in await alertEngine.statuses(app: app) }).add(to: router)
+        AlertRoutes(control: control, statuses: { app in await watchEngine.statuses(app: app) }).add(to: router)
         OperationsRoutes(
             routes: { proxy.currentRoutes },
             metrics: {
@@ -343,7 +343,7 @@ public struct FlotillaServer {
             Entry(service: agent),
         ]
         if let usage { services.append(Entry(service: usage)) }
-        services.append(Entry(service: alertEngine))
+        services.append(Entry(service: watchEngine))
         services += [
             Entry(
                 service: ImageCollector(
@@ -540,12 +540,13 @@ public struct TLSFiles: Sendable {
 }
 
 extension FlotillaServer {
-    /// The alert engine: every interval the leader (or the only node) reads every app's figures
-    /// across the cluster and the `/metrics` series its rules name, and evaluates their rules.
-    static func alertEngine(
+    /// The watch engine: every interval the leader (or the only node) reads every app's figures
+    /// across the cluster and the `/metrics` series its rules and policy name, evaluates their
+    /// alert rules and scales those with `autoscale`.
+    static func watchEngine(
         configuration: Configuration, control: ControlPlane, gatherer: StatsGatherer, cluster: ClusterView?, tokens: TokenStore,
         events: EventBus, client: HTTPClient, metricsText: @escaping @Sendable () -> String, logger: Logger
-    ) -> AlertEngine {
+    ) -> WatchEngine {
         let interval = configuration.metricsInterval ?? .seconds(5)
         let scheme = configuration.tls == nil ? "http" : "https"
         let host = configuration.bindAddress == "0.0.0.0" ? configuration.node.host : configuration.bindAddress
@@ -564,11 +565,12 @@ extension FlotillaServer {
                 meta: ["alert-evaluation": node], inlinePolicy: "path \"flotilla/stats\" { capabilities = [\"read\"] }"
             ).secret
         }
-        return AlertEngine(
+        return WatchEngine(
             interval: interval,
             inputs: {
                 if let cluster, !cluster.isLeader { return nil }
-                let records = await control.snapshot().apps.values.filter { !$0.definition.alerts.isEmpty }
+                let snapshot = await control.snapshot()
+                let records = snapshot.apps.values.filter { !$0.definition.alerts.isEmpty || $0.definition.autoscale != nil }
                 guard !records.isEmpty else { return AlertInputs(apps: [], series: MetricSums()) }
                 var headers = HTTPFields()
                 if let token = await credentials.value(logger: logger) { headers[.authorization] = "Bearer " + token }
@@ -578,7 +580,7 @@ extension FlotillaServer {
                 }
                 let instances = Dictionary(grouping: stats.instances, by: \.app)
                 let figures = Dictionary(stats.apps.map { ($0.app, $0) }, uniquingKeysWith: { first, _ in first })
-                let names = AlertInputs.seriesNames(records.flatMap(\.definition.alerts))
+                let names = AlertInputs.seriesNames(records.flatMap { $0.definition.alerts.map(\.metric) + [$0.definition.autoscale?.metric].compactMap { $0 } })
                 let series = names.isEmpty ? MetricSums() : MetricSums.parse(metricsText(), names: names)
                 let apps = records.map { record in
                     let id = record.definition.id.path
@@ -587,9 +589,16 @@ extension FlotillaServer {
                         RequestFigures(requestsPerSecond: $0, errorRate: summary?.errorRate, p99Seconds: summary?.p99Seconds)
                     }
                     return AlertInputs.App(
-                        id: id, memMiB: record.definition.mem, rules: record.definition.alerts, instances: instances[id] ?? [], requests: requests)
+                        id: id, memMiB: record.definition.mem, rules: record.definition.alerts, instances: instances[id] ?? [], requests: requests,
+                        instancesWanted: record.definition.instances, autoscale: record.definition.autoscale,
+                        deploying: !snapshot.deployments(of: record.definition.id).isEmpty)
                 }
                 return AlertInputs(apps: apps, series: series)
+            },
+            scale: { app, count in
+                // A normal deployment: health gating and rollback apply; a user's deployment is never overridden.
+                let change = try await control.update(try AppID(app), fields: ["instances": .number(Double(count))], partial: true, force: false)
+                return change.deploymentID
             },
             events: events, notifier: notifier.isEnabledNow ? notifier : nil, logger: logger)
     }

@@ -1,4 +1,4 @@
-import FlotillaAlerts
+import FlotillaWatch
 import FlotillaCore
 import Foundation
 import Testing

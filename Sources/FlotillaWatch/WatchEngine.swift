@@ -3,7 +3,7 @@ import Foundation
 public import Logging
 public import ServiceLifecycle
 
-/// What one round of alert evaluation reads.
+/// What one round of alert evaluation and autoscaling reads.
 public struct AlertInputs: Sendable {
     public struct App: Sendable {
         public var id: String
@@ -11,13 +11,23 @@ public struct AlertInputs: Sendable {
         public var rules: [AlertRule]
         public var instances: [InstanceUsageReport]
         public var requests: RequestFigures?
+        /// The app's `instances` now, its `autoscale`, and whether a deployment holds it.
+        public var instancesWanted: Int
+        public var autoscale: AutoscalePolicy?
+        public var deploying: Bool
 
-        public init(id: String, memMiB: Double, rules: [AlertRule], instances: [InstanceUsageReport], requests: RequestFigures?) {
+        public init(
+            id: String, memMiB: Double, rules: [AlertRule], instances: [InstanceUsageReport], requests: RequestFigures?,
+            instancesWanted: Int = 0, autoscale: AutoscalePolicy? = nil, deploying: Bool = false
+        ) {
             self.id = id
             self.memMiB = memMiB
             self.rules = rules
             self.instances = instances
             self.requests = requests
+            self.instancesWanted = instancesWanted
+            self.autoscale = autoscale
+            self.deploying = deploying
         }
     }
 
@@ -30,17 +40,19 @@ public struct AlertInputs: Sendable {
         self.series = series
     }
 
-    /// The `/metrics` names that rules of these definitions read.
-    public static func seriesNames(_ rules: [AlertRule]) -> Set<String> {
-        Set(rules.compactMap { if case .series(let name) = $0.metric { name } else { nil } })
+    /// The `/metrics` names that these metrics (of rules and autoscale policies) read.
+    public static func seriesNames(_ metrics: [AlertMetric]) -> Set<String> {
+        Set(metrics.compactMap { if case .series(let name) = $0 { name } else { nil } })
     }
 }
 
-/// Evaluates every app's alert rules once per interval: each rule's value over its window, its
-/// level with hysteresis and `forSeconds` (`AlertTracker`), an `alert_state_changed_event` and a
-/// notification for each change. In a cluster only the leader evaluates (`inputs` answers nil
-/// elsewhere), with figures from every node.
-public actor AlertEngine: Service {
+/// Watches every app's figures once per interval:
+/// - alert rules: each rule's value over its window, its level with hysteresis and `forSeconds`
+///   (`AlertTracker`), an `alert_state_changed_event` and a notification for each change;
+/// - autoscaling: each `autoscale` policy's figure per instance, and a change of `instances`
+///   (`AutoscaleState`) made as a normal deployment, with an `autoscale_event` saying why.
+/// In a cluster only the leader watches (`inputs` answers nil elsewhere), with every node's figures.
+public actor WatchEngine: Service {
     /// This round's figures; nil on a node that does not evaluate (a follower).
     public typealias Inputs = @Sendable () async -> AlertInputs?
 
@@ -57,8 +69,20 @@ public actor AlertEngine: Service {
         var since: Date
     }
 
+    /// Changes an app's `instances` through a deployment; answers its id.
+    public typealias Scale = @Sendable (_ app: String, _ instances: Int) async throws -> String
+
+    struct Scaling {
+        var policy: AutoscalePolicy
+        var state: AutoscaleState
+        /// Per-instance samples (a counter series: the app's raw sums).
+        var samples: [(time: Double, value: Double)] = []
+    }
+
     private let interval: Duration
     private let inputs: Inputs
+    private let scale: Scale?
+    private var scaling: [String: Scaling] = [:]
     private let events: EventBus
     private let notifier: AlertNotifier?
     private let logger: Logger
@@ -67,9 +91,10 @@ public actor AlertEngine: Service {
     private var failures: [String: [Double]] = [:]
     private let started = ContinuousClock.now
 
-    public init(interval: Duration, inputs: @escaping Inputs, events: EventBus, notifier: AlertNotifier?, logger: Logger) {
+    public init(interval: Duration, inputs: @escaping Inputs, scale: Scale?, events: EventBus, notifier: AlertNotifier?, logger: Logger) {
         self.interval = interval
         self.inputs = inputs
+        self.scale = scale
         self.events = events
         self.notifier = notifier
         self.logger = logger
@@ -109,8 +134,10 @@ public actor AlertEngine: Service {
         guard let inputs = await inputs() else {
             // Not this node's job (a follower): forget, so a new leader starts clean.
             tracked = [:]
+            scaling = [:]
             return
         }
+        await autoscale(inputs, at: now)
         let time = now
         let wallClock = Date()
         var seen: Set<Key> = []
@@ -168,6 +195,65 @@ public actor AlertEngine: Service {
             app: key.app, alert: key.alert, metric: entry.rule.metric.name, state: state ?? entry.tracker.level, value: entry.tracker.value,
             warning: entry.warning, critical: entry.critical, windowSeconds: entry.rule.window, forSeconds: entry.rule.forSeconds,
             since: Timestamp.format(entry.since), pending: state == nil ? entry.tracker.pending.keys.max() : nil)
+    }
+
+    // MARK: - Autoscaling
+
+    private func autoscale(_ inputs: AlertInputs, at time: Double) async {
+        var seen: Set<String> = []
+        for app in inputs.apps {
+            guard let policy = app.autoscale else { continue }
+            seen.insert(app.id)
+            var entry = scaling[app.id].flatMap { $0.policy == policy ? $0 : nil } ?? Scaling(policy: policy, state: AutoscaleState(now: time))
+            let isCounter = if case .series(let name) = policy.metric { name.hasSuffix("_total") } else { false }
+            let current = app.instancesWanted
+            if let sample = perInstance(policy.metric, app: app, series: inputs.series, raw: isCounter) {
+                entry.samples.append((time, sample))
+            }
+            while entry.samples.count > (isCounter ? 2 : 1), time - entry.samples[isCounter ? 1 : 0].time >= AutoscalePolicy.window {
+                entry.samples.removeFirst()
+            }
+            var value = AlertTracker.windowed(entry.samples, rate: isCounter)
+            if isCounter { value = value.map { $0 / Double(max(1, current)) } }
+            // A deployment holds the app (a user's, or the last scaling): decide once it is done.
+            guard !app.deploying else {
+                scaling[app.id] = entry
+                continue
+            }
+            let target = policy.resolvedTarget(memMiB: app.memMiB)
+            let decision = entry.state.decide(current: current, value: value, target: target, policy: policy, now: time)
+            scaling[app.id] = entry
+            guard let decision, let scale else { continue }
+            do {
+                let deployment = try await scale(app.id, decision.to)
+                logger.notice("autoscaling \(app.id): \(decision.from) → \(decision.to) instances (\(decision.reason)), deployment \(deployment)")
+                events.publish(.autoscaled(
+                    app: app.id, from: decision.from, to: decision.to, reason: decision.reason, metric: policy.metric.name, value: value,
+                    target: target, deploymentID: deployment))
+            } catch {
+                logger.warning("autoscaling \(app.id) to \(decision.to) instances failed: \(error)")
+            }
+        }
+        scaling = scaling.filter { seen.contains($0.key) }
+    }
+
+    /// A policy's sample this round: its figure per instance (a counter: the app's raw sum).
+    private func perInstance(_ metric: AlertMetric, app: AlertInputs.App, series: MetricSums, raw: Bool) -> Double? {
+        let count = Double(max(1, app.instancesWanted))
+        switch metric {
+        case .cpu:
+            let cores = app.instances.compactMap(\.cpuCores)
+            return cores.isEmpty ? nil : cores.reduce(0, +) / Double(cores.count)
+        case .memory:
+            let bytes = app.instances.compactMap(\.memoryBytes)
+            return bytes.isEmpty ? nil : Double(bytes.reduce(0, +)) / Double(bytes.count)
+        case .requestsPerSecond:
+            return app.requests.map { $0.requestsPerSecond / count }
+        case .series(let name):
+            return series.value(name, app: app.id).map { raw ? $0 : $0 / count }
+        case .errorRate, .restarts:
+            return nil  // refused in a policy
+        }
     }
 
     /// A rule's sample this round; nil when there is nothing to measure.
