@@ -2,6 +2,49 @@ public import Logging
 import NIOCore
 import NIOPosix
 public import ServiceLifecycle
+import Synchronization
+
+/// What the DNS server answered, by transport and response code: atomics the event loops add to
+/// and `/metrics` reads.
+// @unchecked: the cells are atomics, allocated once and freed with the object.
+public final class DNSCounters: @unchecked Sendable {
+    /// Response codes counted apart (`NOERROR`, `FORMERR`, `SERVFAIL`, `NXDOMAIN`, `NOTIMP`,
+    /// `REFUSED`); any other is counted as `other`; `dropped` are packets given no answer.
+    public static let codes = ["NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "other", "dropped"]
+    private let cells: UnsafeMutablePointer<Atomic<UInt64>>
+
+    public init() {
+        cells = .allocate(capacity: 2 * Self.codes.count)
+        for index in 0..<(2 * Self.codes.count) { (cells + index).initialize(to: Atomic(0)) }
+    }
+
+    deinit {
+        cells.deinitialize(count: 2 * Self.codes.count)
+        cells.deallocate()
+    }
+
+    func record(reply: [UInt8]?, udp: Bool) {
+        let code: Int
+        if let reply, reply.count >= 4 {
+            let rcode = Int(reply[3] & 0x0F)
+            code = rcode <= 5 ? rcode : 6
+        } else {
+            code = 7
+        }
+        (cells + (udp ? 0 : Self.codes.count) + code).pointee.wrappingAdd(1, ordering: .relaxed)
+    }
+
+    /// (transport, code, count) for every transport and code.
+    public func counts() -> [(transport: String, code: String, count: UInt64)] {
+        var result: [(String, String, UInt64)] = []
+        for (offset, transport) in [(0, "udp"), (Self.codes.count, "tcp")] {
+            for (index, code) in Self.codes.enumerated() {
+                result.append((transport, code, (cells + offset + index).pointee.load(ordering: .relaxed)))
+            }
+        }
+        return result
+    }
+}
 
 /// Serves DNS on one port over UDP and TCP (RFC 1035 length-prefixed). Every packet is answered
 /// on the event loop from the registry's latest view; nothing a client sends can stop the server.
@@ -10,6 +53,7 @@ public struct DNSServer: Service {
     let port: Int
     let resolver: DNSResolver
     let logger: Logger
+    public let counters = DNSCounters()
 
     public init(host: String, port: Int, resolver: DNSResolver, logger: Logger) {
         self.host = host
@@ -21,10 +65,11 @@ public struct DNSServer: Service {
     public func run() async throws {
         let group = MultiThreadedEventLoopGroup.singleton
         let resolver = self.resolver
+        let counters = self.counters
         let udp = try await DatagramBootstrap(group: group)
             .channelOption(.socketOption(.so_reuseaddr), value: 1)
             .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(DNSDatagramHandler(resolver: resolver)) }
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(DNSDatagramHandler(resolver: resolver, counters: counters)) }
             }
             .bind(host: host, port: port).get()
         let tcp: any Channel
@@ -35,7 +80,7 @@ public struct DNSServer: Service {
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(DNSStreamFrameDecoder()))
-                        try channel.pipeline.syncOperations.addHandler(DNSStreamHandler(resolver: resolver))
+                        try channel.pipeline.syncOperations.addHandler(DNSStreamHandler(resolver: resolver, counters: counters))
                     }
                 }
                 .bind(host: host, port: port).get()
@@ -55,15 +100,19 @@ final class DNSDatagramHandler: ChannelInboundHandler {
     typealias OutboundOut = AddressedEnvelope<ByteBuffer>
 
     let resolver: DNSResolver
+    let counters: DNSCounters
 
-    init(resolver: DNSResolver) {
+    init(resolver: DNSResolver, counters: DNSCounters) {
         self.resolver = resolver
+        self.counters = counters
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let envelope = unwrapInboundIn(data)
         let packet = Array(envelope.data.readableBytesView.prefix(65_535))
-        guard let reply = resolver.respond(to: packet, udp: true) else { return }
+        let reply = resolver.respond(to: packet, udp: true)
+        counters.record(reply: reply, udp: true)
+        guard let reply else { return }
         let buffer = context.channel.allocator.buffer(bytes: reply)
         context.write(wrapOutboundOut(AddressedEnvelope(remoteAddress: envelope.remoteAddress, data: buffer)), promise: nil)
     }
@@ -97,14 +146,18 @@ final class DNSStreamHandler: ChannelInboundHandler {
     typealias OutboundOut = ByteBuffer
 
     let resolver: DNSResolver
+    let counters: DNSCounters
 
-    init(resolver: DNSResolver) {
+    init(resolver: DNSResolver, counters: DNSCounters) {
         self.resolver = resolver
+        self.counters = counters
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = unwrapInboundIn(data)
-        guard let reply = resolver.respond(to: Array(frame.readableBytesView), udp: false) else {
+        let answer = resolver.respond(to: Array(frame.readableBytesView), udp: false)
+        counters.record(reply: answer, udp: false)
+        guard let reply = answer else {
             context.close(promise: nil)
             return
         }

@@ -144,8 +144,9 @@ public struct FlotillaServer {
             throw ServerError(error.localizedDescription)
         }
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
-        let store = try await configuration.store.open(dataDirectory: configuration.dataDirectory, logger: logger)
-        defer { (store as? EtcdStateStore)?.close() }
+        let backend = try await configuration.store.open(dataDirectory: configuration.dataDirectory, logger: logger)
+        defer { (backend as? EtcdStateStore)?.close() }
+        let store: any StateStore = MeasuredStateStore(backend, registry: metrics)
         let databasePath = store.displayName
         logger.info("state store: \(store.displayName)")
         let events = EventBus()
@@ -294,6 +295,14 @@ public struct FlotillaServer {
         AuthRoutes(tokens: tokens).add(to: router)
         AuditRoutes(audit: audit).add(to: router)
         let nodeName = configuration.node.name
+        /// `/metrics`: the registry's series, then those kept apart (the proxy's shards, DNS's counters).
+        let renderMetrics: @Sendable () -> [UInt8] = { [dnsCounters = dns.counters] in
+            var buffer: [UInt8] = []
+            metrics.emit(into: &buffer)
+            proxy.metrics.render(into: &buffer)
+            ControlMetrics.render(dns: dnsCounters, into: &buffer)
+            return buffer
+        }
         let gatherer = StatsGatherer(
             control: control, localNode: nodeName,
             local: { app in
@@ -306,21 +315,11 @@ public struct FlotillaServer {
 
         let watchEngine = Self.watchEngine(
             configuration: configuration, control: control, gatherer: gatherer, cluster: cluster, tokens: tokens, events: events,
-            client: forwardHTTP, metricsText: {
-                var buffer: [UInt8] = []
-                metrics.emit(into: &buffer)
-                proxy.metrics.render(into: &buffer)
-                return String(decoding: buffer, as: UTF8.self)
-            }, logger: logger)
+            client: forwardHTTP, metricsText: { String(decoding: renderMetrics(), as: UTF8.self) }, logger: logger)
         AlertRoutes(control: control, statuses: { app in await watchEngine.statuses(app: app) }).add(to: router)
         OperationsRoutes(
             routes: { proxy.currentRoutes },
-            metrics: {
-                var buffer: [UInt8] = []
-                metrics.emit(into: &buffer)
-                proxy.metrics.render(into: &buffer)
-                return buffer
-            }
+            metrics: renderMetrics
         ).add(to: router)
         let listening = configuration.tls == nil ? "http" : (configuration.tls?.clientCA == nil ? "https" : "https, client certificates required")
         let application = Application(
@@ -344,6 +343,7 @@ public struct FlotillaServer {
         ]
         if let usage { services.append(Entry(service: usage)) }
         services.append(Entry(service: watchEngine))
+        services.append(Entry(service: ControlMetrics(control: control, events: events, registry: registry, metrics: metrics)))
         services += [
             Entry(
                 service: ImageCollector(

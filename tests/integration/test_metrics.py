@@ -14,6 +14,7 @@ import urllib.parse
 import pytest
 import requests
 
+from support.dns import dig
 from support.flotilla import app_definition, free_tcp_port, wait_for_ready, wait_until
 
 MIB = 1 << 20
@@ -177,6 +178,28 @@ def test_top_prints_apps_and_json(metrics_agent, app_ids):
     assert lines[0].split()[:4] == ["APP", "INSTANCES", "CPU", "MEMORY"]
     (line,) = [line for line in lines if line.startswith(app_id + " ")]
     assert line.split()[1] == "2"
+
+
+def test_the_control_plane_store_registry_and_dns_are_measured(metrics_agent, app_ids):
+    agent = metrics_agent
+    app_id = app_ids.new()
+    agent.create_app(app_definition(app_id, "exec sleep 600", instances=2))
+    agent.wait_for_running(app_id, 2)
+    answer = dig(agent.dns_port, "no-such-service.service.flotilla")
+    assert answer.status == "NXDOMAIN"
+
+    def measured():
+        text = agent.get("/metrics").text
+        ready = (series(text, "flotilla_deployments_total", result="succeeded") or [0])[0] >= 1
+        return text if ready and re.search(r"^flotilla_apps [1-9]", text, re.M) else None
+
+    text = wait_until(measured, timeout=20, what="the deployment and the app on /metrics")
+    assert re.search(r"^flotilla_store_commit_seconds_count(\{\})? [1-9]", text, re.M), text
+    assert re.search(r"^flotilla_scheduler_placements_total(\{\})? [2-9]", text, re.M)
+    assert re.search(r"^flotilla_instances(\{\})? 2(\.0)?$", text, re.M)
+    assert series(text, "flotilla_deployment_duration_seconds_count", result="succeeded")[0] >= 1
+    assert series(text, "flotilla_dns_responses_total", transport="udp", rcode="NXDOMAIN")[0] >= 1
+    assert "# TYPE flotilla_store_watch_lag_seconds histogram" in text
 
 
 # --- requests through the proxy --------------------------------------------------------------
