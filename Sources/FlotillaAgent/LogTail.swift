@@ -158,7 +158,8 @@ struct LogTail: Sendable {
         }
         let newSize = file.size
         var rotated = newSize < offset
-        if !rotated, newSize != size, !head.isEmpty {
+        // Same size or larger is no proof of the same file: it may have been rotated and refilled.
+        if !rotated, !head.isEmpty {
             let compared = Int(min(UInt64(head.count), newSize))
             rotated = file.read(from: 0, count: compared) != Array(head.prefix(compared))
         }
