@@ -87,12 +87,13 @@ ensure_system_packages() {
     # htpasswd for its basic auth) and a static busybox to build images from; the bridge needs nft;
     # the build needs zlib's header; the cluster's store tests run a real etcd (and etcdctl); the
     # metrics tests scrape the agent with a real Prometheus and send alerts to a real Alertmanager;
-    # the autoscaling test loads an app with wrk.
+    # the autoscaling test loads an app with wrk; the log forwarding tests send instances' lines to
+    # a real rsyslog.
     local wanted=(
         curl:curl procps:ps dnsutils:dig zlib1g-dev:/usr/include/zlib.h
         runc:runc crun:crun umoci:umoci skopeo:skopeo docker-registry:docker-registry apache2-utils:htpasswd busybox-static:dpkg
         nftables:nft iproute2:ip conntrack:conntrack etcd-server:etcd etcd-client:etcdctl
-        prometheus:prometheus prometheus-alertmanager:prometheus-alertmanager wrk:wrk
+        prometheus:prometheus prometheus-alertmanager:prometheus-alertmanager wrk:wrk rsyslog:rsyslogd
     )
     local missing=() entry package proof
     local PATH="$PATH:/usr/sbin:/sbin"

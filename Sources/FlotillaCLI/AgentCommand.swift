@@ -155,6 +155,15 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
+    @Option(help: "The agent's own log lines: text, logfmt (time=… level=… label=… msg=\"…\" key=value) or json (one object a line).")
+    var logFormat: String = "text"
+
+    @Option(help: "Send every line instances write (stdout and stderr) to a syslog collector, RFC 5424 with the app, instance, node and stream as structured data: syslog+udp://HOST[:PORT] or syslog+tcp://HOST[:PORT] (octet counting; port 514 by default); repeatable.")
+    var logForward: [String] = []
+
+    @Option(help: "MiB of lines a --log-forward target may hold unsent while its collector is away (the log files are the buffer); past it the oldest are dropped, counted and reported.")
+    var logForwardBuffer: Int = 64
+
     @Option(help: "Where state lives: sqlite:PATH (default: state.db in --data-dir) or etcd://HOST:PORT[,HOST:PORT…] (an etcd v3 cluster shared by every agent).")
     var store: String = "sqlite"
 
@@ -217,6 +226,11 @@ struct AgentCommand: AsyncParsableCommand {
         if let cpus, cpus <= 0 { throw ValidationError("--cpus must be more than zero") }
         if let mem, mem <= 0 { throw ValidationError("--mem must be more than zero") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
+        guard AgentLogFormat(rawValue: logFormat) != nil else { throw ValidationError("--log-format must be text, logfmt or json, got '\(logFormat)'") }
+        for target in logForward {
+            do { _ = try LogForwardTarget.parse(target) } catch { throw ValidationError("--log-forward: \(error.message)") }
+        }
+        guard logForwardBuffer >= 1 else { throw ValidationError("--log-forward-buffer must be at least 1 (MiB)") }
         guard ["allow", "default-deny"].contains(acl) else { throw ValidationError("--acl must be allow or default-deny, got '\(acl)'") }
         guard (tlsCert == nil) == (tlsKey == nil) else { throw ValidationError("--tls-cert and --tls-key go together") }
         if tlsClientCa != nil && tlsCert == nil { throw ValidationError("--tls-client-ca needs --tls-cert and --tls-key") }
@@ -256,8 +270,14 @@ struct AgentCommand: AsyncParsableCommand {
 
     func run() async throws {
         let level = Logger.Level(rawValue: logLevel) ?? .info
+        let format = AgentLogFormat(rawValue: logFormat) ?? .text
         LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
+            if format == .text {
+                var handler = StreamLogHandler.standardError(label: label)
+                handler.logLevel = level
+                return handler
+            }
+            var handler = StructuredLogHandler(label: label, format: format)
             handler.logLevel = level
             return handler
         }
@@ -307,6 +327,8 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.metricsInterval = metricsInterval == 0 ? nil : .milliseconds(Int64(metricsInterval * 1000))
             configuration.alertWebhooks = alertWebhook
             configuration.alertmanagers = alertmanager
+            configuration.logForwardTargets = try logForward.map { try LogForwardTarget.parse($0) }
+            configuration.logForwardBufferBytes = UInt64(logForwardBuffer) << 20
             configuration.proxyHTTPSPort = proxyHttpsPort
             configuration.proxyCertificateDirectory = proxyCertDir
             configuration.proxyUpstreamCA = proxyUpstreamCa

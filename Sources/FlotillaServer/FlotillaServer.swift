@@ -56,6 +56,9 @@ public struct FlotillaServer {
         /// Where alert level changes are POSTed (JSON), and the Alertmanagers firing alerts go to.
         public var alertWebhooks: [String] = []
         public var alertmanagers: [String] = []
+        /// `--log-forward`: syslog collectors every instance line goes to, and what each may hold unsent.
+        public var logForwardTargets: [LogForwardTarget] = []
+        public var logForwardBufferBytes: UInt64 = 64 << 20
         /// The proxy's HTTPS listener and its certificate directory; nil for none.
         public var proxyHTTPSPort: Int?
         public var proxyCertificateDirectory: String?
@@ -342,6 +345,12 @@ public struct FlotillaServer {
             Entry(service: agent),
         ]
         if let usage { services.append(Entry(service: usage)) }
+        for target in configuration.logForwardTargets {
+            let forwarding = LogForwarder.Configuration(
+                target: target, bufferBytes: configuration.logForwardBufferBytes, node: configuration.node.name, sandboxRoot: agent.sandboxRoot,
+                dataDirectory: configuration.dataDirectory)
+            services.append(Entry(service: LogForwarder(configuration: forwarding, registry: metrics, logger: logger)))
+        }
         services.append(Entry(service: watchEngine))
         services.append(Entry(service: ControlMetrics(control: control, events: events, registry: registry, metrics: metrics)))
         services += [
