@@ -105,7 +105,7 @@ struct ControlMetrics: Service {
     func run() async throws {
         let placements = metrics.makeCounter(name: "flotilla_scheduler_placements_total", help: "Instances placed on a node and started there")
         let exits = Dictionary(uniqueKeysWithValues: [TaskState.finished, .failed, .killed, .lost, .error].map { state in
-            (state, metrics.makeCounter(name: "flotilla_instance_exits_total", labels: [("state", state.rawValue)], help: "Instances that ended, by final state"))
+            (state, metrics.makeCounter(name: "flotilla_instances_ended_total", labels: [("state", state.rawValue)], help: "Instances that ended, by final state"))
         })
         let deployments = ["succeeded", "failed"].map { result in
             (metrics.makeCounter(name: "flotilla_deployments_total", labels: [("result", result)], help: "Deployments that ended, by result"),
