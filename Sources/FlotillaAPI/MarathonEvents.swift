@@ -86,7 +86,7 @@ public struct MarathonEvent: Sendable, Hashable {
         case .alertChanged(let status, let previous):
             var fields: [String: JSONValue] = [:]
             if case .object(let object)? = try? JSONValue(encoding: status) { fields = object }
-            fields["appId"] = .string(status.app)
+            if let app = status.app { fields["appId"] = .string(app) }
             fields["previous"] = .string(previous.rawValue)
             return ("alert_state_changed_event", fields)
         case .autoscaled(let app, let from, let to, let reason, let metric, let value, let target, let deployment):

@@ -6,6 +6,7 @@ import FlotillaProxy
 import FlotillaServer
 import Foundation
 import Logging
+import Yams
 
 struct AgentCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -131,6 +132,9 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "POST each alert level change (JSON) to this URL, in order, retried with backoff; repeatable.")
     var alertWebhook: [String] = []
 
+    @Option(help: "Node and cluster alert rules: a YAML or JSON file of {rules: [{name, scope: node|cluster, metric, node, window, warning, critical, forSeconds}]} (see docs/api.md).")
+    var alertRules: String?
+
     @Option(help: "Send firing alerts to this Alertmanager (its base URL, e.g. http://127.0.0.1:9093; POST /api/v2/alerts); repeatable.")
     var alertmanager: [String] = []
 
@@ -239,6 +243,7 @@ struct AgentCommand: AsyncParsableCommand {
         guard metricsInterval == 0 || (metricsInterval >= 0.5 && metricsInterval <= 3600) else {
             throw ValidationError("--metrics-interval must be 0 (off) or between 0.5 and 3600 seconds, got \(metricsInterval)")
         }
+        if let alertRules { _ = try Self.loadAlertRules(alertRules) }
         for (flag, urls) in [("--alert-webhook", alertWebhook), ("--alertmanager", alertmanager)] {
             for url in urls {
                 guard let parsed = URL(string: url), ["http", "https"].contains(parsed.scheme?.lowercased() ?? ""), parsed.host?.isEmpty == false else {
@@ -261,6 +266,36 @@ struct AgentCommand: AsyncParsableCommand {
     }
 
     var parsedPorts: ClosedRange<Int>? { Self.portRange(ports) }
+
+    /// The rules file of `--alert-rules` (YAML or JSON), checked whole: an error names the file,
+    /// the rule and the field.
+    static func loadAlertRules(_ path: String) throws -> [ClusterAlertRule] {
+        do {
+            let text = try String(contentsOfFile: path, encoding: .utf8)
+            guard let yaml = try Yams.load(yaml: text) else { return [] }
+            let data = try JSONEncoder().encode(try JSONValue(yaml: yaml))
+            let file = try JSONDecoder().decode(ClusterAlertRule.File.self, from: data)
+            try ClusterAlertRule.File.validate(file.rules)
+            return file.rules
+        } catch FlotillaError.invalid(_, let problems) {
+            throw ValidationError("--alert-rules \(path): " + problems.map { "\($0.path): \($0.errors.joined(separator: "; "))" }.joined(separator: ", "))
+        } catch let error as DecodingError {
+            throw ValidationError("--alert-rules \(path): \(Self.describe(error))")
+        } catch {
+            throw ValidationError("--alert-rules \(path): \(error)")
+        }
+    }
+
+    private static func describe(_ error: DecodingError) -> String {
+        switch error {
+        case .keyNotFound(let key, let context):
+            return "/" + (context.codingPath + [key]).map { $0.intValue.map(String.init) ?? $0.stringValue }.joined(separator: "/") + ": is missing"
+        case .typeMismatch(_, let context), .valueNotFound(_, let context), .dataCorrupted(let context):
+            return "/" + context.codingPath.map { $0.intValue.map(String.init) ?? $0.stringValue }.joined(separator: "/") + ": " + context.debugDescription
+        @unknown default:
+            return "\(error)"
+        }
+    }
 
     static func portRange(_ text: String) -> ClosedRange<Int>? {
         let parts = text.split(separator: "-").compactMap { Int($0) }
@@ -327,6 +362,7 @@ struct AgentCommand: AsyncParsableCommand {
             configuration.metricsInterval = metricsInterval == 0 ? nil : .milliseconds(Int64(metricsInterval * 1000))
             configuration.alertWebhooks = alertWebhook
             configuration.alertmanagers = alertmanager
+            if let alertRules { configuration.alertRules = try Self.loadAlertRules(alertRules) }
             configuration.logForwardTargets = try logForward.map { try LogForwardTarget.parse($0) }
             configuration.logForwardBufferBytes = UInt64(logForwardBuffer) << 20
             configuration.proxyHTTPSPort = proxyHttpsPort

@@ -9,7 +9,8 @@ struct AlertsCommand: AsyncParsableCommand {
         commandName: "alerts",
         abstract: "Show every alert: its state (ok, warning, critical), value and thresholds.",
         discussion: """
-            Alert rules live in apps' definitions (`alerts`); the leader evaluates them every --metrics-interval \
+            Alert rules live in apps' definitions (`alerts`) and, for nodes and the cluster, in the agent's --alert-rules \
+            file; the leader evaluates them every --metrics-interval \
             seconds. Each change of state is an alert_state_changed_event on /v2/events and goes to the agent's \
             --alert-webhook and --alertmanager. Exits 0; with --firing, 3 when an alert is critical and 2 when one is \
             at warning (for scripts and checks).
@@ -32,11 +33,12 @@ struct AlertsCommand: AsyncParsableCommand {
             print(firing ? "no alert is firing" : "no alert rules (give an app `alerts` in its definition)")
         } else {
             printTable(
-                ["APP", "ALERT", "STATE", "METRIC", "VALUE", "WARNING", "CRITICAL", "SINCE"],
+                ["FOR", "ALERT", "STATE", "METRIC", "VALUE", "WARNING", "CRITICAL", "SINCE"],
                 alerts.map { alert in
                     let pending = alert.text("pending")
+                    let subject = alert["app"]?.stringValue ?? alert["node"]?.stringValue.map { "node/" + $0 } ?? "cluster"
                     return [
-                        alert.text("app"), alert.text("alert"),
+                        subject, alert.text("alert"),
                         alert.text("state").uppercased() + (pending.isEmpty ? "" : " (\(pending) pending)"),
                         alert.text("metric"), Self.number(alert["value"]), Self.number(alert["warning"]), Self.number(alert["critical"]),
                         alert.text("since"),

@@ -87,14 +87,7 @@ public struct AlertRule: Sendable, Hashable, Codable {
                 base + "/metric", "got \(metricName); expected cpu, memory, requestsPerSecond, errorRate, restarts or a metric name from /metrics")])
         }
         self.metric = metric
-        if let text = try? container.decodeIfPresent(String.self, forKey: .window) {
-            guard let seconds = GoDuration.seconds(text) else {
-                throw FlotillaError.invalid([FieldError(base + "/window", "got \(text); expected a duration such as 30s or 2m")])
-            }
-            window = seconds
-        } else {
-            window = try container.decodeIfPresent(Double.self, forKey: .window) ?? Self.defaultWindow
-        }
+        window = try container.decodeDuration(forKey: .window, at: base + "/window") ?? AlertRule.defaultWindow
         warning = try container.decodeIfPresent(Double.self, forKey: .warning)
         critical = try container.decodeIfPresent(Double.self, forKey: .critical)
         forSeconds = try container.decodeIfPresent(Double.self, forKey: .forSeconds) ?? 0
@@ -243,7 +236,10 @@ public struct AlertTracker: Sendable {
 /// One alert as people and tools read it (`GET /flotilla/v1/alerts`, `alert_state_changed_event`,
 /// notifications). Thresholds are in the metric's unit (a memory fraction is given as bytes).
 public struct AlertStatus: Sendable, Hashable, Codable {
-    public var app: String
+    /// `app` (an app's rule), `node` (a node rule, on `node`) or `cluster`.
+    public var scope: String
+    public var app: String?
+    public var node: String?
     public var alert: String
     public var metric: String
     public var state: AlertLevel
@@ -259,10 +255,12 @@ public struct AlertStatus: Sendable, Hashable, Codable {
     public var pending: AlertLevel?
 
     public init(
-        app: String, alert: String, metric: String, state: AlertLevel, value: Double?, warning: Double?, critical: Double?,
-        windowSeconds: Double, forSeconds: Double, since: String, pending: AlertLevel?
+        scope: String = "app", app: String?, node: String? = nil, alert: String, metric: String, state: AlertLevel, value: Double?,
+        warning: Double?, critical: Double?, windowSeconds: Double, forSeconds: Double, since: String, pending: AlertLevel?
     ) {
+        self.scope = scope
         self.app = app
+        self.node = node
         self.alert = alert
         self.metric = metric
         self.state = state
@@ -275,6 +273,9 @@ public struct AlertStatus: Sendable, Hashable, Codable {
         self.pending = pending
     }
 
+    /// What the alert is about: the app's id, `node/NAME`, or `cluster`.
+    public var subject: String { app ?? node.map { "node/" + $0 } ?? "cluster" }
+
     /// The threshold of the state it is in (nil when ok).
     public var threshold: Double? {
         switch state {
@@ -282,5 +283,104 @@ public struct AlertStatus: Sendable, Hashable, Codable {
         case .warning: warning
         case .ok: nil
         }
+    }
+}
+
+/// A node or cluster rule from the agent's rules file (`--alert-rules`): like an app's alert
+/// rules, on the nodes' figures.
+///
+/// `metric` for `scope: node` (each node on its own, or only `node`): `cpu` (the share of its CPUs
+/// in use), `memory` (the share of its memory in use: 1 − MemAvailable/MemTotal), `disk` (the
+/// share of its data directory's file system in use), `load1` (load per CPU), or a `/metrics`
+/// name (its series labelled with the node). For `scope: cluster`: the same shares over every
+/// node together, `nodesDown` (nodes whose agents stopped renewing their records), or a `/metrics`
+/// name (all its series on the evaluating agent).
+public struct ClusterAlertRule: Sendable, Hashable, Codable {
+    public enum Scope: String, Sendable, Hashable, Codable { case node, cluster }
+
+    public var name: String
+    public var scope: Scope
+    public var metric: String
+    /// With `scope: node`: only this node.
+    public var node: String?
+    public var window: Double
+    public var warning: Double?
+    public var critical: Double?
+    public var forSeconds: Double
+
+    public static let nodeMetrics: Set<String> = ["cpu", "memory", "disk", "load1"]
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case name, scope, metric, node, window, warning, critical, forSeconds }
+
+    public init(from decoder: any Decoder) throws {
+        let base = try FieldNames.refuseUnknown(in: decoder, known: CodingKeys.allCases.map(\.rawValue), of: "an alert rule")
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        name = try container.decode(String.self, forKey: .name)
+        let scopeName = try container.decodeIfPresent(String.self, forKey: .scope) ?? "node"
+        guard let scope = Scope(rawValue: scopeName) else {
+            throw FlotillaError.invalid([FieldError(base + "/scope", "got \(scopeName); expected node or cluster (app rules go in the app's definition)")])
+        }
+        self.scope = scope
+        metric = try container.decode(String.self, forKey: .metric)
+        let known = scope == .cluster ? Self.nodeMetrics.union(["nodesDown"]) : Self.nodeMetrics
+        guard known.contains(metric) || (AlertMetric.isMetricName(metric) && metric != "nodesDown") else {
+            throw FlotillaError.invalid([FieldError(
+                base + "/metric", "got \(metric); expected \(known.sorted().joined(separator: ", ")) or a metric name from /metrics")])
+        }
+        node = try container.decodeIfPresent(String.self, forKey: .node)
+        if node != nil && scope == .cluster { throw FlotillaError.invalid([FieldError(base + "/node", "a cluster rule covers every node; leave node out")]) }
+        window = try container.decodeDuration(forKey: .window, at: base + "/window") ?? AlertRule.defaultWindow
+        warning = try container.decodeIfPresent(Double.self, forKey: .warning)
+        critical = try container.decodeIfPresent(Double.self, forKey: .critical)
+        forSeconds = try container.decodeIfPresent(Double.self, forKey: .forSeconds) ?? 0
+        var problems = rule.problems(at: base)
+        if Self.nodeMetrics.contains(metric) && metric != "load1" {
+            for (field, value) in [("/warning", warning), ("/critical", critical)] where (value ?? 0) > 1 {
+                problems.append(FieldError(base + field, "\(metric) is a share from 0 to 1"))
+            }
+        }
+        if !problems.isEmpty { throw FlotillaError.invalid(problems) }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(name, forKey: .name)
+        try container.encode(scope, forKey: .scope)
+        try container.encode(metric, forKey: .metric)
+        try container.encodeIfPresent(node, forKey: .node)
+        try container.encode(GoDuration.format(window), forKey: .window)
+        try container.encodeIfPresent(warning, forKey: .warning)
+        try container.encodeIfPresent(critical, forKey: .critical)
+        try container.encode(forSeconds, forKey: .forSeconds)
+    }
+
+    /// The rule as the level tracker reads it (window, levels, forSeconds).
+    public var rule: AlertRule {
+        AlertRule(name: name, metric: AlertMetric(metric) ?? .series(metric), window: window, warning: warning, critical: critical, forSeconds: forSeconds)
+    }
+
+    /// The rules file: `{"rules": [...]}` (YAML or JSON); names unique per scope.
+    public struct File: Sendable, Decodable {
+        public var rules: [ClusterAlertRule]
+
+        public static func validate(_ rules: [ClusterAlertRule]) throws {
+            var seen: Set<String> = []
+            for (index, rule) in rules.enumerated() where !seen.insert(rule.scope.rawValue + "/" + rule.name).inserted {
+                throw FlotillaError.invalid([FieldError("/rules/\(index)/name", "another \(rule.scope.rawValue) rule is named \(rule.name)")])
+            }
+        }
+    }
+}
+
+extension KeyedDecodingContainer {
+    /// A duration given as Go's syntax (`"30s"`, `"2m"`) or a number of seconds; nil when absent.
+    func decodeDuration(forKey key: Key, at path: String) throws -> Double? {
+        if let text = try? decodeIfPresent(String.self, forKey: key) {
+            guard let seconds = GoDuration.seconds(text) else {
+                throw FlotillaError.invalid([FieldError(path, "got \(text); expected a duration such as 30s or 2m")])
+            }
+            return seconds
+        }
+        return try decodeIfPresent(Double.self, forKey: key)
     }
 }

@@ -56,6 +56,8 @@ public struct FlotillaServer {
         /// Where alert level changes are POSTed (JSON), and the Alertmanagers firing alerts go to.
         public var alertWebhooks: [String] = []
         public var alertmanagers: [String] = []
+        /// Node and cluster alert rules (`--alert-rules`).
+        public var alertRules: [ClusterAlertRule] = []
         /// `--log-forward`: syslog collectors every instance line goes to, and what each may hold unsent.
         public var logForwardTargets: [LogForwardTarget] = []
         public var logForwardBufferBytes: UInt64 = 64 << 20
@@ -580,7 +582,7 @@ extension FlotillaServer {
                 if let cluster, !cluster.isLeader { return nil }
                 let snapshot = await control.snapshot()
                 let records = snapshot.apps.values.filter { !$0.definition.alerts.isEmpty || $0.definition.autoscale != nil }
-                guard !records.isEmpty else { return AlertInputs(apps: [], series: MetricSums()) }
+                guard !records.isEmpty || !configuration.alertRules.isEmpty else { return AlertInputs(apps: [], series: MetricSums()) }
                 var headers = HTTPFields()
                 if let token = await credentials.value(logger: logger) { headers[.authorization] = "Bearer " + token }
                 let stats = await gatherer.gather(app: nil, localOnly: false, headers: headers)
@@ -589,7 +591,9 @@ extension FlotillaServer {
                 }
                 let instances = Dictionary(grouping: stats.instances, by: \.app)
                 let figures = Dictionary(stats.apps.map { ($0.app, $0) }, uniquingKeysWith: { first, _ in first })
+                let ruleSeries = configuration.alertRules.map(\.metric).filter { !ClusterAlertRule.nodeMetrics.contains($0) && $0 != "nodesDown" }
                 let names = AlertInputs.seriesNames(records.flatMap { $0.definition.alerts.map(\.metric) + [$0.definition.autoscale?.metric].compactMap { $0 } })
+                    .union(ruleSeries)
                 let series = names.isEmpty ? MetricSums() : MetricSums.parse(metricsText(), names: names)
                 let apps = records.map { record in
                     let id = record.definition.id.path
@@ -602,14 +606,14 @@ extension FlotillaServer {
                         instancesWanted: record.definition.instances, autoscale: record.definition.autoscale,
                         deploying: !snapshot.deployments(of: record.definition.id).isEmpty)
                 }
-                return AlertInputs(apps: apps, series: series)
+                return AlertInputs(apps: apps, series: series, nodes: stats.nodes, nodesDown: snapshot.downNodes.count)
             },
             scale: { app, count in
                 // A normal deployment: health gating and rollback apply; a user's deployment is never overridden.
                 let change = try await control.update(try AppID(app), fields: ["instances": .number(Double(count))], partial: true, force: false)
                 return change.deploymentID
             },
-            events: events, notifier: notifier.isEnabledNow ? notifier : nil, logger: logger)
+            clusterRules: configuration.alertRules, events: events, notifier: notifier.isEnabledNow ? notifier : nil, logger: logger)
     }
 }
 

@@ -38,7 +38,7 @@ public actor AlertNotifier {
     }
 
     struct FiringKey: Hashable {
-        var app: String
+        var subject: String
         var alert: String
         var severity: AlertLevel
     }
@@ -75,11 +75,11 @@ public actor AlertNotifier {
     /// An alert changed level.
     public func changed(_ status: AlertStatus, previous: AlertLevel, at now: Date = Date()) {
         if previous != .ok {
-            let key = FiringKey(app: status.app, alert: status.alert, severity: previous)
+            let key = FiringKey(subject: status.subject, alert: status.alert, severity: previous)
             if let was = firing.removeValue(forKey: key) { ended[key] = was }
         }
         if status.state != .ok {
-            firing[FiringKey(app: status.app, alert: status.alert, severity: status.state)] = Firing(status: status, startsAt: now)
+            firing[FiringKey(subject: status.subject, alert: status.alert, severity: status.state)] = Firing(status: status, startsAt: now)
         }
         lastPost = .distantPast  // post at the next round
         guard !configuration.webhooks.isEmpty else { return }
@@ -92,11 +92,11 @@ public actor AlertNotifier {
     /// changed or the resend interval has passed.
     public func round(active: [AlertStatus], at now: Date = Date()) {
         for status in active {
-            let key = FiringKey(app: status.app, alert: status.alert, severity: status.state)
+            let key = FiringKey(subject: status.subject, alert: status.alert, severity: status.state)
             firing[key]?.status = status
         }
         // Alerts whose rule went (the app was removed or changed): end them.
-        let live = Set(active.map { FiringKey(app: $0.app, alert: $0.alert, severity: $0.state) })
+        let live = Set(active.map { FiringKey(subject: $0.subject, alert: $0.alert, severity: $0.state) })
         for key in firing.keys where !live.contains(key) { ended[key] = firing.removeValue(forKey: key) }
         guard !configuration.alertmanagers.isEmpty else { return }
         guard !ended.isEmpty || now.timeIntervalSince(lastPost) >= configuration.resendInterval else { return }
@@ -125,18 +125,18 @@ public actor AlertNotifier {
         let status = entry.status
         let value = status.value.map(Self.number) ?? "no data"
         let threshold = (key.severity == .critical ? status.critical : status.warning).map(Self.number) ?? "?"
-        let encodedApp = status.app.addingPercentEncoding(withAllowedCharacters: .urlQueryAllowed) ?? status.app
+        var labels = ["alertname": status.alert, "severity": key.severity.rawValue, "metric": status.metric, "scope": status.scope, "source": "flotilla"]
+        if let app = status.app { labels["app"] = app }
+        if let node = status.node { labels["node"] = node }
+        let query = status.app.map { "?app=" + ($0.addingPercentEncoding(withAllowedCharacters: .urlQueryAllowed) ?? $0) } ?? "?scope=" + status.scope
         return PostableAlert(
-            labels: [
-                "alertname": status.alert, "app": status.app, "severity": key.severity.rawValue, "metric": status.metric,
-                "source": "flotilla",
-            ],
+            labels: labels,
             annotations: [
-                "summary": "\(status.app): \(status.alert) is \(key.severity.rawValue)",
+                "summary": "\(status.subject): \(status.alert) is \(key.severity.rawValue)",
                 "description": "\(status.metric) over \(GoDuration.format(status.windowSeconds)) is \(value) (\(key.severity.rawValue) at \(threshold))",
             ],
             startsAt: Timestamp.format(entry.startsAt), endsAt: Timestamp.format(endsAt),
-            generatorURL: configuration.apiBase + "/flotilla/v1/alerts?app=" + encodedApp)
+            generatorURL: configuration.apiBase + "/flotilla/v1/alerts" + query)
     }
 
     private func postToAlertmanager(_ body: Data, base: String) async {
@@ -162,11 +162,13 @@ public actor AlertNotifier {
         var at: String
         var node: String
 
-        enum CodingKeys: String, CodingKey { case app, alert, metric, state, previous, value, threshold, warning, critical, windowSeconds, since, at, node }
+        enum CodingKeys: String, CodingKey { case scope, app, node, alert, metric, state, previous, value, threshold, warning, critical, windowSeconds, since, at, agent }
 
         func encode(to encoder: any Encoder) throws {
             var container = encoder.container(keyedBy: CodingKeys.self)
-            try container.encode(status.app, forKey: .app)
+            try container.encode(status.scope, forKey: .scope)
+            try container.encodeIfPresent(status.app, forKey: .app)
+            try container.encodeIfPresent(status.node, forKey: .node)
             try container.encode(status.alert, forKey: .alert)
             try container.encode(status.metric, forKey: .metric)
             try container.encode(status.state, forKey: .state)
@@ -178,7 +180,7 @@ public actor AlertNotifier {
             try container.encode(status.windowSeconds, forKey: .windowSeconds)
             try container.encode(status.since, forKey: .since)
             try container.encode(at, forKey: .at)
-            try container.encode(node, forKey: .node)
+            try container.encode(node, forKey: .agent)
         }
     }
 

@@ -34,10 +34,15 @@ public struct AlertInputs: Sendable {
     public var apps: [App]
     /// The `/metrics` series the rules name (`seriesNames`), added up (see `MetricSums`).
     public var series: MetricSums
+    /// Every node that answered, and how many are down (for node and cluster rules).
+    public var nodes: [NodeUsageReport]
+    public var nodesDown: Int
 
-    public init(apps: [App], series: MetricSums) {
+    public init(apps: [App], series: MetricSums, nodes: [NodeUsageReport] = [], nodesDown: Int = 0) {
         self.apps = apps
         self.series = series
+        self.nodes = nodes
+        self.nodesDown = nodesDown
     }
 
     /// The `/metrics` names that these metrics (of rules and autoscale policies) read.
@@ -56,8 +61,11 @@ public actor WatchEngine: Service {
     /// This round's figures; nil on a node that does not evaluate (a follower).
     public typealias Inputs = @Sendable () async -> AlertInputs?
 
+    /// An alert: what it is about (an app, a node, the cluster) and its rule's name.
     struct Key: Hashable {
-        var app: String
+        var scope: String
+        var app: String?
+        var node: String?
         var alert: String
     }
 
@@ -82,6 +90,7 @@ public actor WatchEngine: Service {
     private let interval: Duration
     private let inputs: Inputs
     private let scale: Scale?
+    private let clusterRules: [ClusterAlertRule]
     private var scaling: [String: Scaling] = [:]
     private let events: EventBus
     private let notifier: AlertNotifier?
@@ -91,7 +100,11 @@ public actor WatchEngine: Service {
     private var failures: [String: [Double]] = [:]
     private let started = ContinuousClock.now
 
-    public init(interval: Duration, inputs: @escaping Inputs, scale: Scale?, events: EventBus, notifier: AlertNotifier?, logger: Logger) {
+    public init(
+        interval: Duration, inputs: @escaping Inputs, scale: Scale?, clusterRules: [ClusterAlertRule] = [], events: EventBus, notifier: AlertNotifier?,
+        logger: Logger
+    ) {
+        self.clusterRules = clusterRules
         self.interval = interval
         self.inputs = inputs
         self.scale = scale
@@ -141,26 +154,42 @@ public actor WatchEngine: Service {
         let time = now
         let wallClock = Date()
         var seen: Set<Key> = []
+        func observe(_ key: Key, _ rule: AlertRule, value: Double?, warning: Double?, critical: Double?) {
+            seen.insert(key)
+            let previous = tracked[key]
+            var entry = previous.flatMap { $0.rule == rule ? $0 : nil }
+                ?? Tracked(rule: rule, tracker: AlertTracker(now: time), warning: warning, critical: critical, since: wallClock)
+            let isCounter = if case .series(let name) = rule.metric { name.hasSuffix("_total") } else { false }
+            let transition = entry.tracker.observe(
+                value, at: time, rule: rule, warning: entry.warning, critical: entry.critical, rate: isCounter, count: rule.metric == .restarts)
+            if transition != nil { entry.since = wallClock }
+            tracked[key] = entry
+            // A rule that changed while its alert was up: the old one ends.
+            if let previous, previous.rule != rule, previous.tracker.level != .ok {
+                announce(status(key, previous, state: .ok), previous: previous.tracker.level)
+            }
+            if let transition { announce(status(key, entry), previous: transition.from) }
+        }
         for app in inputs.apps {
             for rule in app.rules {
-                let key = Key(app: app.id, alert: rule.name)
-                seen.insert(key)
-                var entry = tracked[key].flatMap { $0.rule == rule ? $0 : nil }
-                    ?? Tracked(
-                        rule: rule, tracker: AlertTracker(now: time), warning: rule.warning.map { rule.resolved($0, memMiB: app.memMiB) },
-                        critical: rule.critical.map { rule.resolved($0, memMiB: app.memMiB) }, since: wallClock)
-                let previous = tracked[key]
-                let value = self.value(of: rule, app: app, series: inputs.series, now: time)
-                let isCounter = if case .series(let name) = rule.metric { name.hasSuffix("_total") } else { false }
-                let transition = entry.tracker.observe(
-                    value, at: time, rule: rule, warning: entry.warning, critical: entry.critical, rate: isCounter, count: rule.metric == .restarts)
-                if transition != nil { entry.since = wallClock }
-                tracked[key] = entry
-                // A rule that changed while its alert was up: the old one ends.
-                if let previous, previous.rule != rule, previous.tracker.level != .ok {
-                    announce(status(key, previous, state: .ok), previous: previous.tracker.level)
+                observe(
+                    Key(scope: "app", app: app.id, alert: rule.name), rule, value: value(of: rule, app: app, series: inputs.series, now: time),
+                    warning: rule.warning.map { rule.resolved($0, memMiB: app.memMiB) }, critical: rule.critical.map { rule.resolved($0, memMiB: app.memMiB) })
+            }
+        }
+        for rule in clusterRules {
+            switch rule.scope {
+            case .node:
+                for node in inputs.nodes where rule.node == nil || rule.node == node.node {
+                    observe(
+                        Key(scope: "node", node: node.node, alert: rule.name), rule.rule,
+                        value: Self.nodeValue(rule.metric, of: [node], series: inputs.series.value(rule.metric, node: node.node)),
+                        warning: rule.warning, critical: rule.critical)
                 }
-                if let transition { announce(status(key, entry), previous: transition.from) }
+            case .cluster:
+                let value = rule.metric == "nodesDown"
+                    ? Double(inputs.nodesDown) : Self.nodeValue(rule.metric, of: inputs.nodes, series: inputs.series.total(rule.metric))
+                observe(Key(scope: "cluster", alert: rule.name), rule.rule, value: value, warning: rule.warning, critical: rule.critical)
             }
         }
         for (key, entry) in tracked where !seen.contains(key) {
@@ -174,8 +203,29 @@ public actor WatchEngine: Service {
         }
     }
 
+    /// A node rule's value over `nodes` (one, or all for a cluster rule); a `/metrics` name's is `series`.
+    static func nodeValue(_ metric: String, of nodes: [NodeUsageReport], series: Double?) -> Double? {
+        guard !nodes.isEmpty else { return nil }
+        func share(_ used: Double, _ total: Double) -> Double? { total > 0 ? used / total : nil }
+        switch metric {
+        case "cpu":
+            let measured = nodes.filter { $0.cpuCoresUsed != nil }
+            return share(measured.reduce(0) { $0 + ($1.cpuCoresUsed ?? 0) }, Double(measured.reduce(0) { $0 + $1.cpus }))
+        case "memory":
+            let total = nodes.reduce(0.0) { $0 + Double($1.memoryTotalBytes) }
+            return share(total - nodes.reduce(0.0) { $0 + Double($1.memoryAvailableBytes) }, total)
+        case "disk":
+            let total = nodes.reduce(0.0) { $0 + Double($1.diskTotalBytes) }
+            return share(total - nodes.reduce(0.0) { $0 + Double($1.diskFreeBytes) }, total)
+        case "load1":
+            return share(nodes.reduce(0) { $0 + $1.load1 }, Double(nodes.reduce(0) { $0 + $1.cpus }))
+        default:
+            return series
+        }
+    }
+
     private func announce(_ status: AlertStatus, previous: AlertLevel) {
-        let line = "alert \(status.alert) of \(status.app): \(previous.rawValue) → \(status.state.rawValue) (\(status.metric) = \(status.value.map { String($0) } ?? "no data"))"
+        let line = "alert \(status.alert) of \(status.subject): \(previous.rawValue) → \(status.state.rawValue) (\(status.metric) = \(status.value.map { String($0) } ?? "no data"))"
         switch status.state {
         case .critical: logger.error("\(line)")
         case .warning: logger.warning("\(line)")
@@ -187,12 +237,13 @@ public actor WatchEngine: Service {
 
     /// Every alert's status now, sorted by app and name; of one app with `app`.
     public func statuses(app: String?) -> [AlertStatus] {
-        tracked.filter { app == nil || $0.key.app == app }.map { status($0.key, $0.value) }.sorted { ($0.app, $0.alert) < ($1.app, $1.alert) }
+        tracked.filter { app == nil || $0.key.app == app }.map { status($0.key, $0.value) }
+            .sorted { ($0.scope, $0.subject, $0.alert) < ($1.scope, $1.subject, $1.alert) }
     }
 
     private func status(_ key: Key, _ entry: Tracked, state: AlertLevel? = nil) -> AlertStatus {
         AlertStatus(
-            app: key.app, alert: key.alert, metric: entry.rule.metric.name, state: state ?? entry.tracker.level, value: entry.tracker.value,
+            scope: key.scope, app: key.app, node: key.node, alert: key.alert, metric: entry.rule.metric.name, state: state ?? entry.tracker.level, value: entry.tracker.value,
             warning: entry.warning, critical: entry.critical, windowSeconds: entry.rule.window, forSeconds: entry.rule.forSeconds,
             since: Timestamp.format(entry.since), pending: state == nil ? entry.tracker.pending.keys.max() : nil)
     }
@@ -279,6 +330,7 @@ public actor WatchEngine: Service {
 /// Sums of `/metrics` series by name: those labelled `app` by app, and all of a name together.
 public struct MetricSums: Sendable {
     var byApp: [String: [String: Double]] = [:]
+    var byNode: [String: [String: Double]] = [:]
     var totals: [String: Double] = [:]
     var labelled: Set<String> = []
 
@@ -290,6 +342,12 @@ public struct MetricSums: Sendable {
         return totals[name]
     }
 
+    /// The series labelled with a node, added up.
+    public func value(_ name: String, node: String) -> Double? { byNode[name]?[node] }
+
+    /// Every series of a name, added up.
+    public func total(_ name: String) -> Double? { totals[name] }
+
     /// Reads Prometheus' text format, keeping only the `names` asked for. Lines it cannot read are skipped.
     public static func parse(_ text: String, names: Set<String>) -> MetricSums {
         var sums = MetricSums()
@@ -299,10 +357,12 @@ public struct MetricSums: Sendable {
             let name = String(line[..<nameEnd])
             guard names.contains(name), let space = line.lastIndex(of: " "), let value = Double(line[line.index(after: space)...]) else { continue }
             sums.totals[name, default: 0] += value
-            if line[nameEnd] == "{", let app = label("app", in: line[nameEnd..<space]) {
+            guard line[nameEnd] == "{" else { continue }
+            if let app = label("app", in: line[nameEnd..<space]) {
                 sums.labelled.insert(name)
                 sums.byApp[name, default: [:]][app, default: 0] += value
             }
+            if let node = label("node", in: line[nameEnd..<space]) { sums.byNode[name, default: [:]][node, default: 0] += value }
         }
         return sums
     }

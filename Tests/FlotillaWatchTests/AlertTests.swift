@@ -1,4 +1,4 @@
-import FlotillaWatch
+@testable import FlotillaWatch
 import FlotillaCore
 import Foundation
 import Testing
@@ -129,5 +129,42 @@ struct MetricSumsTests {
         #expect(sums.value("flotilla_instance_memory_bytes", app: "/none") == nil)
         #expect(sums.value("flotilla_proxy_open_connections", app: "/web") == 12)
         #expect(sums.value("other_metric", app: "/web") == nil)
+    }
+}
+
+@Suite("Node and cluster rules")
+struct ClusterRuleTests {
+    func node(_ name: String, cpus: Int, used: Double?, memory: (UInt64, UInt64), disk: (UInt64, UInt64), load: Double) -> NodeUsageReport {
+        NodeUsageReport(
+            node: name, sampledAt: "now", cpus: cpus, cpuCoresUsed: used, memoryTotalBytes: memory.0, memoryAvailableBytes: memory.1,
+            load1: load, load5: 0, load15: 0, diskTotalBytes: disk.0, diskFreeBytes: disk.1, instances: 0, collectionSeconds: 0, intervalSeconds: 5)
+    }
+
+    @Test("shares over one node and over all of them")
+    func values() {
+        let a = node("a", cpus: 4, used: 1, memory: (100, 25), disk: (1000, 900), load: 2)
+        let b = node("b", cpus: 4, used: 3, memory: (100, 75), disk: (1000, 100), load: 6)
+        #expect(WatchEngine.nodeValue("cpu", of: [a], series: nil) == 0.25)
+        #expect(WatchEngine.nodeValue("cpu", of: [a, b], series: nil) == 0.5)
+        #expect(WatchEngine.nodeValue("memory", of: [a], series: nil) == 0.75)
+        #expect(WatchEngine.nodeValue("memory", of: [a, b], series: nil) == 0.5)
+        #expect(WatchEngine.nodeValue("disk", of: [b], series: nil) == 0.9)
+        #expect(WatchEngine.nodeValue("load1", of: [a, b], series: nil) == 1)
+        #expect(WatchEngine.nodeValue("flotilla_x", of: [a], series: 7) == 7)
+        #expect(WatchEngine.nodeValue("cpu", of: [], series: nil) == nil)
+        #expect(WatchEngine.nodeValue("cpu", of: [node("c", cpus: 2, used: nil, memory: (1, 1), disk: (1, 1), load: 0)], series: nil) == nil)
+    }
+
+    @Test("rules decode with node as the default scope; a share above 1 is refused")
+    func decoding() throws {
+        let file = try JSONDecoder().decode(ClusterAlertRule.File.self, from: Data(#"{"rules": [{"name": "m", "metric": "memory", "warning": 0.9}, {"name": "down", "scope": "cluster", "metric": "nodesDown", "critical": 1}]}"#.utf8))
+        #expect(file.rules[0].scope == .node)
+        #expect(file.rules[1].rule.metric == .series("nodesDown"))
+        #expect(throws: FlotillaError.self) {
+            try JSONDecoder().decode(ClusterAlertRule.File.self, from: Data(#"{"rules": [{"name": "m", "metric": "memory", "warning": 2}]}"#.utf8))
+        }
+        #expect(throws: FlotillaError.self) {
+            try JSONDecoder().decode(ClusterAlertRule.File.self, from: Data(#"{"rules": [{"name": "m", "scope": "node", "metric": "nodesDown", "warning": 1}]}"#.utf8))
+        }
     }
 }

@@ -155,7 +155,7 @@ def test_a_busy_app_goes_warning_then_critical_and_everyone_hears(make_agent, ap
     wait_until(both, timeout=30, what="the webhook to receive warning then critical")
     assert webhook.attempts >= 3
     first = webhook.received()[0]
-    assert first["previous"] == "ok" and first["threshold"] == 0.08 and first["node"] == "test-node"
+    assert first["previous"] == "ok" and first["threshold"] == 0.08 and first["agent"] == "test-node" and first["scope"] == "app"
 
     # Alertmanager holds the critical alert (and the warning one ended when it went critical).
     def critical_in_alertmanager():
@@ -208,3 +208,43 @@ def test_alert_rules_are_checked(make_agent, app_ids):
         [str(agent.binary), "agent", "--alertmanager", "not-a-url", "--data-dir", str(agent.data_dir / "other")],
         capture_output=True, text=True, timeout=30)
     assert bad_flag.returncode != 0 and "--alertmanager" in bad_flag.stderr, bad_flag.stderr
+
+
+def test_node_and_cluster_rules_from_a_rules_file(make_agent, tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "rules:\n"
+        "  - {name: memory-in-use, scope: node, metric: memory, window: 2s, warning: 0.0001, critical: 0.99}\n"
+        "  - {name: nodes-lost, scope: cluster, metric: nodesDown, critical: 1}\n"
+        "  - {name: disk, metric: disk, warning: 0.99}\n")
+    agent = make_agent(extra_args=["--metrics-interval", "1", "--alert-rules", str(rules)])
+
+    def evaluated():
+        alerts = agent.get("/flotilla/v1/alerts").json()["alerts"]
+        by_name = {alert["alert"]: alert for alert in alerts}
+        memory = by_name.get("memory-in-use")
+        return by_name if memory and memory["state"] == "warning" else None
+
+    by_name = wait_until(evaluated, timeout=30, what="the node memory rule at warning")
+    memory = by_name["memory-in-use"]
+    assert memory["scope"] == "node" and memory["node"] == "test-node" and "app" not in memory
+    assert 0 < memory["value"] < 1
+    cluster = by_name["nodes-lost"]
+    assert cluster["scope"] == "cluster" and cluster["state"] == "ok" and cluster["value"] == 0
+    assert by_name["disk"]["scope"] == "node"
+    table = agent.cli("alerts", "--firing")
+    assert table.returncode == 2, (table.stdout, table.stderr)
+    assert "node/test-node" in table.stdout and "WARNING" in table.stdout
+
+    bad = tmp_path / "bad.yaml"
+    for text, expected in [
+        ("rules:\n  - {name: x, scope: node, metric: memory, warning: 5}\n", "/rules/0/warning"),
+        ("rules:\n  - {name: x, scope: app, metric: cpu, warning: 1}\n", "/rules/0/scope"),
+        ("rules:\n  - {name: x, metric: cpu, warning: 0.5}\n  - {name: x, metric: disk, warning: 0.5}\n", "/rules/1/name"),
+        ("rules:\n  - {name: x, scope: cluster, node: a, metric: cpu, warning: 0.5}\n", "/rules/0/node"),
+    ]:
+        bad.write_text(text)
+        refused = subprocess.run(
+            [str(agent.binary), "agent", "--alert-rules", str(bad), "--data-dir", str(tmp_path / "other")],
+            capture_output=True, text=True, timeout=30)
+        assert refused.returncode != 0 and expected in refused.stderr, (text, refused.stderr)
