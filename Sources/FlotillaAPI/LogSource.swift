@@ -142,17 +142,16 @@ struct LogSource: Sendable {
             text: String(decoding: bytes, as: UTF8.self))
     }
 
+    // Through FileManager rather than stat(2): in release builds the compiler takes `struct stat`
+    // from Dispatch's C module, whose members this module may not name (MemberImportVisibility).
     static func size(of path: String) -> UInt64? {
-        var info = stat()
-        guard stat(path, &info) == 0 else { return nil }
-        return UInt64(info.st_size)
+        (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? NSNumber)?.uint64Value
     }
 
     /// The file's last write in milliseconds since 1970 (now when it cannot be read).
     static func modified(_ path: String) -> Int64 {
-        var info = stat()
-        guard stat(path, &info) == 0 else { return Int64((Date().timeIntervalSince1970 * 1000).rounded(.down)) }
-        return Int64(info.st_mtim.tv_sec) * 1000 + Int64(info.st_mtim.tv_nsec) / 1_000_000
+        let date = (try? FileManager.default.attributesOfItem(atPath: path)[.modificationDate] as? Date) ?? Date()
+        return Int64((date.timeIntervalSince1970 * 1000).rounded(.down))
     }
 
     static func read(_ path: String, from: UInt64, to: UInt64?) -> [UInt8] {
