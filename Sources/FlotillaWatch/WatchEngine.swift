@@ -92,6 +92,8 @@ public actor WatchEngine: Service {
     private let scale: Scale?
     private let clusterRules: [ClusterAlertRule]
     private var scaling: [String: Scaling] = [:]
+    /// Level changes of this round, for the notifier.
+    private var changes: [(AlertStatus, AlertLevel)] = []
     private let events: EventBus
     private let notifier: AlertNotifier?
     private let logger: Logger
@@ -198,6 +200,9 @@ public actor WatchEngine: Service {
         }
         failures = failures.filter { inputs.apps.map(\.id).contains($0.key) }
         if let notifier {
+            let changed = changes
+            changes = []
+            for (status, previous) in changed { await notifier.changed(status, previous: previous, at: wallClock) }
             let active = statuses(app: nil).filter { $0.state != .ok }
             await notifier.round(active: active, at: wallClock)
         }
@@ -232,7 +237,8 @@ public actor WatchEngine: Service {
         case .ok: logger.notice("\(line)")
         }
         events.publish(.alertChanged(status, previous: previous))
-        if let notifier { Task { await notifier.changed(status, previous: previous) } }
+        // Handed over in order at the end of the round: a Task each could reach the notifier out of order.
+        if notifier != nil { changes.append((status, previous)) }
     }
 
     /// Every alert's status now, sorted by app and name; of one app with `app`.
